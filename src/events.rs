@@ -1,0 +1,443 @@
+//! Events: QEMU's event names and data, one ordered stream per context.
+//!
+//! Invariants:
+//! - Every event gets its sequence number and timestamp under the bus lock
+//!   and is handed to every sink under that same lock, so all sinks see the
+//!   same order and sequence numbers are contiguous (no gap = nothing lost).
+//! - Sinks are unbounded channels: emitting never blocks and never drops.
+//!   A sink whose receiver is gone is removed.
+//! - Nothing outside this module runs while the bus lock is held; emitting
+//!   is safe under any other library lock (the job engine emits with its
+//!   state lock held, which is what keeps events in state-change order).
+
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::qapi::{BlockErrorAction, IoOperationType, JobStatus, JobType};
+
+/// QMP's event timestamp (wall clock).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Timestamp {
+    /// Seconds since the epoch.
+    pub seconds: i64,
+    /// Microseconds within the second.
+    pub microseconds: i64,
+}
+
+impl Timestamp {
+    /// Now, from the wall clock as QEMU's `g_get_real_time`.
+    pub fn now() -> Self {
+        let d = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        Timestamp {
+            seconds: d.as_secs() as i64,
+            microseconds: i64::from(d.subsec_micros()),
+        }
+    }
+}
+
+/// Progress fields shared by the `BLOCK_JOB_*` events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobProgressData {
+    /// Job type.
+    pub job_type: JobType,
+    /// Job id (QEMU calls it `device` in these events).
+    pub device: String,
+    /// Progress total.
+    pub len: u64,
+    /// Progress done.
+    pub offset: u64,
+    /// Rate limit.
+    pub speed: u64,
+}
+
+/// The data of one event; each variant is one QMP event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum EventData {
+    /// `JOB_STATUS_CHANGE`: a job changed status.
+    JobStatusChange {
+        /// Job id.
+        id: String,
+        /// New status.
+        status: JobStatus,
+    },
+    /// `BLOCK_JOB_READY`: the job is in sync and can be completed.
+    BlockJobReady(JobProgressData),
+    /// `BLOCK_JOB_PENDING`: the job waits for `finalize` (auto-finalize off).
+    BlockJobPending {
+        /// Job type.
+        job_type: JobType,
+        /// Job id.
+        id: String,
+    },
+    /// `BLOCK_JOB_COMPLETED`: the job finished; `error` when it failed.
+    BlockJobCompleted {
+        /// Progress and identity.
+        progress: JobProgressData,
+        /// The failure text (`Input/output error`, …).
+        error: Option<String>,
+    },
+    /// `BLOCK_JOB_CANCELLED`: the job was cancelled.
+    BlockJobCancelled(JobProgressData),
+    /// `BLOCK_JOB_ERROR`: a job request failed and the job's policy applied.
+    BlockJobError {
+        /// Job id.
+        device: String,
+        /// Read or write.
+        operation: IoOperationType,
+        /// The action taken.
+        action: BlockErrorAction,
+    },
+    /// `BLOCK_IO_ERROR`: a guest request failed and the device policy applied.
+    BlockIoError {
+        /// QOM path of the guest device.
+        qom_path: String,
+        /// Device (backend) name.
+        device: String,
+        /// Node the request was submitted to.
+        node_name: Option<String>,
+        /// Read or write.
+        operation: IoOperationType,
+        /// The action taken.
+        action: BlockErrorAction,
+        /// Present when the device has an I/O status: the error was ENOSPC.
+        nospace: Option<bool>,
+        /// `strerror` text of the failure.
+        reason: String,
+    },
+}
+
+impl EventData {
+    /// The QMP event name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            EventData::JobStatusChange { .. } => "JOB_STATUS_CHANGE",
+            EventData::BlockJobReady(_) => "BLOCK_JOB_READY",
+            EventData::BlockJobPending { .. } => "BLOCK_JOB_PENDING",
+            EventData::BlockJobCompleted { .. } => "BLOCK_JOB_COMPLETED",
+            EventData::BlockJobCancelled(_) => "BLOCK_JOB_CANCELLED",
+            EventData::BlockJobError { .. } => "BLOCK_JOB_ERROR",
+            EventData::BlockIoError { .. } => "BLOCK_IO_ERROR",
+        }
+    }
+
+    /// The QMP `data` object with QEMU's field names.
+    pub fn to_json(&self) -> Value {
+        fn progress(p: &JobProgressData) -> serde_json::Map<String, Value> {
+            let v = json!({
+                "type": p.job_type,
+                "device": p.device,
+                "len": p.len,
+                "offset": p.offset,
+                "speed": p.speed,
+            });
+            match v {
+                Value::Object(m) => m,
+                _ => unreachable!("json! of an object literal is an object"),
+            }
+        }
+        match self {
+            EventData::JobStatusChange { id, status } => json!({"id": id, "status": status}),
+            EventData::BlockJobReady(p) | EventData::BlockJobCancelled(p) => {
+                Value::Object(progress(p))
+            }
+            EventData::BlockJobPending { job_type, id } => json!({"type": job_type, "id": id}),
+            EventData::BlockJobCompleted { progress: p, error } => {
+                let mut m = progress(p);
+                if let Some(e) = error {
+                    m.insert("error".into(), Value::String(e.clone()));
+                }
+                Value::Object(m)
+            }
+            EventData::BlockJobError {
+                device,
+                operation,
+                action,
+            } => json!({"device": device, "operation": operation, "action": action}),
+            EventData::BlockIoError {
+                qom_path,
+                device,
+                node_name,
+                operation,
+                action,
+                nospace,
+                reason,
+            } => {
+                let mut m = serde_json::Map::new();
+                m.insert("qom-path".into(), json!(qom_path));
+                m.insert("device".into(), json!(device));
+                if let Some(n) = node_name {
+                    m.insert("node-name".into(), json!(n));
+                }
+                m.insert("operation".into(), json!(operation));
+                m.insert("action".into(), json!(action));
+                if let Some(n) = nospace {
+                    m.insert("nospace".into(), json!(n));
+                }
+                m.insert("reason".into(), json!(reason));
+                Value::Object(m)
+            }
+        }
+    }
+}
+
+/// One emitted event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// Per-context sequence number, from 1, contiguous.
+    pub seq: u64,
+    /// Wall-clock time of emission.
+    pub timestamp: Timestamp,
+    /// Name and data.
+    pub data: EventData,
+}
+
+impl Event {
+    /// The QMP event name.
+    pub fn name(&self) -> &'static str {
+        self.data.name()
+    }
+
+    /// The event as QMP sends it on a monitor.
+    pub fn to_qmp_value(&self) -> Value {
+        json!({
+            "timestamp": self.timestamp,
+            "event": self.name(),
+            "data": self.data.to_json(),
+        })
+    }
+
+    /// The event as one line of QMP JSON (no newline).
+    pub fn to_qmp_json(&self) -> String {
+        self.to_qmp_value().to_string()
+    }
+}
+
+/// Something that wants to know an event is queued (the host's eventfd).
+pub trait Notify: Send + Sync {
+    /// Called after each event is queued, with the bus lock held: must be
+    /// quick and must not call into the library.
+    fn notify(&self);
+}
+
+struct Sink {
+    id: u64,
+    tx: Sender<Arc<Event>>,
+    notify: Option<Arc<dyn Notify>>,
+}
+
+struct BusInner {
+    next_seq: u64,
+    next_sink: u64,
+    sinks: Vec<Sink>,
+}
+
+/// The per-context event stream.
+pub struct EventBus {
+    inner: Mutex<BusInner>,
+}
+
+impl Default for EventBus {
+    fn default() -> Self {
+        EventBus {
+            inner: Mutex::new(BusInner {
+                next_seq: 1,
+                next_sink: 1,
+                sinks: Vec::new(),
+            }),
+        }
+    }
+}
+
+impl EventBus {
+    /// A new bus with no sinks.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BusInner> {
+        // A panic while holding this lock cannot leave BusInner half-updated
+        // in a way that matters (counters and a Vec), so poisoning is ignored.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Emit an event to every sink; returns its sequence number.
+    pub fn emit(&self, data: EventData) -> u64 {
+        let mut inner = self.lock();
+        let seq = inner.next_seq;
+        inner.next_seq += 1;
+        let ev = Arc::new(Event {
+            seq,
+            timestamp: Timestamp::now(),
+            data,
+        });
+        inner.sinks.retain(|s| {
+            if s.tx.send(ev.clone()).is_err() {
+                return false;
+            }
+            if let Some(n) = &s.notify {
+                n.notify();
+            }
+            true
+        });
+        seq
+    }
+
+    /// The sequence number of the last event emitted (0 if none).
+    pub fn last_seq(&self) -> u64 {
+        self.lock().next_seq - 1
+    }
+
+    /// Subscribe: every event emitted from now on, in order.
+    pub fn subscribe(self: &Arc<Self>) -> Subscription {
+        self.subscribe_with(None)
+    }
+
+    /// Subscribe with a notifier called after each event is queued.
+    pub fn subscribe_with(self: &Arc<Self>, notify: Option<Arc<dyn Notify>>) -> Subscription {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let mut inner = self.lock();
+        let id = inner.next_sink;
+        inner.next_sink += 1;
+        inner.sinks.push(Sink { id, tx, notify });
+        Subscription {
+            id,
+            rx,
+            bus: Arc::downgrade(self),
+        }
+    }
+
+    fn unsubscribe(&self, id: u64) {
+        self.lock().sinks.retain(|s| s.id != id);
+    }
+}
+
+/// An ordered stream of events; unsubscribes when dropped.
+pub struct Subscription {
+    id: u64,
+    rx: Receiver<Arc<Event>>,
+    bus: Weak<EventBus>,
+}
+
+impl Subscription {
+    /// The next event if one is queued.
+    pub fn try_next(&self) -> Option<Arc<Event>> {
+        match self.rx.try_recv() {
+            Ok(ev) => Some(ev),
+            Err(TryRecvError::Empty | TryRecvError::Disconnected) => None,
+        }
+    }
+
+    /// Wait for the next event; `None` when the bus is gone.
+    pub fn next_blocking(&self) -> Option<Arc<Event>> {
+        self.rx.recv().ok()
+    }
+
+    /// Wait up to `timeout` for the next event.
+    pub fn next_timeout(&self, timeout: std::time::Duration) -> Option<Arc<Event>> {
+        self.rx.recv_timeout(timeout).ok()
+    }
+
+    /// The channel, for `select!`.
+    pub fn receiver(&self) -> &Receiver<Arc<Event>> {
+        &self.rx
+    }
+
+    /// Number of queued events.
+    pub fn len(&self) -> usize {
+        self.rx.len()
+    }
+
+    /// True when nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.rx.is_empty()
+    }
+
+    /// Stop receiving: later events are not queued; already queued ones
+    /// stay readable.
+    pub fn close(&self) {
+        if let Some(bus) = self.bus.upgrade() {
+            bus.unsubscribe(self.id);
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn jsc(id: &str, status: JobStatus) -> EventData {
+        EventData::JobStatusChange {
+            id: id.into(),
+            status,
+        }
+    }
+
+    #[test]
+    fn sequence_is_contiguous_and_every_sink_sees_the_same_order() {
+        let bus = EventBus::new();
+        let a = bus.subscribe();
+        let b = bus.subscribe();
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let bus = bus.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..1000 {
+                        bus.emit(jsc(&format!("j{t}"), JobStatus::Running));
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let sa: Vec<u64> = std::iter::from_fn(|| a.try_next()).map(|e| e.seq).collect();
+        let sb: Vec<u64> = std::iter::from_fn(|| b.try_next()).map(|e| e.seq).collect();
+        assert_eq!(sa, (1..=4000).collect::<Vec<_>>());
+        assert_eq!(sa, sb);
+        assert_eq!(bus.last_seq(), 4000);
+    }
+
+    #[test]
+    fn dropped_subscription_is_removed() {
+        let bus = EventBus::new();
+        let a = bus.subscribe();
+        drop(a);
+        bus.emit(jsc("x", JobStatus::Created));
+        assert!(bus.lock().sinks.is_empty());
+    }
+
+    #[test]
+    fn qmp_json_has_qemu_shape() {
+        let bus = EventBus::new();
+        let s = bus.subscribe();
+        bus.emit(EventData::BlockJobCompleted {
+            progress: JobProgressData {
+                job_type: JobType::Mirror,
+                device: "job0".into(),
+                len: 10,
+                offset: 3,
+                speed: 0,
+            },
+            error: Some("Input/output error".into()),
+        });
+        let v = s.try_next().unwrap().to_qmp_value();
+        assert_eq!(v["event"], "BLOCK_JOB_COMPLETED");
+        assert_eq!(v["data"]["error"], "Input/output error");
+        assert_eq!(v["data"]["type"], "mirror");
+        assert!(v["timestamp"]["seconds"].as_i64().unwrap() > 1_600_000_000);
+        assert!(v["timestamp"]["microseconds"].as_i64().unwrap() < 1_000_000);
+    }
+}

@@ -1,0 +1,21 @@
+//! # blockjob
+//!
+//! QEMU's block-job subsystem as a library: the job engine (QEMU's `job.c`
+//! semantics on plain threads), the block-job error policies and I/O
+//! status, QEMU's events, and a block layer of nodes described by
+//! blockdev-add JSON. C hosts link `libblockjob.a` and use
+//! `include/blockjob.h` (see `capi`); Rust users use this crate directly.
+//!
+//! Everything hangs off a [`Context`]: nodes, guest backends, jobs and one
+//! ordered event stream. There are no process-wide globals.
+
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(missing_docs)]
+
+pub mod error;
+pub mod events;
+pub mod job;
+pub mod qapi;
+pub mod sync;
+
+pub use error::{Error, ErrorClass, Result};
