@@ -368,6 +368,32 @@ impl Subscription {
     }
 }
 
+/// Closes a subscription from another thread (its receiver then drains
+/// what was queued and ends).
+pub struct SubscriptionCloser {
+    id: u64,
+    bus: Weak<EventBus>,
+}
+
+impl SubscriptionCloser {
+    /// Stop queueing events for the subscription.
+    pub fn close(&self) {
+        if let Some(bus) = self.bus.upgrade() {
+            bus.unsubscribe(self.id);
+        }
+    }
+}
+
+impl Subscription {
+    /// A handle that closes this subscription from elsewhere.
+    pub fn closer(&self) -> SubscriptionCloser {
+        SubscriptionCloser {
+            id: self.id,
+            bus: self.bus.clone(),
+        }
+    }
+}
+
 impl Drop for Subscription {
     fn drop(&mut self) {
         self.close();

@@ -12,10 +12,14 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
+pub mod block;
+pub mod capi;
+pub mod context;
 pub mod error;
 pub mod events;
 pub mod job;
 pub mod qapi;
 pub mod sync;
 
+pub use context::Context;
 pub use error::{Error, ErrorClass, Result};

@@ -49,7 +49,7 @@ macro_rules! qapi_enum {
             pub const TYPE_NAME: &'static str = stringify!($name);
 
             /// Parse an argument named `param` with QEMU's error text.
-            pub fn parse_param(param: &str, s: &str) -> Result<Self, Error> {
+            pub fn parse_param(param: &str, s: &str) -> Result<Self, $crate::error::Error> {
                 Self::from_wire(s).ok_or_else(|| {
                     Error::generic(format!("Parameter '{param}' does not accept value '{s}'"))
                 })
@@ -63,20 +63,20 @@ macro_rules! qapi_enum {
         }
 
         impl std::str::FromStr for $name {
-            type Err = Error;
+            type Err = $crate::error::Error;
             /// QEMU's text for a bad enum value in an argument.
-            fn from_str(s: &str) -> Result<Self, Error> {
+            fn from_str(s: &str) -> Result<Self, $crate::error::Error> {
                 Self::parse_param(Self::TYPE_NAME, s)
             }
         }
 
-        impl Serialize for $name {
+        impl serde::Serialize for $name {
             fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
                 s.serialize_str(self.as_str())
             }
         }
 
-        impl<'de> Deserialize<'de> for $name {
+        impl<'de> serde::Deserialize<'de> for $name {
             fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
                 let s = String::deserialize(d)?;
                 Self::from_wire(&s).ok_or_else(|| {
@@ -443,3 +443,5 @@ mod tests {
         );
     }
 }
+
+pub(crate) use qapi_enum;

@@ -32,6 +32,7 @@ mod engine;
 use std::sync::{Arc, Condvar};
 use std::time::Duration;
 
+pub(crate) use engine::panic_text;
 pub use engine::{Engine, JobTxn};
 
 use crate::error::{Error, Result};

@@ -1,0 +1,311 @@
+//! Guest backends (QEMU's `BlockBackend` as a device sees it): a guest
+//! device's requests go through here, so that drain, dirty tracking and
+//! the device's own error policy (`rerror`/`werror`) apply.
+//!
+//! A failed request gets the action of the device's policy (`auto` means
+//! QEMU's `-drive` defaults: `report` for reads, `enospc` for writes);
+//! `stop` sets the device's I/O status (first error wins until reset);
+//! every failure emits `BLOCK_IO_ERROR` before the request leaves the
+//! backend, so a drain that waited for the request also saw its event.
+//! The host stops its VM on `stop`, keeps the request and retries it after
+//! resuming (as QEMU's devices do).
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+
+use super::Node;
+use super::graph::{DrainSection, Graph};
+use crate::error::{Error, Result};
+use crate::events::{EventBus, EventData};
+use crate::qapi::{BlockDeviceIoStatus, BlockErrorAction, BlockdevOnError, IoOperationType};
+
+/// How a backend is created.
+#[derive(Debug, Clone)]
+pub struct BackendOptions {
+    /// Device (backend) name; "" for an anonymous backend.
+    pub name: String,
+    /// QOM path of the guest device, reported in `BLOCK_IO_ERROR`.
+    pub qom_path: String,
+    /// Read error policy.
+    pub rerror: BlockdevOnError,
+    /// Write error policy.
+    pub werror: BlockdevOnError,
+    /// The device keeps an I/O status (then `BLOCK_IO_ERROR` has `nospace`).
+    pub iostatus_enabled: bool,
+}
+
+impl Default for BackendOptions {
+    fn default() -> Self {
+        BackendOptions {
+            name: String::new(),
+            qom_path: String::new(),
+            rerror: BlockdevOnError::Auto,
+            werror: BlockdevOnError::Auto,
+            iostatus_enabled: true,
+        }
+    }
+}
+
+/// A failed guest request: the error and the action the policy chose.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestIoError {
+    /// What failed.
+    pub error: Error,
+    /// `ignore`: complete the guest request as if it succeeded; `report`:
+    /// fail it; `stop`: hold it, stop the VM, retry after resume.
+    pub action: BlockErrorAction,
+}
+
+struct Gate {
+    quiesced: u32,
+    in_flight: u64,
+    iostatus: BlockDeviceIoStatus,
+}
+
+/// The shared part of a backend (also referenced by its node for drain).
+pub struct BackendShared {
+    opts: BackendOptions,
+    node: RwLock<Arc<Node>>,
+    gate: Mutex<Gate>,
+    changed: Condvar,
+    bus: Arc<EventBus>,
+    drains: Mutex<Vec<DrainSection>>,
+}
+
+impl BackendShared {
+    pub(crate) fn new(opts: BackendOptions, node: Arc<Node>, bus: Arc<EventBus>) -> Arc<Self> {
+        let b = Arc::new(BackendShared {
+            opts,
+            node: RwLock::new(node.clone()),
+            gate: Mutex::new(Gate {
+                quiesced: 0,
+                in_flight: 0,
+                iostatus: BlockDeviceIoStatus::Ok,
+            }),
+            changed: Condvar::new(),
+            bus,
+            drains: Mutex::new(Vec::new()),
+        });
+        node.attach_backend(&b);
+        b
+    }
+
+    /// The device name.
+    pub fn name(&self) -> &str {
+        &self.opts.name
+    }
+
+    /// The node requests go to.
+    pub fn node(&self) -> Arc<Node> {
+        self.node.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn gate(&self) -> MutexGuard<'_, Gate> {
+        // Counters only; usable after a panic elsewhere.
+        self.gate.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn quiesce(&self) {
+        self.gate().quiesced += 1;
+    }
+
+    pub(crate) fn unquiesce(&self) {
+        let mut g = self.gate();
+        g.quiesced = g.quiesced.saturating_sub(1);
+        if g.quiesced == 0 {
+            self.changed.notify_all();
+        }
+    }
+
+    pub(crate) fn wait_idle(&self) {
+        let mut g = self.gate();
+        while g.in_flight > 0 {
+            g = self.changed.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn policy(&self, is_read: bool) -> BlockdevOnError {
+        match (
+            is_read,
+            if is_read {
+                self.opts.rerror
+            } else {
+                self.opts.werror
+            },
+        ) {
+            (true, BlockdevOnError::Auto) => BlockdevOnError::Report,
+            (false, BlockdevOnError::Auto) => BlockdevOnError::Enospc,
+            (_, p) => p,
+        }
+    }
+
+    /// One guest request: wait at the gate while drained, count it in
+    /// flight, apply the policy to a failure (event included) before the
+    /// request leaves the flight count.
+    fn request<T>(
+        &self,
+        is_read: bool,
+        f: impl FnOnce(&Node) -> Result<T>,
+    ) -> Result<T, GuestIoError> {
+        {
+            let mut g = self.gate();
+            while g.quiesced > 0 {
+                g = self.changed.wait(g).unwrap_or_else(|p| p.into_inner());
+            }
+            g.in_flight += 1;
+        }
+        let node = self.node();
+        let res = f(&node).map_err(|error| self.error_action(&node, is_read, error));
+        let mut g = self.gate();
+        g.in_flight -= 1;
+        if g.in_flight == 0 {
+            self.changed.notify_all();
+        }
+        res
+    }
+
+    /// QEMU's `blk_get_error_action` + `blk_error_action`.
+    fn error_action(&self, node: &Node, is_read: bool, error: Error) -> GuestIoError {
+        let errno = error.errno().unwrap_or(libc::EIO);
+        let action = self.policy(is_read).action_for(errno);
+        if action == BlockErrorAction::Stop && self.opts.iostatus_enabled {
+            let mut g = self.gate();
+            if g.iostatus == BlockDeviceIoStatus::Ok {
+                g.iostatus = BlockDeviceIoStatus::for_errno(errno);
+            }
+        }
+        self.bus.emit(EventData::BlockIoError {
+            qom_path: self.opts.qom_path.clone(),
+            device: self.opts.name.clone(),
+            node_name: Some(node.name().to_string()),
+            operation: IoOperationType::from_is_read(is_read),
+            action,
+            nospace: self.opts.iostatus_enabled.then_some(errno == libc::ENOSPC),
+            reason: crate::error::strerror(errno),
+        });
+        GuestIoError { error, action }
+    }
+}
+
+/// A guest device's handle on a node. Dropping it detaches it.
+pub struct BlockBackend {
+    shared: Arc<BackendShared>,
+    graph: Arc<Graph>,
+}
+
+impl std::fmt::Debug for BlockBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockBackend")
+            .field("name", &self.shared.opts.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BlockBackend {
+    pub(crate) fn new(shared: Arc<BackendShared>, graph: Arc<Graph>) -> Self {
+        BlockBackend { shared, graph }
+    }
+
+    /// Device name ("" when anonymous).
+    pub fn name(&self) -> &str {
+        self.shared.name()
+    }
+
+    /// The node requests go to.
+    pub fn node(&self) -> Arc<Node> {
+        self.shared.node()
+    }
+
+    /// Size of the attached node.
+    pub fn len(&self) -> Result<u64> {
+        self.node().len()
+    }
+
+    /// True when the attached node is empty.
+    pub fn is_empty(&self) -> Result<bool> {
+        Ok(self.len()? == 0)
+    }
+
+    /// Guest read.
+    pub fn pread(&self, offset: u64, buf: &mut [u8]) -> Result<(), GuestIoError> {
+        self.shared.request(true, |n| n.pread(offset, buf))
+    }
+
+    /// Guest write.
+    pub fn pwrite(&self, offset: u64, buf: &[u8]) -> Result<(), GuestIoError> {
+        self.shared.request(false, |n| n.pwrite(offset, buf))
+    }
+
+    /// Guest write-zeroes.
+    pub fn pwrite_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+    ) -> Result<(), GuestIoError> {
+        self.shared
+            .request(false, |n| n.pwrite_zeroes(offset, len, may_unmap))
+    }
+
+    /// Guest discard.
+    pub fn pdiscard(&self, offset: u64, len: u64) -> Result<(), GuestIoError> {
+        self.shared.request(false, |n| n.pdiscard(offset, len))
+    }
+
+    /// Guest flush.
+    pub fn flush(&self) -> Result<(), GuestIoError> {
+        self.shared.request(false, |n| n.flush())
+    }
+
+    /// The device's I/O status.
+    pub fn iostatus(&self) -> BlockDeviceIoStatus {
+        self.shared.gate().iostatus
+    }
+
+    /// Back to `ok` (QEMU's `blk_iostatus_reset`, done on `cont`).
+    pub fn iostatus_reset(&self) {
+        self.shared.gate().iostatus = BlockDeviceIoStatus::Ok;
+    }
+
+    /// Begin a drained section on this backend's node: new guest requests
+    /// wait, jobs on the node pause; returns once nothing is in flight.
+    pub fn drain_begin(&self) {
+        let s = self.graph.drained_begin(&[self.node()]);
+        self.shared
+            .drains
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(s);
+    }
+
+    /// End the innermost drained section begun on this backend.
+    pub fn drain_end(&self) -> Result<()> {
+        let s = self
+            .shared
+            .drains
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop();
+        match s {
+            Some(s) => {
+                self.graph.drained_end(s);
+                Ok(())
+            }
+            None => Err(Error::generic(format!(
+                "Backend '{}' is not drained",
+                self.name()
+            ))),
+        }
+    }
+}
+
+impl Drop for BlockBackend {
+    fn drop(&mut self) {
+        // End drained sections left open so no job stays paused forever.
+        let left: Vec<DrainSection> =
+            std::mem::take(&mut *self.shared.drains.lock().unwrap_or_else(|p| p.into_inner()));
+        for s in left {
+            self.graph.drained_end(s);
+        }
+        self.shared.node().detach_backend(&self.shared);
+    }
+}

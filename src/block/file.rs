@@ -1,0 +1,252 @@
+//! `file` (and `host_device`): raw files and block devices through
+//! `pread`/`pwrite`, holes found with `SEEK_DATA`/`SEEK_HOLE`, zeroes and
+//! discards with `fallocate`.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+
+use nix::errno::Errno;
+use nix::fcntl::{FallocateFlags, fallocate};
+use nix::unistd::{Whence, lseek};
+
+use super::{BlockDriver, BlockStatus, write_zero_buffers};
+use crate::error::{Error, Result};
+
+/// Options of the `file` driver that change behaviour.
+#[derive(Debug, Clone, Default)]
+pub struct FileOptions {
+    /// Path to open.
+    pub filename: String,
+    /// Open read-only.
+    pub read_only: bool,
+    /// `discard: "unmap"`: pass discards (and zero writes that may unmap)
+    /// down as hole punches. QEMU's default is `ignore`.
+    pub discard_unmap: bool,
+    /// `cache.direct`: open with `O_DIRECT`.
+    pub direct: bool,
+    /// `cache.no-flush`: flushes do nothing.
+    pub no_flush: bool,
+}
+
+/// A file or block device.
+#[derive(Debug)]
+pub struct FileDriver {
+    file: File,
+    opts: FileOptions,
+    block_device: bool,
+}
+
+impl FileDriver {
+    /// Open the file as QEMU's file-posix does, with QEMU's error texts.
+    pub fn open(opts: FileOptions) -> Result<FileDriver> {
+        if opts.filename.is_empty() {
+            return Err(Error::generic(
+                "The 'file' block driver requires a file name",
+            ));
+        }
+        let mut oo = OpenOptions::new();
+        oo.read(true).write(!opts.read_only);
+        if opts.direct {
+            oo.custom_flags(libc::O_DIRECT);
+        }
+        let file = oo
+            .open(&opts.filename)
+            .map_err(|e| Error::from(e).prepend(format!("Could not open '{}': ", opts.filename)))?;
+        let meta = file.metadata().map_err(Error::from)?;
+        if meta.is_dir() {
+            return Err(Error::errno_msg(
+                libc::EISDIR,
+                format!("Could not open '{}': Is a directory", opts.filename),
+            ));
+        }
+        let block_device = meta.file_type().is_block_device();
+        Ok(FileDriver {
+            file,
+            opts,
+            block_device,
+        })
+    }
+
+    fn fd(&self) -> i32 {
+        self.file.as_raw_fd()
+    }
+
+    fn punch_hole(&self, offset: u64, len: u64) -> Result<()> {
+        fallocate(
+            self.fd(),
+            FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            offset as i64,
+            len as i64,
+        )
+        .map_err(Error::from)
+    }
+}
+
+impl BlockDriver for FileDriver {
+    fn driver_name(&self) -> &'static str {
+        if self.block_device {
+            "host_device"
+        } else {
+            "file"
+        }
+    }
+
+    fn len(&self) -> Result<u64> {
+        if self.block_device {
+            let end = lseek(self.fd(), 0, Whence::SeekEnd).map_err(Error::from)?;
+            return Ok(end as u64);
+        }
+        Ok(self.file.metadata()?.len())
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        match self.file.read_exact_at(buf, offset) {
+            Ok(()) => Ok(()),
+            // The range was checked against the size: a short read means
+            // the file shrank underneath us.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                Err(Error::from_errno(libc::EIO))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn write(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        self.file.write_all_at(buf, offset).map_err(Error::from)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        if may_unmap && self.opts.discard_unmap && !self.block_device {
+            match self.punch_hole(offset, len) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.errno() == Some(Errno::EOPNOTSUPP as i32) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if !self.block_device {
+            match fallocate(
+                self.fd(),
+                FallocateFlags::FALLOC_FL_ZERO_RANGE,
+                offset as i64,
+                len as i64,
+            ) {
+                Ok(()) => return Ok(()),
+                Err(Errno::EOPNOTSUPP | Errno::EINVAL) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        // No cheap way: write zero buffers.
+        write_zero_buffers(offset, len, |o, b| self.write(o, b))
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        if !self.opts.discard_unmap || self.block_device {
+            return Ok(());
+        }
+        match self.punch_hole(offset, len) {
+            Err(e) if e.errno() == Some(Errno::EOPNOTSUPP as i32) => Ok(()),
+            r => r,
+        }
+    }
+
+    fn flush(&self) -> Result<()> {
+        if self.opts.no_flush {
+            return Ok(());
+        }
+        self.file.sync_data().map_err(Error::from)
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
+        if self.block_device {
+            return Ok(BlockStatus::data(len));
+        }
+        let off = offset as i64;
+        match lseek(self.fd(), off, Whence::SeekData) {
+            // No data after offset: a hole up to the end of the file.
+            Err(Errno::ENXIO) => Ok(BlockStatus::zero(len)),
+            // SEEK_DATA unsupported: everything is data.
+            Err(_) => Ok(BlockStatus::data(len)),
+            Ok(data) if data > off => Ok(BlockStatus::zero(((data - off) as u64).min(len))),
+            Ok(_) => match lseek(self.fd(), off, Whence::SeekHole) {
+                Ok(hole) if hole > off => Ok(BlockStatus::data(((hole - off) as u64).min(len))),
+                _ => Ok(BlockStatus::data(len)),
+            },
+        }
+    }
+
+    fn filename(&self) -> String {
+        self.opts.filename.clone()
+    }
+
+    fn supports_zero_unmap(&self) -> bool {
+        self.opts.discard_unmap && !self.block_device
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(path: &std::path::Path, discard_unmap: bool) -> FileDriver {
+        FileDriver::open(FileOptions {
+            filename: path.to_str().unwrap().into(),
+            discard_unmap,
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn errors_have_qemu_texts() {
+        let e = FileDriver::open(FileOptions::default()).unwrap_err();
+        assert_eq!(e.message(), "The 'file' block driver requires a file name");
+        let e = FileDriver::open(FileOptions {
+            filename: "/nonexistent/x.img".into(),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert_eq!(
+            e.message(),
+            "Could not open '/nonexistent/x.img': No such file or directory"
+        );
+        assert_eq!(e.errno(), Some(libc::ENOENT));
+        let e = FileDriver::open(FileOptions {
+            filename: "/tmp".into(),
+            read_only: true,
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert_eq!(e.message(), "Could not open '/tmp': Is a directory");
+    }
+
+    #[test]
+    fn read_write_holes_and_zeroes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.raw");
+        let f = std::fs::File::create(&p).unwrap();
+        f.set_len(4 << 20).unwrap();
+        drop(f);
+        let d = open(&p, true);
+        assert_eq!(d.len().unwrap(), 4 << 20);
+        // A fresh sparse file is one hole.
+        let st = d.block_status(0, 4 << 20).unwrap();
+        assert!(st.zero && !st.data, "{st:?}");
+        d.write(1 << 20, &[0x5a; 65536]).unwrap();
+        let st = d.block_status(0, 4 << 20).unwrap();
+        assert!(st.zero);
+        assert_eq!(st.len, 1 << 20);
+        let st = d.block_status(1 << 20, 3 << 20).unwrap();
+        assert!(st.data);
+        assert!(st.len >= 65536 && st.len < 3 << 20, "{st:?}");
+        let mut buf = vec![0u8; 65536];
+        d.read(1 << 20, &mut buf).unwrap();
+        assert!(buf.iter().all(|b| *b == 0x5a));
+        d.write_zeroes(1 << 20, 65536, true).unwrap();
+        d.read(1 << 20, &mut buf).unwrap();
+        assert!(buf.iter().all(|b| *b == 0));
+        let st = d.block_status(0, 4 << 20).unwrap();
+        assert!(st.zero);
+        d.flush().unwrap();
+    }
+}

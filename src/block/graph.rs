@@ -1,0 +1,557 @@
+//! The node graph of one context: named nodes (blockdev-add/-del), guest
+//! backends, name lookup, and drained sections.
+//!
+//! Drain (QEMU's `bdrv_drained_begin`): every backend and job that can
+//! issue requests reaching the drained nodes is quiesced (backends hold new
+//! guest requests at their gate; jobs get an internal pause), then we wait
+//! until those backends have no request in flight, those jobs are quiescent
+//! (paused, sleeping, or done running) and the nodes are idle. Drain waits
+//! for requests, never for a job to finish.
+
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde_json::Value;
+
+use super::backend::{BackendOptions, BackendShared, BlockBackend};
+use super::blkdebug::BlkdebugDriver;
+use super::file::{FileDriver, FileOptions};
+use super::host::{HostDriver, HostIo};
+use super::null::{NULL_DEFAULT_SIZE, NullDriver};
+use super::options::{ChildRef, DriverSpec, NodeSpec};
+use super::raw::RawDriver;
+use super::{BlockDriver, Node};
+use crate::error::{Error, ErrorClass, Result};
+use crate::events::EventBus;
+use crate::job::{Job, id_wellformed};
+
+struct Entry {
+    node: Arc<Node>,
+    /// Created by blockdev-add at the top (QEMU's monitor list).
+    monitor_owned: bool,
+}
+
+#[derive(Default)]
+struct GraphInner {
+    /// Newest first, like `query-named-block-nodes`.
+    nodes: Vec<Entry>,
+    auto_counter: u64,
+    backends: Vec<Weak<BackendShared>>,
+    drain_all: Vec<DrainSection>,
+}
+
+/// What one drained section quiesced, so that its end undoes exactly that.
+pub struct DrainSection {
+    jobs: Vec<Arc<Job>>,
+    backends: Vec<Arc<BackendShared>>,
+}
+
+/// Nodes, backends and drains of one context.
+pub struct Graph {
+    inner: Mutex<GraphInner>,
+    bus: Arc<EventBus>,
+}
+
+/// QEMU's node-name limit (32 bytes with the terminating NUL).
+const NODE_NAME_MAX: usize = 31;
+
+impl Graph {
+    /// An empty graph whose backends emit on `bus`.
+    pub fn new(bus: Arc<EventBus>) -> Arc<Graph> {
+        Arc::new(Graph {
+            inner: Mutex::new(GraphInner::default()),
+            bus,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, GraphInner> {
+        // Lists only; a panic elsewhere leaves them usable.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The node with this node-name.
+    pub fn find_node(&self, name: &str) -> Option<Arc<Node>> {
+        self.lock()
+            .nodes
+            .iter()
+            .find(|e| e.node.name() == name)
+            .map(|e| e.node.clone())
+    }
+
+    /// QEMU's `bdrv_lookup_bs(name, name)`: a backend (device) name first,
+    /// then a node name; `Cannot find device='X' nor node-name='X'`.
+    pub fn lookup(&self, name: &str) -> Result<Arc<Node>> {
+        if let Some(b) = self.find_backend(name) {
+            return Ok(b.node());
+        }
+        self.find_node(name).ok_or_else(|| {
+            Error::with_class(
+                ErrorClass::DeviceNotFound,
+                format!("Cannot find device='{name}' nor node-name='{name}'"),
+            )
+        })
+    }
+
+    /// All nodes, newest first.
+    pub fn nodes(&self) -> Vec<Arc<Node>> {
+        self.lock().nodes.iter().map(|e| e.node.clone()).collect()
+    }
+
+    /// The first named backend attached to `node` (QEMU's
+    /// `bdrv_get_device_name`), or "".
+    pub fn device_name(&self, node: &Arc<Node>) -> String {
+        node.parent_backends()
+            .iter()
+            .find(|b| !b.name().is_empty())
+            .map(|b| b.name().to_string())
+            .unwrap_or_default()
+    }
+
+    fn check_new_name(inner: &GraphInner, name: &str, taken: &[String]) -> Result<()> {
+        if !id_wellformed(name) {
+            return Err(Error::generic(format!("Invalid node-name: '{name}'")));
+        }
+        if name.len() > NODE_NAME_MAX {
+            return Err(Error::generic("Node name too long"));
+        }
+        if inner.nodes.iter().any(|e| e.node.name() == name) || taken.iter().any(|t| t == name) {
+            return Err(Error::generic(format!(
+                "Duplicate nodes with node-name='{name}'"
+            )));
+        }
+        if inner
+            .backends
+            .iter()
+            .filter_map(Weak::upgrade)
+            .any(|b| b.name() == name)
+        {
+            return Err(Error::generic(format!(
+                "node-name={name} is conflicting with a device id"
+            )));
+        }
+        Ok(())
+    }
+
+    /// QEMU's auto node names: `#block` + counter + two random digits.
+    fn auto_name(inner: &mut GraphInner) -> String {
+        let n = inner.auto_counter;
+        inner.auto_counter += 1;
+        let r = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0)
+            % 100;
+        format!("#block{n}{r:02}")
+    }
+
+    /// blockdev-add: open the node tree described by `opts` and register
+    /// every new node. Nothing is registered unless everything opened.
+    pub fn blockdev_add(&self, opts: &Value) -> Result<Arc<Node>> {
+        let spec = super::options::parse(opts)?;
+        if spec.node_name.is_none() {
+            return Err(Error::generic(
+                "'node-name' must be specified for the root node",
+            ));
+        }
+        let mut inner = self.lock();
+        let mut taken = Vec::new();
+        Self::check_names(&inner, &spec, &mut taken)?;
+        let mut created = Vec::new();
+        let node = self.open_spec(&mut inner, &spec, &mut created)?;
+        for (i, n) in created.into_iter().enumerate() {
+            // `created` is in opening order (children first); the root, last,
+            // is the monitor's.
+            let _ = i;
+            let owned = Arc::ptr_eq(&n, &node);
+            inner.nodes.insert(
+                0,
+                Entry {
+                    node: n,
+                    monitor_owned: owned,
+                },
+            );
+        }
+        Ok(node)
+    }
+
+    fn check_names(inner: &GraphInner, spec: &NodeSpec, taken: &mut Vec<String>) -> Result<()> {
+        if let Some(n) = &spec.node_name {
+            Self::check_new_name(inner, n, taken)?;
+            taken.push(n.clone());
+        }
+        let child = match &spec.driver {
+            DriverSpec::Raw { file, .. } => Some(file),
+            DriverSpec::Blkdebug { image, .. } => Some(image),
+            DriverSpec::File { .. } | DriverSpec::Null { .. } => None,
+        };
+        if let Some(ChildRef::New(c)) = child {
+            Self::check_names(inner, c, taken)?;
+        }
+        Ok(())
+    }
+
+    fn resolve_child(
+        &self,
+        inner: &mut GraphInner,
+        c: &ChildRef,
+        created: &mut Vec<Arc<Node>>,
+    ) -> Result<Arc<Node>> {
+        match c {
+            ChildRef::New(spec) => self.open_spec(inner, spec, created),
+            ChildRef::Existing(name) => {
+                if let Some(b) = inner
+                    .backends
+                    .iter()
+                    .filter_map(Weak::upgrade)
+                    .find(|b| b.name() == name)
+                {
+                    return Ok(b.node());
+                }
+                inner
+                    .nodes
+                    .iter()
+                    .find(|e| e.node.name() == name)
+                    .map(|e| e.node.clone())
+                    .ok_or_else(|| {
+                        Error::generic(format!(
+                            "Cannot find device='{name}' nor node-name='{name}'"
+                        ))
+                    })
+            }
+        }
+    }
+
+    fn open_spec(
+        &self,
+        inner: &mut GraphInner,
+        spec: &NodeSpec,
+        created: &mut Vec<Arc<Node>>,
+    ) -> Result<Arc<Node>> {
+        let drv: Box<dyn BlockDriver> = match &spec.driver {
+            DriverSpec::File { filename } => Box::new(FileDriver::open(FileOptions {
+                filename: filename.clone(),
+                read_only: spec.read_only,
+                discard_unmap: spec.discard_unmap,
+                direct: spec.cache_direct,
+                no_flush: spec.cache_no_flush,
+            })?),
+            DriverSpec::Null {
+                name,
+                size,
+                latency_ns,
+                read_zeroes,
+            } => {
+                let size = match size {
+                    None => NULL_DEFAULT_SIZE,
+                    // QEMU aborts the whole process here; we refuse instead.
+                    Some(s) if *s < 0 => {
+                        return Err(Error::generic(format!(
+                            "Value '{s}' is out of range for parameter 'size'"
+                        )));
+                    }
+                    Some(s) => (*s as u64).div_ceil(512) * 512,
+                };
+                let latency = match latency_ns {
+                    None => 0,
+                    Some(l) if *l < 0 => return Err(Error::generic("latency-ns is invalid")),
+                    Some(l) => *l as u64,
+                };
+                Box::new(NullDriver {
+                    name,
+                    size,
+                    latency: std::time::Duration::from_nanos(latency),
+                    read_zeroes: *read_zeroes,
+                })
+            }
+            DriverSpec::Raw { file, offset, size } => {
+                let child = self.resolve_child(inner, file, created)?;
+                let offset = match offset {
+                    Some(o) if *o < 0 => {
+                        return Err(Error::generic("offset cannot be negative"));
+                    }
+                    o => o.unwrap_or(0) as u64,
+                };
+                let size = match size {
+                    Some(s) if *s < 0 => return Err(Error::generic("size cannot be negative")),
+                    s => s.map(|s| s as u64),
+                };
+                Box::new(RawDriver::new(child, offset, size)?)
+            }
+            DriverSpec::Blkdebug {
+                image,
+                align,
+                inject,
+                set_state,
+            } => {
+                if let Some(a) = align {
+                    if *a < 0 || (*a != 0 && (*a as u64).count_ones() != 1) || *a >= i32::MAX as i64
+                    {
+                        return Err(Error::generic(format!(
+                            "Cannot meet constraints with align {a}"
+                        )));
+                    }
+                }
+                let child = self.resolve_child(inner, image, created)?;
+                Box::new(BlkdebugDriver::new(
+                    child,
+                    inject.clone(),
+                    set_state.clone(),
+                ))
+            }
+        };
+        let (name, auto) = match &spec.node_name {
+            Some(n) => (n.clone(), false),
+            None => (Self::auto_name(inner), true),
+        };
+        let node = Node::new(name, auto, spec.read_only, drv);
+        node.set_detect_zeroes(spec.detect_zeroes, spec.discard_unmap);
+        created.push(node.clone());
+        Ok(node)
+    }
+
+    /// Register a node whose I/O the host performs.
+    pub fn add_host_node(
+        &self,
+        name: &str,
+        read_only: bool,
+        io: Box<dyn HostIo>,
+    ) -> Result<Arc<Node>> {
+        let mut inner = self.lock();
+        Self::check_new_name(&inner, name, &[])?;
+        let node = Node::new(
+            name.to_string(),
+            false,
+            read_only,
+            Box::new(HostDriver::new(io)),
+        );
+        node.len()?;
+        inner.nodes.insert(
+            0,
+            Entry {
+                node: node.clone(),
+                monitor_owned: true,
+            },
+        );
+        Ok(node)
+    }
+
+    fn is_child_of_any(inner: &GraphInner, node: &Arc<Node>) -> bool {
+        inner
+            .nodes
+            .iter()
+            .any(|e| e.node.children().iter().any(|c| Arc::ptr_eq(&c.node, node)))
+    }
+
+    /// blockdev-del, with QEMU's checks in QEMU's order.
+    pub fn blockdev_del(&self, name: &str) -> Result<()> {
+        let mut inner = self.lock();
+        let Some(pos) = inner.nodes.iter().position(|e| e.node.name() == name) else {
+            return Err(Error::generic(format!(
+                "Failed to find node with node-name='{name}'"
+            )));
+        };
+        let node = inner.nodes[pos].node.clone();
+        if !node.parent_backends().is_empty() || node.has_job_user() {
+            return Err(Error::generic(format!("Node {name} is in use")));
+        }
+        if !inner.nodes[pos].monitor_owned {
+            return Err(Error::generic(format!(
+                "Node {name} is not owned by the monitor"
+            )));
+        }
+        if let Some(job) = node.main_job() {
+            return Err(Error::generic(format!(
+                "Node '{name}' is busy: block device is in use by block job: {}",
+                job.job_type()
+            )));
+        }
+        if Self::is_child_of_any(&inner, &node) {
+            return Err(Error::generic(format!("Block device {name} is in use")));
+        }
+        inner.nodes.remove(pos);
+        // Inline children go with their parent unless something else still
+        // uses them.
+        let mut stack: Vec<Arc<Node>> = node.children().into_iter().map(|c| c.node).collect();
+        drop(node);
+        while let Some(c) = stack.pop() {
+            let Some(p) = inner.nodes.iter().position(|e| Arc::ptr_eq(&e.node, &c)) else {
+                continue;
+            };
+            if inner.nodes[p].monitor_owned || Self::is_child_of_any(&inner, &c) {
+                continue;
+            }
+            if !c.parent_backends().is_empty() || !c.parent_jobs().is_empty() {
+                continue;
+            }
+            inner.nodes.remove(p);
+            stack.extend(c.children().into_iter().map(|x| x.node));
+        }
+        Ok(())
+    }
+
+    // ---- backends ----------------------------------------------------------
+
+    /// The backend with this (non-empty) name.
+    pub fn find_backend(&self, name: &str) -> Option<Arc<BackendShared>> {
+        if name.is_empty() {
+            return None;
+        }
+        self.lock()
+            .backends
+            .iter()
+            .filter_map(Weak::upgrade)
+            .find(|b| b.name() == name)
+    }
+
+    /// Create a guest backend attached to `node_name` (a node or device name).
+    pub fn blk_new(
+        self: &Arc<Self>,
+        node_name: &str,
+        opts: BackendOptions,
+    ) -> Result<BlockBackend> {
+        let node = self.lookup(node_name)?;
+        let mut inner = self.lock();
+        inner.backends.retain(|w| w.strong_count() > 0);
+        if !opts.name.is_empty() {
+            if !id_wellformed(&opts.name) {
+                return Err(Error::generic(format!(
+                    "Invalid device name '{}'",
+                    opts.name
+                )));
+            }
+            if inner
+                .backends
+                .iter()
+                .filter_map(Weak::upgrade)
+                .any(|b| b.name() == opts.name)
+            {
+                return Err(Error::generic(format!(
+                    "Device with id '{}' already exists",
+                    opts.name
+                )));
+            }
+            if inner.nodes.iter().any(|e| e.node.name() == opts.name) {
+                return Err(Error::generic(format!(
+                    "Device name '{}' conflicts with an existing node name",
+                    opts.name
+                )));
+            }
+        }
+        let shared = BackendShared::new(opts, node, self.bus.clone());
+        inner.backends.push(Arc::downgrade(&shared));
+        drop(inner);
+        Ok(BlockBackend::new(shared, self.clone()))
+    }
+
+    // ---- drain ---------------------------------------------------------------
+
+    /// The drain closure of `roots`: their subtrees, plus every node above
+    /// any of those (anything that can send requests into them).
+    fn closure(&self, roots: &[Arc<Node>]) -> Vec<Arc<Node>> {
+        let all = self.nodes();
+        let mut set: Vec<Arc<Node>> = Vec::new();
+        let push = |set: &mut Vec<Arc<Node>>, n: Arc<Node>| -> bool {
+            if set.iter().any(|x| Arc::ptr_eq(x, &n)) {
+                false
+            } else {
+                set.push(n);
+                true
+            }
+        };
+        let mut stack: Vec<Arc<Node>> = roots.to_vec();
+        while let Some(n) = stack.pop() {
+            if push(&mut set, n.clone()) {
+                stack.extend(n.children().into_iter().map(|c| c.node));
+            }
+        }
+        loop {
+            let mut grew = false;
+            for cand in &all {
+                let above = cand
+                    .children()
+                    .iter()
+                    .any(|c| set.iter().any(|s| Arc::ptr_eq(s, &c.node)));
+                if above && push(&mut set, cand.clone()) {
+                    grew = true;
+                }
+            }
+            if !grew {
+                return set;
+            }
+        }
+    }
+
+    /// Begin a drained section over `roots` (all nodes when empty).
+    pub fn drained_begin(&self, roots: &[Arc<Node>]) -> DrainSection {
+        let nodes = if roots.is_empty() {
+            self.nodes()
+        } else {
+            self.closure(roots)
+        };
+        let mut jobs: Vec<Arc<Job>> = Vec::new();
+        let mut backends: Vec<Arc<BackendShared>> = Vec::new();
+        for n in &nodes {
+            for j in n.parent_jobs() {
+                if !jobs.iter().any(|x| Arc::ptr_eq(x, &j)) {
+                    jobs.push(j);
+                }
+            }
+            for b in n.parent_backends() {
+                if !backends.iter().any(|x| Arc::ptr_eq(x, &b)) {
+                    backends.push(b);
+                }
+            }
+        }
+        for b in &backends {
+            b.quiesce();
+        }
+        for j in &jobs {
+            j.engine().pause(j);
+        }
+        for b in &backends {
+            b.wait_idle();
+        }
+        for j in &jobs {
+            j.engine().wait_quiescent(j);
+        }
+        for n in &nodes {
+            n.wait_idle();
+        }
+        DrainSection { jobs, backends }
+    }
+
+    /// End a drained section.
+    pub fn drained_end(&self, s: DrainSection) {
+        for b in &s.backends {
+            b.unquiesce();
+        }
+        for j in &s.jobs {
+            j.engine().resume(j);
+        }
+    }
+
+    /// QEMU's `bdrv_drain_all_begin`: quiesce everything until the end.
+    pub fn drain_all_begin(&self) {
+        let s = self.drained_begin(&[]);
+        self.lock().drain_all.push(s);
+    }
+
+    /// End the innermost `drain_all_begin`.
+    pub fn drain_all_end(&self) -> Result<()> {
+        let s = self.lock().drain_all.pop();
+        match s {
+            Some(s) => {
+                self.drained_end(s);
+                Ok(())
+            }
+            None => Err(Error::generic("No drained section to end")),
+        }
+    }
+
+    /// QEMU's `bdrv_drain_all`: wait for every in-flight request, then let
+    /// everything go on.
+    pub fn drain_all(&self) {
+        let s = self.drained_begin(&[]);
+        self.drained_end(s);
+    }
+}

@@ -1,0 +1,89 @@
+//! `raw`: the format driver that passes requests to its `file` child,
+//! optionally through an `offset`/`size` window. Like QEMU's, it fires
+//! the blkdebug events `read_aio` and `write_aio` on its child, which is
+//! what makes `raw` over `blkdebug` inject errors.
+
+use std::sync::Arc;
+
+use super::{BlkdebugEvent, BlockDriver, BlockStatus, Node, NodeChild};
+use crate::error::{Error, Result};
+
+/// The raw format.
+pub struct RawDriver {
+    file: Arc<Node>,
+    offset: u64,
+    size: Option<u64>,
+}
+
+impl RawDriver {
+    /// A raw node over `file`, exposing `[offset, offset + size)`.
+    pub fn new(file: Arc<Node>, offset: u64, size: Option<u64>) -> Result<RawDriver> {
+        let file_len = file.len()?;
+        let s = size.unwrap_or(file_len.saturating_sub(offset));
+        if offset.checked_add(s).is_none_or(|end| end > file_len) {
+            return Err(Error::generic(format!(
+                "The sum of offset ({offset}) and size ({s}) has to be smaller or equal to the  actual size of the containing file ({file_len})"
+            )));
+        }
+        Ok(RawDriver { file, offset, size })
+    }
+}
+
+impl BlockDriver for RawDriver {
+    fn driver_name(&self) -> &'static str {
+        "raw"
+    }
+
+    fn len(&self) -> Result<u64> {
+        match self.size {
+            Some(s) => Ok(s),
+            None => Ok(self.file.len()?.saturating_sub(self.offset)),
+        }
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.file.debug_event(BlkdebugEvent::ReadAio);
+        self.file.pread(self.offset + offset, buf)
+    }
+
+    fn write(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        self.file.debug_event(BlkdebugEvent::WriteAio);
+        self.file.pwrite(self.offset + offset, buf)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        self.file
+            .pwrite_zeroes(self.offset + offset, len, may_unmap)
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.file.pdiscard(self.offset + offset, len)
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.file.flush()
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
+        self.file.block_status(self.offset + offset, len)
+    }
+
+    fn children(&self) -> Vec<NodeChild> {
+        vec![NodeChild {
+            role: "file",
+            node: self.file.clone(),
+        }]
+    }
+
+    fn cluster_size(&self) -> Option<u64> {
+        self.file.cluster_size()
+    }
+
+    fn filename(&self) -> String {
+        self.file.filename()
+    }
+
+    fn supports_zero_unmap(&self) -> bool {
+        self.file.driver().supports_zero_unmap()
+    }
+}

@@ -1,0 +1,329 @@
+//! Guest backends for C: a device's I/O with its own error policy,
+//! I/O status, `BLOCK_IO_ERROR`, and drained sections.
+
+use std::ffi::{c_char, c_void};
+
+use super::context::{BjContext, ctx_arg};
+use super::{BjError, arg_opt_str, arg_ref, arg_str, ffi, ffi_void, null_arg};
+use crate::block::backend::{BackendOptions, BlockBackend, GuestIoError};
+use crate::error::{Error, Result};
+use crate::qapi::{BlockErrorAction, BlockdevOnError};
+
+/// Options of `bj_blk_new`. Zero-initialise, set `size`, fill what you
+/// need; NULL options mean all defaults.
+#[repr(C)]
+pub struct BjBlockBackendOptions {
+    /// `sizeof(BjBlockBackendOptions)`.
+    pub size: u32,
+    /// Device name (NULL or "" for an anonymous backend).
+    pub name: *const c_char,
+    /// QOM path for `BLOCK_IO_ERROR` (NULL: "").
+    pub qom_path: *const c_char,
+    /// `rerror`, `BJ_BLOCKDEV_ON_ERROR_*` (0 = report; `auto` = report).
+    pub rerror: i32,
+    /// `werror`, `BJ_BLOCKDEV_ON_ERROR_*` (`auto` = enospc).
+    pub werror: i32,
+    /// Keep an I/O status (QEMU devices that support it do).
+    pub iostatus_enabled: bool,
+    /// Reserved; must be zero.
+    pub reserved: [u64; 8],
+}
+
+/// A guest backend (opaque).
+pub struct BjBlockBackend {
+    blk: BlockBackend,
+}
+
+fn policy(v: i32, what: &str) -> Result<BlockdevOnError> {
+    BlockdevOnError::from_index(v).ok_or_else(|| {
+        Error::generic(format!(
+            "Invalid argument: {what} {v} is not a BlockdevOnError"
+        ))
+        .with_errno(libc::EINVAL)
+    })
+}
+
+/// Attach a guest backend to a node (or device) `node_name`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn bj_blk_new(
+    ctx: *mut BjContext,
+    node_name: *const c_char,
+    opts: *const BjBlockBackendOptions,
+    errp: *mut *mut BjError,
+) -> *mut BjBlockBackend {
+    ffi(errp, std::ptr::null_mut(), || {
+        // SAFETY: NULL or live context / C string.
+        let c = unsafe { ctx_arg(ctx) }?;
+        // SAFETY: as above.
+        let node = unsafe { arg_str(node_name, "node_name") }?;
+        let o = if opts.is_null() {
+            BackendOptions::default()
+        } else {
+            // SAFETY: non-NULL; `size` is the first field of every version.
+            let size = unsafe { std::ptr::addr_of!((*opts).size).read_unaligned() };
+            if size as usize != std::mem::size_of::<BjBlockBackendOptions>() {
+                return Err(Error::generic(format!(
+                    "Invalid argument: opts->size is {size}, expected sizeof(BjBlockBackendOptions) = {}",
+                    std::mem::size_of::<BjBlockBackendOptions>()
+                ))
+                .with_errno(libc::EINVAL));
+            }
+            // SAFETY: a whole options struct of this version.
+            let o = unsafe { &*opts };
+            BackendOptions {
+                // SAFETY: NULL or NUL-terminated strings.
+                name: unsafe { arg_opt_str(o.name, "opts->name") }?
+                    .unwrap_or("")
+                    .to_string(),
+                // SAFETY: as above.
+                qom_path: unsafe { arg_opt_str(o.qom_path, "opts->qom_path") }?
+                    .unwrap_or("")
+                    .to_string(),
+                rerror: policy(o.rerror, "rerror")?,
+                werror: policy(o.werror, "werror")?,
+                iostatus_enabled: o.iostatus_enabled,
+            }
+        };
+        let blk = c.ctx.blk_new(node, o)?;
+        Ok(Box::into_raw(Box::new(BjBlockBackend { blk })))
+    })
+}
+
+/// Detach and free a backend; sets `*blkp` to NULL. Drained sections it
+/// began are ended.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn bj_blk_free(blkp: *mut *mut BjBlockBackend) {
+    ffi_void((), || {
+        if blkp.is_null() {
+            return;
+        }
+        // SAFETY: pointer to the caller's handle variable.
+        let slot = unsafe { &mut *blkp };
+        if !slot.is_null() {
+            // SAFETY: a backend pointer comes from Box::into_raw.
+            drop(unsafe { Box::from_raw(*slot) });
+            *slot = std::ptr::null_mut();
+        }
+    })
+}
+
+/// # Safety
+/// `p` is NULL or a live backend.
+unsafe fn blk_arg<'a>(p: *const BjBlockBackend) -> Result<&'a BlockBackend> {
+    // SAFETY: forwarded contract.
+    Ok(&unsafe { arg_ref(p, "blk") }?.blk)
+}
+
+/// Run a guest request and map its outcome for C: 0 on success or when
+/// the error was ignored; -errno (and `*errp`) when it must be reported
+/// or the VM must stop. `*action` gets the action taken, -1 if none.
+fn guest_io(
+    action: *mut i32,
+    errp: *mut *mut BjError,
+    f: impl FnOnce() -> Result<Result<(), GuestIoError>>,
+) -> i32 {
+    let mut taken = -1;
+    let mut ret = -libc::EINVAL;
+    ffi(errp, (), || match f()? {
+        Ok(()) => {
+            ret = 0;
+            Ok(())
+        }
+        Err(GuestIoError { error, action: a }) => {
+            taken = a.index();
+            if a == BlockErrorAction::Ignore {
+                ret = 0;
+                Ok(())
+            } else {
+                ret = -error.errno().unwrap_or(libc::EIO);
+                Err(error)
+            }
+        }
+    });
+    if !action.is_null() {
+        // SAFETY: non-NULL pointer to the caller's int32_t.
+        unsafe { *action = taken };
+    }
+    ret
+}
+
+fn range(offset: i64, bytes: i64) -> Result<(u64, usize)> {
+    if offset < 0 || bytes < 0 {
+        return Err(
+            Error::generic("Invalid argument: negative offset or length").with_errno(libc::EINVAL),
+        );
+    }
+    Ok((
+        offset as u64,
+        usize::try_from(bytes).map_err(|_| Error::from_errno(libc::EINVAL))?,
+    ))
+}
+
+/// Guest read of `bytes` at `offset` into `buf`. Returns 0 (also when the
+/// error policy ignored a failure) or -errno; `*action` (may be NULL) is
+/// the `BJ_BLOCK_ERROR_ACTION_*` taken, or -1 when the request succeeded.
+/// For `stop`, hold the request, stop the VM, and retry after resuming.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn bj_blk_pread(
+    blk: *mut BjBlockBackend,
+    offset: i64,
+    buf: *mut c_void,
+    bytes: i64,
+    action: *mut i32,
+    errp: *mut *mut BjError,
+) -> i32 {
+    guest_io(action, errp, || {
+        // SAFETY: NULL or live backend.
+        let b = unsafe { blk_arg(blk) }?;
+        let (off, len) = range(offset, bytes)?;
+        if buf.is_null() && len > 0 {
+            return Err(null_arg("buf"));
+        }
+        let slice: &mut [u8] = if len == 0 {
+            &mut []
+        } else {
+            // SAFETY: the caller provides `bytes` writable bytes at `buf`.
+            unsafe { std::slice::from_raw_parts_mut(buf as *mut u8, len) }
+        };
+        Ok(b.pread(off, slice))
+    })
+}
+
+/// Guest write; see `bj_blk_pread` for the return convention.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn bj_blk_pwrite(
+    blk: *mut BjBlockBackend,
+    offset: i64,
+    buf: *const c_void,
+    bytes: i64,
+    action: *mut i32,
+    errp: *mut *mut BjError,
+) -> i32 {
+    guest_io(action, errp, || {
+        // SAFETY: NULL or live backend.
+        let b = unsafe { blk_arg(blk) }?;
+        let (off, len) = range(offset, bytes)?;
+        if buf.is_null() && len > 0 {
+            return Err(null_arg("buf"));
+        }
+        let slice: &[u8] = if len == 0 {
+            &[]
+        } else {
+            // SAFETY: the caller provides `bytes` readable bytes at `buf`.
+            unsafe { std::slice::from_raw_parts(buf as *const u8, len) }
+        };
+        Ok(b.pwrite(off, slice))
+    })
+}
+
+/// Guest write-zeroes; see `bj_blk_pread` for the return convention.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn bj_blk_pwrite_zeroes(
+    blk: *mut BjBlockBackend,
+    offset: i64,
+    bytes: i64,
+    may_unmap: bool,
+    action: *mut i32,
+    errp: *mut *mut BjError,
+) -> i32 {
+    guest_io(action, errp, || {
+        // SAFETY: NULL or live backend.
+        let b = unsafe { blk_arg(blk) }?;
+        let (off, len) = range(offset, bytes)?;
+        Ok(b.pwrite_zeroes(off, len as u64, may_unmap))
+    })
+}
+
+/// Guest discard; see `bj_blk_pread` for the return convention.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn bj_blk_pdiscard(
+    blk: *mut BjBlockBackend,
+    offset: i64,
+    bytes: i64,
+    action: *mut i32,
+    errp: *mut *mut BjError,
+) -> i32 {
+    guest_io(action, errp, || {
+        // SAFETY: NULL or live backend.
+        let b = unsafe { blk_arg(blk) }?;
+        let (off, len) = range(offset, bytes)?;
+        Ok(b.pdiscard(off, len as u64))
+    })
+}
+
+/// Guest flush; see `bj_blk_pread` for the return convention.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn bj_blk_flush(
+    blk: *mut BjBlockBackend,
+    action: *mut i32,
+    errp: *mut *mut BjError,
+) -> i32 {
+    guest_io(action, errp, || {
+        // SAFETY: NULL or live backend.
+        Ok(unsafe { blk_arg(blk) }?.flush())
+    })
+}
+
+/// Size of the attached node, or -errno.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn bj_blk_getlength(
+    blk: *mut BjBlockBackend,
+    errp: *mut *mut BjError,
+) -> i64 {
+    ffi(errp, -(libc::EINVAL as i64), || {
+        // SAFETY: NULL or live backend.
+        let b = unsafe { blk_arg(blk) }?;
+        Ok(b.len()? as i64)
+    })
+}
+
+/// The device's I/O status (`BJ_BLOCK_DEVICE_IO_STATUS_*`), -1 for NULL.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn bj_blk_get_iostatus(blk: *mut BjBlockBackend) -> i32 {
+    ffi_void(-1, || {
+        // SAFETY: NULL or live backend.
+        match unsafe { blk_arg(blk) } {
+            Ok(b) => b.iostatus().index(),
+            Err(_) => -1,
+        }
+    })
+}
+
+/// Reset the device's I/O status to ok (do it when the VM resumes).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn bj_blk_iostatus_reset(blk: *mut BjBlockBackend) {
+    ffi_void((), || {
+        // SAFETY: NULL or live backend.
+        if let Ok(b) = unsafe { blk_arg(blk) } {
+            b.iostatus_reset();
+        }
+    })
+}
+
+/// Begin a drained section on the backend's node: new guest requests
+/// wait, jobs using the node pause; returns when nothing is in flight
+/// (it waits for requests, never for a job to finish).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn bj_blk_drain_begin(
+    blk: *mut BjBlockBackend,
+    errp: *mut *mut BjError,
+) -> bool {
+    ffi(errp, false, || {
+        // SAFETY: NULL or live backend.
+        unsafe { blk_arg(blk) }?.drain_begin();
+        Ok(true)
+    })
+}
+
+/// End the innermost drained section begun with `bj_blk_drain_begin`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn bj_blk_drain_end(
+    blk: *mut BjBlockBackend,
+    errp: *mut *mut BjError,
+) -> bool {
+    ffi(errp, false, || {
+        // SAFETY: NULL or live backend.
+        unsafe { blk_arg(blk) }?.drain_end()?;
+        Ok(true)
+    })
+}

@@ -1,0 +1,365 @@
+//! The context: everything one host (or one test) owns — the node graph,
+//! guest backends, the job engine and the event stream. No globals: a
+//! process may run several contexts side by side.
+
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+use serde_json::Value;
+
+use crate::block::Node;
+use crate::block::backend::{BackendOptions, BlockBackend};
+use crate::block::graph::Graph;
+use crate::block::host::HostIo;
+use crate::error::{Error, Result};
+use crate::events::{Event, EventBus, Subscription};
+use crate::job::{Engine, JOB_INTERNAL, Job, JobDriver, JobOptions, JobTxn};
+use crate::qapi::{BlockJobInfo, JobInfo};
+
+/// An event handler run on the context's event thread.
+pub type EventHandler = Arc<dyn Fn(&Event) + Send + Sync>;
+
+#[derive(Default)]
+struct Delivery {
+    /// Sequence number of the last event handed to every handler.
+    delivered: u64,
+    running: bool,
+}
+
+/// Calls event handlers, in order, on one library thread (so handlers
+/// never run inside a host's call into the library, and never under a
+/// library lock).
+struct Dispatcher {
+    handlers: Arc<Mutex<Vec<(u64, EventHandler)>>>,
+    next_id: u64,
+    state: Arc<(Mutex<Delivery>, Condvar)>,
+    thread: Option<JoinHandle<()>>,
+    closer: Option<crate::events::SubscriptionCloser>,
+}
+
+/// One context.
+pub struct Context {
+    bus: Arc<EventBus>,
+    engine: Arc<Engine>,
+    graph: Arc<Graph>,
+    dispatcher: Mutex<Dispatcher>,
+}
+
+impl Default for Context {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Context {
+    /// A new, empty context.
+    pub fn new() -> Context {
+        let bus = EventBus::new();
+        Context {
+            engine: Engine::new(bus.clone()),
+            graph: Graph::new(bus.clone()),
+            bus,
+            dispatcher: Mutex::new(Dispatcher {
+                handlers: Arc::new(Mutex::new(Vec::new())),
+                next_id: 1,
+                state: Arc::new((Mutex::new(Delivery::default()), Condvar::new())),
+                thread: None,
+                closer: None,
+            }),
+        }
+    }
+
+    /// The event bus.
+    pub fn bus(&self) -> &Arc<EventBus> {
+        &self.bus
+    }
+
+    /// The job engine.
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    /// The node graph.
+    pub fn graph(&self) -> &Arc<Graph> {
+        &self.graph
+    }
+
+    // ---- nodes and backends ----------------------------------------------------
+
+    /// blockdev-add with QEMU's JSON.
+    pub fn blockdev_add(&self, opts: &Value) -> Result<Arc<Node>> {
+        self.graph.blockdev_add(opts)
+    }
+
+    /// blockdev-add from JSON text; malformed JSON is refused with a
+    /// GenericError naming the problem.
+    pub fn blockdev_add_json(&self, json: &str) -> Result<Arc<Node>> {
+        let v: Value =
+            serde_json::from_str(json).map_err(|e| Error::generic(format!("Invalid JSON: {e}")))?;
+        self.blockdev_add(&v)
+    }
+
+    /// blockdev-del.
+    pub fn blockdev_del(&self, node_name: &str) -> Result<()> {
+        self.graph.blockdev_del(node_name)
+    }
+
+    /// Find a node or device by name.
+    pub fn lookup(&self, name: &str) -> Result<Arc<Node>> {
+        self.graph.lookup(name)
+    }
+
+    /// Register a node whose I/O the host performs.
+    pub fn add_host_node(
+        &self,
+        name: &str,
+        read_only: bool,
+        io: Box<dyn HostIo>,
+    ) -> Result<Arc<Node>> {
+        self.graph.add_host_node(name, read_only, io)
+    }
+
+    /// Attach a guest backend to a node.
+    pub fn blk_new(&self, node_name: &str, opts: BackendOptions) -> Result<BlockBackend> {
+        self.graph.blk_new(node_name, opts)
+    }
+
+    /// Wait until every request in flight is done (QEMU's `bdrv_drain_all`).
+    pub fn drain_all(&self) {
+        self.graph.drain_all()
+    }
+
+    /// Begin a drained section over everything (VM stop).
+    pub fn drain_all_begin(&self) {
+        self.graph.drain_all_begin()
+    }
+
+    /// End the innermost `drain_all_begin`.
+    pub fn drain_all_end(&self) -> Result<()> {
+        self.graph.drain_all_end()
+    }
+
+    // ---- jobs ----------------------------------------------------------------
+
+    /// Create a block job on `node` (QEMU's `block_job_create`): the id
+    /// defaults to the node's device name; the node is attached so that a
+    /// drain pauses the job; `speed` is checked as QEMU checks it.
+    pub fn block_job_create(
+        &self,
+        id: Option<&str>,
+        node: Option<&str>,
+        driver: Box<dyn JobDriver>,
+        speed: i64,
+        flags: u32,
+        txn: Option<Arc<JobTxn>>,
+    ) -> Result<Arc<Job>> {
+        let node = node.map(|n| self.graph.lookup(n)).transpose()?;
+        let id = match (id, &node) {
+            (Some(id), _) => Some(id.to_string()),
+            (None, _) if flags & JOB_INTERNAL != 0 => None,
+            (None, Some(n)) => Some(self.graph.device_name(n)),
+            (None, None) => None,
+        };
+        let job = self.engine.create(
+            JobOptions {
+                id,
+                flags,
+                block: true,
+                speed,
+                txn,
+            },
+            driver,
+        )?;
+        if let Some(n) = node {
+            n.attach_job(&job, true);
+        }
+        Ok(job)
+    }
+
+    /// Create a job that is not a block job (no `BLOCK_JOB_*` events).
+    pub fn job_create(
+        &self,
+        id: Option<&str>,
+        driver: Box<dyn JobDriver>,
+        flags: u32,
+        txn: Option<Arc<JobTxn>>,
+    ) -> Result<Arc<Job>> {
+        self.engine.create(
+            JobOptions {
+                id: id.map(str::to_string),
+                flags,
+                block: false,
+                speed: 0,
+                txn,
+            },
+            driver,
+        )
+    }
+
+    /// A new transaction.
+    pub fn txn_new(&self) -> Arc<JobTxn> {
+        JobTxn::new(&self.engine)
+    }
+
+    /// `query-block-jobs`.
+    pub fn query_block_jobs(&self) -> Vec<BlockJobInfo> {
+        self.engine.query_block_jobs()
+    }
+
+    /// `query-jobs`.
+    pub fn query_jobs(&self) -> Vec<JobInfo> {
+        self.engine.query_jobs()
+    }
+
+    // ---- events ----------------------------------------------------------------
+
+    /// Every event from now on, in order.
+    pub fn subscribe(&self) -> Subscription {
+        self.bus.subscribe()
+    }
+
+    fn lock_dispatcher(&self) -> std::sync::MutexGuard<'_, Dispatcher> {
+        self.dispatcher.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Call `handler` for every event from now on, on the context's event
+    /// thread, one event at a time, in order. Returns an id for removal.
+    pub fn add_event_handler(&self, handler: EventHandler) -> Result<u64> {
+        let mut d = self.lock_dispatcher();
+        if d.thread.is_none() {
+            let sub = self.bus.subscribe();
+            d.closer = Some(sub.closer());
+            let handlers = d.handlers.clone();
+            let state = d.state.clone();
+            state.0.lock().unwrap_or_else(|p| p.into_inner()).delivered = self.bus.last_seq();
+            let t = std::thread::Builder::new()
+                .name("bj-events".into())
+                .spawn(move || dispatch_loop(sub, handlers, state))
+                .map_err(|e| Error::from(e).prepend("Cannot start the event thread: "))?;
+            d.thread = Some(t);
+        }
+        let id = d.next_id;
+        d.next_id += 1;
+        d.handlers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((id, handler));
+        Ok(id)
+    }
+
+    /// Remove a handler. When this returns from a thread other than the
+    /// event thread, the handler is not running and never runs again.
+    pub fn remove_event_handler(&self, id: u64) -> Result<()> {
+        let (removed, state) = {
+            let d = self.lock_dispatcher();
+            let mut h = d.handlers.lock().unwrap_or_else(|p| p.into_inner());
+            let before = h.len();
+            h.retain(|(i, _)| *i != id);
+            (h.len() != before, d.state.clone())
+        };
+        if !removed {
+            return Err(Error::generic(format!("No event handler with id {id}")));
+        }
+        if !on_event_thread() {
+            // Wait until the event in progress (if any) has been delivered,
+            // so the removed handler is certainly not running.
+            let (m, cv) = &*state;
+            let mut g = m.lock().unwrap_or_else(|p| p.into_inner());
+            while g.running {
+                g = cv.wait(g).unwrap_or_else(|p| p.into_inner());
+            }
+        }
+        Ok(())
+    }
+
+    /// Wait until every event emitted so far reached the handlers.
+    /// Refused on the event thread itself (it would wait for itself).
+    pub fn flush_events(&self) -> Result<()> {
+        if on_event_thread() {
+            return Err(Error::generic(
+                "Cannot flush events from inside an event handler",
+            ));
+        }
+        let target = self.bus.last_seq();
+        let state = {
+            let d = self.lock_dispatcher();
+            if d.thread.is_none() {
+                return Ok(());
+            }
+            d.state.clone()
+        };
+        let (m, cv) = &*state;
+        let mut g = m.lock().unwrap_or_else(|p| p.into_inner());
+        while g.delivered < target {
+            g = cv.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+        Ok(())
+    }
+
+    /// Cancel all jobs and wait for them; stop the event thread after it
+    /// delivered everything. Also done on drop.
+    pub fn shutdown(&self) {
+        self.engine.shutdown();
+        let (thread, closer) = {
+            let mut d = self.lock_dispatcher();
+            (d.thread.take(), d.closer.take())
+        };
+        if let Some(c) = closer {
+            c.close();
+        }
+        if let Some(t) = thread {
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
+        }
+        self.lock_dispatcher()
+            .handlers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+}
+
+impl Drop for Context {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+thread_local! {
+    static ON_EVENT_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn on_event_thread() -> bool {
+    ON_EVENT_THREAD.with(|c| c.get())
+}
+
+fn dispatch_loop(
+    sub: Subscription,
+    handlers: Arc<Mutex<Vec<(u64, EventHandler)>>>,
+    state: Arc<(Mutex<Delivery>, Condvar)>,
+) {
+    ON_EVENT_THREAD.with(|c| c.set(true));
+    let (m, cv) = &*state;
+    while let Some(ev) = sub.next_blocking() {
+        let list: Vec<EventHandler> = {
+            let mut g = m.lock().unwrap_or_else(|p| p.into_inner());
+            g.running = true;
+            handlers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .map(|(_, h)| h.clone())
+                .collect()
+        };
+        for h in &list {
+            // A panicking Rust handler must not kill event delivery.
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| h(&ev)));
+        }
+        drop(list);
+        let mut g = m.lock().unwrap_or_else(|p| p.into_inner());
+        g.running = false;
+        g.delivered = ev.seq;
+        cv.notify_all();
+    }
+}
