@@ -308,7 +308,7 @@ impl Context {
             c.close();
         }
         if let Some(t) = thread {
-            if t.thread().id() != std::thread::current().id() {
+            if !on_event_thread() {
                 let _ = t.join();
             }
         }

@@ -4,18 +4,20 @@
 //! - Every event gets its sequence number and timestamp under the bus lock
 //!   and is handed to every sink under that same lock, so all sinks see the
 //!   same order and sequence numbers are contiguous (no gap = nothing lost).
-//! - Sinks are unbounded channels: emitting never blocks and never drops.
-//!   A sink whose receiver is gone is removed.
+//! - Sinks are unbounded FIFO queues: emitting never blocks and never
+//!   drops. A sink whose subscription is gone is removed. (A plain
+//!   mutex + condvar queue rather than a channel crate: channel senders
+//!   create a `std::thread::Thread` handle for the sending thread, which
+//!   for a host's main thread is never freed and shows up in leak checks.)
 //! - Nothing outside this module runs while the bus lock is held; emitting
 //!   is safe under any other library lock (the job engine emits with its
 //!   state lock held, which is what keeps events in state-change order).
 
-use std::sync::{Arc, Mutex, Weak};
-use std::time::{SystemTime, UNIX_EPOCH};
-
-use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use serde::Serialize;
 use serde_json::{Value, json};
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::qapi::{BlockErrorAction, IoOperationType, JobStatus, JobType};
 
@@ -226,9 +228,39 @@ pub trait Notify: Send + Sync {
     fn notify(&self);
 }
 
+/// One subscriber's queue.
+#[derive(Default)]
+struct Queue {
+    items: Mutex<QueueState>,
+    cv: Condvar,
+}
+
+#[derive(Default)]
+struct QueueState {
+    events: VecDeque<Arc<Event>>,
+    closed: bool,
+}
+
+impl Queue {
+    fn lock(&self) -> MutexGuard<'_, QueueState> {
+        // A VecDeque and a flag: consistent even after a panic elsewhere.
+        self.items.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn push(&self, ev: Arc<Event>) {
+        self.lock().events.push_back(ev);
+        self.cv.notify_one();
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.cv.notify_all();
+    }
+}
+
 struct Sink {
     id: u64,
-    tx: Sender<Arc<Event>>,
+    queue: Arc<Queue>,
     notify: Option<Arc<dyn Notify>>,
 }
 
@@ -277,15 +309,12 @@ impl EventBus {
             timestamp: Timestamp::now(),
             data,
         });
-        inner.sinks.retain(|s| {
-            if s.tx.send(ev.clone()).is_err() {
-                return false;
-            }
+        for s in &inner.sinks {
+            s.queue.push(ev.clone());
             if let Some(n) = &s.notify {
                 n.notify();
             }
-            true
-        });
+        }
         seq
     }
 
@@ -301,69 +330,93 @@ impl EventBus {
 
     /// Subscribe with a notifier called after each event is queued.
     pub fn subscribe_with(self: &Arc<Self>, notify: Option<Arc<dyn Notify>>) -> Subscription {
-        let (tx, rx) = crossbeam_channel::unbounded();
+        let queue = Arc::new(Queue::default());
         let mut inner = self.lock();
         let id = inner.next_sink;
         inner.next_sink += 1;
-        inner.sinks.push(Sink { id, tx, notify });
+        inner.sinks.push(Sink {
+            id,
+            queue: queue.clone(),
+            notify,
+        });
         Subscription {
             id,
-            rx,
+            queue,
             bus: Arc::downgrade(self),
         }
     }
 
     fn unsubscribe(&self, id: u64) {
-        self.lock().sinks.retain(|s| s.id != id);
+        let mut inner = self.lock();
+        if let Some(pos) = inner.sinks.iter().position(|s| s.id == id) {
+            let s = inner.sinks.remove(pos);
+            s.queue.close();
+        }
     }
 }
 
 /// An ordered stream of events; unsubscribes when dropped.
 pub struct Subscription {
     id: u64,
-    rx: Receiver<Arc<Event>>,
+    queue: Arc<Queue>,
     bus: Weak<EventBus>,
 }
 
 impl Subscription {
     /// The next event if one is queued.
     pub fn try_next(&self) -> Option<Arc<Event>> {
-        match self.rx.try_recv() {
-            Ok(ev) => Some(ev),
-            Err(TryRecvError::Empty | TryRecvError::Disconnected) => None,
+        self.queue.lock().events.pop_front()
+    }
+
+    /// Wait for the next event; `None` once closed and empty.
+    pub fn next_blocking(&self) -> Option<Arc<Event>> {
+        let mut q = self.queue.lock();
+        loop {
+            if let Some(ev) = q.events.pop_front() {
+                return Some(ev);
+            }
+            if q.closed {
+                return None;
+            }
+            q = self.queue.cv.wait(q).unwrap_or_else(|p| p.into_inner());
         }
     }
 
-    /// Wait for the next event; `None` when the bus is gone.
-    pub fn next_blocking(&self) -> Option<Arc<Event>> {
-        self.rx.recv().ok()
-    }
-
     /// Wait up to `timeout` for the next event.
-    pub fn next_timeout(&self, timeout: std::time::Duration) -> Option<Arc<Event>> {
-        self.rx.recv_timeout(timeout).ok()
-    }
-
-    /// The channel, for `select!`.
-    pub fn receiver(&self) -> &Receiver<Arc<Event>> {
-        &self.rx
+    pub fn next_timeout(&self, timeout: Duration) -> Option<Arc<Event>> {
+        let deadline = Instant::now() + timeout;
+        let mut q = self.queue.lock();
+        loop {
+            if let Some(ev) = q.events.pop_front() {
+                return Some(ev);
+            }
+            let now = Instant::now();
+            if q.closed || now >= deadline {
+                return None;
+            }
+            q = match self.queue.cv.wait_timeout(q, deadline - now) {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
+            };
+        }
     }
 
     /// Number of queued events.
     pub fn len(&self) -> usize {
-        self.rx.len()
+        self.queue.lock().events.len()
     }
 
     /// True when nothing is queued.
     pub fn is_empty(&self) -> bool {
-        self.rx.is_empty()
+        self.len() == 0
     }
 
     /// Stop receiving: later events are not queued; already queued ones
     /// stay readable.
     pub fn close(&self) {
-        if let Some(bus) = self.bus.upgrade() {
-            bus.unsubscribe(self.id);
+        match self.bus.upgrade() {
+            Some(bus) => bus.unsubscribe(self.id),
+            None => self.queue.close(),
         }
     }
 }
@@ -443,6 +496,26 @@ mod tests {
         drop(a);
         bus.emit(jsc("x", JobStatus::Created));
         assert!(bus.lock().sinks.is_empty());
+    }
+
+    #[test]
+    fn closing_wakes_a_blocked_reader_after_the_queue_drains() {
+        let bus = EventBus::new();
+        let s = bus.subscribe();
+        let closer = s.closer();
+        bus.emit(jsc("x", JobStatus::Created));
+        let t = std::thread::spawn(move || {
+            let mut n = 0;
+            while s.next_blocking().is_some() {
+                n += 1;
+            }
+            n
+        });
+        std::thread::sleep(Duration::from_millis(20));
+        bus.emit(jsc("x", JobStatus::Running));
+        closer.close();
+        bus.emit(jsc("x", JobStatus::Paused));
+        assert_eq!(t.join().unwrap(), 2);
     }
 
     #[test]

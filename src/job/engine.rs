@@ -73,7 +73,7 @@ pub(crate) struct Registry {
     txns: HashMap<u64, Txn>,
     next_key: u64,
     /// Threads of jobs that reached `null`, joined later.
-    zombies: Vec<JoinHandle<()>>,
+    zombies: Vec<(u64, JoinHandle<()>)>,
     /// Jobs that reached `null`, dropped once the lock is released.
     graveyard: Vec<Arc<Job>>,
 }
@@ -962,7 +962,7 @@ impl Engine {
             force_cancel: st.force_cancel,
         });
         if let Some(h) = st.thread.take() {
-            g.zombies.push(h);
+            g.zombies.push((key, h));
         }
         let hooks: Vec<_> = st.job.on_free.lock().drain(..).collect();
         for h in hooks {
@@ -1091,9 +1091,10 @@ impl Engine {
     }
 
     fn reap(&self, g: &mut Registry) {
-        let (done, live): (Vec<_>, Vec<_>) = g.zombies.drain(..).partition(|h| h.is_finished());
+        let (done, live): (Vec<_>, Vec<_>) =
+            g.zombies.drain(..).partition(|(_, h)| h.is_finished());
         g.zombies = live;
-        for h in done {
+        for (_, h) in done {
             let _ = h.join();
         }
     }
@@ -1480,12 +1481,12 @@ impl Engine {
             }
         }
         // Job threads take `control` to finish; join only after releasing it.
-        let threads: Vec<JoinHandle<()>> = {
+        let threads: Vec<(u64, JoinHandle<()>)> = {
             let mut g = self.lock();
             let mut t: Vec<_> = g.zombies.drain(..).collect();
-            for st in g.states.values_mut() {
+            for (k, st) in g.states.iter_mut() {
                 if let Some(h) = st.thread.take() {
-                    t.push(h);
+                    t.push((*k, h));
                 }
             }
             let dead = std::mem::take(&mut g.graveyard);
@@ -1493,13 +1494,21 @@ impl Engine {
             drop(dead);
             t
         };
-        let me = std::thread::current().id();
-        for h in threads {
-            if h.thread().id() != me {
+        // A job's own thread cannot join itself.
+        let me = CURRENT_JOB.with(|c| c.get());
+        for (k, h) in threads {
+            if k != me {
                 let _ = h.join();
             }
         }
     }
+}
+
+thread_local! {
+    /// The key of the job whose thread this is (0 elsewhere). Avoids
+    /// `std::thread::current()`, whose lazily created handle of the main
+    /// thread is never freed.
+    static CURRENT_JOB: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
 /// Run a driver hook, turning a panic into an error instead of unwinding
@@ -1509,6 +1518,7 @@ fn guarded<T>(f: impl FnOnce() -> T) -> Result<T> {
 }
 
 fn job_thread(job: Arc<Job>) {
+    CURRENT_JOB.with(|c| c.set(job.key));
     let engine = job.engine.clone();
     engine.pause_point(&job);
     let result = guarded(|| job.driver.run(&job)).and_then(|r| r);

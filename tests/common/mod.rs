@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+pub mod cprog;
 pub mod qmp;
 
 use std::path::PathBuf;
