@@ -202,7 +202,7 @@ static void bad_arguments(void)
     CHECK(err != NULL);
     bj_error_free(&err);
     CHECK(bj_blk_new(ctx, "nosuch", NULL, &err) == NULL);
-    CHECK_ERR(err, BJ_ERROR_CLASS_DEVICE_NOT_FOUND, "Cannot find device='nosuch' nor node-name='nosuch'");
+    CHECK_ERR(err, BJ_ERROR_CLASS_GENERIC_ERROR, "Cannot find device='nosuch' nor node-name='nosuch'");
     /* A device name works where a node name does. */
     b2 = bj_blk_new(ctx, "dev", NULL, &err);
     CHECK_NO_ERR(err);

@@ -537,8 +537,11 @@ typedef struct {
    */
   bool (*cancel)(BjJob *job, bool force, void *opaque);
   /**
-   * Called once with `opaque` when the job is freed, also when
-   * creation fails.
+   * Called once with `opaque` when the job is freed: when it has
+   * reached `null` and the last reference is gone (your last
+   * `bj_job_unref`, or the library's own if that comes later); also when
+   * creation fails (but not when `drv` is NULL or `drv->size` is wrong:
+   * such a table cannot be trusted). `bj_context_free` frees every job.
    */
   void (*free)(void *opaque);
   /**
@@ -1226,8 +1229,8 @@ BjNode *bj_node_find(BjContext *ctx, const char *name, BjError **errp);
 void bj_node_unref(BjNode **nodep);
 
 /**
- * The node name (owned by the node; valid while the handle is held),
- * or NULL for a NULL handle.
+ * The node name as a new string (free with `bj_free`), or NULL for a
+ * NULL handle.
  */
 char *bj_node_get_name(const BjNode *node);
 

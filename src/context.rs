@@ -26,11 +26,15 @@ struct Delivery {
     running: bool,
 }
 
+/// A registered handler: its id, the last sequence number emitted before
+/// it was added (it sees only later events), and the function.
+type HandlerEntry = (u64, u64, EventHandler);
+
 /// Calls event handlers, in order, on one library thread (so handlers
 /// never run inside a host's call into the library, and never under a
 /// library lock).
 struct Dispatcher {
-    handlers: Arc<Mutex<Vec<(u64, EventHandler)>>>,
+    handlers: Arc<Mutex<Vec<HandlerEntry>>>,
     next_id: u64,
     state: Arc<(Mutex<Delivery>, Condvar)>,
     thread: Option<JoinHandle<()>>,
@@ -240,10 +244,13 @@ impl Context {
         }
         let id = d.next_id;
         d.next_id += 1;
+        // "From now on": events already emitted but not yet delivered to the
+        // other handlers are not this handler's.
+        let after = self.bus.last_seq();
         d.handlers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push((id, handler));
+            .push((id, after, handler));
         Ok(id)
     }
 
@@ -254,7 +261,7 @@ impl Context {
             let d = self.lock_dispatcher();
             let mut h = d.handlers.lock().unwrap_or_else(|p| p.into_inner());
             let before = h.len();
-            h.retain(|(i, _)| *i != id);
+            h.retain(|(i, _, _)| *i != id);
             (h.len() != before, d.state.clone())
         };
         if !removed {
@@ -307,10 +314,10 @@ impl Context {
         if let Some(c) = closer {
             c.close();
         }
-        if let Some(t) = thread {
-            if !on_event_thread() {
-                let _ = t.join();
-            }
+        if let Some(t) = thread
+            && !on_event_thread()
+        {
+            let _ = t.join();
         }
         self.lock_dispatcher()
             .handlers
@@ -336,7 +343,7 @@ fn on_event_thread() -> bool {
 
 fn dispatch_loop(
     sub: Subscription,
-    handlers: Arc<Mutex<Vec<(u64, EventHandler)>>>,
+    handlers: Arc<Mutex<Vec<HandlerEntry>>>,
     state: Arc<(Mutex<Delivery>, Condvar)>,
 ) {
     ON_EVENT_THREAD.with(|c| c.set(true));
@@ -349,7 +356,8 @@ fn dispatch_loop(
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .iter()
-                .map(|(_, h)| h.clone())
+                .filter(|(_, after, _)| ev.seq > *after)
+                .map(|(_, _, h)| h.clone())
                 .collect()
         };
         for h in &list {

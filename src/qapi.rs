@@ -87,6 +87,8 @@ macro_rules! qapi_enum {
     };
 }
 
+pub(crate) use qapi_enum;
+
 qapi_enum! {
     /// What a job or device does when a request fails (`on-error`,
     /// `on-source-error`, `on-target-error`, `rerror`, `werror`).
@@ -443,5 +445,3 @@ mod tests {
         );
     }
 }
-
-pub(crate) use qapi_enum;

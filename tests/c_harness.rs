@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::cprog::{declared_cases, run};
+use common::cprog::{declared_cases, run, run_plain};
 
 #[test]
 fn c_test_blockjob() {
@@ -33,10 +33,40 @@ fn c_test_error_matrix() {
     run("test_error_matrix");
 }
 
+/// The README's C example: a plain program (no cases), whose output is
+/// the job's events as QMP JSON lines, and which the README shows verbatim.
 #[test]
 fn c_example_host() {
-    let out = run("example_host");
-    assert!(out.contains("\"event\":\"BLOCK_JOB_ERROR\""), "{out}");
+    let out = run_plain("example_host");
+    let names: Vec<String> = out
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("a QMP JSON line");
+            common::qmp::summarize(&v)
+        })
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "JSC:created",
+            "JSC:running",
+            "ERR(write,stop)",
+            "JSC:paused",
+            "JSC:running",
+            "JSC:waiting",
+            "JSC:pending",
+            "COMPLETED",
+            "JSC:concluded",
+            "JSC:null"
+        ]
+    );
+    let src = std::fs::read_to_string(common::cprog::c_dir().join("example_host.c")).unwrap();
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    assert!(
+        readme.contains(&src),
+        "README.md must show c-tests/example_host.c verbatim"
+    );
 }
 
 #[test]
@@ -47,7 +77,6 @@ fn at_least_forty_c_cases() {
         "test_capi",
         "test_backend",
         "test_error_matrix",
-        "example_host",
     ]
     .iter()
     .map(|n| declared_cases(n))

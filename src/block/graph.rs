@@ -21,7 +21,7 @@ use super::null::{NULL_DEFAULT_SIZE, NullDriver};
 use super::options::{ChildRef, DriverSpec, NodeSpec};
 use super::raw::RawDriver;
 use super::{BlockDriver, Node};
-use crate::error::{Error, ErrorClass, Result};
+use crate::error::{Error, Result};
 use crate::events::EventBus;
 use crate::job::{Job, id_wellformed};
 
@@ -85,10 +85,9 @@ impl Graph {
             return Ok(b.node());
         }
         self.find_node(name).ok_or_else(|| {
-            Error::with_class(
-                ErrorClass::DeviceNotFound,
-                format!("Cannot find device='{name}' nor node-name='{name}'"),
-            )
+            Error::generic(format!(
+                "Cannot find device='{name}' nor node-name='{name}'"
+            ))
         })
     }
 
@@ -283,13 +282,14 @@ impl Graph {
                 inject,
                 set_state,
             } => {
-                if let Some(a) = align {
-                    if *a < 0 || (*a != 0 && (*a as u64).count_ones() != 1) || *a >= i32::MAX as i64
-                    {
-                        return Err(Error::generic(format!(
-                            "Cannot meet constraints with align {a}"
-                        )));
-                    }
+                if let Some(a) = align
+                    && (*a < 0
+                        || (*a != 0 && (*a as u64).count_ones() != 1)
+                        || *a >= i32::MAX as i64)
+                {
+                    return Err(Error::generic(format!(
+                        "Cannot meet constraints with align {a}"
+                    )));
                 }
                 let child = self.resolve_child(inner, image, created)?;
                 Box::new(BlkdebugDriver::new(

@@ -9,6 +9,10 @@ use crate::error::{Error, Result};
 pub trait HostIo: Send + Sync + 'static {
     /// Size in bytes.
     fn len(&self) -> Result<u64, i32>;
+    /// True for a zero-length node.
+    fn is_empty(&self) -> Result<bool, i32> {
+        Ok(self.len()? == 0)
+    }
     /// Read into `buf` at `offset`.
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), i32>;
     /// Write `buf` at `offset`.

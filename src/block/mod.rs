@@ -100,6 +100,11 @@ pub trait BlockDriver: Send + Sync + 'static {
     /// Size in bytes.
     fn len(&self) -> Result<u64>;
 
+    /// True for a zero-length node.
+    fn is_empty(&self) -> Result<bool> {
+        Ok(self.len()? == 0)
+    }
+
     /// Read `buf.len()` bytes at `offset`.
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
 

@@ -128,10 +128,10 @@ pub unsafe extern "C" fn bj_event_queue_get_fd(ctx: *mut BjContext) -> i32 {
 pub unsafe extern "C" fn bj_event_queue_ack(ctx: *mut BjContext) {
     ffi_void((), || {
         // SAFETY: NULL or live context.
-        if let Ok(c) = unsafe { ctx_arg(ctx) } {
-            if let Some(q) = c.queue().as_ref() {
-                let _ = q.fd.0.read();
-            }
+        if let Ok(c) = unsafe { ctx_arg(ctx) }
+            && let Some(q) = c.queue().as_ref()
+        {
+            let _ = q.fd.0.read();
         }
     })
 }

@@ -64,8 +64,11 @@ pub struct BjJobDriver {
     /// cancel is a forced cancel (QEMU's default).
     pub cancel:
         Option<unsafe extern "C" fn(job: *mut BjJob, force: bool, opaque: *mut c_void) -> bool>,
-    /// Called once with `opaque` when the job is freed, also when
-    /// creation fails.
+    /// Called once with `opaque` when the job is freed: when it has
+    /// reached `null` and the last reference is gone (your last
+    /// `bj_job_unref`, or the library's own if that comes later); also when
+    /// creation fails (but not when `drv` is NULL or `drv->size` is wrong:
+    /// such a table cannot be trusted). `bj_context_free` frees every job.
     pub free: Option<unsafe extern "C" fn(opaque: *mut c_void)>,
     /// Reserved; must be zero.
     pub reserved: [*mut c_void; 8],
@@ -603,9 +606,8 @@ pub unsafe extern "C" fn bj_job_get_id(job: *mut BjJob) -> *mut c_char {
 pub unsafe extern "C" fn bj_job_pause_point(job: *mut BjJob) {
     ffi_void((), || {
         // SAFETY: NULL or a job pointer valid for this call.
-        match unsafe { job_ref(job) } {
-            Ok(j) => j.pause_point(),
-            Err(_) => (),
+        if let Ok(j) = unsafe { job_ref(job) } {
+            j.pause_point()
         }
     })
 }
@@ -615,9 +617,8 @@ pub unsafe extern "C" fn bj_job_pause_point(job: *mut BjJob) {
 pub unsafe extern "C" fn bj_job_sleep_ns(job: *mut BjJob, ns: i64) {
     ffi_void((), || {
         // SAFETY: NULL or a job pointer valid for this call.
-        match unsafe { job_ref(job) } {
-            Ok(j) => j.sleep_ns(ns.max(0) as u64),
-            Err(_) => (),
+        if let Ok(j) = unsafe { job_ref(job) } {
+            j.sleep_ns(ns.max(0) as u64)
         }
     })
 }
@@ -627,9 +628,8 @@ pub unsafe extern "C" fn bj_job_sleep_ns(job: *mut BjJob, ns: i64) {
 pub unsafe extern "C" fn bj_job_yield(job: *mut BjJob) {
     ffi_void((), || {
         // SAFETY: NULL or a job pointer valid for this call.
-        match unsafe { job_ref(job) } {
-            Ok(j) => j.yield_now(),
-            Err(_) => (),
+        if let Ok(j) = unsafe { job_ref(job) } {
+            j.yield_now()
         }
     })
 }
@@ -638,9 +638,8 @@ pub unsafe extern "C" fn bj_job_yield(job: *mut BjJob) {
 pub unsafe extern "C" fn bj_job_enter(job: *mut BjJob) {
     ffi_void((), || {
         // SAFETY: NULL or a job pointer valid for this call.
-        match unsafe { job_ref(job) } {
-            Ok(j) => j.enter(),
-            Err(_) => (),
+        if let Ok(j) = unsafe { job_ref(job) } {
+            j.enter()
         }
     })
 }
@@ -682,9 +681,8 @@ pub unsafe extern "C" fn bj_job_is_ready(job: *mut BjJob) -> bool {
 pub unsafe extern "C" fn bj_job_progress_update(job: *mut BjJob, done: u64) {
     ffi_void((), || {
         // SAFETY: NULL or a job pointer valid for this call.
-        match unsafe { job_ref(job) } {
-            Ok(j) => j.progress_update(done),
-            Err(_) => (),
+        if let Ok(j) = unsafe { job_ref(job) } {
+            j.progress_update(done)
         }
     })
 }
@@ -693,9 +691,8 @@ pub unsafe extern "C" fn bj_job_progress_update(job: *mut BjJob, done: u64) {
 pub unsafe extern "C" fn bj_job_progress_set_remaining(job: *mut BjJob, remaining: u64) {
     ffi_void((), || {
         // SAFETY: NULL or a job pointer valid for this call.
-        match unsafe { job_ref(job) } {
-            Ok(j) => j.progress_set_remaining(remaining),
-            Err(_) => (),
+        if let Ok(j) = unsafe { job_ref(job) } {
+            j.progress_set_remaining(remaining)
         }
     })
 }
@@ -704,9 +701,8 @@ pub unsafe extern "C" fn bj_job_progress_set_remaining(job: *mut BjJob, remainin
 pub unsafe extern "C" fn bj_job_progress_increase_remaining(job: *mut BjJob, delta: u64) {
     ffi_void((), || {
         // SAFETY: NULL or a job pointer valid for this call.
-        match unsafe { job_ref(job) } {
-            Ok(j) => j.progress_increase_remaining(delta),
-            Err(_) => (),
+        if let Ok(j) = unsafe { job_ref(job) } {
+            j.progress_increase_remaining(delta)
         }
     })
 }
@@ -715,9 +711,8 @@ pub unsafe extern "C" fn bj_job_progress_increase_remaining(job: *mut BjJob, del
 pub unsafe extern "C" fn bj_block_job_ratelimit_processed_bytes(job: *mut BjJob, n: u64) {
     ffi_void((), || {
         // SAFETY: NULL or a job pointer valid for this call.
-        match unsafe { job_ref(job) } {
-            Ok(j) => j.ratelimit_processed(n),
-            Err(_) => (),
+        if let Ok(j) = unsafe { job_ref(job) } {
+            j.ratelimit_processed(n)
         }
     })
 }
@@ -726,9 +721,8 @@ pub unsafe extern "C" fn bj_block_job_ratelimit_processed_bytes(job: *mut BjJob,
 pub unsafe extern "C" fn bj_block_job_ratelimit_sleep(job: *mut BjJob) {
     ffi_void((), || {
         // SAFETY: NULL or a job pointer valid for this call.
-        match unsafe { job_ref(job) } {
-            Ok(j) => j.ratelimit_sleep(),
-            Err(_) => (),
+        if let Ok(j) = unsafe { job_ref(job) } {
+            j.ratelimit_sleep()
         }
     })
 }

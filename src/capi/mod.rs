@@ -1,5 +1,5 @@
 //! The C ABI: the only place with `extern "C"`, `#[no_mangle]` and raw
-//! pointers. Every entry point goes through [`ffi`] (or [`ffi_void`]),
+//! pointers. Every entry point goes through `ffi` (or `ffi_void`),
 //! which catches panics and turns `Result` into QEMU's convention: a
 //! failure value (`false`, `NULL`, negative errno) plus `*errp` filled with
 //! a [`BjError`] (class, errno, message). `errp` may be NULL; if `*errp` is

@@ -130,8 +130,8 @@ pub unsafe extern "C" fn bj_node_unref(nodep: *mut *mut BjNode) {
     })
 }
 
-/// The node name (owned by the node; valid while the handle is held),
-/// or NULL for a NULL handle.
+/// The node name as a new string (free with `bj_free`), or NULL for a
+/// NULL handle.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn bj_node_get_name(node: *const BjNode) -> *mut c_char {
     ffi_void(std::ptr::null_mut(), || {
@@ -283,9 +283,9 @@ pub unsafe extern "C" fn bj_node_block_status(
         let n = unsafe { node_arg(node) }?;
         let (off, len) = check_io(offset, bytes, false)?;
         let st = n.block_status(off, len as u64)?;
-        flags = i32::from(st.data) * BJ_BLOCK_DATA
-            | i32::from(st.zero) * BJ_BLOCK_ZERO
-            | i32::from(st.allocated) * BJ_BLOCK_ALLOCATED;
+        flags = (i32::from(st.data) * BJ_BLOCK_DATA)
+            | (i32::from(st.zero) * BJ_BLOCK_ZERO)
+            | (i32::from(st.allocated) * BJ_BLOCK_ALLOCATED);
         if !pnum.is_null() {
             // SAFETY: non-NULL pointer to the caller's int64_t.
             unsafe { *pnum = st.len as i64 };

@@ -179,7 +179,7 @@ impl Engine {
     ) -> Result<Arc<Job>> {
         check_flags(opts.flags)?;
         let internal = opts.flags & JOB_INTERNAL != 0;
-        let _c = self.control.lock();
+        let _c = self.control();
         let mut g = self.lock();
         self.reap(&mut g);
         match &opts.id {
@@ -198,8 +198,15 @@ impl Engine {
             None => {}
         }
         if let Some(t) = &opts.txn {
-            if !Arc::ptr_eq(&t.engine, self) || !g.txns.contains_key(&t.key) {
-                return Err(Error::generic("Transaction belongs to another context"));
+            match g.txns.get(&t.key) {
+                Some(txn) if Arc::ptr_eq(&t.engine, self) => {
+                    if txn.aborting {
+                        // Its members were cancelled together; a new job
+                        // cannot join a group that has already failed.
+                        return Err(Error::generic("Transaction has been aborted"));
+                    }
+                }
+                _ => return Err(Error::generic("Transaction belongs to another context")),
             }
         }
         g.next_key += 1;
@@ -451,13 +458,13 @@ impl Engine {
             "illegal job transition {from} -> {to}"
         );
         st.status = to;
-        if from != to {
-            if let Some(id) = &st.job.id {
-                self.bus.emit(EventData::JobStatusChange {
-                    id: id.clone(),
-                    status: to,
-                });
-            }
+        if from != to
+            && let Some(id) = &st.job.id
+        {
+            self.bus.emit(EventData::JobStatusChange {
+                id: id.clone(),
+                status: to,
+            });
         }
         self.changed.notify_all();
     }
@@ -509,10 +516,10 @@ impl Engine {
         if !st.started || st.deferred || st.busy {
             return;
         }
-        if let Some(c) = cond {
-            if !c(st) {
-                return;
-            }
+        if let Some(c) = cond
+            && !c(st)
+        {
+            return;
         }
         st.timer_pending = false;
         st.busy = true;
@@ -624,7 +631,7 @@ impl Engine {
 
     /// QEMU's `job_start`: spawn the thread, `created` → `running`.
     pub fn start(self: &Arc<Self>, job: &Arc<Job>) -> Result<()> {
-        let _c = self.control.lock();
+        let _c = self.control();
         let mut g = self.lock();
         let Some(st) = g.states.get_mut(&job.key) else {
             return Err(Error::generic(format!(
@@ -770,13 +777,14 @@ impl Engine {
         let Some(st) = g.states.get(&key) else {
             return;
         };
-        if !st.job.auto_finalize && st.job.block {
-            if let Some(id) = &st.job.id {
-                self.bus.emit(EventData::BlockJobPending {
-                    job_type: st.job.job_type,
-                    id: id.clone(),
-                });
-            }
+        if !st.job.auto_finalize
+            && st.job.block
+            && let Some(id) = &st.job.id
+        {
+            self.bus.emit(EventData::BlockJobPending {
+                job_type: st.job.job_type,
+                id: id.clone(),
+            });
         }
     }
 
@@ -847,25 +855,24 @@ impl Engine {
         });
         let _ = guarded(|| job.driver.clean(&job));
         let mut g = self.lock();
-        if let Some(st) = g.states.get(&key) {
-            if st.started {
-                if let Some(p) = Self::progress_data(st) {
-                    if st.force_cancel {
-                        self.bus.emit(EventData::BlockJobCancelled(p));
-                    } else {
-                        let error = if st.ret < 0 {
-                            Some(
-                                st.err
-                                    .as_ref()
-                                    .map_or_else(|| strerror(-st.ret), |e| e.message().to_string()),
-                            )
-                        } else {
-                            None
-                        };
-                        self.bus
-                            .emit(EventData::BlockJobCompleted { progress: p, error });
-                    }
-                }
+        if let Some(st) = g.states.get(&key)
+            && st.started
+            && let Some(p) = Self::progress_data(st)
+        {
+            if st.force_cancel {
+                self.bus.emit(EventData::BlockJobCancelled(p));
+            } else {
+                let error = if st.ret < 0 {
+                    Some(
+                        st.err
+                            .as_ref()
+                            .map_or_else(|| strerror(-st.ret), |e| e.message().to_string()),
+                    )
+                } else {
+                    None
+                };
+                self.bus
+                    .emit(EventData::BlockJobCompleted { progress: p, error });
             }
         }
         self.txn_del(&mut g, key);
@@ -1081,13 +1088,20 @@ impl Engine {
         Ok(())
     }
 
-    /// Drop the guard, then the jobs freed while it was held: dropping a
-    /// job may run host code (its driver's destructor), which must never
-    /// happen under the registry lock.
-    fn unlock(&self, mut g: Guard<'_>) {
-        let dead = std::mem::take(&mut g.graveyard);
+    /// Release the registry. Jobs that reached `null` meanwhile stay in the
+    /// graveyard until the outermost [`Control`] is released: dropping a job
+    /// may run host code (its driver's destructor), which must never run
+    /// under a library lock.
+    fn unlock(&self, g: Guard<'_>) {
         drop(g);
-        drop(dead);
+    }
+
+    /// Take the control lock (QEMU's main-loop serialisation).
+    fn control(&self) -> Control<'_> {
+        Control {
+            engine: self,
+            guard: Some(self.control.lock()),
+        }
     }
 
     fn reap(&self, g: &mut Registry) {
@@ -1125,7 +1139,7 @@ impl Engine {
     }
 
     pub(crate) fn user_pause(&self, job: &Arc<Job>) -> Result<()> {
-        let _c = self.control.lock();
+        let _c = self.control();
         let mut g = self.lock();
         Self::apply_verb(&g, job, JobVerb::Pause)?;
         let st = g.states.get_mut(&job.key).expect("verb check passed");
@@ -1139,7 +1153,7 @@ impl Engine {
     }
 
     pub(crate) fn user_resume(&self, job: &Arc<Job>) -> Result<()> {
-        let _c = self.control.lock();
+        let _c = self.control();
         let mut g = self.lock();
         let paused = g
             .states
@@ -1160,7 +1174,7 @@ impl Engine {
     }
 
     pub(crate) fn user_cancel(&self, job: &Arc<Job>, force: bool) -> Result<()> {
-        let _c = self.control.lock();
+        let _c = self.control();
         let g = self.lock();
         Self::apply_verb(&g, job, JobVerb::Cancel)?;
         let g = self.cancel_locked(g, job.key, force);
@@ -1169,7 +1183,7 @@ impl Engine {
     }
 
     pub(crate) fn block_job_cancel(&self, job: &Arc<Job>, force: bool) -> Result<()> {
-        let _c = self.control.lock();
+        let _c = self.control();
         let g = self.lock();
         if !force && g.states.get(&job.key).is_some_and(|s| s.user_paused) {
             return Err(Error::generic(format!(
@@ -1208,7 +1222,7 @@ impl Engine {
     }
 
     pub(crate) fn complete(&self, job: &Arc<Job>) -> Result<()> {
-        let _c = self.control.lock();
+        let _c = self.control();
         let g = self.lock();
         let (g, res) = self.complete_inner(g, job);
         self.unlock(g);
@@ -1216,7 +1230,7 @@ impl Engine {
     }
 
     pub(crate) fn finalize(&self, job: &Arc<Job>) -> Result<()> {
-        let _c = self.control.lock();
+        let _c = self.control();
         let g = self.lock();
         Self::apply_verb(&g, job, JobVerb::Finalize)?;
         let g = self.do_finalize(g, job.key);
@@ -1225,7 +1239,7 @@ impl Engine {
     }
 
     pub(crate) fn dismiss(&self, job: &Arc<Job>) -> Result<()> {
-        let _c = self.control.lock();
+        let _c = self.control();
         let mut g = self.lock();
         Self::apply_verb(&g, job, JobVerb::Dismiss)?;
         self.do_dismiss(&mut g, job.key);
@@ -1276,7 +1290,7 @@ impl Engine {
                 job.id_str()
             )));
         }
-        let _c = self.control.lock();
+        let _c = self.control();
         let g = self.lock();
         let (g, res) = self.set_speed_inner(g, job, speed);
         self.unlock(g);
@@ -1284,7 +1298,7 @@ impl Engine {
     }
 
     pub(crate) fn cancel_sync(&self, job: &Arc<Job>, force: bool) -> Result<()> {
-        let _c = self.control.lock();
+        let _c = self.control();
         let g = self.lock();
         let g = self.cancel_locked(g, job.key, force);
         let g = self.wait_completed_locked(g, job.key);
@@ -1294,7 +1308,7 @@ impl Engine {
     }
 
     pub(crate) fn complete_sync(&self, job: &Arc<Job>) -> Result<()> {
-        let _c = self.control.lock();
+        let _c = self.control();
         let g = self.lock();
         let (g, res) = self.complete_inner(g, job);
         if let Err(e) = res {
@@ -1308,7 +1322,7 @@ impl Engine {
     }
 
     pub(crate) fn finish_sync(&self, job: &Arc<Job>) -> Result<()> {
-        let _c = self.control.lock();
+        let _c = self.control();
         let g = self.lock();
         let g = self.wait_completed_locked(g, job.key);
         let res = Self::finish_result(&g, job);
@@ -1374,16 +1388,16 @@ impl Engine {
             });
         }
         if action == BlockErrorAction::Stop {
-            if let Some(st) = g.states.get_mut(&job.key) {
-                if !st.user_paused {
-                    st.user_paused = true;
-                    self.pause_locked(&mut g, job.key);
-                }
+            if let Some(st) = g.states.get_mut(&job.key)
+                && !st.user_paused
+            {
+                st.user_paused = true;
+                self.pause_locked(&mut g, job.key);
             }
-            if let Some(st) = g.states.get_mut(&job.key) {
-                if st.iostatus == BlockDeviceIoStatus::Ok {
-                    st.iostatus = BlockDeviceIoStatus::for_errno(errno);
-                }
+            if let Some(st) = g.states.get_mut(&job.key)
+                && st.iostatus == BlockDeviceIoStatus::Ok
+            {
+                st.iostatus = BlockDeviceIoStatus::for_errno(errno);
             }
         }
         self.unlock(g);
@@ -1461,14 +1475,35 @@ impl Engine {
         }
     }
 
+    /// Tests: wait until the job is at a stable point (its thread waits,
+    /// or its run and exit are over), processing pending exits.
+    #[cfg(test)]
+    pub(crate) fn settle(&self, job: &Job) {
+        let _c = self.control();
+        let mut g = self.lock();
+        loop {
+            g = self.run_pending_exits(g);
+            match g.states.get(&job.key) {
+                None => break,
+                Some(st) if !st.busy || (st.deferred && st.exit_done) => break,
+                Some(_) => g = self.wait(&self.changed, g),
+            }
+        }
+        self.unlock(g);
+    }
+
     // ---- shutdown --------------------------------------------------------------
 
     /// Cancel every job (forced) and wait for all job threads: QEMU's
     /// `job_cancel_sync_all` at exit. Must not be called from a job thread.
     pub fn shutdown(&self) {
         {
-            let _c = self.control.lock();
-            for _ in 0..10_000 {
+            let _c = self.control();
+            // Cancel the newest job until none is left (a job with manual
+            // dismiss takes two rounds: cancelled, then dismissed); stop if a
+            // job does not go away (a bug), rather than spin.
+            let mut last: Option<(u64, u32)> = None;
+            loop {
                 let next = {
                     let g = self.lock();
                     g.order
@@ -1477,6 +1512,15 @@ impl Engine {
                         .map(|s| s.job.clone())
                 };
                 let Some(job) = next else { break };
+                let rounds = match last {
+                    Some((k, n)) if k == job.key => n + 1,
+                    _ => 1,
+                };
+                if rounds > 2 {
+                    debug_assert!(false, "job {:?} survived cancel_sync", job.id);
+                    break;
+                }
+                last = Some((job.key, rounds));
                 let _ = self.cancel_sync(&job, true);
             }
         }
@@ -1500,6 +1544,23 @@ impl Engine {
             if k != me {
                 let _ = h.join();
             }
+        }
+    }
+}
+
+/// A held control lock. When the outermost one on this thread is
+/// released, the jobs that reached `null` are dropped, outside every lock.
+struct Control<'a> {
+    engine: &'a Engine,
+    guard: Option<parking_lot::ReentrantMutexGuard<'a, ()>>,
+}
+
+impl Drop for Control<'_> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        if !self.engine.control.is_owned_by_current_thread() {
+            let dead = std::mem::take(&mut self.engine.lock().graveyard);
+            drop(dead);
         }
     }
 }
@@ -1536,7 +1597,10 @@ fn job_thread(job: Arc<Job>) {
         }
         engine.changed.notify_all();
     }
-    let _c = engine.control.lock();
+    // The registry keeps the job until it reaches null; this thread lets go
+    // now, so that the job is freed by the last user, not by this thread.
+    drop(job);
+    let _c = engine.control();
     let g = engine.lock();
     let g = engine.run_pending_exits(g);
     engine.unlock(g);

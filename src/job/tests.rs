@@ -557,3 +557,228 @@ fn shutdown_cancels_everything_and_joins_threads() {
     }
     assert!(fx.engine.jobs().is_empty());
 }
+
+// ---- property test: random verb sequences against the tables ---------------
+
+mod prop {
+    use super::*;
+    use crate::job::tables::{transition_allowed, verb_allowed};
+    use crate::qapi::JobVerb;
+    use proptest::prelude::*;
+    use std::sync::atomic::AtomicU8;
+
+    /// A job whose thread only moves when told: it waits (yields) between
+    /// commands, so after each step its status is stable.
+    struct Puppet {
+        cmd: AtomicU8,
+        complete: AtomicBool,
+    }
+
+    const NONE: u8 = 0;
+    const CONVERGE: u8 = 1;
+    const FINISH: u8 = 2;
+    const FAIL: u8 = 3;
+
+    impl JobDriver for Puppet {
+        fn job_type(&self) -> JobType {
+            JobType::Commit
+        }
+        fn run(&self, job: &Arc<Job>) -> Result<()> {
+            loop {
+                if job.is_cancelled() || self.complete.load(Ordering::SeqCst) {
+                    return Ok(());
+                }
+                match self.cmd.swap(NONE, Ordering::SeqCst) {
+                    CONVERGE if !job.is_ready() => job.transition_to_ready()?,
+                    FINISH => return Ok(()),
+                    FAIL => return Err(Error::from_errno(libc::EIO)),
+                    _ => {}
+                }
+                if job.cancel_requested() && job.is_ready() {
+                    // Soft cancel of a ready job: finish without error.
+                    return Ok(());
+                }
+                job.yield_now();
+            }
+        }
+        fn supports_complete(&self) -> bool {
+            true
+        }
+        fn complete(&self, _job: &Job) -> Result<()> {
+            self.complete.store(true, Ordering::SeqCst);
+            Ok(())
+        }
+        fn cancel(&self, job: &Job, force: bool) -> bool {
+            force || !job.is_ready()
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Start,
+        Pause,
+        Resume,
+        Cancel(bool),
+        BlockCancel(bool),
+        Complete,
+        Finalize,
+        Dismiss,
+        SetSpeed(i64),
+        Drive(u8),
+        DrainPause,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            Just(Op::Start),
+            Just(Op::Pause),
+            Just(Op::Resume),
+            any::<bool>().prop_map(Op::Cancel),
+            any::<bool>().prop_map(Op::BlockCancel),
+            Just(Op::Complete),
+            Just(Op::Finalize),
+            Just(Op::Dismiss),
+            (-2i64..3).prop_map(Op::SetSpeed),
+            (1u8..4).prop_map(Op::Drive),
+            Just(Op::DrainPause),
+        ]
+    }
+
+    fn verb_of(op: &Op) -> Option<JobVerb> {
+        match op {
+            Op::Pause | Op::DrainPause => Some(JobVerb::Pause),
+            Op::Resume => Some(JobVerb::Resume),
+            Op::Cancel(_) | Op::BlockCancel(_) => Some(JobVerb::Cancel),
+            Op::Complete => Some(JobVerb::Complete),
+            Op::Finalize => Some(JobVerb::Finalize),
+            Op::Dismiss => Some(JobVerb::Dismiss),
+            Op::SetSpeed(_) => Some(JobVerb::SetSpeed),
+            Op::Start | Op::Drive(_) => None,
+        }
+    }
+
+    fn check_sequence(ops: Vec<Op>, flags: u32) -> std::result::Result<(), TestCaseError> {
+        let fx = Fixture::new();
+        let puppet = Arc::new(Puppet {
+            cmd: AtomicU8::new(NONE),
+            complete: AtomicBool::new(false),
+        });
+        struct Shared(Arc<Puppet>);
+        impl JobDriver for Shared {
+            fn job_type(&self) -> JobType {
+                self.0.job_type()
+            }
+            fn run(&self, job: &Arc<Job>) -> Result<()> {
+                self.0.run(job)
+            }
+            fn supports_complete(&self) -> bool {
+                true
+            }
+            fn complete(&self, job: &Job) -> Result<()> {
+                self.0.complete(job)
+            }
+            fn cancel(&self, job: &Job, force: bool) -> bool {
+                self.0.cancel(job, force)
+            }
+        }
+        let job = fx
+            .engine
+            .create(
+                JobOptions {
+                    id: Some("p".into()),
+                    flags,
+                    block: true,
+                    speed: 0,
+                    txn: None,
+                },
+                Box::new(Shared(puppet.clone())),
+            )
+            .unwrap();
+        let mut drain_pauses = 0;
+        for op in &ops {
+            fx.engine.settle(&job);
+            let before = job.status();
+            let res = match op {
+                Op::Start => job.start(),
+                Op::Pause => job.user_pause(),
+                Op::Resume => job.user_resume(),
+                Op::Cancel(f) => job.user_cancel(*f),
+                Op::BlockCancel(f) => job.block_job_cancel(*f),
+                Op::Complete => job.complete(),
+                Op::Finalize => job.finalize(),
+                Op::Dismiss => job.dismiss(),
+                Op::SetSpeed(s) => job.set_speed(*s),
+                Op::Drive(c) => {
+                    puppet.cmd.store(*c, Ordering::SeqCst);
+                    job.enter();
+                    Ok(())
+                }
+                Op::DrainPause => {
+                    fx.engine.pause(&job);
+                    drain_pauses += 1;
+                    Ok(())
+                }
+            };
+            if let (Some(verb), Err(e)) = (verb_of(op), &res) {
+                let table_msg =
+                    format!("Job 'p' in state '{before}' cannot accept command verb '{verb}'");
+                let allowed = verb_allowed(verb, before);
+                if e.message() == table_msg {
+                    prop_assert!(
+                        !allowed,
+                        "{op:?} refused in {before} though the table allows it"
+                    );
+                } else {
+                    // Checks QEMU makes before the table: resume's "not
+                    // paused", block-job-cancel's "currently paused".
+                    let pre = matches!(op, Op::Resume | Op::BlockCancel(false));
+                    prop_assert!(
+                        allowed || pre,
+                        "{op:?} in {before}: expected the verb error, got {}",
+                        e.message()
+                    );
+                }
+            } else if let Some(verb) = verb_of(op)
+                && !matches!(op, Op::DrainPause)
+            {
+                prop_assert!(
+                    verb_allowed(verb, before),
+                    "{op:?} accepted in {before} though the table refuses it"
+                );
+            }
+        }
+        // Undo internal pauses, then end the job and wait for null.
+        for _ in 0..drain_pauses {
+            fx.engine.resume(&job);
+        }
+        let _ = job.cancel_sync(true);
+        if job.status() == JobStatus::Concluded {
+            job.dismiss().unwrap();
+        }
+        prop_assert_eq!(job.status(), JobStatus::Null);
+        // Every status change the job announced is allowed by the table.
+        let mut prev = JobStatus::Undefined;
+        while let Some(ev) = fx.events.try_next() {
+            if let EventData::JobStatusChange { status, .. } = ev.data {
+                prop_assert!(
+                    transition_allowed(prev, status),
+                    "event transition {prev} -> {status}"
+                );
+                prev = status;
+            }
+        }
+        prop_assert_eq!(prev, JobStatus::Null);
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        #[test]
+        fn random_verbs_follow_the_tables(ops in proptest::collection::vec(op(), 1..40),
+                                          manual in any::<bool>()) {
+            let flags = if manual { MANUAL } else { 0 };
+            check_sequence(ops, flags)?;
+        }
+    }
+}

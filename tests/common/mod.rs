@@ -43,10 +43,10 @@ pub fn staticlib() -> PathBuf {
             }
             if let Some(files) = v["filenames"].as_array() {
                 for f in files {
-                    if let Some(f) = f.as_str() {
-                        if f.ends_with(".a") {
-                            return PathBuf::from(f);
-                        }
+                    if let Some(f) = f.as_str()
+                        && f.ends_with(".a")
+                    {
+                        return PathBuf::from(f);
                     }
                 }
             }
