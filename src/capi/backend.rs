@@ -4,7 +4,7 @@
 use std::ffi::{c_char, c_void};
 
 use super::context::{BjContext, ctx_arg};
-use super::{BjError, arg_opt_str, arg_ref, arg_str, ffi, ffi_void, null_arg};
+use super::{BjError, arg_opt_str, arg_ref, arg_str, buf_mut, buf_ref, ffi, ffi_void, io_range};
 use crate::block::backend::{BackendOptions, BlockBackend, GuestIoError};
 use crate::error::{Error, Result};
 use crate::qapi::{BlockErrorAction, BlockdevOnError};
@@ -147,18 +147,6 @@ fn guest_io(
     ret
 }
 
-fn range(offset: i64, bytes: i64) -> Result<(u64, usize)> {
-    if offset < 0 || bytes < 0 {
-        return Err(
-            Error::generic("Invalid argument: negative offset or length").with_errno(libc::EINVAL),
-        );
-    }
-    Ok((
-        offset as u64,
-        usize::try_from(bytes).map_err(|_| Error::from_errno(libc::EINVAL))?,
-    ))
-}
-
 /// Guest read of `bytes` at `offset` into `buf`. Returns 0 (also when the
 /// error policy ignored a failure) or -errno; `*action` (may be NULL) is
 /// the `BJ_BLOCK_ERROR_ACTION_*` taken, or -1 when the request succeeded.
@@ -175,17 +163,9 @@ pub unsafe extern "C" fn bj_blk_pread(
     guest_io(action, errp, || {
         // SAFETY: NULL or live backend.
         let b = unsafe { blk_arg(blk) }?;
-        let (off, len) = range(offset, bytes)?;
-        if buf.is_null() && len > 0 {
-            return Err(null_arg("buf"));
-        }
-        let slice: &mut [u8] = if len == 0 {
-            &mut []
-        } else {
-            // SAFETY: the caller provides `bytes` writable bytes at `buf`.
-            unsafe { std::slice::from_raw_parts_mut(buf as *mut u8, len) }
-        };
-        Ok(b.pread(off, slice))
+        let (off, len) = io_range(offset, bytes)?;
+        // SAFETY: the caller provides `bytes` writable bytes at `buf`.
+        Ok(b.pread(off, unsafe { buf_mut(buf, len) }?))
     })
 }
 
@@ -202,17 +182,9 @@ pub unsafe extern "C" fn bj_blk_pwrite(
     guest_io(action, errp, || {
         // SAFETY: NULL or live backend.
         let b = unsafe { blk_arg(blk) }?;
-        let (off, len) = range(offset, bytes)?;
-        if buf.is_null() && len > 0 {
-            return Err(null_arg("buf"));
-        }
-        let slice: &[u8] = if len == 0 {
-            &[]
-        } else {
-            // SAFETY: the caller provides `bytes` readable bytes at `buf`.
-            unsafe { std::slice::from_raw_parts(buf as *const u8, len) }
-        };
-        Ok(b.pwrite(off, slice))
+        let (off, len) = io_range(offset, bytes)?;
+        // SAFETY: the caller provides `bytes` readable bytes at `buf`.
+        Ok(b.pwrite(off, unsafe { buf_ref(buf, len) }?))
     })
 }
 
@@ -229,7 +201,7 @@ pub unsafe extern "C" fn bj_blk_pwrite_zeroes(
     guest_io(action, errp, || {
         // SAFETY: NULL or live backend.
         let b = unsafe { blk_arg(blk) }?;
-        let (off, len) = range(offset, bytes)?;
+        let (off, len) = io_range(offset, bytes)?;
         Ok(b.pwrite_zeroes(off, len as u64, may_unmap))
     })
 }
@@ -246,7 +218,7 @@ pub unsafe extern "C" fn bj_blk_pdiscard(
     guest_io(action, errp, || {
         // SAFETY: NULL or live backend.
         let b = unsafe { blk_arg(blk) }?;
-        let (off, len) = range(offset, bytes)?;
+        let (off, len) = io_range(offset, bytes)?;
         Ok(b.pdiscard(off, len as u64))
     })
 }

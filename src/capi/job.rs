@@ -224,6 +224,35 @@ unsafe fn job_arc(p: *const BjJob) -> Result<Arc<Job>> {
     }
 }
 
+/// Apply a verb to a job handle: `true`, or `false` with `*errp`.
+///
+/// # Safety
+/// `job` is NULL or a live job handle.
+unsafe fn job_verb(
+    job: *mut BjJob,
+    errp: *mut *mut BjError,
+    f: impl FnOnce(&Arc<Job>) -> Result<()>,
+) -> bool {
+    ffi(errp, false, || {
+        // SAFETY: forwarded contract.
+        let j = unsafe { job_arc(job) }?;
+        f(&j)?;
+        Ok(true)
+    })
+}
+
+/// Run `f` on a job pointer, or return `fail` for NULL (or a panic).
+///
+/// # Safety
+/// `job` is NULL or a job pointer valid for this call.
+unsafe fn with_job<T>(job: *mut BjJob, fail: T, f: impl FnOnce(&Job) -> T) -> T {
+    // SAFETY: forwarded contract.
+    match unsafe { job_ref(job) } {
+        Ok(j) => ffi_void(fail, || f(j)),
+        Err(_) => fail,
+    }
+}
+
 fn handle(job: Arc<Job>) -> *mut BjJob {
     Arc::into_raw(job) as *mut BjJob
 }
@@ -418,53 +447,37 @@ pub unsafe extern "C" fn bj_job_start(job: *mut BjJob, errp: *mut *mut BjError) 
 /// `job-pause`: `Job is already paused` if user-paused.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn bj_job_user_pause(job: *mut BjJob, errp: *mut *mut BjError) -> bool {
-    ffi(errp, false, || {
-        // SAFETY: NULL or live handle.
-        let j = unsafe { job_arc(job) }?;
-        j.user_pause()?;
-        Ok(true)
-    })
+    // SAFETY: the caller passes NULL or a live handle.
+    unsafe { job_verb(job, errp, |j| j.user_pause()) }
 }
+
 /// `job-resume`: `Can't resume a job that was not paused`; resets a
 /// block job's I/O status.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn bj_job_user_resume(job: *mut BjJob, errp: *mut *mut BjError) -> bool {
-    ffi(errp, false, || {
-        // SAFETY: NULL or live handle.
-        let j = unsafe { job_arc(job) }?;
-        j.user_resume()?;
-        Ok(true)
-    })
+    // SAFETY: the caller passes NULL or a live handle.
+    unsafe { job_verb(job, errp, |j| j.user_resume()) }
 }
+
 /// `job-complete`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn bj_job_complete(job: *mut BjJob, errp: *mut *mut BjError) -> bool {
-    ffi(errp, false, || {
-        // SAFETY: NULL or live handle.
-        let j = unsafe { job_arc(job) }?;
-        j.complete()?;
-        Ok(true)
-    })
+    // SAFETY: the caller passes NULL or a live handle.
+    unsafe { job_verb(job, errp, |j| j.complete()) }
 }
+
 /// `job-finalize`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn bj_job_finalize(job: *mut BjJob, errp: *mut *mut BjError) -> bool {
-    ffi(errp, false, || {
-        // SAFETY: NULL or live handle.
-        let j = unsafe { job_arc(job) }?;
-        j.finalize()?;
-        Ok(true)
-    })
+    // SAFETY: the caller passes NULL or a live handle.
+    unsafe { job_verb(job, errp, |j| j.finalize()) }
 }
+
 /// `job-dismiss`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn bj_job_dismiss(job: *mut BjJob, errp: *mut *mut BjError) -> bool {
-    ffi(errp, false, || {
-        // SAFETY: NULL or live handle.
-        let j = unsafe { job_arc(job) }?;
-        j.dismiss()?;
-        Ok(true)
-    })
+    // SAFETY: the caller passes NULL or a live handle.
+    unsafe { job_verb(job, errp, |j| j.dismiss()) }
 }
 
 /// QEMU's `job_user_cancel` (`job-cancel` passes force = true).
@@ -604,138 +617,94 @@ pub unsafe extern "C" fn bj_job_get_id(job: *mut BjJob) -> *mut c_char {
 /// Pause here if a pause was requested (QEMU's `job_pause_point`).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn bj_job_pause_point(job: *mut BjJob) {
-    ffi_void((), || {
-        // SAFETY: NULL or a job pointer valid for this call.
-        if let Ok(j) = unsafe { job_ref(job) } {
-            j.pause_point()
-        }
-    })
+    // SAFETY: the caller passes NULL or a job pointer valid for this call.
+    unsafe { with_job(job, (), |j| j.pause_point()) }
 }
+
 /// Sleep up to `ns`, waking early on cancel, pause or kick; then a
 /// pause point (QEMU's `job_sleep_ns`).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn bj_job_sleep_ns(job: *mut BjJob, ns: i64) {
-    ffi_void((), || {
-        // SAFETY: NULL or a job pointer valid for this call.
-        if let Ok(j) = unsafe { job_ref(job) } {
-            j.sleep_ns(ns.max(0) as u64)
-        }
-    })
+    // SAFETY: the caller passes NULL or a job pointer valid for this call.
+    unsafe { with_job(job, (), |j| j.sleep_ns(ns.max(0) as u64)) }
 }
+
 /// Wait until kicked (`bj_job_enter`, complete, cancel); then a pause
 /// point (QEMU's `job_yield`).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn bj_job_yield(job: *mut BjJob) {
-    ffi_void((), || {
-        // SAFETY: NULL or a job pointer valid for this call.
-        if let Ok(j) = unsafe { job_ref(job) } {
-            j.yield_now()
-        }
-    })
+    // SAFETY: the caller passes NULL or a job pointer valid for this call.
+    unsafe { with_job(job, (), |j| j.yield_now()) }
 }
+
 /// Wake the job if it sleeps, yields or is paused (QEMU's `job_enter`).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn bj_job_enter(job: *mut BjJob) {
-    ffi_void((), || {
-        // SAFETY: NULL or a job pointer valid for this call.
-        if let Ok(j) = unsafe { job_ref(job) } {
-            j.enter()
-        }
-    })
+    // SAFETY: the caller passes NULL or a job pointer valid for this call.
+    unsafe { with_job(job, (), |j| j.enter()) }
 }
+
 /// A forced cancel was requested: stop now (QEMU's `job_is_cancelled`).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn bj_job_is_cancelled(job: *mut BjJob) -> bool {
-    ffi_void(true, || {
-        // SAFETY: NULL or a job pointer valid for this call.
-        match unsafe { job_ref(job) } {
-            Ok(j) => j.is_cancelled(),
-            Err(_) => true,
-        }
-    })
+    // SAFETY: the caller passes NULL or a job pointer valid for this call.
+    unsafe { with_job(job, true, |j| j.is_cancelled()) }
 }
+
 /// Any cancel was requested (QEMU's `job_cancel_requested`).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn bj_job_cancel_requested(job: *mut BjJob) -> bool {
-    ffi_void(true, || {
-        // SAFETY: NULL or a job pointer valid for this call.
-        match unsafe { job_ref(job) } {
-            Ok(j) => j.cancel_requested(),
-            Err(_) => true,
-        }
-    })
+    // SAFETY: the caller passes NULL or a job pointer valid for this call.
+    unsafe { with_job(job, true, |j| j.cancel_requested()) }
 }
+
 /// Status is ready or standby.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn bj_job_is_ready(job: *mut BjJob) -> bool {
-    ffi_void(false, || {
-        // SAFETY: NULL or a job pointer valid for this call.
-        match unsafe { job_ref(job) } {
-            Ok(j) => j.is_ready(),
-            Err(_) => false,
-        }
-    })
+    // SAFETY: the caller passes NULL or a job pointer valid for this call.
+    unsafe { with_job(job, false, |j| j.is_ready()) }
 }
+
 /// `done` more bytes of work were completed.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn bj_job_progress_update(job: *mut BjJob, done: u64) {
-    ffi_void((), || {
-        // SAFETY: NULL or a job pointer valid for this call.
-        if let Ok(j) = unsafe { job_ref(job) } {
-            j.progress_update(done)
-        }
-    })
+    // SAFETY: the caller passes NULL or a job pointer valid for this call.
+    unsafe { with_job(job, (), |j| j.progress_update(done)) }
 }
+
 /// `remaining` bytes are left (total = done + remaining).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn bj_job_progress_set_remaining(job: *mut BjJob, remaining: u64) {
-    ffi_void((), || {
-        // SAFETY: NULL or a job pointer valid for this call.
-        if let Ok(j) = unsafe { job_ref(job) } {
-            j.progress_set_remaining(remaining)
-        }
-    })
+    // SAFETY: the caller passes NULL or a job pointer valid for this call.
+    unsafe { with_job(job, (), |j| j.progress_set_remaining(remaining)) }
 }
+
 /// The total grows by `delta`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn bj_job_progress_increase_remaining(job: *mut BjJob, delta: u64) {
-    ffi_void((), || {
-        // SAFETY: NULL or a job pointer valid for this call.
-        if let Ok(j) = unsafe { job_ref(job) } {
-            j.progress_increase_remaining(delta)
-        }
-    })
+    // SAFETY: the caller passes NULL or a job pointer valid for this call.
+    unsafe { with_job(job, (), |j| j.progress_increase_remaining(delta)) }
 }
+
 /// Account `n` bytes against the job's speed.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn bj_block_job_ratelimit_processed_bytes(job: *mut BjJob, n: u64) {
-    ffi_void((), || {
-        // SAFETY: NULL or a job pointer valid for this call.
-        if let Ok(j) = unsafe { job_ref(job) } {
-            j.ratelimit_processed(n)
-        }
-    })
+    // SAFETY: the caller passes NULL or a job pointer valid for this call.
+    unsafe { with_job(job, (), |j| j.ratelimit_processed(n)) }
 }
+
 /// Sleep as long as the speed requires (always a pause point).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn bj_block_job_ratelimit_sleep(job: *mut BjJob) {
-    ffi_void((), || {
-        // SAFETY: NULL or a job pointer valid for this call.
-        if let Ok(j) = unsafe { job_ref(job) } {
-            j.ratelimit_sleep()
-        }
-    })
+    // SAFETY: the caller passes NULL or a job pointer valid for this call.
+    unsafe { with_job(job, (), |j| j.ratelimit_sleep()) }
 }
+
 /// The job's I/O status (`BJ_BLOCK_DEVICE_IO_STATUS_*`).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn bj_block_job_get_iostatus(job: *mut BjJob) -> i32 {
-    ffi_void(-1, || {
-        // SAFETY: NULL or a job pointer valid for this call.
-        match unsafe { job_ref(job) } {
-            Ok(j) => j.iostatus().index(),
-            Err(_) => -1,
-        }
-    })
+    // SAFETY: the caller passes NULL or a job pointer valid for this call.
+    unsafe { with_job(job, -1, |j| j.iostatus().index()) }
 }
 
 /// `running` → `ready` with `BLOCK_JOB_READY` (QEMU's

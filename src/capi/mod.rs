@@ -93,6 +93,49 @@ pub(crate) unsafe fn arg_ref<'a, T>(p: *const T, name: &str) -> Result<&'a T> {
     Ok(unsafe { &*p })
 }
 
+/// Check an I/O range from C: non-negative offset and length.
+pub(crate) fn io_range(offset: i64, bytes: i64) -> Result<(u64, usize)> {
+    if offset < 0 || bytes < 0 {
+        return Err(
+            Error::generic("Invalid argument: negative offset or length").with_errno(libc::EINVAL),
+        );
+    }
+    let len = usize::try_from(bytes).map_err(|_| Error::from_errno(libc::EINVAL))?;
+    Ok((offset as u64, len))
+}
+
+/// Borrow a C buffer of `len` bytes for writing (NULL only when `len` is 0).
+///
+/// # Safety
+/// `buf` is NULL or valid for `len` writable bytes for `'a`, not aliased.
+pub(crate) unsafe fn buf_mut<'a>(buf: *mut c_void, len: usize) -> Result<&'a mut [u8]> {
+    if len == 0 {
+        return Ok(&mut []);
+    }
+    if buf.is_null() {
+        return Err(null_arg("buf"));
+    }
+    // SAFETY: non-NULL and, by the caller's contract, valid for `len`
+    // writable bytes.
+    Ok(unsafe { std::slice::from_raw_parts_mut(buf as *mut u8, len) })
+}
+
+/// Borrow a C buffer of `len` bytes for reading (NULL only when `len` is 0).
+///
+/// # Safety
+/// `buf` is NULL or valid for `len` readable bytes for `'a`.
+pub(crate) unsafe fn buf_ref<'a>(buf: *const c_void, len: usize) -> Result<&'a [u8]> {
+    if len == 0 {
+        return Ok(&[]);
+    }
+    if buf.is_null() {
+        return Err(null_arg("buf"));
+    }
+    // SAFETY: non-NULL and, by the caller's contract, valid for `len`
+    // readable bytes.
+    Ok(unsafe { std::slice::from_raw_parts(buf as *const u8, len) })
+}
+
 /// A NUL-terminated copy of `s` in memory from `malloc`, for C to release
 /// with `bj_free` (or `free`). Interior NULs are replaced.
 pub(crate) fn malloc_str(s: &str) -> *mut c_char {

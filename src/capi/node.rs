@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use super::context::{BjContext, ctx_arg};
 use super::enums::{BJ_BLOCK_ALLOCATED, BJ_BLOCK_DATA, BJ_BLOCK_ZERO};
-use super::{BjError, arg_ref, arg_str, ffi, ffi_void, null_arg};
+use super::{BjError, arg_ref, arg_str, buf_mut, buf_ref, ffi, ffi_void, io_range, null_arg};
 use crate::block::Node;
 use crate::block::host::HostIo;
 use crate::error::{Error, Result};
@@ -41,19 +41,6 @@ pub(crate) unsafe fn node_arc(p: *const BjNode) -> Result<Arc<Node>> {
         Arc::increment_strong_count(p);
         Ok(Arc::from_raw(p))
     }
-}
-
-fn check_io(offset: i64, bytes: i64, buf_null: bool) -> Result<(u64, usize)> {
-    if offset < 0 || bytes < 0 {
-        return Err(
-            Error::generic("Invalid argument: negative offset or length").with_errno(libc::EINVAL),
-        );
-    }
-    if buf_null && bytes > 0 {
-        return Err(null_arg("buf"));
-    }
-    let n = usize::try_from(bytes).map_err(|_| Error::from_errno(libc::EINVAL))?;
-    Ok((offset as u64, n))
 }
 
 fn neg_errno(e: &Error) -> i32 {
@@ -193,13 +180,9 @@ pub unsafe extern "C" fn bj_node_pread(
     node_io(errp, || {
         // SAFETY: NULL or live handle.
         let n = unsafe { node_arg(node) }?;
-        let (off, len) = check_io(offset, bytes, buf.is_null())?;
-        if len == 0 {
-            return n.pread(off, &mut []);
-        }
+        let (off, len) = io_range(offset, bytes)?;
         // SAFETY: the caller provides `bytes` writable bytes at `buf`.
-        let b = unsafe { std::slice::from_raw_parts_mut(buf as *mut u8, len) };
-        n.pread(off, b)
+        n.pread(off, unsafe { buf_mut(buf, len) }?)
     })
 }
 
@@ -215,13 +198,9 @@ pub unsafe extern "C" fn bj_node_pwrite(
     node_io(errp, || {
         // SAFETY: NULL or live handle.
         let n = unsafe { node_arg(node) }?;
-        let (off, len) = check_io(offset, bytes, buf.is_null())?;
-        if len == 0 {
-            return n.pwrite(off, &[]);
-        }
+        let (off, len) = io_range(offset, bytes)?;
         // SAFETY: the caller provides `bytes` readable bytes at `buf`.
-        let b = unsafe { std::slice::from_raw_parts(buf as *const u8, len) };
-        n.pwrite(off, b)
+        n.pwrite(off, unsafe { buf_ref(buf, len) }?)
     })
 }
 
@@ -237,7 +216,7 @@ pub unsafe extern "C" fn bj_node_pwrite_zeroes(
     node_io(errp, || {
         // SAFETY: NULL or live handle.
         let n = unsafe { node_arg(node) }?;
-        let (off, len) = check_io(offset, bytes, false)?;
+        let (off, len) = io_range(offset, bytes)?;
         n.pwrite_zeroes(off, len as u64, may_unmap)
     })
 }
@@ -253,7 +232,7 @@ pub unsafe extern "C" fn bj_node_pdiscard(
     node_io(errp, || {
         // SAFETY: NULL or live handle.
         let n = unsafe { node_arg(node) }?;
-        let (off, len) = check_io(offset, bytes, false)?;
+        let (off, len) = io_range(offset, bytes)?;
         n.pdiscard(off, len as u64)
     })
 }
@@ -281,7 +260,7 @@ pub unsafe extern "C" fn bj_node_block_status(
     let r = node_io(errp, || {
         // SAFETY: NULL or live handle.
         let n = unsafe { node_arg(node) }?;
-        let (off, len) = check_io(offset, bytes, false)?;
+        let (off, len) = io_range(offset, bytes)?;
         let st = n.block_status(off, len as u64)?;
         flags = (i32::from(st.data) * BJ_BLOCK_DATA)
             | (i32::from(st.zero) * BJ_BLOCK_ZERO)
