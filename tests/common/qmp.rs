@@ -81,7 +81,9 @@ impl Qmp {
         } else {
             json!({"execute": cmd, "arguments": args})
         };
-        writeln!(self.writer, "{msg}").unwrap();
+        if let Err(e) = writeln!(self.writer, "{msg}") {
+            panic!("QMP write of {cmd}: {e} (did the daemon exit?)");
+        }
         loop {
             let v = self
                 .read_line(Duration::from_secs(30))
@@ -123,10 +125,11 @@ impl Qmp {
 }
 
 /// A running `qemu-storage-daemon` with one QMP monitor; killed on drop.
+/// If the test panics, the daemon's exit status and stderr are printed.
 pub struct Daemon {
     child: Child,
     pub qmp: Qmp,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Daemon {
@@ -145,20 +148,25 @@ impl Daemon {
             .arg("chardev=m")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("stderr")).unwrap())
             .spawn()
             .expect("start qemu-storage-daemon");
         let qmp = Qmp::connect(&sock);
-        Daemon {
-            child,
-            qmp,
-            _dir: dir,
-        }
+        Daemon { child, qmp, dir }
     }
 }
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            let status = self.child.try_wait();
+            let stderr =
+                std::fs::read_to_string(self.dir.path().join("stderr")).unwrap_or_default();
+            eprintln!("qemu-storage-daemon: status {status:?}, stderr:\n{stderr}");
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            return;
+        }
         let _ = self.qmp.execute("quit", json!({}));
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
