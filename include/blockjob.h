@@ -21,6 +21,21 @@
 #include <stddef.h>
 
 /**
+ * Smallest granularity: 512 bytes (QEMU's limit).
+ */
+#define MIN_GRANULARITY 512
+
+/**
+ * Largest granularity: 2 GiB (QEMU's limit).
+ */
+#define MAX_GRANULARITY (1 << 31)
+
+/**
+ * QEMU's longest bitmap name.
+ */
+#define BITMAP_NAME_MAX 1023
+
+/**
  * `GenericError`
  */
 #define BJ_ERROR_CLASS_GENERIC_ERROR 0
@@ -326,6 +341,11 @@ typedef struct BjBlockBackend BjBlockBackend;
 typedef struct BjContext BjContext;
 
 /**
+ * A bitmap handle (opaque, reference-counted).
+ */
+typedef struct BjDirtyBitmap BjDirtyBitmap;
+
+/**
  * An error: class (`BJ_ERROR_CLASS_*`), errno (0 when none) and message.
  */
 typedef struct BjError BjError;
@@ -380,6 +400,21 @@ typedef struct {
    */
   uint64_t reserved[8];
 } BjBlockBackendOptions;
+
+/**
+ * A source of `bj_block_dirty_bitmap_merge`: `node` NULL means the
+ * target's node (QEMU's plain-string form).
+ */
+typedef struct {
+  /**
+   * Node or device name, or NULL.
+   */
+  const char *node;
+  /**
+   * Bitmap name.
+   */
+  const char *name;
+} BjBitmapRef;
 
 /**
  * One event. Strings are owned by the event: valid while the event lives
@@ -766,6 +801,129 @@ bool bj_blk_drain_begin(BjBlockBackend *blk, BjError **errp);
  * End the innermost drained section begun with `bj_blk_drain_begin`.
  */
 bool bj_blk_drain_end(BjBlockBackend *blk, BjError **errp);
+
+/**
+ * `block-dirty-bitmap-add`. `granularity` 0 means the node's default
+ * (its cluster size clamped to 4–64 KiB, else 64 KiB); otherwise a power
+ * of two from 512 to 2^31.
+ */
+bool bj_block_dirty_bitmap_add(BjContext *ctx,
+                               const char *node,
+                               const char *name,
+                               int64_t granularity,
+                               bool persistent,
+                               bool disabled,
+                               BjError **errp);
+
+/**
+ * `block-dirty-bitmap-remove`.
+ */
+bool bj_block_dirty_bitmap_remove(BjContext *ctx,
+                                  const char *node,
+                                  const char *name,
+                                  BjError **errp);
+
+/**
+ * `block-dirty-bitmap-clear`.
+ */
+bool bj_block_dirty_bitmap_clear(BjContext *ctx,
+                                 const char *node,
+                                 const char *name,
+                                 BjError **errp);
+
+/**
+ * `block-dirty-bitmap-enable`.
+ */
+bool bj_block_dirty_bitmap_enable(BjContext *ctx,
+                                  const char *node,
+                                  const char *name,
+                                  BjError **errp);
+
+/**
+ * `block-dirty-bitmap-disable`.
+ */
+bool bj_block_dirty_bitmap_disable(BjContext *ctx,
+                                   const char *node,
+                                   const char *name,
+                                   BjError **errp);
+
+/**
+ * Mark a bitmap in use by one of your jobs or exports (QEMU's
+ * `bdrv_dirty_bitmap_set_busy`): remove, clear, enable, disable and merge
+ * then refuse it.
+ */
+bool bj_block_dirty_bitmap_set_busy(BjContext *ctx,
+                                    const char *node,
+                                    const char *name,
+                                    bool busy,
+                                    BjError **errp);
+
+/**
+ * `block-dirty-bitmap-merge`: OR `nbitmaps` sources into `target` of
+ * `node`, all or nothing.
+ */
+bool bj_block_dirty_bitmap_merge(BjContext *ctx,
+                                 const char *node,
+                                 const char *target,
+                                 const BjBitmapRef *bitmaps,
+                                 size_t nbitmaps,
+                                 BjError **errp);
+
+/**
+ * A node's `dirty-bitmaps` as QMP JSON (the list that
+ * `query-named-block-nodes` shows, newest first; free with `bj_free`).
+ */
+char *bj_block_dirty_bitmap_query(BjContext *ctx, const char *node, BjError **errp);
+
+/**
+ * A handle on bitmap `name` of `node` (QEMU's `block_dirty_bitmap_lookup`);
+ * release with `bj_dirty_bitmap_unref`.
+ */
+BjDirtyBitmap *bj_block_dirty_bitmap_lookup(BjContext *ctx,
+                                            const char *node,
+                                            const char *name,
+                                            BjError **errp);
+
+/**
+ * Release a bitmap handle and set `*bitmapp` to NULL.
+ */
+void bj_dirty_bitmap_unref(BjDirtyBitmap **bitmapp);
+
+/**
+ * Dirty bytes (dirty granules × granularity), or -1 for NULL.
+ */
+int64_t bj_dirty_bitmap_count(const BjDirtyBitmap *bitmap);
+
+/**
+ * Mark `[offset, offset + bytes)` dirty (lock-free).
+ */
+bool bj_dirty_bitmap_set(const BjDirtyBitmap *bitmap,
+                         int64_t offset,
+                         int64_t bytes,
+                         BjError **errp);
+
+/**
+ * Mark `[offset, offset + bytes)` clean.
+ */
+bool bj_dirty_bitmap_reset(const BjDirtyBitmap *bitmap,
+                           int64_t offset,
+                           int64_t bytes,
+                           BjError **errp);
+
+/**
+ * Find the first dirty area at or after `offset`, at most `max_bytes`
+ * long: true with `*area_offset`/`*area_bytes` set, or false when there
+ * is none (or on error, with `*errp`). With `take`, the area is
+ * atomically cleared as it is returned (a concurrent set is either in it
+ * or stays dirty).
+ */
+bool bj_dirty_bitmap_next_dirty_area(const BjDirtyBitmap *bitmap,
+                                     int64_t offset,
+                                     int64_t max_bytes,
+                                     bool take,
+                                     int64_t *area_offset,
+                                     int64_t *area_bytes,
+                                     BjError **errp);
 
 /**
  * Create a context: an empty graph, no jobs, no event consumers.

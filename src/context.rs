@@ -7,6 +7,7 @@ use std::thread::JoinHandle;
 
 use serde_json::Value;
 
+use crate::bitmap::named::{self, BdrvDirtyBitmap, BitmapRef, BlockDirtyInfo};
 use crate::block::Node;
 use crate::block::backend::{BackendOptions, BlockBackend};
 use crate::block::graph::Graph;
@@ -141,6 +142,69 @@ impl Context {
     /// End the innermost `drain_all_begin`.
     pub fn drain_all_end(&self) -> Result<()> {
         self.graph.drain_all_end()
+    }
+
+    // ---- dirty bitmaps (QEMU's block-dirty-bitmap-*) ----------------------------
+
+    /// `block-dirty-bitmap-add`.
+    pub fn block_dirty_bitmap_add(
+        &self,
+        node: &str,
+        name: &str,
+        granularity: Option<u32>,
+        persistent: Option<bool>,
+        disabled: Option<bool>,
+    ) -> Result<()> {
+        named::add(&self.graph, node, name, granularity, persistent, disabled).map(|_| ())
+    }
+
+    /// `block-dirty-bitmap-remove`.
+    pub fn block_dirty_bitmap_remove(&self, node: &str, name: &str) -> Result<()> {
+        named::remove(&self.graph, node, name)
+    }
+
+    /// `block-dirty-bitmap-clear`.
+    pub fn block_dirty_bitmap_clear(&self, node: &str, name: &str) -> Result<()> {
+        named::clear(&self.graph, node, name)
+    }
+
+    /// `block-dirty-bitmap-enable`.
+    pub fn block_dirty_bitmap_enable(&self, node: &str, name: &str) -> Result<()> {
+        named::set_recording(&self.graph, node, name, true)
+    }
+
+    /// `block-dirty-bitmap-disable`.
+    pub fn block_dirty_bitmap_disable(&self, node: &str, name: &str) -> Result<()> {
+        named::set_recording(&self.graph, node, name, false)
+    }
+
+    /// `block-dirty-bitmap-merge`.
+    pub fn block_dirty_bitmap_merge(
+        &self,
+        node: &str,
+        target: &str,
+        bitmaps: &[BitmapRef],
+    ) -> Result<()> {
+        named::merge(&self.graph, node, target, bitmaps)
+    }
+
+    /// The bitmap `name` of `node`, for jobs that use it.
+    pub fn block_dirty_bitmap_lookup(
+        &self,
+        node: &str,
+        name: &str,
+    ) -> Result<Arc<BdrvDirtyBitmap>> {
+        named::lookup(&self.graph, node, name).map(|(_, b)| b)
+    }
+
+    /// Mark a bitmap in use by a job or export (commands then refuse it).
+    pub fn block_dirty_bitmap_set_busy(&self, node: &str, name: &str, busy: bool) -> Result<()> {
+        named::set_busy(&self.graph, node, name, busy)
+    }
+
+    /// A node's `dirty-bitmaps`, as in `query-named-block-nodes`.
+    pub fn query_dirty_bitmaps(&self, node: &str) -> Result<Vec<BlockDirtyInfo>> {
+        named::query(&self.graph, node)
     }
 
     // ---- jobs ----------------------------------------------------------------

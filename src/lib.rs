@@ -14,6 +14,7 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod bitmap;
 pub mod block;
 #[allow(unsafe_code)]
 pub mod capi;

@@ -29,6 +29,11 @@ fn c_test_backend() {
 }
 
 #[test]
+fn c_test_bitmap() {
+    run("test_bitmap");
+}
+
+#[test]
 fn c_test_error_matrix() {
     run("test_error_matrix");
 }
@@ -77,6 +82,7 @@ fn at_least_forty_c_cases() {
         "test_capi",
         "test_backend",
         "test_error_matrix",
+        "test_bitmap",
     ]
     .iter()
     .map(|n| declared_cases(n))

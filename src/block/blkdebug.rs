@@ -324,6 +324,10 @@ impl BlockDriver for BlkdebugDriver {
         self.image.pdiscard(offset, len)
     }
 
+    fn can_discard(&self) -> bool {
+        self.image.driver().can_discard()
+    }
+
     fn flush(&self) -> Result<()> {
         self.check(0, 0, BlkdebugIoType::Flush)?;
         self.image.flush()

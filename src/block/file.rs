@@ -150,6 +150,10 @@ impl BlockDriver for FileDriver {
         }
     }
 
+    fn can_discard(&self) -> bool {
+        !self.block_device
+    }
+
     fn flush(&self) -> Result<()> {
         if self.opts.no_flush {
             return Ok(());

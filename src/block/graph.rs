@@ -156,7 +156,7 @@ impl Graph {
         let mut taken = Vec::new();
         Self::check_names(&inner, &spec, &mut taken)?;
         let mut created = Vec::new();
-        let node = self.open_spec(&mut inner, &spec, &mut created)?;
+        let node = self.open_spec(&mut inner, &spec, false, &mut created)?;
         for (i, n) in created.into_iter().enumerate() {
             // `created` is in opening order (children first); the root, last,
             // is the monitor's.
@@ -193,10 +193,13 @@ impl Graph {
         &self,
         inner: &mut GraphInner,
         c: &ChildRef,
+        parent_discard: bool,
         created: &mut Vec<Arc<Node>>,
     ) -> Result<Arc<Node>> {
         match c {
-            ChildRef::New(spec) => self.open_spec(inner, spec, created),
+            // An inline child inherits the parent's discard mode, as QEMU's
+            // children inherit open flags.
+            ChildRef::New(spec) => self.open_spec(inner, spec, parent_discard, created),
             ChildRef::Existing(name) => {
                 if let Some(b) = inner
                     .backends
@@ -224,13 +227,15 @@ impl Graph {
         &self,
         inner: &mut GraphInner,
         spec: &NodeSpec,
+        inherited_discard: bool,
         created: &mut Vec<Arc<Node>>,
     ) -> Result<Arc<Node>> {
+        let discard = spec.discard_unmap.unwrap_or(inherited_discard);
         let drv: Box<dyn BlockDriver> = match &spec.driver {
             DriverSpec::File { filename } => Box::new(FileDriver::open(FileOptions {
                 filename: filename.clone(),
                 read_only: spec.read_only,
-                discard_unmap: spec.discard_unmap,
+                discard_unmap: discard,
                 direct: spec.cache_direct,
                 no_flush: spec.cache_no_flush,
             })?),
@@ -263,7 +268,7 @@ impl Graph {
                 })
             }
             DriverSpec::Raw { file, offset, size } => {
-                let child = self.resolve_child(inner, file, created)?;
+                let child = self.resolve_child(inner, file, discard, created)?;
                 let offset = match offset {
                     Some(o) if *o < 0 => {
                         return Err(Error::generic("offset cannot be negative"));
@@ -291,7 +296,7 @@ impl Graph {
                         "Cannot meet constraints with align {a}"
                     )));
                 }
-                let child = self.resolve_child(inner, image, created)?;
+                let child = self.resolve_child(inner, image, discard, created)?;
                 Box::new(BlkdebugDriver::new(
                     child,
                     inject.clone(),
@@ -304,7 +309,7 @@ impl Graph {
             None => (Self::auto_name(inner), true),
         };
         let node = Node::new(name, auto, spec.read_only, drv);
-        node.set_detect_zeroes(spec.detect_zeroes, spec.discard_unmap);
+        node.set_write_options(spec.detect_zeroes, discard);
         created.push(node.clone());
         Ok(node)
     }

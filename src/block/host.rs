@@ -26,6 +26,10 @@ pub trait HostIo: Send + Sync + 'static {
     fn discard(&self, _offset: u64, _len: u64) -> Result<(), i32> {
         Ok(())
     }
+    /// Whether `discard` does anything (default: no).
+    fn can_discard(&self) -> bool {
+        false
+    }
     /// Flush (default: nothing).
     fn flush(&self) -> Result<(), i32> {
         Ok(())
@@ -79,6 +83,10 @@ impl BlockDriver for HostDriver {
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.io.discard(offset, len).map_err(errno)
+    }
+
+    fn can_discard(&self) -> bool {
+        self.io.can_discard()
     }
 
     fn flush(&self) -> Result<()> {

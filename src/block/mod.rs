@@ -23,9 +23,10 @@ pub mod raw;
 
 use std::sync::{Arc, Condvar, Mutex, Weak};
 
+use crate::bitmap::named::NodeBitmaps;
 use crate::error::{Error, Result};
 use crate::job::Job;
-use crate::sync::{AtomicU8, AtomicU64, Ordering};
+use crate::sync::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 
 pub use blkdebug::BlkdebugEvent;
 
@@ -122,6 +123,12 @@ pub trait BlockDriver: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Whether the driver can discard at all (QEMU: it has a discard
+    /// callback); discards of nodes that cannot are dropped early.
+    fn can_discard(&self) -> bool {
+        false
+    }
+
     /// Make written data stable.
     fn flush(&self) -> Result<()>;
 
@@ -179,6 +186,9 @@ pub struct Node {
     parents: Mutex<Parents>,
     /// `detect-zeroes`: 0 off, 1 on, 2 unmap.
     detect_zeroes: AtomicU8,
+    /// `discard=unmap`: discards reach the driver (and dirty bitmaps).
+    discard: AtomicBool,
+    bitmaps: NodeBitmaps,
 }
 
 impl std::fmt::Debug for Node {
@@ -222,11 +232,19 @@ impl Node {
             idle: Condvar::new(),
             parents: Mutex::new(Parents::default()),
             detect_zeroes: AtomicU8::new(0),
+            discard: AtomicBool::new(false),
+            bitmaps: NodeBitmaps::default(),
         })
     }
 
-    /// Set `detect-zeroes` (with `discard=unmap`, `unmap` may deallocate).
-    pub fn set_detect_zeroes(&self, mode: options::DetectZeroes, discard_unmap: bool) {
+    /// The node's dirty bitmaps.
+    pub fn bitmaps(&self) -> &NodeBitmaps {
+        &self.bitmaps
+    }
+
+    /// Set `detect-zeroes` and `discard` (with `discard=unmap`, discards
+    /// reach the driver and detected zeroes may deallocate).
+    pub fn set_write_options(&self, mode: options::DetectZeroes, discard_unmap: bool) {
         let v = match mode {
             options::DetectZeroes::Off => 0,
             options::DetectZeroes::On => 1,
@@ -235,6 +253,8 @@ impl Node {
         };
         // Relaxed: set once right after creation, before the node is shared.
         self.detect_zeroes.store(v, Ordering::Relaxed);
+        // Relaxed: as above.
+        self.discard.store(discard_unmap, Ordering::Relaxed);
     }
 
     /// The node name.
@@ -362,6 +382,9 @@ impl Node {
         self.write_gen.fetch_add(1, Ordering::Relaxed);
         let r = self.drv.write(offset, buf);
         self.debug_event(BlkdebugEvent::PwritevDone);
+        // After the write, also a failed one (it may have written part):
+        // a copier that sees the bit reads the new data.
+        self.bitmaps.set_dirty(offset, buf.len() as u64);
         r
     }
 
@@ -378,6 +401,7 @@ impl Node {
         self.write_gen.fetch_add(1, Ordering::Relaxed);
         let r = self.drv.write_zeroes(offset, len, may_unmap);
         self.debug_event(BlkdebugEvent::PwritevDone);
+        self.bitmaps.set_dirty(offset, len);
         r
     }
 
@@ -386,12 +410,17 @@ impl Node {
         let _f = self.begin();
         self.check_writable()?;
         self.check_range(offset, len)?;
-        if len == 0 {
+        // Relaxed: written once before the node is shared.
+        if len == 0 || !self.discard.load(Ordering::Relaxed) || !self.drv.can_discard() {
+            // QEMU drops such a discard before it is tracked: nothing
+            // happens, no bitmap records it.
             return Ok(());
         }
         // Relaxed: see pwrite.
         self.write_gen.fetch_add(1, Ordering::Relaxed);
-        self.drv.discard(offset, len)
+        let r = self.drv.discard(offset, len);
+        self.bitmaps.set_dirty(offset, len);
+        r
     }
 
     /// Flush; skipped when nothing was written since the last flush.

@@ -78,8 +78,9 @@ pub struct NodeSpec {
     pub node_name: Option<String>,
     /// `read-only`
     pub read_only: bool,
-    /// `discard: "unmap"`
-    pub discard_unmap: bool,
+    /// `discard`: `Some(true)` for "unmap", `Some(false)` for "ignore",
+    /// `None` to inherit the parent's (QEMU's default: "ignore").
+    pub discard_unmap: Option<bool>,
     /// `cache.direct`
     pub cache_direct: bool,
     /// `cache.no-flush`
@@ -394,7 +395,7 @@ fn parse_at(v: &Value, name: &str) -> Result<NodeSpec> {
     Ok(NodeSpec {
         node_name,
         read_only,
-        discard_unmap: discard.as_deref() == Some("unmap"),
+        discard_unmap: discard.as_deref().map(|d| d == "unmap"),
         cache_direct,
         cache_no_flush,
         detect_zeroes,

@@ -60,6 +60,10 @@ impl BlockDriver for RawDriver {
         self.file.pdiscard(self.offset + offset, len)
     }
 
+    fn can_discard(&self) -> bool {
+        self.file.driver().can_discard()
+    }
+
     fn flush(&self) -> Result<()> {
         self.file.flush()
     }

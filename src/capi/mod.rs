@@ -12,6 +12,7 @@
 #![allow(clippy::missing_safety_doc)]
 
 pub mod backend;
+pub mod bitmap;
 pub mod context;
 pub mod enums;
 pub mod error;

@@ -399,6 +399,10 @@ impl HostIo for CHostIo {
         }
     }
 
+    fn can_discard(&self) -> bool {
+        self.ops.pdiscard.is_some()
+    }
+
     fn flush(&self) -> std::result::Result<(), i32> {
         match self.ops.flush {
             // SAFETY: host callback.

@@ -1,0 +1,318 @@
+//! Named dirty bitmaps on nodes: QEMU's `block-dirty-bitmap-*` commands
+//! with QEMU's arguments, defaults and error texts (recorded from
+//! qemu-storage-daemon 10; all errors are GenericError).
+//!
+//! A node keeps its bitmaps in a lock-free snapshot list: every write to
+//! the node reads it without a lock and sets the bits of every recording
+//! bitmap after the write (also after a failed one, as QEMU does: it may
+//! have written part). Changes to the list are serialised by a mutex and
+//! publish a new list.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use serde::Serialize;
+
+use super::DirtyBitmap;
+use crate::block::Node;
+use crate::block::graph::Graph;
+use crate::error::{Error, Result};
+use crate::sync::{AtomicBool, Mutex, Ordering};
+
+/// QEMU's longest bitmap name.
+pub const BITMAP_NAME_MAX: usize = 1023;
+
+/// One named (or anonymous) bitmap of a node.
+pub struct BdrvDirtyBitmap {
+    name: Option<String>,
+    bits: DirtyBitmap,
+    /// Records writes (QEMU's enabled, shown as `recording`). Relaxed:
+    /// read on every write with no ordering needed beyond the list
+    /// snapshot; a write racing with enable/disable may or may not be
+    /// recorded, as in QEMU.
+    recording: AtomicBool,
+    /// In use by a job or an export. Relaxed: checked by commands that are
+    /// serialised by the node's bitmap mutex.
+    busy: AtomicBool,
+}
+
+impl std::fmt::Debug for BdrvDirtyBitmap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BdrvDirtyBitmap")
+            .field("name", &self.name)
+            .field("bits", &self.bits)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One entry of a node's `dirty-bitmaps` in `query-named-block-nodes`
+/// (QEMU's `BlockDirtyInfo`), keys in QEMU's order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BlockDirtyInfo {
+    /// Absent for anonymous bitmaps.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Enabled: records writes.
+    pub recording: bool,
+    /// Stored in the image (never, for the drivers we have).
+    pub persistent: bool,
+    /// In use by a job or an export.
+    pub busy: bool,
+    /// Bytes per bit.
+    pub granularity: u64,
+    /// Dirty bits × granularity.
+    pub count: u64,
+}
+
+impl BdrvDirtyBitmap {
+    /// The name (`None` for an anonymous bitmap).
+    pub fn name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+
+    /// The bits.
+    pub fn bits(&self) -> &DirtyBitmap {
+        &self.bits
+    }
+
+    /// Records writes.
+    pub fn is_recording(&self) -> bool {
+        self.recording.load(Ordering::Relaxed)
+    }
+
+    /// In use by a job or an export.
+    pub fn is_busy(&self) -> bool {
+        self.busy.load(Ordering::Relaxed)
+    }
+
+    /// Mark in use (QEMU's `bdrv_dirty_bitmap_set_busy`).
+    pub fn set_busy(&self, busy: bool) {
+        self.busy.store(busy, Ordering::Relaxed);
+    }
+
+    /// The query entry.
+    pub fn info(&self) -> BlockDirtyInfo {
+        BlockDirtyInfo {
+            name: self.name.clone(),
+            recording: self.is_recording(),
+            persistent: false,
+            busy: self.is_busy(),
+            granularity: self.bits.granularity(),
+            count: self.bits.count(),
+        }
+    }
+
+    fn check_usable(&self) -> Result<()> {
+        if self.is_busy() {
+            return Err(Error::generic(format!(
+                "Bitmap '{}' is currently in use by another operation and cannot be used",
+                self.name.as_deref().unwrap_or("")
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The bitmaps of one node.
+#[derive(Default)]
+pub struct NodeBitmaps {
+    /// Newest first. Read without a lock on every write.
+    list: ArcSwap<Vec<Arc<BdrvDirtyBitmap>>>,
+    /// Serialises changes to the list and the commands on bitmaps.
+    lock: Mutex<()>,
+}
+
+impl NodeBitmaps {
+    /// Mark `[offset, offset + len)` dirty in every recording bitmap.
+    pub fn set_dirty(&self, offset: u64, len: u64) {
+        let list = self.list.load();
+        for b in list.iter() {
+            if b.is_recording() {
+                b.bits.set_range(offset, len);
+            }
+        }
+    }
+
+    /// All bitmaps, newest first.
+    pub fn list(&self) -> Vec<Arc<BdrvDirtyBitmap>> {
+        self.list.load().as_ref().clone()
+    }
+
+    fn find(&self, name: &str) -> Option<Arc<BdrvDirtyBitmap>> {
+        self.list
+            .load()
+            .iter()
+            .find(|b| b.name.as_deref() == Some(name))
+            .cloned()
+    }
+
+    fn guard(&self) -> impl Drop + '_ {
+        // Protects no data of its own (the list is swapped atomically).
+        self.lock.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// QEMU's default: the cluster size clamped to [4 KiB, 64 KiB], or 64 KiB.
+pub fn default_granularity(node: &Node) -> u64 {
+    node.cluster_size()
+        .map_or(64 << 10, |c| c.clamp(4 << 10, 64 << 10))
+}
+
+/// `bdrv_lookup_bs` for the commands other than add: `Node 'X' not found`.
+fn lookup_node(graph: &Graph, node: &str) -> Result<Arc<Node>> {
+    graph
+        .lookup(node)
+        .map_err(|_| Error::generic(format!("Node '{node}' not found")))
+}
+
+/// QEMU's `block_dirty_bitmap_lookup`.
+pub fn lookup(graph: &Graph, node: &str, name: &str) -> Result<(Arc<Node>, Arc<BdrvDirtyBitmap>)> {
+    let n = lookup_node(graph, node)?;
+    let b = n
+        .bitmaps()
+        .find(name)
+        .ok_or_else(|| Error::generic(format!("Dirty bitmap '{name}' not found")))?;
+    Ok((n, b))
+}
+
+/// `block-dirty-bitmap-add`. `granularity` None = the node's default.
+pub fn add(
+    graph: &Graph,
+    node: &str,
+    name: &str,
+    granularity: Option<u32>,
+    persistent: Option<bool>,
+    disabled: Option<bool>,
+) -> Result<Arc<BdrvDirtyBitmap>> {
+    if name.is_empty() {
+        return Err(Error::generic("Bitmap name cannot be empty"));
+    }
+    let n = graph.lookup(node)?;
+    let granularity = match granularity {
+        Some(g) if g < 512 || !g.is_power_of_two() => {
+            return Err(Error::generic(
+                "Granularity must be power of 2 and at least 512",
+            ));
+        }
+        Some(g) => u64::from(g),
+        None => default_granularity(&n),
+    };
+    if persistent == Some(true) {
+        return Err(Error::generic(format!(
+            "Can't store persistent bitmaps to {}: Operation not supported",
+            n.name()
+        )));
+    }
+    let bm = n.bitmaps();
+    let _g = bm.guard();
+    if bm.find(name).is_some() {
+        return Err(Error::generic(format!("Bitmap already exists: {name}")));
+    }
+    // Bytes, as QEMU's strlen.
+    if name.len() > BITMAP_NAME_MAX {
+        return Err(Error::generic(format!("Bitmap name too long: {name}")));
+    }
+    let b = Arc::new(BdrvDirtyBitmap {
+        name: Some(name.to_string()),
+        bits: DirtyBitmap::new(n.len()?, granularity)?,
+        recording: AtomicBool::new(disabled != Some(true)),
+        busy: AtomicBool::new(false),
+    });
+    let mut list = bm.list();
+    list.insert(0, b.clone());
+    bm.list.store(Arc::new(list));
+    Ok(b)
+}
+
+/// `block-dirty-bitmap-remove`.
+pub fn remove(graph: &Graph, node: &str, name: &str) -> Result<()> {
+    let (n, b) = lookup(graph, node, name)?;
+    let bm = n.bitmaps();
+    let _g = bm.guard();
+    b.check_usable()?;
+    let list: Vec<_> = bm
+        .list()
+        .into_iter()
+        .filter(|x| !Arc::ptr_eq(x, &b))
+        .collect();
+    bm.list.store(Arc::new(list));
+    Ok(())
+}
+
+/// `block-dirty-bitmap-clear`.
+pub fn clear(graph: &Graph, node: &str, name: &str) -> Result<()> {
+    let (n, b) = lookup(graph, node, name)?;
+    let _g = n.bitmaps().guard();
+    b.check_usable()?;
+    b.bits.clear();
+    Ok(())
+}
+
+/// `block-dirty-bitmap-enable` / `-disable`.
+pub fn set_recording(graph: &Graph, node: &str, name: &str, recording: bool) -> Result<()> {
+    let (n, b) = lookup(graph, node, name)?;
+    let _g = n.bitmaps().guard();
+    b.check_usable()?;
+    b.recording.store(recording, Ordering::Relaxed);
+    Ok(())
+}
+
+/// A source of `block-dirty-bitmap-merge`: a name on the target's node,
+/// or a bitmap on any node (QEMU's `BlockDirtyBitmapOrStr`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BitmapRef {
+    /// A bitmap of the target's node.
+    Name(String),
+    /// `{"node": …, "name": …}`.
+    Node {
+        /// The node.
+        node: String,
+        /// The bitmap.
+        name: String,
+    },
+}
+
+/// `block-dirty-bitmap-merge`: OR the sources into `target`. All or
+/// nothing: every source is checked before the target changes. An empty
+/// list merges nothing (QEMU 10.0 crashes on it).
+pub fn merge(graph: &Graph, node: &str, target: &str, bitmaps: &[BitmapRef]) -> Result<()> {
+    let (n, dst) = lookup(graph, node, target)?;
+    dst.check_usable()?;
+    let mut sources = Vec::with_capacity(bitmaps.len());
+    for r in bitmaps {
+        let src = match r {
+            BitmapRef::Name(name) => lookup(graph, node, name)?.1,
+            BitmapRef::Node { node, name } => lookup(graph, node, name)?.1,
+        };
+        src.check_usable()?;
+        if src.bits.size() != dst.bits.size() {
+            return Err(Error::generic(format!(
+                "Bitmaps are of different sizes (destination size is {}, source size is {}) and can't be merged",
+                dst.bits.size(),
+                src.bits.size()
+            )));
+        }
+        sources.push(src);
+    }
+    let _g = n.bitmaps().guard();
+    for src in sources {
+        if !Arc::ptr_eq(&src, &dst) {
+            dst.bits.merge_from(&src.bits);
+        }
+    }
+    Ok(())
+}
+
+/// Mark a bitmap in use (or not) by a job or export of the host.
+pub fn set_busy(graph: &Graph, node: &str, name: &str, busy: bool) -> Result<()> {
+    let (n, b) = lookup(graph, node, name)?;
+    let _g = n.bitmaps().guard();
+    b.set_busy(busy);
+    Ok(())
+}
+
+/// The `dirty-bitmaps` of a node, newest first.
+pub fn query(graph: &Graph, node: &str) -> Result<Vec<BlockDirtyInfo>> {
+    let n = lookup_node(graph, node)?;
+    Ok(n.bitmaps().list().iter().map(|b| b.info()).collect())
+}
