@@ -244,6 +244,11 @@ impl Context {
         Ok(job)
     }
 
+    /// `blockdev-mirror`: create and start a mirror job.
+    pub fn blockdev_mirror(&self, opts: crate::jobs::mirror::MirrorOptions) -> Result<Arc<Job>> {
+        crate::jobs::mirror::blockdev_mirror(self, opts)
+    }
+
     /// Create a job that is not a block job (no `BLOCK_JOB_*` events).
     pub fn job_create(
         &self,

@@ -22,6 +22,7 @@ pub mod context;
 pub mod error;
 pub mod events;
 pub mod job;
+pub mod jobs;
 pub mod qapi;
 pub mod sync;
 

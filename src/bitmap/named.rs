@@ -34,6 +34,9 @@ pub struct BdrvDirtyBitmap {
     /// In use by a job or an export. Relaxed: checked by commands that are
     /// serialised by the node's bitmap mutex.
     busy: AtomicBool,
+    /// A job's own bitmap (QEMU keeps it on the job's filter node): it
+    /// records writes but is not listed by queries.
+    internal: bool,
 }
 
 impl std::fmt::Debug for BdrvDirtyBitmap {
@@ -78,6 +81,11 @@ impl BdrvDirtyBitmap {
     /// Records writes.
     pub fn is_recording(&self) -> bool {
         self.recording.load(Ordering::Relaxed)
+    }
+
+    /// Start or stop recording writes (jobs that mark their own bitmap).
+    pub fn set_recording(&self, on: bool) {
+        self.recording.store(on, Ordering::Relaxed);
     }
 
     /// In use by a job or an export.
@@ -138,11 +146,39 @@ impl NodeBitmaps {
         self.list.load().as_ref().clone()
     }
 
+    /// Add a job's own, unnamed, unlisted bitmap: it records every write
+    /// to the node from now on. Remove it with [`Self::remove_internal`].
+    pub fn add_internal(&self, size: u64, granularity: u64) -> Result<Arc<BdrvDirtyBitmap>> {
+        let b = Arc::new(BdrvDirtyBitmap {
+            name: None,
+            bits: DirtyBitmap::new(size, granularity)?,
+            recording: AtomicBool::new(true),
+            busy: AtomicBool::new(false),
+            internal: true,
+        });
+        let _g = self.guard();
+        let mut list = self.list();
+        list.insert(0, b.clone());
+        self.list.store(Arc::new(list));
+        Ok(b)
+    }
+
+    /// Remove a bitmap added with [`Self::add_internal`].
+    pub fn remove_internal(&self, b: &Arc<BdrvDirtyBitmap>) {
+        let _g = self.guard();
+        let list: Vec<_> = self
+            .list()
+            .into_iter()
+            .filter(|x| !Arc::ptr_eq(x, b))
+            .collect();
+        self.list.store(Arc::new(list));
+    }
+
     fn find(&self, name: &str) -> Option<Arc<BdrvDirtyBitmap>> {
         self.list
             .load()
             .iter()
-            .find(|b| b.name.as_deref() == Some(name))
+            .find(|b| !b.internal && b.name.as_deref() == Some(name))
             .cloned()
     }
 
@@ -217,6 +253,7 @@ pub fn add(
         bits: DirtyBitmap::new(n.len()?, granularity)?,
         recording: AtomicBool::new(disabled != Some(true)),
         busy: AtomicBool::new(false),
+        internal: false,
     });
     let mut list = bm.list();
     list.insert(0, b.clone());
@@ -314,5 +351,10 @@ pub fn set_busy(graph: &Graph, node: &str, name: &str, busy: bool) -> Result<()>
 /// The `dirty-bitmaps` of a node, newest first.
 pub fn query(graph: &Graph, node: &str) -> Result<Vec<BlockDirtyInfo>> {
     let n = lookup_node(graph, node)?;
-    Ok(n.bitmaps().list().iter().map(|b| b.info()).collect())
+    Ok(n.bitmaps()
+        .list()
+        .iter()
+        .filter(|b| !b.internal)
+        .map(|b| b.info())
+        .collect())
 }

@@ -104,6 +104,18 @@ impl BackendShared {
         self.gate.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Point the backend at another node (QEMU's `bdrv_replace_node` for
+    /// this parent: the mirror pivot). Requests already in flight finish on
+    /// the old node; callers drain first.
+    pub(crate) fn replace_node(self: &Arc<Self>, new: Arc<Node>) {
+        let old = {
+            let mut n = self.node.write().unwrap_or_else(|p| p.into_inner());
+            std::mem::replace(&mut *n, new.clone())
+        };
+        old.detach_backend(self);
+        new.attach_backend(self);
+    }
+
     pub(crate) fn quiesce(&self) {
         self.gate().quiesced += 1;
     }
@@ -232,7 +244,10 @@ impl BlockBackend {
 
     /// Guest write.
     pub fn pwrite(&self, offset: u64, buf: &[u8]) -> Result<(), GuestIoError> {
-        self.shared.request(false, |n| n.pwrite(offset, buf))
+        self.shared.request(false, |n| match n.write_filter() {
+            Some(f) => f.pwrite(n, offset, buf),
+            None => n.pwrite(offset, buf),
+        })
     }
 
     /// Guest write-zeroes.
@@ -242,13 +257,18 @@ impl BlockBackend {
         len: u64,
         may_unmap: bool,
     ) -> Result<(), GuestIoError> {
-        self.shared
-            .request(false, |n| n.pwrite_zeroes(offset, len, may_unmap))
+        self.shared.request(false, |n| match n.write_filter() {
+            Some(f) => f.pwrite_zeroes(n, offset, len, may_unmap),
+            None => n.pwrite_zeroes(offset, len, may_unmap),
+        })
     }
 
     /// Guest discard.
     pub fn pdiscard(&self, offset: u64, len: u64) -> Result<(), GuestIoError> {
-        self.shared.request(false, |n| n.pdiscard(offset, len))
+        self.shared.request(false, |n| match n.write_filter() {
+            Some(f) => f.pdiscard(n, offset, len),
+            None => n.pdiscard(offset, len),
+        })
     }
 
     /// Guest flush.

@@ -340,6 +340,11 @@ impl Graph {
         Ok(node)
     }
 
+    /// True when another node has `node` as a child (QEMU: not a root).
+    pub fn has_parent_node(&self, node: &Arc<Node>) -> bool {
+        Self::is_child_of_any(&self.lock(), node)
+    }
+
     fn is_child_of_any(inner: &GraphInner, node: &Arc<Node>) -> bool {
         inner
             .nodes
@@ -448,6 +453,14 @@ impl Graph {
         Ok(BlockBackend::new(shared, self.clone()))
     }
 
+    /// Move every guest backend of `from` to `to` (QEMU's
+    /// `bdrv_replace_node`, for the parents that are devices).
+    pub fn replace_node(&self, from: &Arc<Node>, to: &Arc<Node>) {
+        for b in from.parent_backends() {
+            b.replace_node(to.clone());
+        }
+    }
+
     // ---- drain ---------------------------------------------------------------
 
     /// The drain closure of `roots`: their subtrees, plus every node above
@@ -497,6 +510,11 @@ impl Graph {
         let mut backends: Vec<Arc<BackendShared>> = Vec::new();
         for n in &nodes {
             for j in n.parent_jobs() {
+                // A job draining its own nodes (mirror before completing)
+                // is not paused by it: it would wait for itself.
+                if j.engine().is_current_job(&j) {
+                    continue;
+                }
                 if !jobs.iter().any(|x| Arc::ptr_eq(x, &j)) {
                     jobs.push(j);
                 }

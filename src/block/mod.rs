@@ -162,6 +162,19 @@ pub trait BlockDriver: Send + Sync + 'static {
     }
 }
 
+/// A filter on a node's guest writes (QEMU's mirror_top in write-blocking
+/// mode): guest writes that reach the node through a backend go through
+/// it instead of straight to the node.
+pub trait WriteFilter: Send + Sync {
+    /// Write `buf` at `offset` to `node` (and wherever else the filter
+    /// wants); the result is what the guest sees.
+    fn pwrite(&self, node: &Node, offset: u64, buf: &[u8]) -> Result<()>;
+    /// Write-zeroes through the filter.
+    fn pwrite_zeroes(&self, node: &Node, offset: u64, len: u64, may_unmap: bool) -> Result<()>;
+    /// Discard through the filter.
+    fn pdiscard(&self, node: &Node, offset: u64, len: u64) -> Result<()>;
+}
+
 /// Who may be quiesced when a node is drained.
 #[derive(Default)]
 struct Parents {
@@ -189,6 +202,7 @@ pub struct Node {
     /// `discard=unmap`: discards reach the driver (and dirty bitmaps).
     discard: AtomicBool,
     bitmaps: NodeBitmaps,
+    filter: arc_swap::ArcSwapOption<Box<dyn WriteFilter>>,
 }
 
 impl std::fmt::Debug for Node {
@@ -234,7 +248,18 @@ impl Node {
             detect_zeroes: AtomicU8::new(0),
             discard: AtomicBool::new(false),
             bitmaps: NodeBitmaps::default(),
+            filter: arc_swap::ArcSwapOption::empty(),
         })
+    }
+
+    /// The filter guest writes go through, if any.
+    pub fn write_filter(&self) -> Option<Arc<Box<dyn WriteFilter>>> {
+        self.filter.load_full()
+    }
+
+    /// Install (or with `None`, remove) the guest-write filter.
+    pub fn set_write_filter(&self, f: Option<Box<dyn WriteFilter>>) {
+        self.filter.store(f.map(Arc::new));
     }
 
     /// The node's dirty bitmaps.
@@ -503,6 +528,12 @@ impl Node {
             .iter()
             .filter(|(_, main)| *main)
             .find_map(|(w, _)| w.upgrade())
+    }
+
+    /// Any job that uses this node (QEMU's op blockers of block jobs).
+    pub fn any_job(&self) -> Option<Arc<Job>> {
+        let p = self.parents.lock().unwrap_or_else(|p| p.into_inner());
+        p.jobs.iter().find_map(|(w, _)| w.upgrade())
     }
 
     /// A job uses this node other than as its main node (e.g. a target).

@@ -3,6 +3,11 @@
 use super::*;
 
 impl Engine {
+    /// True on `job`'s own thread (a drain there must not wait for it).
+    pub fn is_current_job(&self, job: &Job) -> bool {
+        CURRENT_JOB.with(|c| c.get()) == job.key
+    }
+
     /// An internal pause (QEMU's `job_pause`): counted, not user-visible.
     pub fn pause(&self, job: &Job) {
         let mut g = self.lock();

@@ -1,0 +1,394 @@
+//! Copy operations on worker threads: the in-flight granule set, the
+//! buffer pool, and what happens when a request fails.
+//!
+//! The job thread dispatches operations; a fixed pool of workers performs
+//! them with buffers taken from a pool allocated once per run (no
+//! allocation per operation). Everything the job thread waits for is
+//! signalled on one condvar: an operation ended, a buffer came back, a
+//! granule range was released.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use super::Mirror;
+use crate::bitmap::named::BdrvDirtyBitmap;
+use crate::error::Error;
+use crate::job::Job;
+use crate::qapi::BlockErrorAction;
+
+/// What an operation does to its range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Method {
+    /// Read the source, write the target.
+    Copy,
+    /// The source reads as zeroes: make the target read as zeroes.
+    Zero,
+    /// The source is unallocated and not zero: discard on the target.
+    Discard,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Op {
+    pub offset: u64,
+    pub len: u64,
+    pub method: Method,
+}
+
+/// A buffer aligned to 4 KiB (usable for O_DIRECT), from an over-sized
+/// vector: no unsafe allocation needed.
+struct Buffer {
+    raw: Vec<u8>,
+    start: usize,
+}
+
+impl Buffer {
+    const ALIGN: usize = 4096;
+
+    fn new(len: usize) -> Buffer {
+        let raw = vec![0u8; len + Self::ALIGN];
+        let start = raw.as_ptr().align_offset(Self::ALIGN);
+        Buffer { raw, start }
+    }
+
+    fn slice(&mut self, len: usize) -> &mut [u8] {
+        &mut self.raw[self.start..self.start + len]
+    }
+}
+
+#[derive(Default)]
+struct State {
+    queue: VecDeque<Op>,
+    /// Operations dispatched and not finished.
+    ops: usize,
+    bytes: u64,
+    /// Write-blocking guest writes between their source and target write.
+    active_writes: usize,
+    active_bytes: u64,
+    /// One bit per granule held by an operation or an active write.
+    granules: Vec<u64>,
+    free_buffers: Vec<Buffer>,
+    /// The first error that must end the job (`report`).
+    error: Option<Error>,
+    stop: bool,
+}
+
+/// The copy machinery of one run.
+pub(crate) struct Copier {
+    mirror: Arc<Mirror>,
+    job: Arc<Job>,
+    pub bitmap: Arc<BdrvDirtyBitmap>,
+    state: Mutex<State>,
+    /// Job thread and active writers wait here; workers wait on `work`.
+    changed: Condvar,
+    work: Condvar,
+    workers: Mutex<Vec<JoinHandle<()>>>,
+    pub len: u64,
+}
+
+impl Copier {
+    pub fn new(
+        mirror: Arc<Mirror>,
+        job: Arc<Job>,
+        bitmap: Arc<BdrvDirtyBitmap>,
+        len: u64,
+    ) -> crate::Result<Arc<Copier>> {
+        let p = &mirror.params;
+        let nbuf = (p.buf_size / p.max_io).clamp(1, super::MAX_IN_FLIGHT as u64) as usize;
+        let granules = len.div_ceil(p.granularity).div_ceil(64) as usize;
+        let c = Arc::new(Copier {
+            state: Mutex::new(State {
+                granules: vec![0; granules.max(1)],
+                free_buffers: (0..nbuf).map(|_| Buffer::new(p.max_io as usize)).collect(),
+                ..State::default()
+            }),
+            mirror,
+            job,
+            bitmap,
+            changed: Condvar::new(),
+            work: Condvar::new(),
+            workers: Mutex::new(Vec::new()),
+            len,
+        });
+        let mut workers = Vec::new();
+        for i in 0..super::MAX_IN_FLIGHT {
+            let me = c.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("mirror-io{i}"))
+                .spawn(move || me.worker());
+            match spawned {
+                Ok(h) => workers.push(h),
+                Err(e) => {
+                    *c.workers.lock().unwrap_or_else(|p| p.into_inner()) = workers;
+                    c.shutdown();
+                    return Err(Error::from(e).prepend("Cannot start mirror I/O threads: "));
+                }
+            }
+        }
+        *c.workers.lock().unwrap_or_else(|p| p.into_inner()) = workers;
+        Ok(c)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Counters, a queue and a bitset: consistent after a panic elsewhere.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn wait<'a>(&self, g: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        self.changed.wait(g).unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn granule_range(&self, offset: u64, len: u64) -> (u64, u64) {
+        let g = self.mirror.params.granularity;
+        (offset / g, (offset + len).div_ceil(g))
+    }
+
+    fn any_held(s: &State, first: u64, end: u64) -> bool {
+        (first..end).any(|b| s.granules[(b / 64) as usize] & (1 << (b % 64)) != 0)
+    }
+
+    fn set_held(s: &mut State, first: u64, end: u64, held: bool) {
+        for b in first..end {
+            let w = &mut s.granules[(b / 64) as usize];
+            if held {
+                *w |= 1 << (b % 64);
+            } else {
+                *w &= !(1 << (b % 64));
+            }
+        }
+    }
+
+    // ---- what the job thread sees ------------------------------------------
+
+    /// (operations in flight, bytes in flight incl. active writes)
+    pub fn in_flight(&self) -> (usize, u64) {
+        let s = self.lock();
+        (s.ops, s.bytes + s.active_bytes)
+    }
+
+    /// A copy can be dispatched now (a slot and a buffer are free).
+    pub fn has_room(&self) -> bool {
+        let s = self.lock();
+        s.ops < super::MAX_IN_FLIGHT && !s.free_buffers.is_empty()
+    }
+
+    /// A forced cancel was requested.
+    pub fn job_cancelled(&self) -> bool {
+        self.job.is_cancelled()
+    }
+
+    /// The error that ends the job, if one happened.
+    pub fn error(&self) -> Option<Error> {
+        self.lock().error.clone()
+    }
+
+    /// Block until something changes (an operation ends).
+    pub fn wait_for_change(&self) {
+        let g = self.lock();
+        drop(self.wait(g));
+    }
+
+    /// Wait until no operation is in flight.
+    pub fn wait_all(&self) {
+        let mut g = self.lock();
+        while g.ops > 0 {
+            g = self.wait(g);
+        }
+    }
+
+    /// Claim the run of dirty granules starting at granule `first` (up to
+    /// `max_len` bytes) that nothing holds: mark them held. `None` when the
+    /// first granule is held (the caller waits for it to be released).
+    pub fn claim(&self, offset: u64, max_len: u64) -> Option<(u64, u64)> {
+        let g = self.mirror.params.granularity;
+        let first = offset / g;
+        let nbits = self.len.div_ceil(g);
+        let max_granules = (max_len / g).max(1);
+        let mut s = self.lock();
+        if Self::any_held(&s, first, first + 1) {
+            return None;
+        }
+        let mut end = first + 1;
+        while end < nbits
+            && end - first < max_granules
+            && self.bitmap.bits().test(end * g)
+            && !Self::any_held(&s, end, end + 1)
+        {
+            end += 1;
+        }
+        Self::set_held(&mut s, first, end, true);
+        let start = first * g;
+        Some((start, (end * g).min(self.len) - start))
+    }
+
+    /// Wait until the granule at `offset` is no longer held.
+    pub fn wait_released(&self, offset: u64) {
+        let b = offset / self.mirror.params.granularity;
+        let mut s = self.lock();
+        while Self::any_held(&s, b, b + 1) {
+            s = self.wait(s);
+        }
+    }
+
+    /// Queue an operation on a claimed range (waiting for a slot and, for
+    /// a copy, a buffer).
+    pub fn dispatch(&self, op: Op) {
+        let mut s = self.lock();
+        while s.ops >= super::MAX_IN_FLIGHT
+            || (op.method == Method::Copy && s.free_buffers.is_empty())
+        {
+            s = self.wait(s);
+        }
+        s.ops += 1;
+        s.bytes += op.len;
+        s.queue.push_back(op);
+        drop(s);
+        self.work.notify_one();
+    }
+
+    // ---- active writes (write-blocking mode) --------------------------------
+
+    /// Hold the granules of a guest write (waiting for operations on them).
+    pub fn begin_active_write(&self, offset: u64, len: u64) {
+        let (first, end) = self.granule_range(offset, len);
+        let mut s = self.lock();
+        while Self::any_held(&s, first, end) {
+            s = self.wait(s);
+        }
+        Self::set_held(&mut s, first, end, true);
+        s.active_writes += 1;
+        s.active_bytes += len;
+    }
+
+    /// Release them.
+    pub fn end_active_write(&self, offset: u64, len: u64) {
+        let (first, end) = self.granule_range(offset, len);
+        let mut s = self.lock();
+        Self::set_held(&mut s, first, end, false);
+        s.active_writes -= 1;
+        s.active_bytes -= len;
+        drop(s);
+        self.changed.notify_all();
+    }
+
+    /// A request of ours failed: the range is dirty again, and the
+    /// policy decides. `report` records the job's error (the first wins).
+    pub fn failed(&self, offset: u64, len: u64, is_read: bool, e: Error) {
+        self.bitmap.bits().set_range(offset, len);
+        self.mirror
+            .actively_synced
+            .store(false, crate::sync::Ordering::SeqCst);
+        let p = &self.mirror.params;
+        let policy = if is_read {
+            p.on_source_error
+        } else {
+            p.on_target_error
+        };
+        let errno = e.errno().unwrap_or(libc::EIO);
+        if self.job.error_action(policy, is_read, errno) == BlockErrorAction::Report {
+            let mut s = self.lock();
+            if s.error.is_none() {
+                s.error = Some(Error::from_errno(errno));
+            }
+        }
+    }
+
+    // ---- workers ------------------------------------------------------------
+
+    fn worker(self: Arc<Self>) {
+        loop {
+            let (op, buf) = {
+                let mut s = self.lock();
+                loop {
+                    if let Some(op) = s.queue.pop_front() {
+                        let buf = match op.method {
+                            Method::Copy => s.free_buffers.pop(),
+                            Method::Zero | Method::Discard => None,
+                        };
+                        break (op, buf);
+                    }
+                    if s.stop {
+                        return;
+                    }
+                    s = self.work.wait(s).unwrap_or_else(|p| p.into_inner());
+                }
+            };
+            let buf = self.perform(op, buf);
+            let (first, end) = self.granule_range(op.offset, op.len);
+            let mut s = self.lock();
+            if let Some(b) = buf {
+                s.free_buffers.push(b);
+            }
+            Self::set_held(&mut s, first, end, false);
+            s.ops -= 1;
+            s.bytes -= op.len;
+            drop(s);
+            self.changed.notify_all();
+        }
+    }
+
+    fn perform(&self, op: Op, mut buf: Option<Buffer>) -> Option<Buffer> {
+        let m = &self.mirror;
+        let done = match op.method {
+            Method::Copy => {
+                let b = buf
+                    .as_mut()
+                    .expect("dispatch reserved a buffer")
+                    .slice(op.len as usize);
+                match m.source.pread(op.offset, b) {
+                    Err(e) => {
+                        self.failed(op.offset, op.len, true, e);
+                        false
+                    }
+                    Ok(()) => match m.target.pwrite(op.offset, b) {
+                        Err(e) => {
+                            self.failed(op.offset, op.len, false, e);
+                            false
+                        }
+                        Ok(()) => true,
+                    },
+                }
+            }
+            Method::Zero => {
+                // A target that already reads as zeroes there (a fresh
+                // sparse file) needs no write: holes stay holes.
+                let already = m
+                    .target
+                    .block_status(op.offset, op.len)
+                    .is_ok_and(|st| st.zero && st.len >= op.len);
+                match if already {
+                    Ok(())
+                } else {
+                    m.target.pwrite_zeroes(op.offset, op.len, m.params.unmap)
+                } {
+                    Err(e) => {
+                        self.failed(op.offset, op.len, false, e);
+                        false
+                    }
+                    Ok(()) => true,
+                }
+            }
+            Method::Discard => match m.target.pdiscard(op.offset, op.len) {
+                Err(e) => {
+                    self.failed(op.offset, op.len, false, e);
+                    false
+                }
+                Ok(()) => true,
+            },
+        };
+        if done {
+            self.job.progress_update(op.len);
+        }
+        buf
+    }
+
+    /// Stop and join the workers (after `wait_all`).
+    pub fn shutdown(&self) {
+        self.lock().stop = true;
+        self.work.notify_all();
+        let workers = std::mem::take(&mut *self.workers.lock().unwrap_or_else(|p| p.into_inner()));
+        for w in workers {
+            let _ = w.join();
+        }
+    }
+}

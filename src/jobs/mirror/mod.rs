@@ -1,0 +1,298 @@
+//! The mirror job (QEMU's `blockdev-mirror`): copy a node to a target
+//! while the guest keeps writing, reach READY, then pivot the guest to the
+//! target on `complete` (or leave a consistent copy on a soft cancel).
+//!
+//! Layout: this file checks the arguments as QEMU does and creates the
+//! job; `run` is the job thread's loop (QEMU's `mirror_run`); `copy` holds
+//! the copy operations, the worker threads that run them, the in-flight
+//! ranges and the buffers; `active` is the write-blocking filter.
+//!
+//! # No stale data on the target
+//! 1. A granule is copied by at most one operation at a time, and a
+//!    write-blocking guest write to a granule waits for (and blocks) the
+//!    copy of it: both hold the granule in the in-flight set.
+//! 2. The job clears a granule's dirty bit before it reads it; a guest
+//!    write sets the bit after its data is in the source. So a write that
+//!    lands after the read started leaves its bit set, and the granule is
+//!    copied again later; the last copy of every granule reads data at
+//!    least as new as the last write that dirtied it.
+//! 3. The job reaches READY (and completes) only with no dirty bit and
+//!    nothing in flight, and completes inside a drained section of the
+//!    source, so no guest write can slip in between the last check and
+//!    the pivot.
+
+mod active;
+mod copy;
+mod run;
+
+use std::sync::{Arc, Mutex};
+
+use crate::block::Node;
+use crate::block::graph::{DrainSection, Graph};
+use crate::context::Context;
+use crate::error::{Error, Result};
+use crate::job::{JOB_MANUAL_DISMISS, JOB_MANUAL_FINALIZE, Job, JobDriver};
+use crate::qapi::{BlockdevOnError, JobType, MirrorCopyMode, MirrorSyncMode};
+use crate::sync::{AtomicBool, Ordering};
+
+/// QEMU's default buffer: 16 requests of 1 MiB.
+pub const DEFAULT_BUF_SIZE: u64 = 16 << 20;
+/// At most this many copy operations in flight.
+pub const MAX_IN_FLIGHT: usize = 16;
+/// A copy operation covers at most this (or `buf_size / 16`, if larger).
+pub const MAX_IO_BYTES: u64 = 1 << 20;
+
+/// `blockdev-mirror` arguments, with QEMU's names and defaults.
+#[derive(Debug, Clone)]
+pub struct MirrorOptions {
+    /// `job-id`; default: the source's device name.
+    pub job_id: Option<String>,
+    /// `device`: the source node (or device) name.
+    pub device: String,
+    /// `target`: the target node name.
+    pub target: String,
+    /// `sync`: `full`, `top` (= full without a backing file), `none`.
+    pub sync: MirrorSyncMode,
+    /// `granularity`: bytes per dirty bit; 0 = the target's default.
+    pub granularity: u64,
+    /// `buf-size`: bytes of copy buffers; 0 = 16 MiB.
+    pub buf_size: i64,
+    /// `speed`: bytes per second, 0 = unlimited.
+    pub speed: i64,
+    /// `on-source-error` (default report).
+    pub on_source_error: BlockdevOnError,
+    /// `on-target-error` (default report).
+    pub on_target_error: BlockdevOnError,
+    /// `copy-mode` (default background).
+    pub copy_mode: MirrorCopyMode,
+    /// `auto-finalize` (default true).
+    pub auto_finalize: bool,
+    /// `auto-dismiss` (default true).
+    pub auto_dismiss: bool,
+    /// `unmap`: zero ranges may be deallocated on the target (default true).
+    pub unmap: bool,
+    /// `replaces`: not supported yet (refused).
+    pub replaces: Option<String>,
+    /// `filter-node-name`: accepted; we have no filter node to name.
+    pub filter_node_name: Option<String>,
+}
+
+impl MirrorOptions {
+    /// Options with QEMU's defaults for everything optional.
+    pub fn new(device: &str, target: &str, sync: MirrorSyncMode) -> Self {
+        MirrorOptions {
+            job_id: None,
+            device: device.into(),
+            target: target.into(),
+            sync,
+            granularity: 0,
+            buf_size: 0,
+            speed: 0,
+            on_source_error: BlockdevOnError::Report,
+            on_target_error: BlockdevOnError::Report,
+            copy_mode: MirrorCopyMode::Background,
+            auto_finalize: true,
+            auto_dismiss: true,
+            unmap: true,
+            replaces: None,
+            filter_node_name: None,
+        }
+    }
+}
+
+/// The parameters the job runs with, after QEMU's checks and defaults.
+#[derive(Debug, Clone)]
+pub(crate) struct Params {
+    pub granularity: u64,
+    pub buf_size: u64,
+    pub max_io: u64,
+    pub sync: MirrorSyncMode,
+    pub on_source_error: BlockdevOnError,
+    pub on_target_error: BlockdevOnError,
+    pub unmap: bool,
+}
+
+/// The mirror's driver state, shared by the job and the filter.
+pub(crate) struct Mirror {
+    pub graph: Arc<Graph>,
+    pub source: Arc<Node>,
+    pub target: Arc<Node>,
+    pub params: Params,
+    /// `copy-mode`: 0 background, 1 write-blocking (it can only go up).
+    pub write_blocking: AtomicBool,
+    /// `block-job-complete` was accepted.
+    pub should_complete: AtomicBool,
+    /// The target is kept in sync by active writes (query field).
+    pub actively_synced: AtomicBool,
+    /// The run in progress: its copy machinery (for pause and the filter).
+    pub running: Mutex<Option<Arc<copy::Copier>>>,
+    /// The drained section the job completed in, ended in `clean`.
+    pub drained: Mutex<Option<DrainSection>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Plain slots: still consistent after a panic elsewhere.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl JobDriver for Arc<Mirror> {
+    fn job_type(&self) -> JobType {
+        JobType::Mirror
+    }
+
+    fn run(&self, job: &Arc<Job>) -> Result<()> {
+        run::run(self, job)
+    }
+
+    fn pause(&self, _job: &Job) {
+        // QEMU's mirror_pause: no request of ours in flight while paused.
+        if let Some(c) = lock(&self.running).clone() {
+            c.wait_all();
+        }
+    }
+
+    fn supports_complete(&self) -> bool {
+        true
+    }
+
+    fn complete(&self, job: &Job) -> Result<()> {
+        if !job.is_ready() {
+            return Err(Error::generic(format!(
+                "The active block job '{}' cannot be completed",
+                job.id_str()
+            )));
+        }
+        // SeqCst: read by the job thread after it is kicked; the kick's
+        // lock handover orders it anyway, this keeps the reasoning local.
+        self.should_complete.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn cancel(&self, job: &Job, force: bool) -> bool {
+        // Before READY every cancel is a forced cancel.
+        force || !job.is_ready()
+    }
+
+    fn commit(&self, _job: &Job) {
+        // Success: pivot only for `complete`, not for a soft cancel.
+        if self.should_complete.load(Ordering::SeqCst) {
+            self.graph.replace_node(&self.source, &self.target);
+        }
+    }
+
+    fn clean(&self, _job: &Job) {
+        let d = lock(&self.drained).take();
+        if let Some(d) = d {
+            self.graph.drained_end(d);
+        }
+    }
+
+    fn actively_synced(&self, _job: &Job) -> Option<bool> {
+        Some(self.actively_synced.load(Ordering::SeqCst))
+    }
+}
+
+/// `blockdev-mirror`: check the arguments as QEMU does, create the job and
+/// start it.
+pub fn blockdev_mirror(ctx: &Context, o: MirrorOptions) -> Result<Arc<Job>> {
+    let graph = ctx.graph();
+    let source = graph.lookup(&o.device)?;
+    if graph.has_parent_node(&source)
+        || source
+            .main_job()
+            .is_some_and(|j| j.job_type() == JobType::Mirror)
+    {
+        return Err(Error::generic("Need a root block node"));
+    }
+    let target = graph.lookup(&o.target)?;
+    if o.granularity != 0 && !(512..=(64 << 20)).contains(&o.granularity) {
+        return Err(Error::generic(
+            "Parameter 'granularity' expects a value in range [512B, 64MB]",
+        ));
+    }
+    if o.granularity & o.granularity.wrapping_sub(1) != 0 {
+        return Err(Error::generic(
+            "Parameter 'granularity' expects a power of 2",
+        ));
+    }
+    for n in [&source, &target] {
+        if let Some(j) = n.any_job() {
+            return Err(Error::generic(format!(
+                "Node '{}' is busy: block device is in use by block job: {}",
+                n.name(),
+                j.job_type()
+            )));
+        }
+    }
+    let sync = match o.sync {
+        MirrorSyncMode::Incremental | MirrorSyncMode::Bitmap => {
+            return Err(Error::generic(format!(
+                "Sync mode '{}' not supported",
+                o.sync
+            )));
+        }
+        // No backing files yet: `top` is `full`, as QEMU does without one.
+        MirrorSyncMode::Top => MirrorSyncMode::Full,
+        s => s,
+    };
+    let granularity = match o.granularity {
+        0 => crate::bitmap::named::default_granularity(&target),
+        g => g,
+    };
+    if o.buf_size < 0 {
+        return Err(Error::generic("Invalid parameter 'buf-size'"));
+    }
+    let buf_size = match o.buf_size as u64 {
+        0 => DEFAULT_BUF_SIZE,
+        b => b,
+    }
+    .div_ceil(granularity)
+        * granularity;
+    if Arc::ptr_eq(&source, &target) {
+        return Err(Error::generic("Can't mirror node into itself"));
+    }
+    if o.replaces.is_some() {
+        return Err(Error::generic(
+            "Parameter 'replaces' is not supported by blockjob yet",
+        ));
+    }
+    let mirror = Arc::new(Mirror {
+        graph: graph.clone(),
+        source: source.clone(),
+        target: target.clone(),
+        params: Params {
+            granularity,
+            buf_size,
+            max_io: (buf_size / MAX_IN_FLIGHT as u64)
+                .max(MAX_IO_BYTES)
+                .min(buf_size),
+            sync,
+            on_source_error: o.on_source_error,
+            on_target_error: o.on_target_error,
+            unmap: o.unmap,
+        },
+        write_blocking: AtomicBool::new(o.copy_mode == MirrorCopyMode::WriteBlocking),
+        should_complete: AtomicBool::new(false),
+        actively_synced: AtomicBool::new(false),
+        running: Mutex::new(None),
+        drained: Mutex::new(None),
+    });
+    let mut flags = 0;
+    if !o.auto_finalize {
+        flags |= JOB_MANUAL_FINALIZE;
+    }
+    if !o.auto_dismiss {
+        flags |= JOB_MANUAL_DISMISS;
+    }
+    let job = ctx.block_job_create(
+        o.job_id.as_deref(),
+        Some(&o.device),
+        Box::new(mirror),
+        o.speed,
+        flags,
+        None,
+    )?;
+    target.attach_job(&job, false);
+    job.start()?;
+    Ok(job)
+}

@@ -1,0 +1,217 @@
+//! The mirror job's thread: QEMU's `mirror_run` loop in our words.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::copy::{Copier, Method, Op};
+use super::{Mirror, active, lock};
+use crate::error::{Error, Result};
+use crate::job::Job;
+use crate::job::ratelimit::BLOCK_JOB_SLICE;
+use crate::qapi::{BlockDeviceIoStatus, MirrorSyncMode};
+use crate::sync::Ordering;
+
+/// Flush the target; a failure goes through on-target-error (false: it
+/// failed; a `report` is then the job's error, found at the loop's top).
+fn flush_target(m: &Mirror, c: &Copier) -> bool {
+    match m.target.flush() {
+        Ok(()) => true,
+        Err(e) => {
+            c.failed(0, 0, false, e);
+            false
+        }
+    }
+}
+
+/// Mark what the source has allocated (sync full: everything the guest
+/// sees; none: nothing).
+fn initial_dirty(m: &Mirror, job: &Job, c: &Copier) -> Result<()> {
+    if m.params.sync == MirrorSyncMode::None {
+        return Ok(());
+    }
+    let mut off = 0;
+    while off < c.len {
+        if job.is_cancelled() {
+            return Ok(());
+        }
+        let st = m.source.block_status(off, c.len - off)?;
+        if st.allocated || st.data || st.zero {
+            c.bitmap.bits().set_range(off, st.len);
+        }
+        off += st.len;
+    }
+    Ok(())
+}
+
+/// One pass over the next dirty area (QEMU's `mirror_iteration`): claim a
+/// run of dirty granules nothing else holds, clear their bits, and hand
+/// them to the workers split by what the source holds there.
+fn iteration(m: &Mirror, job: &Job, c: &Copier, cursor: &mut u64) {
+    let bits = c.bitmap.bits();
+    let offset = match bits.next_dirty(*cursor).or_else(|| bits.next_dirty(0)) {
+        Some(o) => o,
+        None => return,
+    };
+    let g = m.params.granularity;
+    let offset = offset / g * g;
+    let Some((start, len)) = c.claim(offset, m.params.buf_size.min(m.params.max_io * 16)) else {
+        // Something works on that granule: let it finish, then look again.
+        c.wait_released(offset);
+        return;
+    };
+    // Clear before looking at the source: a write that lands from here on
+    // dirties the granule again.
+    bits.reset_range(start, len);
+    *cursor = start + len;
+    let mut off = start;
+    let end = start + len;
+    while off < end {
+        let left = end - off;
+        // QEMU's rule: copy by default; zero or discard only a region the
+        // source holds no data in that spans whole granules. A zero region
+        // smaller than a granule is copied (the rest of the granule may
+        // hold data).
+        let (mut io, hole) = match m.source.block_status(off, left) {
+            Err(_) => (left, None),
+            Ok(st) if st.data => (st.len, None),
+            Ok(st) => (st.len, Some(st.zero)),
+        };
+        io -= io % g;
+        let method = match hole {
+            Some(zero) if io >= g => {
+                if zero {
+                    Method::Zero
+                } else {
+                    Method::Discard
+                }
+            }
+            _ => {
+                io = io.clamp(g, m.params.max_io.max(g));
+                Method::Copy
+            }
+        };
+        // The node may end inside the last granule.
+        let io = io.min(left);
+        c.dispatch(Op {
+            offset: off,
+            len: io,
+            method,
+        });
+        // Zero writes with unmap are nearly free; they do not count
+        // against the speed limit, as in QEMU.
+        let charged = match method {
+            Method::Copy => io,
+            Method::Zero | Method::Discard => {
+                if m.params.unmap && m.target.driver().supports_zero_unmap() {
+                    0
+                } else {
+                    io
+                }
+            }
+        };
+        job.ratelimit_processed(charged);
+        off += io;
+    }
+}
+
+pub(super) fn run(m: &Arc<Mirror>, job: &Arc<Job>) -> Result<()> {
+    let len = m.source.len()?;
+    if m.target.len()? != len {
+        return Err(
+            Error::generic("Source and target image have different sizes").with_errno(libc::EINVAL),
+        );
+    }
+    let bitmap = m.source.bitmaps().add_internal(len, m.params.granularity)?;
+    let c = match Copier::new(m.clone(), job.clone(), bitmap.clone(), len) {
+        Ok(c) => c,
+        Err(e) => {
+            m.source.bitmaps().remove_internal(&bitmap);
+            return Err(e);
+        }
+    };
+    *lock(&m.running) = Some(c.clone());
+    if m.write_blocking.load(Ordering::SeqCst) {
+        active::install(m, &c);
+    }
+    let r = main_loop(m, job, &c);
+    // Failed or cancelled: wait for what is in flight; done: nothing is.
+    c.wait_all();
+    active::remove(m);
+    c.shutdown();
+    *lock(&m.running) = None;
+    m.source.bitmaps().remove_internal(&bitmap);
+    r
+}
+
+fn main_loop(m: &Mirror, job: &Job, c: &Copier) -> Result<()> {
+    if c.len == 0 {
+        // Nothing to copy: ready at once, then wait for complete/cancel.
+        job.transition_to_ready()?;
+        m.actively_synced.store(true, Ordering::SeqCst);
+        while !m.should_complete.load(Ordering::SeqCst) && !job.cancel_requested() {
+            job.yield_now();
+        }
+        return Ok(());
+    }
+    initial_dirty(m, job, c)?;
+    let mut cursor = 0;
+    let mut last_pause = Instant::now();
+    loop {
+        if let Some(e) = c.error() {
+            return Err(e);
+        }
+        job.pause_point();
+        if job.is_cancelled() {
+            return Ok(());
+        }
+        let cnt = c.bitmap.bits().count();
+        let (ops, in_flight) = c.in_flight();
+        job.progress_set_remaining(in_flight + cnt);
+        // Yield every slice (so drains and pauses get through), on an
+        // error, or when the source is clean.
+        if last_pause.elapsed() < BLOCK_JOB_SLICE && job.iostatus() == BlockDeviceIoStatus::Ok {
+            if !c.has_room() || (cnt == 0 && ops > 0) {
+                c.wait_for_change();
+                continue;
+            } else if cnt != 0 {
+                iteration(m, job, c, &mut cursor);
+                continue;
+            }
+        }
+        let mut should_complete = false;
+        let mut cnt = cnt;
+        if ops == 0 && cnt == 0 {
+            if !job.is_ready() {
+                if !flush_target(m, c) {
+                    continue;
+                }
+                // From here a soft cancel completes with a consistent target.
+                job.transition_to_ready()?;
+            }
+            if m.write_blocking.load(Ordering::SeqCst) {
+                m.actively_synced.store(true, Ordering::SeqCst);
+            }
+            should_complete = m.should_complete.load(Ordering::SeqCst) || job.cancel_requested();
+            cnt = c.bitmap.bits().count();
+        }
+        if cnt == 0 && should_complete {
+            // Stop guest writes to the source, then check once more: the
+            // pivot happens inside this drained section (ended in clean).
+            let section = m.graph.drained_begin(std::slice::from_ref(&m.source));
+            if c.bitmap.bits().count() > 0 || !flush_target(m, c) {
+                m.graph.drained_end(section);
+                continue;
+            }
+            *lock(&m.drained) = Some(section);
+            return Ok(());
+        }
+        if job.is_ready() && !should_complete {
+            if c.in_flight().0 == 0 && cnt == 0 {
+                job.sleep_ns(BLOCK_JOB_SLICE.as_nanos() as u64);
+            }
+        } else {
+            job.ratelimit_sleep();
+        }
+        last_pause = Instant::now();
+    }
+}

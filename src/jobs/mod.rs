@@ -1,0 +1,4 @@
+//! Block jobs built on the engine: mirror (stream, commit and backup come
+//! later).
+
+pub mod mirror;

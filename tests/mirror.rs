@@ -1,0 +1,182 @@
+//! Mirror: complete, cancel, errors, and integrity under guest writes.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use blockjob::Context;
+use blockjob::block::backend::BackendOptions;
+use blockjob::events::EventData;
+use blockjob::jobs::mirror::MirrorOptions;
+use blockjob::qapi::{JobStatus, MirrorCopyMode, MirrorSyncMode};
+use serde_json::json;
+
+const MIB: u64 = 1 << 20;
+
+fn image(dir: &std::path::Path, name: &str, size: u64, fill: Option<u8>) -> std::path::PathBuf {
+    let p = dir.join(name);
+    let f = std::fs::File::create(&p).unwrap();
+    f.set_len(size).unwrap();
+    if let Some(b) = fill {
+        use std::os::unix::fs::FileExt;
+        let chunk = vec![b; MIB as usize];
+        for off in (0..size).step_by(MIB as usize * 2) {
+            f.write_all_at(&chunk[..MIB.min(size - off) as usize], off)
+                .unwrap();
+        }
+    }
+    p
+}
+
+fn raw(name: &str, path: &std::path::Path) -> serde_json::Value {
+    json!({"driver":"raw","node-name":name,"file":{"driver":"file","filename":path}})
+}
+
+fn summary(ev: &blockjob::events::Event) -> String {
+    match &ev.data {
+        EventData::JobStatusChange { status, .. } => format!("JSC:{status}"),
+        EventData::BlockJobReady(_) => "READY".into(),
+        EventData::BlockJobCompleted { error: None, .. } => "COMPLETED".into(),
+        EventData::BlockJobCompleted { error: Some(e), .. } => format!("COMPLETED({e})"),
+        EventData::BlockJobCancelled(_) => "CANCELLED".into(),
+        EventData::BlockJobError {
+            operation, action, ..
+        } => format!("ERR({operation},{action})"),
+        other => other.name().into(),
+    }
+}
+
+#[test]
+fn mirror_complete_pivots_and_copies() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = image(dir.path(), "src.raw", 32 * MIB, Some(0x5a));
+    let dst = image(dir.path(), "dst.raw", 32 * MIB, None);
+    let ctx = Context::new();
+    let ev = ctx.subscribe();
+    ctx.blockdev_add(&raw("src", &src)).unwrap();
+    ctx.blockdev_add(&raw("dst", &dst)).unwrap();
+    let blk = ctx
+        .blk_new(
+            "src",
+            BackendOptions {
+                name: "drive0".into(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let job = ctx
+        .blockdev_mirror(MirrorOptions::new("drive0", "dst", MirrorSyncMode::Full))
+        .unwrap();
+    assert_eq!(job.id(), Some("drive0"));
+    assert_eq!(
+        job.wait_status(Duration::from_secs(30), |s| s == JobStatus::Ready),
+        Some(JobStatus::Ready)
+    );
+    let info = job.query_block_job().unwrap();
+    assert_eq!(info.offset, info.len);
+    assert_eq!(info.actively_synced, Some(false));
+    job.complete().unwrap();
+    job.wait_status(Duration::from_secs(30), |s| s == JobStatus::Null)
+        .unwrap();
+    let s: Vec<String> = std::iter::from_fn(|| ev.try_next())
+        .map(|e| summary(&e))
+        .collect();
+    assert_eq!(
+        s,
+        [
+            "JSC:created",
+            "JSC:running",
+            "JSC:ready",
+            "READY",
+            "JSC:waiting",
+            "JSC:pending",
+            "COMPLETED",
+            "JSC:concluded",
+            "JSC:null"
+        ]
+    );
+    assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
+    // Pivoted: the guest now writes to the target.
+    assert_eq!(blk.node().name(), "dst");
+    blk.pwrite(0, &[1; 512]).unwrap();
+    assert_eq!(&std::fs::read(&dst).unwrap()[..512], &[1; 512]);
+    assert_eq!(std::fs::read(&src).unwrap()[0], 0x5a);
+}
+
+#[test]
+fn guest_writes_during_mirror_end_identical() {
+    for mode in [MirrorCopyMode::Background, MirrorCopyMode::WriteBlocking] {
+        for seed in 1..=3u64 {
+            let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+            let size = 64 * MIB;
+            let src = image(dir.path(), "src.raw", size, Some(0x11));
+            let dst = image(dir.path(), "dst.raw", size, None);
+            let ctx = Context::new();
+            ctx.blockdev_add(&raw("src", &src)).unwrap();
+            ctx.blockdev_add(&raw("dst", &dst)).unwrap();
+            let blk = Arc::new(ctx.blk_new("src", BackendOptions::default()).unwrap());
+            let mut o = MirrorOptions::new("src", "dst", MirrorSyncMode::Full);
+            o.job_id = Some("m".into());
+            o.copy_mode = mode;
+            o.granularity = 64 << 10;
+            let job = ctx.blockdev_mirror(o).unwrap();
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let writers: Vec<_> = (0..2u64)
+                .map(|t| {
+                    let blk = blk.clone();
+                    let stop = stop.clone();
+                    std::thread::spawn(move || {
+                        let mut x = seed * 7919 + t;
+                        let mut n = 0;
+                        // Background mode need not converge under a steady
+                        // stream of writes (as in QEMU): there the writers
+                        // stop after a burst. Write-blocking must converge,
+                        // so there they write until READY.
+                        let burst = mode == MirrorCopyMode::Background;
+                        while (burst && n < 3000)
+                            || (!burst && !stop.load(std::sync::atomic::Ordering::SeqCst))
+                            || n < 200
+                        {
+                            x = x
+                                .wrapping_mul(6364136223846793005)
+                                .wrapping_add(1442695040888963407);
+                            let len = 512 * (1 + (x >> 40) % 64);
+                            let off = ((x >> 8) % (size - len)) / 512 * 512;
+                            blk.pwrite(off, &vec![(x >> 56) as u8; len as usize])
+                                .unwrap();
+                            n += 1;
+                        }
+                        n
+                    })
+                })
+                .collect();
+            job.wait_status(Duration::from_secs(60), |s| s == JobStatus::Ready)
+                .unwrap_or_else(|| panic!("{mode:?} seed {seed}: never ready"));
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+            for w in writers {
+                w.join().unwrap();
+            }
+            job.complete().unwrap();
+            job.wait_status(Duration::from_secs(60), |s| s == JobStatus::Null)
+                .unwrap();
+            let a = std::fs::read(&src).unwrap();
+            let b = std::fs::read(&dst).unwrap();
+            if a != b {
+                let first = a.iter().zip(&b).position(|(x, y)| x != y).unwrap();
+                let last = a.len()
+                    - 1
+                    - a.iter()
+                        .rev()
+                        .zip(b.iter().rev())
+                        .position(|(x, y)| x != y)
+                        .unwrap();
+                let ndiff = a.iter().zip(&b).filter(|(x, y)| x != y).count();
+                panic!(
+                    "{mode:?} seed {seed}: source and target differ: first {first} last {last}, {ndiff} bytes; src {:x} dst {:x}",
+                    a[first], b[first]
+                );
+            }
+        }
+    }
+}
