@@ -167,7 +167,22 @@ impl Drop for Daemon {
             let _ = self.child.wait();
             return;
         }
-        let _ = self.qmp.execute("quit", json!({}));
+        // The daemon may have died (QEMU 10.0 has crashes of its own, e.g.
+        // on an empty bitmap merge): report it, do not panic in drop.
+        if let Ok(Some(status)) = self.child.try_wait() {
+            let stderr =
+                std::fs::read_to_string(self.dir.path().join("stderr")).unwrap_or_default();
+            eprintln!("qemu-storage-daemon had exited: {status}; stderr:\n{stderr}");
+            return;
+        }
+        let quit = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.qmp.execute("quit", json!({}))
+        }));
+        if quit.is_err() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            return;
+        }
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {

@@ -58,7 +58,8 @@ impl Buffer {
 
 #[derive(Default)]
 struct State {
-    queue: VecDeque<Op>,
+    /// Dispatched operations, each with the buffer reserved for it.
+    queue: VecDeque<(Op, Option<Buffer>)>,
     /// Operations dispatched and not finished.
     ops: usize,
     bytes: u64,
@@ -68,6 +69,10 @@ struct State {
     /// One bit per granule held by an operation or an active write.
     granules: Vec<u64>,
     free_buffers: Vec<Buffer>,
+    /// Counts every end of an operation or active write, so that the job
+    /// thread can wait for "something ended since I looked" without
+    /// missing a wake-up.
+    generation: u64,
     /// The first error that must end the job (`report`).
     error: Option<Error>,
     stop: bool,
@@ -160,10 +165,11 @@ impl Copier {
 
     // ---- what the job thread sees ------------------------------------------
 
-    /// (operations in flight, bytes in flight incl. active writes)
-    pub fn in_flight(&self) -> (usize, u64) {
+    /// (operations in flight, bytes in flight incl. active writes,
+    /// generation to pass to [`Self::wait_for_change`])
+    pub fn in_flight(&self) -> (usize, u64, u64) {
         let s = self.lock();
-        (s.ops, s.bytes + s.active_bytes)
+        (s.ops, s.bytes + s.active_bytes, s.generation)
     }
 
     /// A copy can be dispatched now (a slot and a buffer are free).
@@ -182,10 +188,13 @@ impl Copier {
         self.lock().error.clone()
     }
 
-    /// Block until something changes (an operation ends).
-    pub fn wait_for_change(&self) {
-        let g = self.lock();
-        drop(self.wait(g));
+    /// Block until an operation (or active write) ended after
+    /// `generation` was read.
+    pub fn wait_for_change(&self, generation: u64) {
+        let mut g = self.lock();
+        while g.generation == generation {
+            g = self.wait(g);
+        }
     }
 
     /// Wait until no operation is in flight.
@@ -239,9 +248,13 @@ impl Copier {
         {
             s = self.wait(s);
         }
+        let buf = match op.method {
+            Method::Copy => s.free_buffers.pop(),
+            Method::Zero | Method::Discard => None,
+        };
         s.ops += 1;
         s.bytes += op.len;
-        s.queue.push_back(op);
+        s.queue.push_back((op, buf));
         drop(s);
         self.work.notify_one();
     }
@@ -267,6 +280,7 @@ impl Copier {
         Self::set_held(&mut s, first, end, false);
         s.active_writes -= 1;
         s.active_bytes -= len;
+        s.generation += 1;
         drop(s);
         self.changed.notify_all();
     }
@@ -300,12 +314,8 @@ impl Copier {
             let (op, buf) = {
                 let mut s = self.lock();
                 loop {
-                    if let Some(op) = s.queue.pop_front() {
-                        let buf = match op.method {
-                            Method::Copy => s.free_buffers.pop(),
-                            Method::Zero | Method::Discard => None,
-                        };
-                        break (op, buf);
+                    if let Some(entry) = s.queue.pop_front() {
+                        break entry;
                     }
                     if s.stop {
                         return;
@@ -313,7 +323,19 @@ impl Copier {
                     s = self.work.wait(s).unwrap_or_else(|p| p.into_inner());
                 }
             };
-            let buf = self.perform(op, buf);
+            // A panic here (a bug) must not leave the operation counted
+            // forever: it fails the range like an I/O error would.
+            let buf = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.perform(op, buf)
+            })) {
+                Ok(b) => b,
+                Err(p) => {
+                    let e = Error::generic(crate::job::panic_text(&p)).with_errno(libc::EIO);
+                    self.failed(op.offset, op.len, false, e);
+                    Some(Buffer::new(self.mirror.params.max_io as usize))
+                        .filter(|_| op.method == Method::Copy)
+                }
+            };
             let (first, end) = self.granule_range(op.offset, op.len);
             let mut s = self.lock();
             if let Some(b) = buf {
@@ -322,6 +344,7 @@ impl Copier {
             Self::set_held(&mut s, first, end, false);
             s.ops -= 1;
             s.bytes -= op.len;
+            s.generation += 1;
             drop(s);
             self.changed.notify_all();
         }
@@ -333,7 +356,7 @@ impl Copier {
             Method::Copy => {
                 let b = buf
                     .as_mut()
-                    .expect("dispatch reserved a buffer")
+                    .expect("dispatch reserves a buffer for every copy")
                     .slice(op.len as usize);
                 match m.source.pread(op.offset, b) {
                     Err(e) => {

@@ -197,11 +197,9 @@ impl JobDriver for Arc<Mirror> {
 pub fn blockdev_mirror(ctx: &Context, o: MirrorOptions) -> Result<Arc<Job>> {
     let graph = ctx.graph();
     let source = graph.lookup(&o.device)?;
-    if graph.has_parent_node(&source)
-        || source
-            .main_job()
-            .is_some_and(|j| j.job_type() == JobType::Mirror)
-    {
+    // QEMU's qmp_get_root_bs: a node below another node, or used by a
+    // job (jobs are parents of their nodes), is not a root.
+    if graph.has_parent_node(&source) || source.any_job().is_some() {
         return Err(Error::generic("Need a root block node"));
     }
     let target = graph.lookup(&o.target)?;

@@ -164,14 +164,14 @@ fn main_loop(m: &Mirror, job: &Job, c: &Copier) -> Result<()> {
         if job.is_cancelled() {
             return Ok(());
         }
+        let (ops, in_flight, generation) = c.in_flight();
         let cnt = c.bitmap.bits().count();
-        let (ops, in_flight) = c.in_flight();
         job.progress_set_remaining(in_flight + cnt);
         // Yield every slice (so drains and pauses get through), on an
         // error, or when the source is clean.
         if last_pause.elapsed() < BLOCK_JOB_SLICE && job.iostatus() == BlockDeviceIoStatus::Ok {
             if !c.has_room() || (cnt == 0 && ops > 0) {
-                c.wait_for_change();
+                c.wait_for_change(generation);
                 continue;
             } else if cnt != 0 {
                 iteration(m, job, c, &mut cursor);
