@@ -266,6 +266,41 @@
 #define BJ_JOB_TYPE_SNAPSHOT_DELETE 8
 
 /**
+ * `top`
+ */
+#define BJ_MIRROR_SYNC_MODE_TOP 0
+
+/**
+ * `full`
+ */
+#define BJ_MIRROR_SYNC_MODE_FULL 1
+
+/**
+ * `none`
+ */
+#define BJ_MIRROR_SYNC_MODE_NONE 2
+
+/**
+ * `incremental` (backup only; mirror refuses it)
+ */
+#define BJ_MIRROR_SYNC_MODE_INCREMENTAL 3
+
+/**
+ * `bitmap` (backup only; mirror refuses it)
+ */
+#define BJ_MIRROR_SYNC_MODE_BITMAP 4
+
+/**
+ * `background`
+ */
+#define BJ_MIRROR_COPY_MODE_BACKGROUND 0
+
+/**
+ * `write-blocking`
+ */
+#define BJ_MIRROR_COPY_MODE_WRITE_BLOCKING 1
+
+/**
  * `JOB_STATUS_CHANGE`
  */
 #define BJ_EVENT_JOB_STATUS_CHANGE 0
@@ -329,6 +364,21 @@
  * Job creation flag: wait for dismiss (`auto-dismiss: false`).
  */
 #define BJ_JOB_MANUAL_DISMISS 4
+
+/**
+ * QEMU's default buffer: 16 requests of 1 MiB.
+ */
+#define DEFAULT_BUF_SIZE (16 << 20)
+
+/**
+ * At most this many copy operations in flight.
+ */
+#define MAX_IN_FLIGHT 16
+
+/**
+ * A copy operation covers at most this (or `buf_size / 16`, if larger).
+ */
+#define MAX_IO_BYTES (1 << 20)
 
 /**
  * A guest backend (opaque).
@@ -647,6 +697,75 @@ typedef struct {
    */
   int32_t actively_synced;
 } BjBlockJobInfo;
+
+/**
+ * `blockdev-mirror` arguments. Zero-initialise, set `size`, `device`,
+ * `target`; zero means QEMU's default everywhere (sync top, report,
+ * background, auto-finalize and auto-dismiss on, unmap on).
+ */
+typedef struct {
+  /**
+   * `sizeof(BjMirrorOptions)`.
+   */
+  uint32_t size;
+  /**
+   * `job-id` (NULL: the source's device name).
+   */
+  const char *job_id;
+  /**
+   * `device`: source node or device name.
+   */
+  const char *device;
+  /**
+   * `target`: target node name.
+   */
+  const char *target;
+  /**
+   * `sync`: `BJ_MIRROR_SYNC_MODE_*` (0 is `top`, which is `full`
+   * without a backing file).
+   */
+  int32_t sync;
+  /**
+   * `granularity` in bytes; 0 = the target's default.
+   */
+  int64_t granularity;
+  /**
+   * `buf-size` in bytes; 0 = 16 MiB.
+   */
+  int64_t buf_size;
+  /**
+   * `speed` in bytes/s; 0 = unlimited.
+   */
+  int64_t speed;
+  /**
+   * `on-source-error`: `BJ_BLOCKDEV_ON_ERROR_*`.
+   */
+  int32_t on_source_error;
+  /**
+   * `on-target-error`: `BJ_BLOCKDEV_ON_ERROR_*`.
+   */
+  int32_t on_target_error;
+  /**
+   * `copy-mode`: `BJ_MIRROR_COPY_MODE_*`.
+   */
+  int32_t copy_mode;
+  /**
+   * Set `auto-finalize: false`.
+   */
+  bool manual_finalize;
+  /**
+   * Set `auto-dismiss: false`.
+   */
+  bool manual_dismiss;
+  /**
+   * Set `unmap: false`.
+   */
+  bool no_unmap;
+  /**
+   * Reserved; must be zero.
+   */
+  uint64_t reserved[8];
+} BjMirrorOptions;
 
 /**
  * Callbacks of a host node. Return 0 or -errno (`get_length`: the size
@@ -1362,6 +1481,12 @@ BjJobTxn *bj_job_txn_new(BjContext *ctx, BjError **errp);
  * Drop the creator's reference and set `*txnp` to NULL.
  */
 void bj_job_txn_unref(BjJobTxn **txnp);
+
+/**
+ * `blockdev-mirror`: check the arguments as QEMU does, create the job,
+ * start it, and return a new reference to it.
+ */
+BjJob *bj_blockdev_mirror(BjContext *ctx, const BjMirrorOptions *opts, BjError **errp);
 
 /**
  * blockdev-add: create nodes from QEMU's JSON, e.g.

@@ -34,6 +34,11 @@ fn c_test_bitmap() {
 }
 
 #[test]
+fn c_test_mirror() {
+    run("test_mirror");
+}
+
+#[test]
 fn c_test_error_matrix() {
     run("test_error_matrix");
 }
@@ -83,6 +88,7 @@ fn at_least_forty_c_cases() {
         "test_backend",
         "test_error_matrix",
         "test_bitmap",
+        "test_mirror",
     ]
     .iter()
     .map(|n| declared_cases(n))

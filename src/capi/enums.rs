@@ -111,6 +111,22 @@ pub const BJ_JOB_TYPE_SNAPSHOT_LOAD: i32 = 6;
 pub const BJ_JOB_TYPE_SNAPSHOT_SAVE: i32 = 7;
 /// `snapshot-delete`
 pub const BJ_JOB_TYPE_SNAPSHOT_DELETE: i32 = 8;
+// ---- MirrorSyncMode ----
+/// `top`
+pub const BJ_MIRROR_SYNC_MODE_TOP: i32 = 0;
+/// `full`
+pub const BJ_MIRROR_SYNC_MODE_FULL: i32 = 1;
+/// `none`
+pub const BJ_MIRROR_SYNC_MODE_NONE: i32 = 2;
+/// `incremental` (backup only; mirror refuses it)
+pub const BJ_MIRROR_SYNC_MODE_INCREMENTAL: i32 = 3;
+/// `bitmap` (backup only; mirror refuses it)
+pub const BJ_MIRROR_SYNC_MODE_BITMAP: i32 = 4;
+// ---- MirrorCopyMode ----
+/// `background`
+pub const BJ_MIRROR_COPY_MODE_BACKGROUND: i32 = 0;
+/// `write-blocking`
+pub const BJ_MIRROR_COPY_MODE_WRITE_BLOCKING: i32 = 1;
 // ---- (event kind) ----
 /// `JOB_STATUS_CHANGE`
 pub const BJ_EVENT_JOB_STATUS_CHANGE: i32 = 0;
@@ -238,12 +254,36 @@ pub extern "C" fn bj_error_class_str(value: i32) -> *const c_char {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::qapi::{MirrorCopyMode, MirrorSyncMode};
     use std::ffi::CStr;
 
     fn s(p: *const c_char) -> &'static str {
         assert!(!p.is_null());
         // SAFETY: the pointers come from the static tables above.
         unsafe { CStr::from_ptr(p) }.to_str().unwrap()
+    }
+
+    #[test]
+    fn mirror_constants_match_the_rust_enums() {
+        let sync = [
+            (BJ_MIRROR_SYNC_MODE_TOP, "top"),
+            (BJ_MIRROR_SYNC_MODE_FULL, "full"),
+            (BJ_MIRROR_SYNC_MODE_NONE, "none"),
+            (BJ_MIRROR_SYNC_MODE_INCREMENTAL, "incremental"),
+            (BJ_MIRROR_SYNC_MODE_BITMAP, "bitmap"),
+        ];
+        for (v, name) in sync {
+            assert_eq!(MirrorSyncMode::from_index(v).unwrap().as_str(), name);
+        }
+        assert_eq!(MirrorSyncMode::ALL.len(), sync.len());
+        let copy = [
+            (BJ_MIRROR_COPY_MODE_BACKGROUND, "background"),
+            (BJ_MIRROR_COPY_MODE_WRITE_BLOCKING, "write-blocking"),
+        ];
+        for (v, name) in copy {
+            assert_eq!(MirrorCopyMode::from_index(v).unwrap().as_str(), name);
+        }
+        assert_eq!(MirrorCopyMode::ALL.len(), copy.len());
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod enums;
 pub mod error;
 pub mod events;
 pub mod job;
+pub mod mirror;
 pub mod node;
 
 use std::ffi::{CStr, c_char, c_void};

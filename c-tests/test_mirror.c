@@ -1,0 +1,448 @@
+/*
+ * The mirror job through the C ABI (bj_blockdev_mirror): the lifecycles
+ * and error cases of ../shared/spec/traces (recorded from
+ * qemu-storage-daemon 10.0.2 on 4 MiB raw images filled with 0x5a) event
+ * for event, pivot of a guest backend on complete, QEMU's argument
+ * errors, and guest writes during a write-blocking mirror.
+ */
+#include <pthread.h>
+
+#include "util.h"
+
+#define SIZE (4 << 20)
+#define G (BJ_ERROR_CLASS_GENERIC_ERROR)
+
+/* Event summaries of the golden traces (their "event_summary"). */
+#define GOLDEN_COMPLETE                                                        \
+    "JSC:created JSC:running JSC:ready READY JSC:waiting JSC:pending "         \
+    "COMPLETED JSC:concluded JSC:null"
+#define GOLDEN_FORCE_CANCEL_AFTER_READY                                        \
+    "JSC:created JSC:running JSC:ready READY JSC:aborting CANCELLED "          \
+    "JSC:concluded JSC:null"
+#define GOLDEN_SRC_READ_EIO_IGNORE_ONCE                                        \
+    "JSC:created JSC:running ERR(read,ignore) JSC:ready READY JSC:waiting "    \
+    "JSC:pending COMPLETED JSC:concluded JSC:null"
+#define GOLDEN_SRC_READ_EIO_REPORT                                             \
+    "JSC:created JSC:running ERR(read,report) ERR(read,report) "               \
+    "ERR(read,report) ERR(read,report) JSC:aborting "                          \
+    "COMPLETED(Input/output error) JSC:concluded JSC:null"
+#define GOLDEN_TGT_WRITE_ENOSPC_STOP                                           \
+    "JSC:created JSC:running ERR(write,stop) JSC:paused JSC:running "          \
+    "JSC:ready READY JSC:waiting JSC:pending COMPLETED JSC:concluded JSC:null"
+
+static char src_path[1024], tgt_path[1024];
+
+/* A fresh context with src (0x5a) and a sparse tgt of SIZE bytes; either
+ * side may get one blkdebug rule. */
+static BjContext *setup(const char *src_event, const char *tgt_event, int err_no, int once)
+{
+    BjContext *ctx = new_ctx();
+    make_image(src_path, sizeof(src_path), "mirror-src.img", SIZE, 0x5a);
+    make_image(tgt_path, sizeof(tgt_path), "mirror-tgt.img", SIZE, 0);
+    add_raw(ctx, "src", src_path, src_event, err_no, once);
+    add_raw(ctx, "tgt", tgt_path, tgt_event, err_no, once);
+    return ctx;
+}
+
+static BjMirrorOptions defaults(void)
+{
+    BjMirrorOptions o;
+    memset(&o, 0, sizeof(o));
+    o.size = sizeof(o);
+    o.job_id = "job0";
+    o.device = "src";
+    o.target = "tgt";
+    o.sync = BJ_MIRROR_SYNC_MODE_FULL;
+    return o;
+}
+
+static BjJob *start(BjContext *ctx, const BjMirrorOptions *o)
+{
+    BjError *err = NULL;
+    BjJob *job = bj_blockdev_mirror(ctx, o, &err);
+    CHECK_NO_ERR(err);
+    CHECK(job);
+    return job;
+}
+
+/* Collect events until JSC:null (or a 10 s silence). */
+static void trace_until_null(BjContext *ctx, Trace *t)
+{
+    BjEvent *ev;
+    while ((ev = next_event(ctx, 10000))) {
+        int last = ev->kind == BJ_EVENT_JOB_STATUS_CHANGE && ev->status == BJ_JOB_STATUS_NULL;
+        trace_add(t, ev);
+        bj_event_free(&ev);
+        if (last) {
+            return;
+        }
+    }
+    FAIL("no JSC:null; got: %s", t->text);
+}
+
+/* Collect events until BLOCK_JOB_READY. */
+static void trace_until_ready(BjContext *ctx, Trace *t)
+{
+    BjEvent *ev;
+    while ((ev = next_event(ctx, 10000))) {
+        int ready = ev->kind == BJ_EVENT_BLOCK_JOB_READY;
+        trace_add(t, ev);
+        bj_event_free(&ev);
+        if (ready) {
+            return;
+        }
+    }
+    FAIL("no READY; got: %s", t->text);
+}
+
+static int file_byte(const char *path, long long off)
+{
+    unsigned char c = 0;
+    int fd = open(path, O_RDONLY);
+    CHECK(fd >= 0);
+    CHECK(pread(fd, &c, 1, off) == 1);
+    close(fd);
+    return c;
+}
+
+static void complete_pivots_the_guest(void)
+{
+    BjContext *ctx = setup(NULL, NULL, 0, 0);
+    BjMirrorOptions o = defaults();
+    BjBlockBackendOptions bo;
+    BjBlockBackend *blk;
+    BjError *err = NULL;
+    BjJob *job;
+    Trace t = { "", 0 };
+    char buf[4096];
+
+    memset(&bo, 0, sizeof(bo));
+    bo.size = sizeof(bo);
+    bo.name = "vda";
+    blk = bj_blk_new(ctx, "src", &bo, &err);
+    CHECK_NO_ERR(err);
+    job = start(ctx, &o);
+    trace_until_ready(ctx, &t);
+    /* A guest write after READY reaches the target before the pivot. */
+    memset(buf, 0xa5, sizeof(buf));
+    CHECK_INT(bj_blk_pwrite(blk, 1 << 20, buf, sizeof(buf), NULL, &err), 0);
+    CHECK_NO_ERR(err);
+    CHECK(bj_job_complete(job, &err));
+    CHECK_NO_ERR(err);
+    trace_until_null(ctx, &t);
+    CHECK_STR(t.text, GOLDEN_COMPLETE);
+    CHECK(files_equal(src_path, tgt_path));
+    /* After the pivot the guest writes to the target only. */
+    memset(buf, 0x33, sizeof(buf));
+    CHECK_INT(bj_blk_pwrite(blk, 0, buf, sizeof(buf), NULL, &err), 0);
+    CHECK_NO_ERR(err);
+    CHECK_INT(bj_blk_flush(blk, NULL, &err), 0);
+    CHECK_INT(file_byte(tgt_path, 0), 0x33);
+    CHECK_INT(file_byte(src_path, 0), 0x5a);
+    CHECK_INT(file_byte(tgt_path, 1 << 20), 0xa5);
+    bj_job_unref(&job);
+    bj_blk_free(&blk);
+    bj_context_free(&ctx);
+}
+
+static void soft_cancel_after_ready_completes_without_pivot(void)
+{
+    BjContext *ctx = setup(NULL, NULL, 0, 0);
+    BjMirrorOptions o = defaults();
+    BjBlockBackend *blk;
+    BjError *err = NULL;
+    BjJob *job;
+    Trace t = { "", 0 };
+    char buf[512];
+
+    blk = bj_blk_new(ctx, "src", NULL, &err);
+    CHECK_NO_ERR(err);
+    job = start(ctx, &o);
+    trace_until_ready(ctx, &t);
+    CHECK(bj_job_user_cancel(job, false, &err));
+    CHECK_NO_ERR(err);
+    trace_until_null(ctx, &t);
+    /* QEMU: a soft cancel after READY is a success without pivot. */
+    CHECK_STR(t.text, GOLDEN_COMPLETE);
+    CHECK(files_equal(src_path, tgt_path));
+    memset(buf, 0x11, sizeof(buf));
+    CHECK_INT(bj_blk_pwrite(blk, 0, buf, sizeof(buf), NULL, &err), 0);
+    CHECK_INT(bj_blk_flush(blk, NULL, &err), 0);
+    CHECK_NO_ERR(err);
+    CHECK_INT(file_byte(src_path, 0), 0x11);
+    CHECK_INT(file_byte(tgt_path, 0), 0x5a);
+    bj_job_unref(&job);
+    bj_blk_free(&blk);
+    bj_context_free(&ctx);
+}
+
+static void force_cancel_after_ready(void)
+{
+    BjContext *ctx = setup(NULL, NULL, 0, 0);
+    BjMirrorOptions o = defaults();
+    BjError *err = NULL;
+    BjJob *job = start(ctx, &o);
+    Trace t = { "", 0 };
+
+    trace_until_ready(ctx, &t);
+    CHECK(bj_job_user_cancel(job, true, &err));
+    CHECK_NO_ERR(err);
+    trace_until_null(ctx, &t);
+    CHECK_STR(t.text, GOLDEN_FORCE_CANCEL_AFTER_READY);
+    bj_job_unref(&job);
+    bj_context_free(&ctx);
+}
+
+static void source_read_error_ignored_once(void)
+{
+    BjContext *ctx = setup("read_aio", NULL, EIO, 1);
+    BjMirrorOptions o = defaults();
+    BjError *err = NULL;
+    BjJob *job;
+    Trace t = { "", 0 };
+
+    o.on_source_error = BJ_BLOCKDEV_ON_ERROR_IGNORE;
+    job = start(ctx, &o);
+    trace_until_ready(ctx, &t);
+    CHECK(bj_job_complete(job, &err));
+    CHECK_NO_ERR(err);
+    trace_until_null(ctx, &t);
+    CHECK_STR(t.text, GOLDEN_SRC_READ_EIO_IGNORE_ONCE);
+    /* The failed range was dirtied again and copied later. */
+    CHECK(files_equal(src_path, tgt_path));
+    bj_job_unref(&job);
+    bj_context_free(&ctx);
+}
+
+static void source_read_error_reported(void)
+{
+    BjContext *ctx = setup("read_aio", NULL, EIO, 0);
+    BjMirrorOptions o = defaults();
+    BjBlockJobInfo *info;
+    BjError *err = NULL;
+    Trace t = { "", 0 };
+    BjJob *job;
+
+    /* auto-dismiss off, to look at the concluded job. */
+    o.manual_dismiss = true;
+    job = start(ctx, &o);
+    CHECK(bj_job_wait_status(job, BJ_JOB_STATUS_CONCLUDED, 10000));
+    info = bj_block_job_query(job, &err);
+    CHECK_NO_ERR(err);
+    CHECK_STR(info->error, "Input/output error");
+    CHECK_INT(info->io_status, BJ_BLOCK_DEVICE_IO_STATUS_OK);
+    bj_block_job_info_free(&info);
+    CHECK(bj_job_dismiss(job, &err));
+    CHECK_NO_ERR(err);
+    trace_until_null(ctx, &t);
+    CHECK_STR(t.text, GOLDEN_SRC_READ_EIO_REPORT);
+    bj_job_unref(&job);
+    bj_context_free(&ctx);
+}
+
+static void target_enospc_stops_and_resume_retries(void)
+{
+    BjContext *ctx = setup(NULL, "write_aio", ENOSPC, 1);
+    BjMirrorOptions o = defaults();
+    BjBlockJobInfo *info;
+    BjError *err = NULL;
+    BjJob *job;
+    Trace t = { "", 0 };
+
+    o.on_target_error = BJ_BLOCKDEV_ON_ERROR_STOP;
+    job = start(ctx, &o);
+    CHECK(bj_job_wait_status(job, BJ_JOB_STATUS_PAUSED, 10000));
+    info = bj_block_job_query(job, &err);
+    CHECK_NO_ERR(err);
+    CHECK(info->paused);
+    CHECK_INT(info->io_status, BJ_BLOCK_DEVICE_IO_STATUS_NOSPACE);
+    bj_block_job_info_free(&info);
+    CHECK(bj_job_user_resume(job, &err));
+    CHECK_NO_ERR(err);
+    trace_until_ready(ctx, &t);
+    info = bj_block_job_query(job, &err);
+    CHECK_NO_ERR(err);
+    CHECK_INT(info->io_status, BJ_BLOCK_DEVICE_IO_STATUS_OK);
+    bj_block_job_info_free(&info);
+    CHECK(bj_job_complete(job, &err));
+    trace_until_null(ctx, &t);
+    CHECK_STR(t.text, GOLDEN_TGT_WRITE_ENOSPC_STOP);
+    CHECK(files_equal(src_path, tgt_path));
+    bj_job_unref(&job);
+    bj_context_free(&ctx);
+}
+
+static void refused(BjContext *ctx, const BjMirrorOptions *o, const char *msg)
+{
+    BjError *err = NULL;
+    CHECK(bj_blockdev_mirror(ctx, o, &err) == NULL);
+    CHECK_ERR(err, G, msg);
+}
+
+static void bad_arguments(void)
+{
+    BjContext *ctx = setup(NULL, NULL, 0, 0);
+    BjMirrorOptions o = defaults();
+    BjError *err = NULL;
+    BjJob *job;
+
+    CHECK(bj_blockdev_mirror(NULL, &o, &err) == NULL);
+    CHECK_ERR(err, G, "Invalid argument: 'ctx' must not be NULL");
+    refused(ctx, NULL, "Invalid argument: 'opts' must not be NULL");
+    o.size = 8;
+    CHECK(bj_blockdev_mirror(ctx, &o, &err) == NULL);
+    CHECK(err && strstr(bj_error_get_pretty(err), "opts->size is 8"));
+    bj_error_free(&err);
+    o = defaults();
+    o.reserved[3] = 1;
+    refused(ctx, &o, "Invalid argument: opts->reserved must be zero");
+    o = defaults();
+    o.device = NULL;
+    refused(ctx, &o, "Invalid argument: 'opts->device' must not be NULL");
+
+    /* QEMU's texts (qemu-storage-daemon 10, blockdev-mirror). */
+    o = defaults();
+    o.granularity = 1000;
+    refused(ctx, &o, "Parameter 'granularity' expects a power of 2");
+    o.granularity = 256;
+    refused(ctx, &o, "Parameter 'granularity' expects a value in range [512B, 64MB]");
+    o.granularity = 128LL << 20;
+    refused(ctx, &o, "Parameter 'granularity' expects a value in range [512B, 64MB]");
+    o = defaults();
+    o.speed = -1;
+    refused(ctx, &o, "Parameter 'speed' expects a non-negative value");
+    o = defaults();
+    o.buf_size = -1;
+    refused(ctx, &o, "Invalid parameter 'buf-size'");
+    o = defaults();
+    o.target = "src";
+    refused(ctx, &o, "Can't mirror node into itself");
+    o = defaults();
+    o.device = "nope";
+    refused(ctx, &o, "Cannot find device='nope' nor node-name='nope'");
+    o = defaults();
+    o.target = "nope";
+    refused(ctx, &o, "Cannot find device='nope' nor node-name='nope'");
+    o = defaults();
+    o.sync = BJ_MIRROR_SYNC_MODE_INCREMENTAL;
+    refused(ctx, &o, "Sync mode 'incremental' not supported");
+    o.sync = BJ_MIRROR_SYNC_MODE_BITMAP;
+    refused(ctx, &o, "Sync mode 'bitmap' not supported");
+    o.sync = 5;
+    refused(ctx, &o, "Invalid argument: opts->sync 5 is out of range");
+    o = defaults();
+    o.copy_mode = -1;
+    refused(ctx, &o, "Invalid argument: opts->copy_mode -1 is out of range");
+    o = defaults();
+    o.on_target_error = 9;
+    refused(ctx, &o, "Invalid argument: opts->on_target_error 9 is out of range");
+
+    /* A node in use by a job; nothing above was left half-created. */
+    o = defaults();
+    o.speed = 1; /* keeps the job busy */
+    job = start(ctx, &o);
+    o.job_id = "job1";
+    refused(ctx, &o, "Need a root block node");
+    o.device = "tgt";
+    o.target = "src";
+    refused(ctx, &o, "Need a root block node");
+    o.job_id = "job0";
+    o.device = "src";
+    o.target = "tgt";
+    refused(ctx, &o, "Need a root block node");
+    CHECK_INT(bj_job_cancel_sync(job, true), -ECANCELED);
+    bj_job_unref(&job);
+    /* The nodes are free again. */
+    o = defaults();
+    job = start(ctx, &o);
+    CHECK(bj_job_wait_status(job, BJ_JOB_STATUS_READY, 10000));
+    CHECK_INT(bj_job_complete_sync(job, &err), 0);
+    CHECK_NO_ERR(err);
+    bj_job_unref(&job);
+    bj_context_free(&ctx);
+}
+
+/* ---- write-blocking with a writing guest ---------------------------------- */
+
+#define BIG (64LL << 20)
+
+typedef struct {
+    BjBlockBackend *blk;
+    int stop;
+    int writes;
+    unsigned seed;
+} Guest;
+
+static void *guest_thread(void *arg)
+{
+    Guest *g = arg;
+    static char buf[256 << 10];
+    while (!__atomic_load_n(&g->stop, __ATOMIC_SEQ_CST)) {
+        BjError *err = NULL;
+        unsigned r = rand_r(&g->seed);
+        long long len = 512LL * (1 + r % 512);
+        long long off = (long long)(rand_r(&g->seed) % (unsigned)((BIG - len) / 512)) * 512;
+        memset(buf, (int)(r & 0xff), (size_t)len);
+        if (bj_blk_pwrite(g->blk, off, buf, len, NULL, &err) != 0) {
+            FAIL("guest write: %s", err ? bj_error_get_pretty(err) : "?");
+        }
+        g->writes++;
+    }
+    return NULL;
+}
+
+static void write_blocking_with_guest_writes(void)
+{
+    BjContext *ctx = new_ctx();
+    BjMirrorOptions o = defaults();
+    BjBlockJobInfo *info;
+    BjError *err = NULL;
+    Guest g;
+    pthread_t th;
+    BjJob *job;
+
+    make_image(src_path, sizeof(src_path), "mirror-wb-src.img", BIG, 0x5a);
+    make_image(tgt_path, sizeof(tgt_path), "mirror-wb-tgt.img", BIG, 0);
+    add_raw(ctx, "src", src_path, NULL, 0, 0);
+    add_raw(ctx, "tgt", tgt_path, NULL, 0, 0);
+    memset(&g, 0, sizeof(g));
+    g.seed = 7;
+    g.blk = bj_blk_new(ctx, "src", NULL, &err);
+    CHECK_NO_ERR(err);
+    CHECK(pthread_create(&th, NULL, guest_thread, &g) == 0);
+    o.copy_mode = BJ_MIRROR_COPY_MODE_WRITE_BLOCKING;
+    job = start(ctx, &o);
+    CHECK(bj_job_wait_status(job, BJ_JOB_STATUS_READY, 60000));
+    /* The guest keeps writing after READY; the job stays in sync. */
+    sleep_ms(100);
+    info = bj_block_job_query(job, &err);
+    CHECK_NO_ERR(err);
+    CHECK_INT(info->actively_synced, 1);
+    bj_block_job_info_free(&info);
+    __atomic_store_n(&g.stop, 1, __ATOMIC_SEQ_CST);
+    CHECK(pthread_join(th, NULL) == 0);
+    CHECK(g.writes > 0);
+    CHECK_INT(bj_job_complete_sync(job, &err), 0);
+    CHECK_NO_ERR(err);
+    CHECK(files_equal(src_path, tgt_path));
+    bj_job_unref(&job);
+    bj_blk_free(&g.blk);
+    bj_context_free(&ctx);
+    unlink(src_path);
+    unlink(tgt_path);
+}
+
+int main(void)
+{
+    RUN(complete_pivots_the_guest);
+    RUN(soft_cancel_after_ready_completes_without_pivot);
+    RUN(force_cancel_after_ready);
+    RUN(source_read_error_ignored_once);
+    RUN(source_read_error_reported);
+    RUN(target_enospc_stops_and_resume_retries);
+    RUN(bad_arguments);
+    RUN(write_blocking_with_guest_writes);
+    unlink(src_path);
+    unlink(tgt_path);
+    return 0;
+}
