@@ -1,0 +1,127 @@
+//! SRC and DST arguments: a path (opened with `--*-format` over a `file`
+//! node) or `json:{...}`, QEMU's blockdev options as they would be given
+//! to `blockdev-add` (so `blkdebug` can be put in front).
+
+use std::path::{Path, PathBuf};
+
+use blockjob::{Error, Result};
+use clap::ValueEnum;
+use serde_json::{Value, json};
+
+/// Image formats the command opens from a path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// Raw image or block device.
+    Raw,
+}
+
+/// One side of the mirror, as given on the command line.
+#[derive(Debug, Clone)]
+pub enum Image {
+    /// A path to a file or block device.
+    Path(PathBuf),
+    /// blockdev-add options.
+    Json(Value),
+}
+
+impl Image {
+    /// Parse a SRC/DST argument.
+    pub fn parse(arg: &str) -> Result<Image> {
+        match arg.strip_prefix("json:") {
+            Some(text) => {
+                let v: Value = serde_json::from_str(text)
+                    .map_err(|e| Error::generic(format!("Could not parse '{arg}': {e}")))?;
+                if !v.is_object() {
+                    return Err(Error::generic(format!(
+                        "Could not parse '{arg}': blockdev options must be a JSON object"
+                    )));
+                }
+                Ok(Image::Json(v))
+            }
+            None if arg.is_empty() => Err(Error::generic("An image path must not be empty")),
+            None => Ok(Image::Path(PathBuf::from(arg))),
+        }
+    }
+
+    /// The path, when the image is a plain path.
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            Image::Path(p) => Some(p),
+            Image::Json(_) => None,
+        }
+    }
+
+    /// blockdev-add options naming the top node `node_name` (kept if the
+    /// JSON names it already); returns them and the top node's name.
+    pub fn blockdev_options(&self, format: Format, node_name: &str) -> (Value, String) {
+        match self {
+            Image::Path(p) => {
+                let driver = match format {
+                    Format::Raw => "raw",
+                };
+                (
+                    json!({"driver": driver, "node-name": node_name,
+                           "file": {"driver": "file", "filename": p}}),
+                    node_name.to_string(),
+                )
+            }
+            Image::Json(v) => {
+                let mut v = v.clone();
+                let name = match v.get("node-name").and_then(Value::as_str) {
+                    Some(n) => n.to_string(),
+                    None => {
+                        v["node-name"] = json!(node_name);
+                        node_name.to_string()
+                    }
+                };
+                (v, name)
+            }
+        }
+    }
+}
+
+/// Create `path` as a sparse file of `size` bytes if it does not exist.
+/// Returns whether it was created.
+pub fn create_if_missing(path: &Path, size: u64) -> Result<bool> {
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+    {
+        Ok(f) => {
+            f.set_len(size)?;
+            Ok(true)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(Error::from(e).prepend(format!("Could not create '{}': ", path.display()))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_and_json() {
+        let (v, n) = Image::parse("/x.img")
+            .unwrap()
+            .blockdev_options(Format::Raw, "source");
+        assert_eq!(n, "source");
+        assert_eq!(
+            v,
+            json!({"driver":"raw","node-name":"source","file":{"driver":"file","filename":"/x.img"}})
+        );
+        let img = Image::parse(r#"json:{"driver":"null-co","size":1024}"#).unwrap();
+        assert!(img.path().is_none());
+        let (v, n) = img.blockdev_options(Format::Raw, "target");
+        assert_eq!(n, "target");
+        assert_eq!(v["node-name"], "target");
+        let (_, n) = Image::parse(r#"json:{"driver":"null-co","node-name":"mine"}"#)
+            .unwrap()
+            .blockdev_options(Format::Raw, "target");
+        assert_eq!(n, "mine");
+        assert!(Image::parse("json:{").is_err());
+        assert!(Image::parse("json:[1]").is_err());
+        assert!(Image::parse("").is_err());
+    }
+}
