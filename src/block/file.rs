@@ -5,6 +5,7 @@
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::sync::Mutex;
 
 use nix::errno::Errno;
 use nix::fcntl::{FallocateFlags, fallocate};
@@ -35,6 +36,21 @@ pub struct FileDriver {
     file: File,
     opts: FileOptions,
     block_device: bool,
+    data_cache: Mutex<DataCache>,
+}
+
+/// The last data extent `SEEK_DATA`/`SEEK_HOLE` found (QEMU's block-status
+/// cache). On tmpfs and some other filesystems `SEEK_HOLE` walks every page
+/// up to the next hole, so asking again for each granule of a large data
+/// extent is quadratic. Only data is cached: writes never turn data into a
+/// hole, and a stale "data" answer is safe (the range reads as zeroes and
+/// is copied as such); discards and zero writes, which can make holes,
+/// drop the cache and bump `generation` so that a lookup racing with them
+/// does not store what it found.
+#[derive(Debug, Default)]
+struct DataCache {
+    extent: Option<(u64, u64)>,
+    generation: u64,
 }
 
 impl FileDriver {
@@ -65,11 +81,73 @@ impl FileDriver {
             file,
             opts,
             block_device,
+            data_cache: Mutex::default(),
         })
     }
 
     fn fd(&self) -> i32 {
         self.file.as_raw_fd()
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, DataCache> {
+        self.data_cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Something may have become a hole: forget the cached extent.
+    fn invalidate_data_cache(&self) {
+        let mut c = self.cache();
+        c.extent = None;
+        c.generation += 1;
+    }
+
+    /// `SEEK_DATA`/`SEEK_HOLE` at `offset` (no cache).
+    fn seek_status(&self, offset: u64, len: u64) -> BlockStatus {
+        // Read before seeking: a hole made after this may be what the
+        // seek missed (see DataCache).
+        let generation = self.cache().generation;
+        let off = offset as i64;
+        match lseek(self.fd(), off, Whence::SeekData) {
+            // No data after offset: a hole up to the end of the file.
+            Err(Errno::ENXIO) => BlockStatus::zero(len),
+            // SEEK_DATA unsupported: everything is data.
+            Err(_) => BlockStatus::data(len),
+            Ok(data) if data > off => BlockStatus::zero(((data - off) as u64).min(len)),
+            Ok(_) => match lseek(self.fd(), off, Whence::SeekHole) {
+                Ok(hole) if hole > off => {
+                    let end = hole as u64;
+                    let mut c = self.cache();
+                    if c.generation == generation {
+                        c.extent = Some((offset, end));
+                    }
+                    BlockStatus::data((end - offset).min(len))
+                }
+                _ => BlockStatus::data(len),
+            },
+        }
+    }
+
+    fn write_zeroes_uncached(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        if may_unmap && self.opts.discard_unmap && !self.block_device {
+            match self.punch_hole(offset, len) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.errno() == Some(Errno::EOPNOTSUPP as i32) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if !self.block_device {
+            match fallocate(
+                self.fd(),
+                FallocateFlags::FALLOC_FL_ZERO_RANGE,
+                offset as i64,
+                len as i64,
+            ) {
+                Ok(()) => return Ok(()),
+                Err(Errno::EOPNOTSUPP | Errno::EINVAL) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        // No cheap way: write zero buffers.
+        write_zero_buffers(offset, len, |o, b| self.write(o, b))
     }
 
     fn punch_hole(&self, offset: u64, len: u64) -> Result<()> {
@@ -117,37 +195,22 @@ impl BlockDriver for FileDriver {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
-        if may_unmap && self.opts.discard_unmap && !self.block_device {
-            match self.punch_hole(offset, len) {
-                Ok(()) => return Ok(()),
-                Err(e) if e.errno() == Some(Errno::EOPNOTSUPP as i32) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        if !self.block_device {
-            match fallocate(
-                self.fd(),
-                FallocateFlags::FALLOC_FL_ZERO_RANGE,
-                offset as i64,
-                len as i64,
-            ) {
-                Ok(()) => return Ok(()),
-                Err(Errno::EOPNOTSUPP | Errno::EINVAL) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-        // No cheap way: write zero buffers.
-        write_zero_buffers(offset, len, |o, b| self.write(o, b))
+        let r = self.write_zeroes_uncached(offset, len, may_unmap);
+        // Hole punches and ZERO_RANGE (unwritten extents) can make holes;
+        // after the fact, so that no lookup that raced with it is kept.
+        self.invalidate_data_cache();
+        r
     }
-
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         if !self.opts.discard_unmap || self.block_device {
             return Ok(());
         }
-        match self.punch_hole(offset, len) {
+        let r = match self.punch_hole(offset, len) {
             Err(e) if e.errno() == Some(Errno::EOPNOTSUPP as i32) => Ok(()),
             r => r,
-        }
+        };
+        self.invalidate_data_cache();
+        r
     }
 
     fn can_discard(&self) -> bool {
@@ -165,18 +228,12 @@ impl BlockDriver for FileDriver {
         if self.block_device {
             return Ok(BlockStatus::data(len));
         }
-        let off = offset as i64;
-        match lseek(self.fd(), off, Whence::SeekData) {
-            // No data after offset: a hole up to the end of the file.
-            Err(Errno::ENXIO) => Ok(BlockStatus::zero(len)),
-            // SEEK_DATA unsupported: everything is data.
-            Err(_) => Ok(BlockStatus::data(len)),
-            Ok(data) if data > off => Ok(BlockStatus::zero(((data - off) as u64).min(len))),
-            Ok(_) => match lseek(self.fd(), off, Whence::SeekHole) {
-                Ok(hole) if hole > off => Ok(BlockStatus::data(((hole - off) as u64).min(len))),
-                _ => Ok(BlockStatus::data(len)),
-            },
+        if let Some((start, end)) = self.cache().extent
+            && (start..end).contains(&offset)
+        {
+            return Ok(BlockStatus::data((end - offset).min(len)));
         }
+        Ok(self.seek_status(offset, len))
     }
 
     fn filename(&self) -> String {
@@ -252,5 +309,30 @@ mod tests {
         let st = d.block_status(0, 4 << 20).unwrap();
         assert!(st.zero);
         d.flush().unwrap();
+    }
+
+    #[test]
+    fn cached_data_extent_is_dropped_when_holes_are_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.raw");
+        std::fs::File::create(&p).unwrap().set_len(8 << 20).unwrap();
+        let d = open(&p, true);
+        d.write(1 << 20, &vec![7u8; 4 << 20]).unwrap();
+        // The first lookup caches the extent; later ones inside it agree.
+        let st = d.block_status(1 << 20, 8 << 20).unwrap();
+        assert!(st.data && st.len >= 4 << 20, "{st:?}");
+        let st = d.block_status(3 << 20, 1 << 20).unwrap();
+        assert!(st.data && st.len == 1 << 20, "{st:?}");
+        assert!(d.cache().extent.is_some());
+        // A discard punches a hole inside the cached extent.
+        d.discard(2 << 20, 1 << 20).unwrap();
+        let st = d.block_status(2 << 20, 1 << 20).unwrap();
+        assert!(st.zero && !st.data, "{st:?}");
+        // So does a zero write that may unmap.
+        let st = d.block_status(4 << 20, 1 << 20).unwrap();
+        assert!(st.data, "{st:?}");
+        d.write_zeroes(4 << 20, 1 << 20, true).unwrap();
+        let st = d.block_status(4 << 20, 1 << 20).unwrap();
+        assert!(st.zero && !st.data, "{st:?}");
     }
 }
