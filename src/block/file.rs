@@ -93,10 +93,23 @@ impl FileDriver {
         self.data_cache.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Something may have become a hole: forget the cached extent.
-    fn invalidate_data_cache(&self) {
+    /// `[offset, offset + len)` may have become a hole: keep only the part
+    /// of the cached extent outside it (the part after it when there are
+    /// two, since the mirror and most scans move forward).
+    fn invalidate_data_cache(&self, offset: u64, len: u64) {
         let mut c = self.cache();
-        c.extent = None;
+        let end = offset.saturating_add(len);
+        c.extent = c.extent.and_then(|(s, e)| {
+            if end <= s || e <= offset {
+                Some((s, e))
+            } else if end < e {
+                Some((end, e))
+            } else if s < offset {
+                Some((s, offset))
+            } else {
+                None
+            }
+        });
         c.generation += 1;
     }
 
@@ -126,10 +139,12 @@ impl FileDriver {
         }
     }
 
-    fn write_zeroes_uncached(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+    /// Write zeroes; true when it was done by deallocating (hole punch or
+    /// `FALLOC_FL_ZERO_RANGE`), false when zero buffers were written.
+    fn write_zeroes_uncached(&self, offset: u64, len: u64, may_unmap: bool) -> Result<bool> {
         if may_unmap && self.opts.discard_unmap && !self.block_device {
             match self.punch_hole(offset, len) {
-                Ok(()) => return Ok(()),
+                Ok(()) => return Ok(true),
                 Err(e) if e.errno() == Some(Errno::EOPNOTSUPP as i32) => {}
                 Err(e) => return Err(e),
             }
@@ -141,13 +156,14 @@ impl FileDriver {
                 offset as i64,
                 len as i64,
             ) {
-                Ok(()) => return Ok(()),
+                Ok(()) => return Ok(true),
                 Err(Errno::EOPNOTSUPP | Errno::EINVAL) => {}
                 Err(e) => return Err(e.into()),
             }
         }
         // No cheap way: write zero buffers.
-        write_zero_buffers(offset, len, |o, b| self.write(o, b))
+        write_zero_buffers(offset, len, |o, b| self.write(o, b))?;
+        Ok(false)
     }
 
     fn punch_hole(&self, offset: u64, len: u64) -> Result<()> {
@@ -195,22 +211,26 @@ impl BlockDriver for FileDriver {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
-        let r = self.write_zeroes_uncached(offset, len, may_unmap);
+        let made_holes = self.write_zeroes_uncached(offset, len, may_unmap)?;
         // Hole punches and ZERO_RANGE (unwritten extents) can make holes;
         // after the fact, so that no lookup that raced with it is kept.
-        self.invalidate_data_cache();
-        r
+        // Zero buffers keep data data.
+        if made_holes {
+            self.invalidate_data_cache(offset, len);
+        }
+        Ok(())
     }
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         if !self.opts.discard_unmap || self.block_device {
             return Ok(());
         }
-        let r = match self.punch_hole(offset, len) {
+        match self.punch_hole(offset, len) {
             Err(e) if e.errno() == Some(Errno::EOPNOTSUPP as i32) => Ok(()),
-            r => r,
-        };
-        self.invalidate_data_cache();
-        r
+            r => {
+                self.invalidate_data_cache(offset, len);
+                r
+            }
+        }
     }
 
     fn can_discard(&self) -> bool {

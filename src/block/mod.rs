@@ -72,12 +72,12 @@ pub fn write_zero_buffers(
     len: u64,
     mut write: impl FnMut(u64, &[u8]) -> Result<()>,
 ) -> Result<()> {
-    const CHUNK: u64 = 1 << 20;
-    let zeroes = vec![0u8; CHUNK.min(len) as usize];
+    // In .bss: no allocation per call, and the pages are shared zeroes.
+    static ZEROES: [u8; 1 << 20] = [0; 1 << 20];
     let mut done = 0;
     while done < len {
-        let n = (len - done).min(CHUNK) as usize;
-        write(offset + done, &zeroes[..n])?;
+        let n = (len - done).min(ZEROES.len() as u64) as usize;
+        write(offset + done, &ZEROES[..n])?;
         done += n as u64;
     }
     Ok(())
