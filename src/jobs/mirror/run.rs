@@ -172,6 +172,9 @@ fn main_loop(m: &Mirror, job: &Job, c: &Copier) -> Result<()> {
         if last_pause.elapsed() < BLOCK_JOB_SLICE && job.iostatus() == BlockDeviceIoStatus::Ok {
             if !c.has_room() || (cnt == 0 && ops > 0) {
                 c.wait_for_change(generation);
+                // QEMU charges bytes when it dispatches them and sleeps
+                // here: a burst of buf-size is paid for before going on.
+                job.ratelimit_sleep();
                 continue;
             } else if cnt != 0 {
                 iteration(m, job, c, &mut cursor);
