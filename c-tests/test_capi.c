@@ -843,6 +843,10 @@ static void wrong_struct_size(void)
              "Invalid argument: opts->size is 0, expected sizeof(BjBlockBackendOptions) = %u",
              (unsigned)sizeof(BjBlockBackendOptions));
     CHECK_ERR(err, GENERIC, msg);
+    o.size = sizeof(o);
+    o.reserved[7] = 1;
+    CHECK(bj_blk_new(ctx, "base", &o, &err) == NULL);
+    CHECK_ERR(err, GENERIC, "Invalid argument: opts->reserved must be zero");
 }
 
 static void job_find(void)

@@ -4,7 +4,10 @@
 use std::ffi::{c_char, c_void};
 
 use super::context::{BjContext, ctx_arg};
-use super::{BjError, arg_opt_str, arg_ref, arg_str, buf_mut, buf_ref, ffi, ffi_void, io_range};
+use super::{
+    BjError, Versioned, arg_opt_str, arg_ref, arg_str, buf_mut, buf_ref, ffi, ffi_void, io_range,
+    reserved_zero, versioned,
+};
 use crate::block::backend::{BackendOptions, BlockBackend, GuestIoError};
 use crate::error::{Error, Result};
 use crate::qapi::{BlockErrorAction, BlockdevOnError};
@@ -27,6 +30,11 @@ pub struct BjBlockBackendOptions {
     pub iostatus_enabled: bool,
     /// Reserved; must be zero.
     pub reserved: [u64; 8],
+}
+
+// SAFETY: repr(C), `size: u32` first.
+unsafe impl Versioned for BjBlockBackendOptions {
+    const C_NAME: &'static str = "BjBlockBackendOptions";
 }
 
 /// A guest backend (opaque).
@@ -59,17 +67,9 @@ pub unsafe extern "C" fn bj_blk_new(
         let o = if opts.is_null() {
             BackendOptions::default()
         } else {
-            // SAFETY: non-NULL; `size` is the first field of every version.
-            let size = unsafe { std::ptr::addr_of!((*opts).size).read_unaligned() };
-            if size as usize != std::mem::size_of::<BjBlockBackendOptions>() {
-                return Err(Error::generic(format!(
-                    "Invalid argument: opts->size is {size}, expected sizeof(BjBlockBackendOptions) = {}",
-                    std::mem::size_of::<BjBlockBackendOptions>()
-                ))
-                .with_errno(libc::EINVAL));
-            }
-            // SAFETY: a whole options struct of this version.
-            let o = unsafe { &*opts };
+            // SAFETY: non-NULL here; a BjBlockBackendOptions of some version.
+            let o = unsafe { versioned(opts, "opts") }?;
+            reserved_zero(&o.reserved, "opts")?;
             BackendOptions {
                 // SAFETY: NULL or NUL-terminated strings.
                 name: unsafe { arg_opt_str(o.name, "opts->name") }?

@@ -9,7 +9,9 @@ use std::sync::Arc;
 
 use super::context::{BjContext, ctx_arg};
 use super::node::{BjNode, node_arc};
-use super::{BjError, arg_opt_str, arg_str, error, ffi, ffi_void, malloc_str, null_arg};
+use super::{
+    BjError, Versioned, arg_opt_str, arg_str, error, ffi, ffi_void, malloc_str, null_arg, versioned,
+};
 use crate::error::{Error, Result};
 use crate::job::{Job, JobDriver, JobTxn};
 use crate::qapi::{BlockdevOnError, JobType};
@@ -72,6 +74,11 @@ pub struct BjJobDriver {
     pub free: Option<unsafe extern "C" fn(opaque: *mut c_void)>,
     /// Reserved; must be zero.
     pub reserved: [*mut c_void; 8],
+}
+
+// SAFETY: repr(C), `size: u32` first.
+unsafe impl Versioned for BjJobDriver {
+    const C_NAME: &'static str = "BjJobDriver";
 }
 
 struct CJob {
@@ -262,20 +269,8 @@ fn handle(job: Arc<Job>) -> *mut BjJob {
 /// # Safety
 /// `drv` is NULL or points to a `BjJobDriver` of at least `size` bytes.
 unsafe fn cjob(drv: *const BjJobDriver, opaque: *mut c_void) -> Result<CJob> {
-    if drv.is_null() {
-        return Err(null_arg("drv"));
-    }
-    // SAFETY: `size` is the first field of every version of the table.
-    let size = unsafe { std::ptr::addr_of!((*drv).size).read_unaligned() };
-    if size as usize != std::mem::size_of::<BjJobDriver>() {
-        return Err(Error::generic(format!(
-            "Invalid argument: drv->size is {size}, expected sizeof(BjJobDriver) = {}",
-            std::mem::size_of::<BjJobDriver>()
-        ))
-        .with_errno(libc::EINVAL));
-    }
-    // SAFETY: a whole table of this version.
-    let t = unsafe { *drv };
+    // SAFETY: NULL or a BjJobDriver of some version (the caller's contract).
+    let t = *unsafe { versioned(drv, "drv") }?;
     let mut c = CJob {
         t,
         job_type: JobType::Backup,

@@ -4,7 +4,7 @@ use std::ffi::c_char;
 use std::sync::Arc;
 
 use super::context::{BjContext, ctx_arg};
-use super::{BjError, arg_opt_str, arg_str, ffi, null_arg};
+use super::{BjError, Versioned, arg_opt_str, arg_str, ffi, reserved_zero, versioned};
 use crate::error::{Error, Result};
 use crate::job::Job;
 use crate::jobs::mirror::MirrorOptions;
@@ -55,6 +55,11 @@ fn enum_arg<T>(v: i32, what: &str, f: impl Fn(i32) -> Option<T>) -> Result<T> {
     })
 }
 
+// SAFETY: repr(C), `size: u32` first.
+unsafe impl Versioned for BjMirrorOptions {
+    const C_NAME: &'static str = "BjMirrorOptions";
+}
+
 /// `blockdev-mirror`: check the arguments as QEMU does, create the job,
 /// start it, and return a new reference to it.
 #[unsafe(no_mangle)]
@@ -66,26 +71,9 @@ pub unsafe extern "C" fn bj_blockdev_mirror(
     ffi(errp, std::ptr::null_mut(), || {
         // SAFETY: NULL or live context.
         let c = unsafe { ctx_arg(ctx) }?;
-        if opts.is_null() {
-            return Err(null_arg("opts"));
-        }
-        // SAFETY: non-NULL; `size` is the first field of every version.
-        let size = unsafe { std::ptr::addr_of!((*opts).size).read_unaligned() };
-        if size as usize != std::mem::size_of::<BjMirrorOptions>() {
-            return Err(Error::generic(format!(
-                "Invalid argument: opts->size is {size}, expected sizeof(BjMirrorOptions) = {}",
-                std::mem::size_of::<BjMirrorOptions>()
-            ))
-            .with_errno(libc::EINVAL));
-        }
-        // SAFETY: a whole options struct of this version.
-        let o = unsafe { &*opts };
-        if o.reserved.iter().any(|&r| r != 0) {
-            return Err(
-                Error::generic("Invalid argument: opts->reserved must be zero")
-                    .with_errno(libc::EINVAL),
-            );
-        }
+        // SAFETY: NULL or a BjMirrorOptions of some version.
+        let o = unsafe { versioned(opts, "opts") }?;
+        reserved_zero(&o.reserved, "opts")?;
         // SAFETY: NULL or NUL-terminated strings.
         let device = unsafe { arg_str(o.device, "opts->device") }?;
         // SAFETY: as above.

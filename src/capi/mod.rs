@@ -95,6 +95,54 @@ pub(crate) unsafe fn arg_ref<'a, T>(p: *const T, name: &str) -> Result<&'a T> {
     Ok(unsafe { &*p })
 }
 
+/// A C struct that starts with `uint32_t size` = `sizeof` of its version.
+///
+/// # Safety
+/// Implement only for `#[repr(C)]` structs whose first field is `size: u32`.
+pub(crate) unsafe trait Versioned: Sized {
+    /// Its C name, for messages.
+    const C_NAME: &'static str;
+}
+
+/// Borrow a versioned struct from C after checking that it is not NULL
+/// and that its `size` is ours (so a host built against another version
+/// of the header gets an error, not a misread struct).
+///
+/// # Safety
+/// `p` is NULL or points to at least `size_of::<u32>()` readable bytes
+/// and, when its `size` field equals `size_of::<T>()`, to a whole `T`,
+/// valid for `'a`.
+pub(crate) unsafe fn versioned<'a, T: Versioned>(p: *const T, arg: &str) -> Result<&'a T> {
+    if p.is_null() {
+        return Err(null_arg(arg));
+    }
+    // SAFETY: non-NULL; by `Versioned`, the first field is the u32 size,
+    // present in every version, so reading it is in bounds.
+    let size = unsafe { (p as *const u32).read_unaligned() };
+    if size as usize != std::mem::size_of::<T>() {
+        return Err(Error::generic(format!(
+            "Invalid argument: {arg}->size is {size}, expected sizeof({}) = {}",
+            T::C_NAME,
+            std::mem::size_of::<T>()
+        ))
+        .with_errno(libc::EINVAL));
+    }
+    // SAFETY: the struct has this version's size, so it is a whole `T`
+    // (the caller's contract).
+    Ok(unsafe { &*p })
+}
+
+/// Reserved words must be zero (room to grow without a new size).
+pub(crate) fn reserved_zero(reserved: &[u64], arg: &str) -> Result<()> {
+    if reserved.iter().any(|&r| r != 0) {
+        return Err(
+            Error::generic(format!("Invalid argument: {arg}->reserved must be zero"))
+                .with_errno(libc::EINVAL),
+        );
+    }
+    Ok(())
+}
+
 /// Check an I/O range from C: non-negative offset and length.
 pub(crate) fn io_range(offset: i64, bytes: i64) -> Result<(u64, usize)> {
     if offset < 0 || bytes < 0 {

@@ -6,7 +6,10 @@ use std::sync::Arc;
 
 use super::context::{BjContext, ctx_arg};
 use super::enums::{BJ_BLOCK_ALLOCATED, BJ_BLOCK_DATA, BJ_BLOCK_ZERO};
-use super::{BjError, arg_ref, arg_str, buf_mut, buf_ref, ffi, ffi_void, io_range, null_arg};
+use super::{
+    BjError, Versioned, arg_ref, arg_str, buf_mut, buf_ref, ffi, ffi_void, io_range, null_arg,
+    versioned,
+};
 use crate::block::Node;
 use crate::block::host::HostIo;
 use crate::error::{Error, Result};
@@ -316,6 +319,11 @@ pub struct BjHostNodeOps {
     pub reserved: [*mut c_void; 8],
 }
 
+// SAFETY: repr(C), `size: u32` first.
+unsafe impl Versioned for BjHostNodeOps {
+    const C_NAME: &'static str = "BjHostNodeOps";
+}
+
 struct CHostIo {
     ops: BjHostNodeOps,
     opaque: *mut c_void,
@@ -444,25 +452,9 @@ pub unsafe extern "C" fn bj_node_add_host(
     errp: *mut *mut BjError,
 ) -> *mut BjNode {
     ffi(errp, std::ptr::null_mut(), || {
-        if ops.is_null() {
-            return Err(null_arg("ops"));
-        }
-        // SAFETY: non-NULL; `size` is the first field of every version of
-        // the table, so reading it is in bounds.
-        let size = unsafe { std::ptr::addr_of!((*ops).size).read_unaligned() };
-        if size as usize != std::mem::size_of::<BjHostNodeOps>() {
-            return Err(Error::generic(format!(
-                "Invalid argument: ops->size is {size}, expected sizeof(BjHostNodeOps) = {}",
-                std::mem::size_of::<BjHostNodeOps>()
-            ))
-            .with_errno(libc::EINVAL));
-        }
-        // SAFETY: the table has the size of this version, so it is a
-        // whole, valid BjHostNodeOps.
-        let io = CHostIo {
-            ops: unsafe { *ops },
-            opaque,
-        };
+        // SAFETY: NULL or a BjHostNodeOps of some version.
+        let t = unsafe { versioned(ops, "ops") }?;
+        let io = CHostIo { ops: *t, opaque };
         // From here, dropping `io` releases `opaque` via `free`.
         if io.ops.get_length.is_none() {
             return Err(null_arg("ops->get_length"));
