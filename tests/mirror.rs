@@ -254,3 +254,63 @@ fn speed_limits_the_copy_and_set_speed_lifts_it() {
     job.complete_sync().unwrap();
     assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
 }
+
+/// The copy path (copy_file_range between plain files, through buffers
+/// otherwise) keeps what the block layer promises: dirty bitmaps on the
+/// target and its file node record the copy, and a target with
+/// `detect-zeroes` still sees zeroes (allocated zeroes in the source
+/// become holes on the target).
+#[test]
+fn copies_keep_bitmaps_and_detect_zeroes() {
+    use std::os::unix::fs::{FileExt, MetadataExt};
+    let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+    let size = 8 * MIB;
+    // Data in the first 4 MiB, allocated zeroes in the last 4 MiB.
+    let src = dir.path().join("src.raw");
+    let f = std::fs::File::create(&src).unwrap();
+    f.write_all_at(&vec![0x42; 4 * MIB as usize], 0).unwrap();
+    f.write_all_at(&vec![0; 4 * MIB as usize], 4 * MIB).unwrap();
+    drop(f);
+
+    // Plain target: bitmaps on both target nodes count the 8 MiB copied.
+    let dst = image(dir.path(), "dst.raw", size, None);
+    let ctx = Context::new();
+    ctx.blockdev_add(&raw("src", &src)).unwrap();
+    ctx.blockdev_add(&json!({"driver":"raw","node-name":"dst",
+        "file":{"driver":"file","node-name":"dst-file","filename":dst}}))
+        .unwrap();
+    ctx.block_dirty_bitmap_add("dst", "top", None, None, None)
+        .unwrap();
+    ctx.block_dirty_bitmap_add("dst-file", "proto", None, None, None)
+        .unwrap();
+    let mut o = MirrorOptions::new("src", "dst", MirrorSyncMode::Full);
+    o.job_id = Some("m".into());
+    let job = ctx.blockdev_mirror(o).unwrap();
+    job.wait_status(Duration::from_secs(30), |s| s == JobStatus::Ready)
+        .expect("ready");
+    for node in ["dst", "dst-file"] {
+        let b = ctx.query_dirty_bitmaps(node).unwrap();
+        assert_eq!(b[0].count, size, "{node}: {b:?}");
+    }
+    job.complete_sync().unwrap();
+    assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
+    drop(ctx);
+
+    // detect-zeroes=unmap on the target: the zero half becomes a hole.
+    let dst2 = image(dir.path(), "dst2.raw", size, None);
+    let ctx = Context::new();
+    ctx.blockdev_add(&raw("src", &src)).unwrap();
+    ctx.blockdev_add(&json!({"driver":"raw","node-name":"dst",
+        "detect-zeroes":"unmap","discard":"unmap",
+        "file":{"driver":"file","filename":dst2,"discard":"unmap"}}))
+        .unwrap();
+    let mut o = MirrorOptions::new("src", "dst", MirrorSyncMode::Full);
+    o.job_id = Some("m".into());
+    let job = ctx.blockdev_mirror(o).unwrap();
+    job.wait_status(Duration::from_secs(30), |s| s == JobStatus::Ready)
+        .expect("ready");
+    job.complete_sync().unwrap();
+    assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst2).unwrap());
+    let allocated = std::fs::metadata(&dst2).unwrap().blocks() * 512;
+    assert_eq!(allocated, 4 * MIB, "only the data half is allocated");
+}

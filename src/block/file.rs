@@ -36,6 +36,7 @@ pub struct FileDriver {
     file: File,
     opts: FileOptions,
     block_device: bool,
+    size: u64,
     data_cache: Mutex<DataCache>,
 }
 
@@ -77,10 +78,18 @@ impl FileDriver {
             ));
         }
         let block_device = meta.file_type().is_block_device();
+        // Sized once, like QEMU's total_sectors: bounds checks on every
+        // request then cost no system call (we do not resize nodes yet).
+        let size = if block_device {
+            lseek(file.as_raw_fd(), 0, Whence::SeekEnd).map_err(Error::from)? as u64
+        } else {
+            meta.len()
+        };
         Ok(FileDriver {
             file,
             opts,
             block_device,
+            size,
             data_cache: Mutex::default(),
         })
     }
@@ -187,11 +196,7 @@ impl BlockDriver for FileDriver {
     }
 
     fn len(&self) -> Result<u64> {
-        if self.block_device {
-            let end = lseek(self.fd(), 0, Whence::SeekEnd).map_err(Error::from)?;
-            return Ok(end as u64);
-        }
-        Ok(self.file.metadata()?.len())
+        Ok(self.size)
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
@@ -258,6 +263,19 @@ impl BlockDriver for FileDriver {
 
     fn filename(&self) -> String {
         self.opts.filename.clone()
+    }
+
+    fn copy_range_from(
+        &self,
+        offset: u64,
+        _len: u64,
+        sink: &mut super::copy_range::CopySink<'_>,
+    ) -> Result<bool> {
+        sink(&self.file, offset)
+    }
+
+    fn copy_range_to(&self, offset: u64, src: &File, src_offset: u64, len: u64) -> Result<bool> {
+        super::copy_range::copy_file_range_all(&self.file, offset, src, src_offset, len)
     }
 
     fn supports_zero_unmap(&self) -> bool {

@@ -14,6 +14,7 @@
 
 pub mod backend;
 pub mod blkdebug;
+pub mod copy_range;
 pub mod file;
 pub mod graph;
 pub mod host;
@@ -159,6 +160,29 @@ pub trait BlockDriver: Send + Sync + 'static {
     /// True when write-zeroes with unmap is cheap (holes).
     fn supports_zero_unmap(&self) -> bool {
         false
+    }
+
+    /// Source side of copy offload: hand the file holding `[offset,
+    /// offset + len)` to `sink` (see [`copy_range`]). The default cannot.
+    fn copy_range_from(
+        &self,
+        _offset: u64,
+        _len: u64,
+        _sink: &mut copy_range::CopySink<'_>,
+    ) -> Result<bool> {
+        Ok(false)
+    }
+
+    /// Target side of copy offload: copy `len` bytes of `src` at
+    /// `src_offset` to `offset`. The default cannot.
+    fn copy_range_to(
+        &self,
+        _offset: u64,
+        _src: &std::fs::File,
+        _src_offset: u64,
+        _len: u64,
+    ) -> Result<bool> {
+        Ok(false)
     }
 }
 

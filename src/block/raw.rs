@@ -90,4 +90,26 @@ impl BlockDriver for RawDriver {
     fn supports_zero_unmap(&self) -> bool {
         self.file.driver().supports_zero_unmap()
     }
+
+    fn copy_range_from(
+        &self,
+        offset: u64,
+        len: u64,
+        sink: &mut super::copy_range::CopySink<'_>,
+    ) -> Result<bool> {
+        self.file.debug_event(BlkdebugEvent::ReadAio);
+        self.file.copy_source(self.offset + offset, len, sink)
+    }
+
+    fn copy_range_to(
+        &self,
+        offset: u64,
+        src: &std::fs::File,
+        src_offset: u64,
+        len: u64,
+    ) -> Result<bool> {
+        self.file.debug_event(BlkdebugEvent::WriteAio);
+        self.file
+            .copy_from_file(self.offset + offset, src, src_offset, len)
+    }
 }

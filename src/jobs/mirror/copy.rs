@@ -16,6 +16,7 @@ use crate::bitmap::named::BdrvDirtyBitmap;
 use crate::error::Error;
 use crate::job::Job;
 use crate::qapi::BlockErrorAction;
+use crate::sync::Ordering;
 
 /// What an operation does to its range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -353,6 +354,26 @@ impl Copier {
     fn perform(&self, op: Op, mut buf: Option<Buffer>) -> Option<Buffer> {
         let m = &self.mirror;
         let done = match op.method {
+            // Both ends plain files: the kernel copies (copy_file_range).
+            // Not possible, or failed: through the buffer, which also
+            // tells a read error from a write error for the policies.
+            Method::Copy
+                if m.copy_offload.load(Ordering::Relaxed)
+                    && match m
+                        .source
+                        .copy_range_to(op.offset, &m.target, op.offset, op.len)
+                    {
+                        Ok(true) => true,
+                        Ok(false) => {
+                            // Relaxed: a hint; a racing op just tries too.
+                            m.copy_offload.store(false, Ordering::Relaxed);
+                            false
+                        }
+                        Err(_) => false,
+                    } =>
+            {
+                true
+            }
             Method::Copy => {
                 let b = buf
                     .as_mut()

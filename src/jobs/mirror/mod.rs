@@ -120,6 +120,8 @@ pub(crate) struct Mirror {
     pub params: Params,
     /// `copy-mode`: 0 background, 1 write-blocking (it can only go up).
     pub write_blocking: AtomicBool,
+    /// Copy with `copy_file_range` (cleared when the nodes cannot).
+    pub copy_offload: AtomicBool,
     /// `block-job-complete` was accepted.
     pub should_complete: AtomicBool,
     /// The target is kept in sync by active writes (query field).
@@ -270,6 +272,7 @@ pub fn blockdev_mirror(ctx: &Context, o: MirrorOptions) -> Result<Arc<Job>> {
             unmap: o.unmap,
         },
         write_blocking: AtomicBool::new(o.copy_mode == MirrorCopyMode::WriteBlocking),
+        copy_offload: AtomicBool::new(true),
         should_complete: AtomicBool::new(false),
         actively_synced: AtomicBool::new(false),
         running: Mutex::new(None),
