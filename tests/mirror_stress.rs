@@ -80,12 +80,14 @@ fn round(seed: u64, dir: &std::path::Path) -> bool {
 
     let ctx = Context::new();
     // A third of the rounds: a source whose first read fails, with
-    // `ignore` (the range is retried) or `stop` (resumed below).
+    // `ignore` (the range is retried) or `stop` (resumed below). Only a
+    // read: without `iotype` the armed error would hit whichever request
+    // comes next, possibly a guest write racing with the job's read.
     let flaky = rng.below(3) == 0;
     let file = json!({"driver":"file","filename":src});
     let src_opts = if flaky {
         json!({"driver":"raw","node-name":"src","file":{"driver":"blkdebug","image":file,
-            "inject-error":[{"event":"read_aio","errno":5,"once":true}]}})
+            "inject-error":[{"event":"read_aio","iotype":"read","errno":5,"once":true}]}})
     } else {
         json!({"driver":"raw","node-name":"src","file":file})
     };

@@ -14,6 +14,10 @@
 //! on-target-error applies; the guest sees the source write's result.
 //! When the job does not copy to the target (failed, cancelled), guest
 //! writes just mark the bitmap.
+//!
+//! The filter goes in while the source is drained: a write that started
+//! before it (and so will not pass through it) finishes first, and its
+//! mark on the still-recording bitmap is seen by the first pass.
 
 use std::sync::Arc;
 
@@ -70,8 +74,13 @@ impl ActiveWrites {
                 if last > first {
                     bits.reset_range(first, last - first);
                 }
-                if let Err(e) = to_target(&self.mirror.target, start, end - start) {
-                    self.copier.failed(start, end - start, false, e);
+                // Progress counts active writes as QEMU's does (its
+                // BLOCK_JOB_READY offset and len include them).
+                let job = self.copier.job();
+                job.progress_increase_remaining(end - start);
+                match to_target(&self.mirror.target, start, end - start) {
+                    Ok(()) => job.progress_update(end - start),
+                    Err(e) => self.copier.failed(start, end - start, false, e),
                 }
             }
         }

@@ -117,7 +117,7 @@ impl Copier {
             len,
         });
         let mut workers = Vec::new();
-        for i in 0..super::MAX_IN_FLIGHT {
+        for i in 0..super::io_workers() {
             let me = c.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("mirror-io{i}"))
@@ -177,6 +177,11 @@ impl Copier {
     pub fn has_room(&self) -> bool {
         let s = self.lock();
         s.ops < super::MAX_IN_FLIGHT && !s.free_buffers.is_empty()
+    }
+
+    /// The job this copier works for.
+    pub fn job(&self) -> &Job {
+        &self.job
     }
 
     /// A forced cancel was requested.

@@ -39,6 +39,18 @@ use crate::sync::{AtomicBool, Ordering};
 pub const DEFAULT_BUF_SIZE: u64 = 16 << 20;
 /// At most this many copy operations in flight.
 pub const MAX_IN_FLIGHT: usize = 16;
+/// I/O worker threads per mirror: two per CPU, between 2 and
+/// [`MAX_IN_FLIGHT`]. Operations beyond that wait in the queue, so up to
+/// `MAX_IN_FLIGHT` are still outstanding. On page-cache-backed files the copy
+/// is CPU-bound and more threads than that only contend for the inode lock
+/// (1 GiB, 2 CPUs, tmpfs, buffered path: 2-4 workers 2.0-2.3 GiB/s at
+/// 0.8 s CPU, 16 workers 1.5-1.8 GiB/s at 1.0-1.1 s CPU); two per CPU still
+/// lets one thread wait on a slow device while another copies.
+pub fn io_workers() -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (2 * cpus).clamp(2, MAX_IN_FLIGHT)
+}
+
 /// A copy operation covers at most this (or `buf_size / 16`, if larger).
 pub const MAX_IO_BYTES: u64 = 1 << 20;
 

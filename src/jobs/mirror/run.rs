@@ -131,7 +131,13 @@ pub(super) fn run(m: &Arc<Mirror>, job: &Arc<Job>) -> Result<()> {
     };
     *lock(&m.running) = Some(c.clone());
     if m.write_blocking.load(Ordering::SeqCst) {
+        // A guest write that passed the source's filter check before the
+        // filter existed would land after the copy of its range and be
+        // marked nowhere (recording is off from here): let those finish
+        // first, as QEMU inserts its filter node in a drained section.
+        let section = m.graph.drained_begin(std::slice::from_ref(&m.source));
         active::install(m, &c);
+        m.graph.drained_end(section);
     }
     let r = main_loop(m, job, &c);
     // Failed or cancelled: wait for what is in flight; done: nothing is.
