@@ -13,6 +13,7 @@ use nix::unistd::{Whence, lseek};
 
 use super::{BlockDriver, BlockStatus, write_zero_buffers};
 use crate::error::{Error, Result};
+use crate::sync::{AtomicBool, Ordering};
 
 /// Options of the `file` driver that change behaviour.
 #[derive(Debug, Clone, Default)]
@@ -38,6 +39,9 @@ pub struct FileDriver {
     block_device: bool,
     size: u64,
     data_cache: Mutex<DataCache>,
+    /// `FALLOC_FL_ZERO_RANGE` failed as unsupported once: do not try again
+    /// (QEMU's `has_write_zeroes`; tmpfs has no ZERO_RANGE).
+    no_zero_range: AtomicBool,
 }
 
 /// The last data extent `SEEK_DATA`/`SEEK_HOLE` found (QEMU's block-status
@@ -91,6 +95,7 @@ impl FileDriver {
             block_device,
             size,
             data_cache: Mutex::default(),
+            no_zero_range: AtomicBool::new(false),
         })
     }
 
@@ -158,7 +163,8 @@ impl FileDriver {
                 Err(e) => return Err(e),
             }
         }
-        if !self.block_device {
+        // Relaxed: a hint; a racing request just tries once more.
+        if !self.block_device && !self.no_zero_range.load(Ordering::Relaxed) {
             match fallocate(
                 self.fd(),
                 FallocateFlags::FALLOC_FL_ZERO_RANGE,
@@ -166,7 +172,8 @@ impl FileDriver {
                 len as i64,
             ) {
                 Ok(()) => return Ok(true),
-                Err(Errno::EOPNOTSUPP | Errno::EINVAL) => {}
+                Err(Errno::EOPNOTSUPP) => self.no_zero_range.store(true, Ordering::Relaxed),
+                Err(Errno::EINVAL) => {}
                 Err(e) => return Err(e.into()),
             }
         }
