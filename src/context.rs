@@ -249,6 +249,11 @@ impl Context {
         crate::jobs::mirror::blockdev_mirror(self, opts)
     }
 
+    /// `block-stream`: create and start a stream job.
+    pub fn block_stream(&self, opts: crate::jobs::stream::StreamOptions) -> Result<Arc<Job>> {
+        crate::jobs::stream::block_stream(self, opts)
+    }
+
     /// Create a job that is not a block job (no `BLOCK_JOB_*` events).
     pub fn job_create(
         &self,

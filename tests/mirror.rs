@@ -315,89 +315,26 @@ fn copies_keep_bitmaps_and_detect_zeroes() {
     assert_eq!(allocated, 4 * MIB, "only the data half is allocated");
 }
 
-/// In-memory host node whose writes can be held back, to put a guest
-/// write in flight at a chosen moment.
-struct SlowMemory {
-    data: std::sync::Mutex<Vec<u8>>,
-    /// (a write is waiting, release it)
-    gate: Arc<(std::sync::Mutex<(bool, bool)>, std::sync::Condvar)>,
-}
-
-impl blockjob::block::host::HostIo for SlowMemory {
-    fn len(&self) -> Result<u64, i32> {
-        Ok(self.data.lock().unwrap().len() as u64)
-    }
-    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), i32> {
-        let d = self.data.lock().unwrap();
-        buf.copy_from_slice(&d[offset as usize..offset as usize + buf.len()]);
-        Ok(())
-    }
-    fn write(&self, offset: u64, buf: &[u8]) -> Result<(), i32> {
-        let (m, cv) = &*self.gate;
-        let mut g = m.lock().unwrap();
-        if !g.1 {
-            // Hold this write until released, or for a second at most.
-            g.0 = true;
-            cv.notify_all();
-            let deadline = std::time::Instant::now() + Duration::from_secs(1);
-            while !g.1 && std::time::Instant::now() < deadline {
-                g = cv.wait_timeout(g, Duration::from_millis(10)).unwrap().0;
-            }
-            g.1 = true;
-        }
-        drop(g);
-        let mut d = self.data.lock().unwrap();
-        d[offset as usize..offset as usize + buf.len()].copy_from_slice(buf);
-        Ok(())
-    }
-}
-
 /// A guest write already in flight when a write-blocking mirror starts
 /// (it passed the source's filter check before there was a filter) still
 /// reaches the target: the job installs its filter in a drained section,
 /// as QEMU inserts its filter node, so the write finishes first.
 #[test]
 fn write_in_flight_when_a_write_blocking_mirror_starts_is_not_lost() {
+    use common::gated::{GatedMemory, Hold};
     let ctx = Context::new();
-    let gate = Arc::new((
-        std::sync::Mutex::new((false, false)),
-        std::sync::Condvar::new(),
-    ));
     let size = 4 * MIB as usize;
-    ctx.add_host_node(
-        "src",
-        false,
-        Box::new(SlowMemory {
-            data: std::sync::Mutex::new(vec![0x11; size]),
-            gate: gate.clone(),
-        }),
-    )
-    .unwrap();
-    let open = Arc::new((
-        std::sync::Mutex::new((false, true)),
-        std::sync::Condvar::new(),
-    ));
-    ctx.add_host_node(
-        "dst",
-        false,
-        Box::new(SlowMemory {
-            data: std::sync::Mutex::new(vec![0; size]),
-            gate: open,
-        }),
-    )
-    .unwrap();
+    let (src, gate) = GatedMemory::new(size, 0x11, Hold::Write);
+    ctx.add_host_node("src", false, Box::new(src)).unwrap();
+    let (dst, dst_gate) = GatedMemory::new(size, 0, Hold::Write);
+    dst_gate.release();
+    ctx.add_host_node("dst", false, Box::new(dst)).unwrap();
     let blk = Arc::new(ctx.blk_new("src", BackendOptions::default()).unwrap());
     let writer = {
         let blk = blk.clone();
         std::thread::spawn(move || blk.pwrite(MIB, &[0xab; 4096]).unwrap())
     };
-    {
-        let (m, cv) = &*gate;
-        let mut g = m.lock().unwrap();
-        while !g.0 {
-            g = cv.wait(g).unwrap();
-        }
-    }
+    gate.wait_held();
     let mut o = MirrorOptions::new("src", "dst", MirrorSyncMode::Full);
     o.job_id = Some("m".into());
     o.copy_mode = MirrorCopyMode::WriteBlocking;
@@ -405,11 +342,7 @@ fn write_in_flight_when_a_write_blocking_mirror_starts_is_not_lost() {
     let ready = job.wait_status(Duration::from_secs(10), |s| s == JobStatus::Ready);
     // Let the held write go (if the job did not wait for it, it lands in
     // the source only now, after the copy).
-    {
-        let (m, cv) = &*gate;
-        m.lock().unwrap().1 = true;
-        cv.notify_all();
-    }
+    gate.release();
     writer.join().unwrap();
     assert!(ready.is_some(), "never ready");
     job.complete().unwrap();

@@ -244,9 +244,12 @@ impl BlockBackend {
 
     /// Guest write.
     pub fn pwrite(&self, offset: u64, buf: &[u8]) -> Result<(), GuestIoError> {
-        self.shared.request(false, |n| match n.write_filter() {
-            Some(f) => f.pwrite(n, offset, buf),
-            None => n.pwrite(offset, buf),
+        self.shared.request(false, |n| {
+            in_bounds(n, offset, buf.len() as u64)?;
+            match n.write_filter() {
+                Some(f) => f.pwrite(n, offset, buf),
+                None => n.pwrite(offset, buf),
+            }
         })
     }
 
@@ -257,17 +260,23 @@ impl BlockBackend {
         len: u64,
         may_unmap: bool,
     ) -> Result<(), GuestIoError> {
-        self.shared.request(false, |n| match n.write_filter() {
-            Some(f) => f.pwrite_zeroes(n, offset, len, may_unmap),
-            None => n.pwrite_zeroes(offset, len, may_unmap),
+        self.shared.request(false, |n| {
+            in_bounds(n, offset, len)?;
+            match n.write_filter() {
+                Some(f) => f.pwrite_zeroes(n, offset, len, may_unmap),
+                None => n.pwrite_zeroes(offset, len, may_unmap),
+            }
         })
     }
 
     /// Guest discard.
     pub fn pdiscard(&self, offset: u64, len: u64) -> Result<(), GuestIoError> {
-        self.shared.request(false, |n| match n.write_filter() {
-            Some(f) => f.pdiscard(n, offset, len),
-            None => n.pdiscard(offset, len),
+        self.shared.request(false, |n| {
+            in_bounds(n, offset, len)?;
+            match n.write_filter() {
+                Some(f) => f.pdiscard(n, offset, len),
+                None => n.pdiscard(offset, len),
+            }
         })
     }
 
@@ -327,5 +336,14 @@ impl Drop for BlockBackend {
             self.graph.drained_end(s);
         }
         self.shared.node().detach_backend(&self.shared);
+    }
+}
+
+/// QEMU's `blk_check_byte_request`: a guest request past the end fails
+/// with EIO (a protocol node under it could otherwise grow).
+fn in_bounds(n: &Node, offset: u64, len: u64) -> Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= n.len()? => Ok(()),
+        _ => Err(Error::from_errno(libc::EIO)),
     }
 }

@@ -324,6 +324,10 @@ impl BlockDriver for BlkdebugDriver {
         self.image.pdiscard(offset, len)
     }
 
+    fn can_grow(&self) -> bool {
+        self.image.driver().can_grow()
+    }
+
     fn can_discard(&self) -> bool {
         self.image.driver().can_discard()
     }

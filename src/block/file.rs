@@ -13,7 +13,7 @@ use nix::unistd::{Whence, lseek};
 
 use super::{BlockDriver, BlockStatus, write_zero_buffers};
 use crate::error::{Error, Result};
-use crate::sync::{AtomicBool, Ordering};
+use crate::sync::{AtomicBool, AtomicU64, Ordering};
 
 /// Options of the `file` driver that change behaviour.
 #[derive(Debug, Clone, Default)]
@@ -37,7 +37,9 @@ pub struct FileDriver {
     file: File,
     opts: FileOptions,
     block_device: bool,
-    size: u64,
+    /// The size, read once at open (QEMU's total_sectors): bounds checks
+    /// cost no system call. Grows when a write goes past it.
+    size: AtomicU64,
     data_cache: Mutex<DataCache>,
     /// `FALLOC_FL_ZERO_RANGE` failed as unsupported once: do not try again
     /// (QEMU's `has_write_zeroes`; tmpfs has no ZERO_RANGE).
@@ -82,8 +84,6 @@ impl FileDriver {
             ));
         }
         let block_device = meta.file_type().is_block_device();
-        // Sized once, like QEMU's total_sectors: bounds checks on every
-        // request then cost no system call (we do not resize nodes yet).
         let size = if block_device {
             lseek(file.as_raw_fd(), 0, Whence::SeekEnd).map_err(Error::from)? as u64
         } else {
@@ -93,7 +93,7 @@ impl FileDriver {
             file,
             opts,
             block_device,
-            size,
+            size: AtomicU64::new(size),
             data_cache: Mutex::default(),
             no_zero_range: AtomicBool::new(false),
         })
@@ -182,6 +182,12 @@ impl FileDriver {
         Ok(false)
     }
 
+    /// A write ended at `end`: past the old size, the file grew.
+    fn grown_to(&self, end: u64) {
+        // Relaxed: see len().
+        self.size.fetch_max(end, Ordering::Relaxed);
+    }
+
     fn punch_hole(&self, offset: u64, len: u64) -> Result<()> {
         fallocate(
             self.fd(),
@@ -203,7 +209,13 @@ impl BlockDriver for FileDriver {
     }
 
     fn len(&self) -> Result<u64> {
-        Ok(self.size)
+        // Relaxed: a plain value; a writer that grew the file publishes
+        // its data through the file, not through this counter.
+        Ok(self.size.load(Ordering::Relaxed))
+    }
+
+    fn can_grow(&self) -> bool {
+        !self.block_device
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
@@ -219,11 +231,14 @@ impl BlockDriver for FileDriver {
     }
 
     fn write(&self, offset: u64, buf: &[u8]) -> Result<()> {
-        self.file.write_all_at(buf, offset).map_err(Error::from)
+        self.file.write_all_at(buf, offset).map_err(Error::from)?;
+        self.grown_to(offset + buf.len() as u64);
+        Ok(())
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
         let made_holes = self.write_zeroes_uncached(offset, len, may_unmap)?;
+        self.grown_to(offset + len);
         // Hole punches and ZERO_RANGE (unwritten extents) can make holes;
         // after the fact, so that no lookup that raced with it is kept.
         // Zero buffers keep data data.

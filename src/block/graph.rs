@@ -18,7 +18,8 @@ use super::blkdebug::BlkdebugDriver;
 use super::file::{FileDriver, FileOptions};
 use super::host::{HostDriver, HostIo};
 use super::null::{NULL_DEFAULT_SIZE, NullDriver};
-use super::options::{ChildRef, DriverSpec, NodeSpec};
+use super::options::{BackingSpec, ChildRef, DriverSpec, NodeSpec};
+use super::qcow2::Qcow2Driver;
 use super::raw::RawDriver;
 use super::{BlockDriver, Node};
 use crate::error::{Error, Result};
@@ -178,13 +179,19 @@ impl Graph {
             Self::check_new_name(inner, n, taken)?;
             taken.push(n.clone());
         }
-        let child = match &spec.driver {
-            DriverSpec::Raw { file, .. } => Some(file),
-            DriverSpec::Blkdebug { image, .. } => Some(image),
-            DriverSpec::File { .. } | DriverSpec::Null { .. } => None,
+        let children = match &spec.driver {
+            DriverSpec::Raw { file, .. } => vec![file],
+            DriverSpec::Blkdebug { image, .. } => vec![image],
+            DriverSpec::Qcow2 { file, backing } => match backing {
+                BackingSpec::Child(b) => vec![file, b],
+                BackingSpec::None | BackingSpec::FromHeader => vec![file],
+            },
+            DriverSpec::File { .. } | DriverSpec::Null { .. } => vec![],
         };
-        if let Some(ChildRef::New(c)) = child {
-            Self::check_names(inner, c, taken)?;
+        for c in children {
+            if let ChildRef::New(c) = c {
+                Self::check_names(inner, c, taken)?;
+            }
         }
         Ok(())
     }
@@ -281,6 +288,17 @@ impl Graph {
                 };
                 Box::new(RawDriver::new(child, offset, size)?)
             }
+            DriverSpec::Qcow2 { file, backing } => {
+                let file = self.resolve_child(inner, file, discard, created)?;
+                let backing = match backing {
+                    BackingSpec::None => None,
+                    BackingSpec::Child(c) => Some(self.resolve_child(inner, c, discard, created)?),
+                    BackingSpec::FromHeader => {
+                        self.open_header_backing(inner, &file, spec.read_only, created)?
+                    }
+                };
+                Box::new(Qcow2Driver::open(file, !spec.read_only, backing)?)
+            }
             DriverSpec::Blkdebug {
                 image,
                 align,
@@ -312,6 +330,58 @@ impl Graph {
         node.set_write_options(spec.detect_zeroes, discard);
         created.push(node.clone());
         Ok(node)
+    }
+
+    /// Open the backing file a qcow2 header names (QEMU's implicit
+    /// backing: auto-named nodes, the name relative to the image's
+    /// directory, the format from the header or probed).
+    fn open_header_backing(
+        &self,
+        inner: &mut GraphInner,
+        file: &Arc<Node>,
+        read_only: bool,
+        created: &mut Vec<Arc<Node>>,
+    ) -> Result<Option<Arc<Node>>> {
+        let hdr = super::qcow2::header::read_node_header(file)?;
+        let Some(name) = hdr.backing_file else {
+            return Ok(None);
+        };
+        let path = resolve_backing_path(&file.filename(), &name);
+        let format = match hdr.backing_format {
+            Some(f) => f,
+            None => probe_format(&path),
+        };
+        let driver = match format.as_str() {
+            "qcow2" | "raw" => format,
+            other => {
+                return Err(Error::generic(format!(
+                    "Could not open backing file: Unknown driver '{other}'"
+                )));
+            }
+        };
+        let spec = NodeSpec {
+            node_name: None,
+            read_only,
+            discard_unmap: None,
+            cache_direct: false,
+            cache_no_flush: false,
+            detect_zeroes: Default::default(),
+            driver: if driver == "raw" {
+                DriverSpec::Raw {
+                    file: ChildRef::New(Box::new(file_spec(&path, read_only))),
+                    offset: None,
+                    size: None,
+                }
+            } else {
+                DriverSpec::Qcow2 {
+                    file: ChildRef::New(Box::new(file_spec(&path, read_only))),
+                    backing: BackingSpec::FromHeader,
+                }
+            },
+        };
+        self.open_spec(inner, &spec, false, created)
+            .map(Some)
+            .map_err(|e| e.prepend("Could not open backing file: "))
     }
 
     /// Register a node whose I/O the host performs.
@@ -453,6 +523,28 @@ impl Graph {
         Ok(BlockBackend::new(shared, self.clone()))
     }
 
+    /// Drop the nodes nothing uses any more: opened implicitly (not owned
+    /// by the monitor), no parent node, no guest device, no job — as QEMU
+    /// frees a node when its last reference goes (e.g. the intermediate
+    /// layers a stream or commit cut out of a chain).
+    pub fn drop_orphans(&self) {
+        let mut inner = self.lock();
+        loop {
+            let orphan = inner.nodes.iter().position(|e| {
+                !e.monitor_owned
+                    && !Self::is_child_of_any(&inner, &e.node)
+                    && e.node.parent_backends().is_empty()
+                    && e.node.parent_jobs().is_empty()
+            });
+            match orphan {
+                Some(p) => {
+                    inner.nodes.remove(p);
+                }
+                None => break,
+            }
+        }
+    }
+
     /// Move every guest backend of `from` to `to` (QEMU's
     /// `bdrv_replace_node`, for the parents that are devices).
     pub fn replace_node(&self, from: &Arc<Node>, to: &Arc<Node>) {
@@ -576,5 +668,43 @@ impl Graph {
     pub fn drain_all(&self) {
         let s = self.drained_begin(&[]);
         self.drained_end(s);
+    }
+}
+
+/// A backing file name as QEMU resolves it: absolute as it is, relative
+/// to the directory of the image that names it.
+pub fn resolve_backing_path(image: &str, backing: &str) -> String {
+    let b = std::path::Path::new(backing);
+    if b.is_absolute() {
+        return backing.to_string();
+    }
+    match std::path::Path::new(image).parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.join(b).to_string_lossy().into_owned(),
+        _ => backing.to_string(),
+    }
+}
+
+/// qcow2 when the file starts with qcow2's magic, else raw (QEMU probes).
+fn probe_format(path: &str) -> String {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    let is_qcow2 = std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && magic == *b"QFI\xfb";
+    if is_qcow2 { "qcow2" } else { "raw" }.to_string()
+}
+
+fn file_spec(path: &str, read_only: bool) -> NodeSpec {
+    NodeSpec {
+        node_name: None,
+        read_only,
+        discard_unmap: None,
+        cache_direct: false,
+        cache_no_flush: false,
+        detect_zeroes: Default::default(),
+        driver: DriverSpec::File {
+            filename: path.to_string(),
+        },
     }
 }

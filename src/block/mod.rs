@@ -14,12 +14,14 @@
 
 pub mod backend;
 pub mod blkdebug;
+pub mod chain;
 pub mod copy_range;
 pub mod file;
 pub mod graph;
 pub mod host;
 pub mod null;
 pub mod options;
+pub mod qcow2;
 pub mod raw;
 
 use std::sync::{Arc, Condvar, Mutex, Weak};
@@ -95,7 +97,7 @@ pub struct NodeChild {
 
 /// One format or protocol driver. Implementations must be thread-safe;
 /// the [`Node`] wrapper has already checked bounds and permissions.
-pub trait BlockDriver: Send + Sync + 'static {
+pub trait BlockDriver: std::any::Any + Send + Sync + 'static {
     /// The `driver` name (`file`, `raw`, …).
     fn driver_name(&self) -> &'static str;
 
@@ -136,6 +138,17 @@ pub trait BlockDriver: Send + Sync + 'static {
     /// Status of the range starting at `offset` (at most `len` bytes).
     fn block_status(&self, _offset: u64, len: u64) -> Result<BlockStatus> {
         Ok(BlockStatus::data(len))
+    }
+
+    /// Writes past the end extend the node (a file under a format that
+    /// allocates at its end, as QEMU's protocol nodes grow). Default: no.
+    fn can_grow(&self) -> bool {
+        false
+    }
+
+    /// The backing node, for formats that have one.
+    fn backing(&self) -> Option<Arc<Node>> {
+        None
     }
 
     /// Children of this node.
@@ -332,6 +345,11 @@ impl Node {
         self.read_only
     }
 
+    /// The backing node (qcow2), if any.
+    pub fn backing(&self) -> Option<Arc<Node>> {
+        self.drv.backing()
+    }
+
     /// Children links.
     pub fn children(&self) -> Vec<NodeChild> {
         self.drv.children()
@@ -389,6 +407,14 @@ impl Node {
         }
     }
 
+    /// Writes may also extend a node that can grow.
+    fn check_write_range(&self, offset: u64, len: u64) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= i64::MAX as u64 && self.drv.can_grow() => Ok(()),
+            _ => self.check_range(offset, len),
+        }
+    }
+
     fn check_writable(&self) -> Result<()> {
         if self.read_only {
             return Err(Error::from_errno(libc::EPERM));
@@ -415,7 +441,7 @@ impl Node {
     pub fn pwrite(&self, offset: u64, buf: &[u8]) -> Result<()> {
         let _f = self.begin();
         self.check_writable()?;
-        self.check_range(offset, buf.len() as u64)?;
+        self.check_write_range(offset, buf.len() as u64)?;
         if buf.is_empty() {
             return Ok(());
         }
@@ -441,7 +467,7 @@ impl Node {
     pub fn pwrite_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
         let _f = self.begin();
         self.check_writable()?;
-        self.check_range(offset, len)?;
+        self.check_write_range(offset, len)?;
         if len == 0 {
             return Ok(());
         }

@@ -18,6 +18,17 @@ pub enum ChildRef {
     New(Box<NodeSpec>),
 }
 
+/// A format's `backing` member.
+#[derive(Debug, Clone)]
+pub enum BackingSpec {
+    /// Absent: open what the image header names.
+    FromHeader,
+    /// `null`: no backing layer.
+    None,
+    /// A node to use (by name or inline).
+    Child(ChildRef),
+}
+
 /// `detect-zeroes`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DetectZeroes {
@@ -57,6 +68,13 @@ pub enum DriverSpec {
         offset: Option<i64>,
         /// `size`
         size: Option<i64>,
+    },
+    /// `qcow2`.
+    Qcow2 {
+        /// `file`
+        file: ChildRef,
+        /// `backing`
+        backing: BackingSpec,
     },
     /// `blkdebug`.
     Blkdebug {
@@ -264,6 +282,20 @@ impl<'a> Obj<'a> {
         }
     }
 
+    /// `backing`: a node, `null`, or absent.
+    fn opt_backing(&mut self, key: &'a str) -> Result<BackingSpec> {
+        let name = self.name(key);
+        match self.get(key) {
+            None => Ok(BackingSpec::FromHeader),
+            Some(Value::Null) => Ok(BackingSpec::None),
+            Some(Value::String(s)) => Ok(BackingSpec::Child(ChildRef::Existing(s.clone()))),
+            Some(v @ Value::Object(_)) => Ok(BackingSpec::Child(ChildRef::New(Box::new(
+                parse_at(v, &name)?,
+            )))),
+            Some(_) => Err(type_err(&name, "BlockdevRefOrNull")),
+        }
+    }
+
     /// QEMU's `visit_check_struct`: members nobody asked for.
     fn finish(self) -> Result<()> {
         match self.map.keys().find(|k| !self.used.contains(k.as_str())) {
@@ -336,6 +368,38 @@ fn parse_at(v: &Value, name: &str) -> Result<NodeSpec> {
             offset: o.opt_int("offset")?,
             size: o.opt_int("size")?,
         },
+        "qcow2" => {
+            let file = o.req_child("file")?;
+            let backing = o.opt_backing("backing")?;
+            // Tuning QEMU accepts; imago has its own caches.
+            for k in [
+                "lazy-refcounts",
+                "pass-discard-request",
+                "pass-discard-snapshot",
+                "pass-discard-other",
+                "discard-no-unref",
+            ] {
+                let _ = o.opt_bool(k)?;
+            }
+            let _ = o.get("overlap-check");
+            for k in [
+                "cache-size",
+                "l2-cache-size",
+                "l2-cache-entry-size",
+                "refcount-cache-size",
+                "cache-clean-interval",
+            ] {
+                let _ = o.opt_int(k)?;
+            }
+            for k in ["encrypt", "data-file"] {
+                if o.get(k).is_some() {
+                    return Err(Error::generic(format!(
+                        "qcow2 '{k}' is not supported by blockjob"
+                    )));
+                }
+            }
+            DriverSpec::Qcow2 { file, backing }
+        }
         "blkdebug" => {
             let image = o.req_child("image")?;
             if o.opt_str("config")?.is_some() {

@@ -2,3 +2,4 @@
 //! later).
 
 pub mod mirror;
+pub mod stream;

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod cprog;
+pub mod gated;
 pub mod qmp;
 
 use std::path::PathBuf;

@@ -1,0 +1,52 @@
+//! Backing chains: walking them and asking which layers hold a range
+//! (QEMU's `bdrv_is_allocated_above`, `bdrv_chain_contains`).
+
+use std::sync::Arc;
+
+use super::Node;
+use crate::error::Result;
+
+/// `top`, its backing node, that one's backing node, … to the bottom.
+pub fn layers(top: &Arc<Node>) -> Vec<Arc<Node>> {
+    let mut v = vec![top.clone()];
+    while let Some(b) = v.last().and_then(|n| n.backing()) {
+        v.push(b);
+    }
+    v
+}
+
+/// `node` is `top` or below it.
+pub fn contains(top: &Arc<Node>, node: &Arc<Node>) -> bool {
+    layers(top).iter().any(|n| Arc::ptr_eq(n, node))
+}
+
+/// Whether some layer from `top` down to (not including) `base` holds the
+/// range at `offset` — data or explicit zeroes, anything that hides what is
+/// below — and for how many bytes (at most `len`) that answer holds. With
+/// `base` = `None`, every layer counts.
+pub fn is_allocated_above(
+    top: &Arc<Node>,
+    base: Option<&Arc<Node>>,
+    offset: u64,
+    len: u64,
+) -> Result<(bool, u64)> {
+    let mut n = len;
+    let mut layer = Some(top.clone());
+    while let Some(l) = layer {
+        if base.is_some_and(|b| Arc::ptr_eq(b, &l)) {
+            break;
+        }
+        if offset >= l.len()? {
+            // A shorter layer reads as zeroes past its end (QEMU treats
+            // that as allocated: nothing below shows through).
+            return Ok((true, n));
+        }
+        let st = l.block_status(offset, n)?;
+        if st.allocated {
+            return Ok((true, st.len));
+        }
+        n = n.min(st.len);
+        layer = l.backing();
+    }
+    Ok((false, n))
+}

@@ -1,0 +1,292 @@
+//! `qcow2`: images and backing chains through the `imago` crate.
+//!
+//! imago reads and writes one image's clusters and metadata; everything
+//! around it stays ours. Its storage is our `file` child node (so a
+//! `blkdebug` node can sit under a qcow2, as in QEMU's tests), and its
+//! backing layer is a `raw` view of our backing node (so a chain is a chain
+//! of our nodes: block-status walks it, stream and commit relink it, and a
+//! partial-cluster write copies the rest of the cluster from our backing
+//! node through imago's copy-on-write).
+//!
+//! Relinking (stream, commit) happens in drained sections: the driver
+//! reopens its imago image with the new backing layer, after the header's
+//! backing link was rewritten on disk ([`header`]).
+
+pub mod header;
+pub mod storage;
+
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+
+use imago::qcow2::Qcow2;
+use imago::raw::Raw;
+use imago::{
+    DenyImplicitOpenGate, FormatAccess, FormatCreateBuilder, FormatDriverBuilder, ShallowMapping,
+};
+
+use self::storage::{NodeStorage, from_io};
+use super::{BlockDriver, BlockStatus, Node, NodeChild};
+use crate::error::{Error, Result};
+use crate::sync::{AtomicBool, Ordering};
+
+type Access = FormatAccess<NodeStorage>;
+type Image = Qcow2<NodeStorage, Arc<Access>>;
+
+/// The imago image and the backing node it reads through.
+struct Layer {
+    access: Access,
+    backing: Option<Arc<Node>>,
+}
+
+/// The qcow2 format.
+pub struct Qcow2Driver {
+    file: Arc<Node>,
+    writable: bool,
+    cluster_size: u64,
+    /// Read-locked by every request, write-locked to discard (imago wants
+    /// `&mut` there) and to relink the backing node.
+    layer: RwLock<Layer>,
+    /// What the header said when the image was opened: `(name, format)`.
+    header_backing: Option<(String, Option<String>)>,
+}
+
+/// imago's view of a backing node: `raw` over it.
+fn backing_view(node: &Arc<Node>) -> Result<Arc<Access>> {
+    let raw = Raw::builder(NodeStorage::new(node.clone()))
+        .write(false)
+        .open(DenyImplicitOpenGate::default())
+        .map_err(from_io)?;
+    Ok(Arc::new(FormatAccess::new(raw)))
+}
+
+fn open_image(file: &Arc<Node>, writable: bool, backing: Option<&Arc<Node>>) -> Result<Access> {
+    let backing = backing.map(backing_view).transpose()?;
+    let events = Arc::new(AtomicBool::new(false));
+    let image = Image::builder(NodeStorage::with_events(file.clone(), events.clone()))
+        .write(writable)
+        .backing(backing)
+        .open(DenyImplicitOpenGate::default())
+        .map_err(|e| open_error(file, e))?;
+    // Relaxed: the node is not shared yet.
+    events.store(true, Ordering::Relaxed);
+    Ok(FormatAccess::new(image))
+}
+
+/// QEMU's texts for images imago refuses.
+fn open_error(file: &Node, e: std::io::Error) -> Error {
+    let text = e.to_string();
+    if text.contains("magic") || text.contains("Not a qcow2") {
+        return Error::generic("Image is not in qcow2 format");
+    }
+    from_io(e).prepend(format!("Could not open '{}': ", file.filename()))
+}
+
+impl Qcow2Driver {
+    /// Open the image in `file`. `backing`: the backing node, or `None`
+    /// for no backing layer (the header's link is then not followed; see
+    /// [`Qcow2Driver::header_backing`] for what it says).
+    pub fn open(file: Arc<Node>, writable: bool, backing: Option<Arc<Node>>) -> Result<Self> {
+        let hdr = header::read_node_header(&file)?;
+        let access = open_image(&file, writable, backing.as_ref())?;
+        Ok(Qcow2Driver {
+            file,
+            writable,
+            cluster_size: hdr.cluster_size,
+            layer: RwLock::new(Layer { access, backing }),
+            header_backing: hdr.backing_file.map(|name| (name, hdr.backing_format)),
+        })
+    }
+
+    /// The backing link the header held at open: `(file name, format)`.
+    pub fn header_backing(&self) -> Option<&(String, Option<String>)> {
+        self.header_backing.as_ref()
+    }
+
+    fn layer(&self) -> RwLockReadGuard<'_, Layer> {
+        // The layer is replaced whole or not at all: usable after a panic.
+        self.layer.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Put `backing` under this image (or nothing), in memory only: the
+    /// caller rewrites the header link first (stream, commit). Call it in
+    /// a drained section: the image is reopened.
+    pub fn relink(&self, backing: Option<Arc<Node>>) -> Result<()> {
+        let mut l = self.layer.write().unwrap_or_else(|p| p.into_inner());
+        l.access.flush().map_err(from_io)?;
+        let access = open_image(&self.file, self.writable, backing.as_ref())?;
+        *l = Layer { access, backing };
+        Ok(())
+    }
+
+    /// The `file` child.
+    pub fn file(&self) -> &Arc<Node> {
+        &self.file
+    }
+}
+
+/// Point the qcow2 image `node` at `backing` (or at nothing), on disk and
+/// in the graph — the end of a stream or commit (QEMU's
+/// `bdrv_change_backing_file` + `bdrv_set_backing_hd`). The header names
+/// `backing_file`, or the new backing node's file name, with its format.
+/// Call it with `node` drained.
+pub fn change_backing(
+    node: &Arc<Node>,
+    backing: Option<&Arc<Node>>,
+    backing_file: Option<&str>,
+) -> Result<()> {
+    let drv = (node.driver() as &dyn std::any::Any)
+        .downcast_ref::<Qcow2Driver>()
+        .ok_or_else(|| {
+            Error::generic(format!(
+                "Cannot change the backing file of '{}': not a qcow2 image",
+                node.name()
+            ))
+        })?;
+    let link = backing.map(|b| {
+        let name = backing_file.map_or_else(|| b.filename(), str::to_string);
+        let fmt = match b.driver_name() {
+            "file" | "host_device" => "raw",
+            other => other,
+        };
+        (name, fmt)
+    });
+    let path = drv.file.filename();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::from(e).prepend(format!("Could not open '{path}': ")))?;
+    // imago keeps metadata in its caches: written out before the header
+    // changes under it, and the image reopened after.
+    drv.layer().access.flush().map_err(from_io)?;
+    header::set_backing(&f, link.as_ref().map(|(n, fmt)| (n.as_str(), Some(*fmt)))).map_err(
+        |e| {
+            let name = link.as_ref().map_or("", |(n, _)| n.as_str());
+            e.prepend(format!("Could not change the backing file to '{name}': "))
+        },
+    )?;
+    drv.relink(backing.cloned())
+}
+
+/// Create a qcow2 image in `file` (an empty, writable node) of `size`
+/// bytes, optionally over a backing file (`qemu-img create -f qcow2 -b
+/// NAME -F FMT`).
+pub fn create(
+    file: &Arc<Node>,
+    size: u64,
+    backing: Option<(&str, &str)>,
+    cluster_size: Option<u64>,
+) -> Result<()> {
+    let mut b = Qcow2::<NodeStorage>::create_builder(NodeStorage::new(file.clone())).size(size);
+    if let Some((name, fmt)) = backing {
+        b = b.backing(name.to_string(), fmt.to_string());
+    }
+    if let Some(cs) = cluster_size {
+        b = b.cluster_size(cs as usize);
+    }
+    b.create().map_err(from_io)?;
+    file.flush()
+}
+
+impl BlockDriver for Qcow2Driver {
+    fn driver_name(&self) -> &'static str {
+        "qcow2"
+    }
+
+    fn len(&self) -> Result<u64> {
+        Ok(self.layer().access.size())
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.layer().access.read(buf, offset).map_err(from_io)
+    }
+
+    fn write(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        self.layer().access.write(buf, offset).map_err(from_io)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, _may_unmap: bool) -> Result<()> {
+        self.layer()
+            .access
+            .write_zeroes(offset, len)
+            .map_err(from_io)
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        // As QEMU's qcow2: a discarded range reads as zeroes afterwards,
+        // not as the backing file's data.
+        let mut l = self.layer.write().unwrap_or_else(|p| p.into_inner());
+        l.access.discard_to_zero(offset, len).map_err(from_io)
+    }
+
+    fn can_discard(&self) -> bool {
+        true
+    }
+
+    fn flush(&self) -> Result<()> {
+        let l = self.layer();
+        l.access.flush().map_err(from_io)?;
+        l.access.sync().map_err(from_io)
+    }
+
+    /// This layer's allocation (`allocated`), and what the whole chain
+    /// below reads there (`data`/`zero`), like QEMU's block-status of a
+    /// node above no base.
+    fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
+        let l = self.layer();
+        let (mapping, mlen) = l.access.get_shallow_mapping(offset, len).map_err(from_io)?;
+        let mlen = mlen.clamp(1, len);
+        Ok(match mapping {
+            ShallowMapping::Raw { .. } | ShallowMapping::Special { .. } => BlockStatus::data(mlen),
+            ShallowMapping::Zero { explicit: true, .. } => BlockStatus::zero(mlen),
+            ShallowMapping::Indirect { .. } => match &l.backing {
+                Some(b) if offset < b.len()? => {
+                    let st = b.block_status(offset, mlen)?;
+                    BlockStatus {
+                        allocated: false,
+                        ..st
+                    }
+                }
+                // Past the end of a shorter backing file: zeroes.
+                _ => BlockStatus {
+                    data: false,
+                    zero: true,
+                    allocated: false,
+                    len: mlen,
+                },
+            },
+            // Unallocated without a backing layer, or past the end.
+            _ => BlockStatus {
+                data: false,
+                zero: true,
+                allocated: false,
+                len: mlen,
+            },
+        })
+    }
+
+    fn backing(&self) -> Option<Arc<Node>> {
+        self.layer().backing.clone()
+    }
+
+    fn children(&self) -> Vec<NodeChild> {
+        let mut v = vec![NodeChild {
+            role: "file",
+            node: self.file.clone(),
+        }];
+        if let Some(b) = self.backing() {
+            v.push(NodeChild {
+                role: "backing",
+                node: b,
+            });
+        }
+        v
+    }
+
+    fn cluster_size(&self) -> Option<u64> {
+        Some(self.cluster_size)
+    }
+
+    fn filename(&self) -> String {
+        self.file.filename()
+    }
+}

@@ -1,0 +1,176 @@
+//! imago's storage trait over one of our nodes, so that a qcow2 image's
+//! I/O goes through our graph: its `file` child may be a `blkdebug` node,
+//! and a backing layer is whatever node we link (a `raw` view of it).
+
+use std::fmt;
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use imago::Storage;
+use imago::io_buffers::{IoVector, IoVectorMut};
+use imago::storage::drivers::CommonStorageHelper;
+
+use crate::block::{BlkdebugEvent, Node};
+use crate::error::Error;
+use crate::sync::{AtomicBool, Ordering};
+
+/// One of our nodes as imago storage.
+pub struct NodeStorage {
+    node: Arc<Node>,
+    helper: CommonStorageHelper,
+    /// Fire blkdebug's read_aio/write_aio: off while the image is being
+    /// opened (QEMU's open reads fire none of these).
+    events: Arc<AtomicBool>,
+}
+
+impl NodeStorage {
+    /// Wrap `node`; no blkdebug events.
+    pub fn new(node: Arc<Node>) -> Self {
+        Self::with_events(node, Arc::new(AtomicBool::new(false)))
+    }
+
+    /// Wrap `node`; blkdebug events once `events` is set.
+    pub fn with_events(node: Arc<Node>, events: Arc<AtomicBool>) -> Self {
+        NodeStorage {
+            node,
+            helper: CommonStorageHelper::default(),
+            events,
+        }
+    }
+
+    fn debug_event(&self, e: BlkdebugEvent) {
+        // Relaxed: set once after the open, before the node is shared.
+        if self.events.load(Ordering::Relaxed) {
+            self.node.debug_event(e);
+        }
+    }
+
+    /// The wrapped node.
+    pub fn node(&self) -> &Arc<Node> {
+        &self.node
+    }
+}
+
+impl fmt::Debug for NodeStorage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NodeStorage")
+            .field("node", &self.node.name())
+            .finish()
+    }
+}
+
+impl fmt::Display for NodeStorage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.node.name())
+    }
+}
+
+/// Our errors into imago's: the errno survives, so that a failed read
+/// deep in a chain still reaches the job's error policy as EIO or ENOSPC.
+pub fn to_io(e: Error) -> io::Error {
+    match e.errno() {
+        Some(errno) => io::Error::from_raw_os_error(errno),
+        None => io::Error::other(e.message().to_string()),
+    }
+}
+
+/// imago's errors into ours (an errno where there is one).
+pub fn from_io(e: io::Error) -> Error {
+    if let Some(errno) = e.raw_os_error() {
+        return Error::from_errno(errno);
+    }
+    // imago wraps errors in context ("Backing file: ..."): look through.
+    let mut src: Option<&(dyn std::error::Error + 'static)> = e.get_ref().map(|r| r as _);
+    while let Some(inner) = src {
+        if let Some(ioe) = inner.downcast_ref::<io::Error>()
+            && let Some(errno) = ioe.raw_os_error()
+        {
+            return Error::from_errno(errno);
+        }
+        src = inner.source();
+    }
+    Error::errno_msg(libc::EIO, e.to_string())
+}
+
+// The `pure_*` methods are `unsafe fn` in imago's trait: imago promises to
+// serialise overlapping requests itself, and a storage may rely on that.
+// Ours does not rely on anything: every call below is an ordinary safe,
+// positional and thread-safe request on a node.
+#[allow(unsafe_code)]
+impl Storage for NodeStorage {
+    fn size(&self) -> io::Result<u64> {
+        self.node.len().map_err(to_io)
+    }
+
+    fn get_filename(&self) -> Option<PathBuf> {
+        let f = self.node.filename();
+        (!f.is_empty()).then(|| PathBuf::from(f))
+    }
+
+    fn resolve_relative_path<P: AsRef<std::path::Path>>(&self, relative: P) -> io::Result<PathBuf> {
+        let base = PathBuf::from(self.node.filename());
+        Ok(match base.parent() {
+            Some(dir) => dir.join(relative),
+            None => relative.as_ref().to_path_buf(),
+        })
+    }
+
+    unsafe fn pure_readv(&self, bufv: IoVectorMut<'_>, offset: u64) -> io::Result<()> {
+        // QEMU's qcow2 fires read_aio on its file child for data reads
+        // (and l2_load & co. for metadata); imago does not tell the two
+        // apart here, so every read fires read_aio.
+        self.debug_event(BlkdebugEvent::ReadAio);
+        let mut off = offset;
+        for mut slice in bufv.into_inner() {
+            let b: &mut [u8] = &mut slice;
+            self.node.pread(off, b).map_err(to_io)?;
+            off += b.len() as u64;
+        }
+        Ok(())
+    }
+
+    unsafe fn pure_writev(&self, bufv: IoVector<'_>, offset: u64) -> io::Result<()> {
+        // As for reads: write_aio for every write.
+        self.debug_event(BlkdebugEvent::WriteAio);
+        let mut off = offset;
+        for slice in bufv.into_inner() {
+            let b: &[u8] = &slice;
+            self.node.pwrite(off, b).map_err(to_io)?;
+            off += b.len() as u64;
+        }
+        Ok(())
+    }
+
+    unsafe fn pure_write_zeroes(&self, offset: u64, length: u64) -> io::Result<()> {
+        self.node.pwrite_zeroes(offset, length, true).map_err(to_io)
+    }
+
+    unsafe fn pure_write_allocated_zeroes(&self, offset: u64, length: u64) -> io::Result<()> {
+        self.node
+            .pwrite_zeroes(offset, length, false)
+            .map_err(to_io)
+    }
+
+    unsafe fn pure_discard(&self, offset: u64, length: u64) -> io::Result<()> {
+        self.node.pdiscard(offset, length).map_err(to_io)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        // Our nodes buffer nothing above the kernel; stable storage is
+        // `sync`'s job.
+        Ok(())
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        self.node.flush().map_err(to_io)
+    }
+
+    unsafe fn invalidate_cache(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn get_storage_helper(&self) -> &CommonStorageHelper {
+        &self.helper
+    }
+}

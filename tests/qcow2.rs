@@ -1,0 +1,254 @@
+//! qcow2 through imago, checked against real qemu-img / qemu-io: chains
+//! built by QEMU read the same through us, our writes leave images that
+//! `qemu-img check` finds clean and `qemu-img compare` finds identical to
+//! the same writes done by QEMU, block-status agrees with `qemu-img map`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use blockjob::Context;
+use blockjob::block::backend::BackendOptions;
+use serde_json::{Value, json};
+
+const MIB: u64 = 1 << 20;
+
+fn run(cmd: &str, args: &[&str]) -> String {
+    common::require_tool(cmd);
+    let out = Command::new(cmd).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// base (raw-format qcow2, 4 MiB of 0x01) <- mid (0x02 at 1 MiB, 1 MiB)
+/// <- top (0x03 at 3 MiB, 512 KiB), all made by qemu-img and qemu-io.
+fn chain(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let base = dir.join("base.qcow2");
+    let mid = dir.join("mid.qcow2");
+    let top = dir.join("top.qcow2");
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", path_str(&base), "4M"],
+    );
+    run("qemu-io", &["-c", "write -P 1 0 4M", path_str(&base)]);
+    for (img, back) in [(&mid, &base), (&top, &mid)] {
+        run(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                path_str(back),
+                "-F",
+                "qcow2",
+                path_str(img),
+            ],
+        );
+    }
+    run("qemu-io", &["-c", "write -P 2 1M 1M", path_str(&mid)]);
+    run("qemu-io", &["-c", "write -P 3 3M 512k", path_str(&top)]);
+    (base, mid, top)
+}
+
+fn qcow2(name: &str, path: &Path) -> Value {
+    json!({"driver":"qcow2","node-name":name,"file":{"driver":"file","filename":path}})
+}
+
+/// The guest-visible content of an image, as QEMU sees it.
+fn qemu_flat(img: &Path, dir: &Path) -> Vec<u8> {
+    let out = dir.join(format!(
+        "{}.flat",
+        img.file_name().unwrap().to_string_lossy()
+    ));
+    run(
+        "qemu-img",
+        &["convert", "-O", "raw", path_str(img), path_str(&out)],
+    );
+    std::fs::read(out).unwrap()
+}
+
+#[test]
+fn a_chain_from_the_headers_reads_as_qemu_reads_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, _, top) = chain(dir.path());
+    let ctx = Context::new();
+    let node = ctx.blockdev_add(&qcow2("top", &top)).unwrap();
+    assert_eq!(node.len().unwrap(), 4 * MIB);
+    // The chain: top -> mid -> base, the backing nodes auto-named.
+    let mid = node.backing().expect("mid opened from top's header");
+    let base = mid.backing().expect("base opened from mid's header");
+    assert!(base.backing().is_none());
+    assert!(mid.is_auto_named() && base.is_auto_named());
+    let mut ours = vec![0u8; 4 * MIB as usize];
+    node.pread(0, &mut ours).unwrap();
+    assert!(
+        ours == qemu_flat(&top, dir.path()),
+        "content differs from QEMU's"
+    );
+}
+
+#[test]
+fn block_status_says_which_layer_holds_what() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, _, top) = chain(dir.path());
+    let ctx = Context::new();
+    let node = ctx.blockdev_add(&qcow2("top", &top)).unwrap();
+    // qemu-img map --output=json: depth 0 = top, 1 = mid, 2 = base.
+    let map: Vec<Value> =
+        serde_json::from_str(&run("qemu-img", &["map", "--output=json", path_str(&top)])).unwrap();
+    for m in &map {
+        let (start, length) = (m["start"].as_u64().unwrap(), m["length"].as_u64().unwrap());
+        let depth = m["depth"].as_u64().unwrap();
+        let mut off = start;
+        while off < start + length {
+            let st = node.block_status(off, start + length - off).unwrap();
+            assert_eq!(st.allocated, depth == 0, "allocated at {off} ({m})");
+            assert_eq!(st.data, m["data"].as_bool().unwrap(), "data at {off} ({m})");
+            // Walk down to the layer QEMU names and check it holds the range.
+            let mut layer = node.clone();
+            for _ in 0..depth {
+                layer = layer.backing().unwrap();
+            }
+            assert!(layer.block_status(off, st.len).unwrap().allocated, "{m}");
+            off += st.len;
+        }
+    }
+}
+
+#[test]
+fn our_writes_match_qemu_io_and_leave_a_clean_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, _, top) = chain(dir.path());
+    // The same chain again for QEMU to write to.
+    let qdir = dir.path().join("q");
+    std::fs::create_dir(&qdir).unwrap();
+    let (_, _, qtop) = chain(&qdir);
+    // Partial clusters over backing data, whole clusters, zeroes, discard.
+    let writes: &[(&str, u64, u64, u8)] = &[
+        ("write", 1000, 3000, 0xaa),
+        ("write", 64 * 1024, 128 * 1024, 0xbb),
+        ("write", MIB + 512, 70_000, 0xcc),
+        ("zero", 2 * MIB, 64 * 1024, 0),
+        ("write", 4 * MIB - 4096, 4096, 0xdd),
+        ("discard", 3 * MIB, 64 * 1024, 0),
+    ];
+    let ctx = Context::new();
+    ctx.blockdev_add(
+        &json!({"driver":"qcow2","node-name":"top","discard":"unmap",
+        "file":{"driver":"file","filename":top}}),
+    )
+    .unwrap();
+    let blk = ctx.blk_new("top", BackendOptions::default()).unwrap();
+    for &(op, off, len, pat) in writes {
+        match op {
+            "write" => blk.pwrite(off, &vec![pat; len as usize]).unwrap(),
+            "zero" => blk.pwrite_zeroes(off, len, false).unwrap(),
+            _ => blk.pdiscard(off, len).unwrap(),
+        }
+        let cmd = match op {
+            "write" => format!("write -P {pat} {off} {len}"),
+            "zero" => format!("write -z {off} {len}"),
+            _ => format!("discard {off} {len}"),
+        };
+        run("qemu-io", &["-c", &cmd, path_str(&qtop)]);
+    }
+    blk.flush().unwrap();
+    drop(blk);
+    drop(ctx);
+    run("qemu-img", &["check", "-q", path_str(&top)]);
+    let ours = qemu_flat(&top, dir.path());
+    let theirs = qemu_flat(&qtop, &qdir);
+    assert!(ours == theirs, "guest-visible content differs from QEMU's");
+    // And the images are still a chain: top -> mid -> base.
+    let info: Vec<Value> = serde_json::from_str(&run(
+        "qemu-img",
+        &["info", "--backing-chain", "--output=json", path_str(&top)],
+    ))
+    .unwrap();
+    assert_eq!(info.len(), 3);
+}
+
+#[test]
+fn explicit_backing_by_name_and_null() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, mid, top) = chain(dir.path());
+    let ctx = Context::new();
+    ctx.blockdev_add(&qcow2("base", &base)).unwrap();
+    let mut m = qcow2("mid", &mid);
+    m["backing"] = json!("base");
+    ctx.blockdev_add(&m).unwrap();
+    let mut t = qcow2("top", &top);
+    t["backing"] = json!("mid");
+    let node = ctx.blockdev_add(&t).unwrap();
+    assert_eq!(node.backing().unwrap().name(), "mid");
+    let mut ours = vec![0u8; 4 * MIB as usize];
+    node.pread(0, &mut ours).unwrap();
+    assert!(ours == qemu_flat(&top, dir.path()));
+    // backing: null: only top's own data, zeroes elsewhere.
+    let mut t = qcow2("top2", &top);
+    t["backing"] = Value::Null;
+    let lone = ctx.blockdev_add(&t).unwrap();
+    assert!(lone.backing().is_none());
+    let mut buf = vec![0u8; 4 * MIB as usize];
+    lone.pread(0, &mut buf).unwrap();
+    assert!(buf[..3 * MIB as usize].iter().all(|&b| b == 0));
+    assert!(
+        buf[3 * MIB as usize..3 * MIB as usize + 512 * 1024]
+            .iter()
+            .all(|&b| b == 3)
+    );
+}
+
+#[test]
+fn created_images_pass_qemu_img_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, _, _) = chain(dir.path());
+    let new = dir.path().join("new.qcow2");
+    std::fs::File::create(&new).unwrap();
+    let ctx = Context::new();
+    let f = ctx
+        .blockdev_add(&json!({"driver":"file","node-name":"f","filename":new}))
+        .unwrap();
+    blockjob::block::qcow2::create(&f, 4 * MIB, Some((path_str(&base), "qcow2")), None).unwrap();
+    run("qemu-img", &["check", "-q", path_str(&new)]);
+    let info: Value =
+        serde_json::from_str(&run("qemu-img", &["info", "--output=json", path_str(&new)])).unwrap();
+    assert_eq!(info["virtual-size"], 4 * MIB);
+    assert_eq!(info["backing-filename"], path_str(&base));
+    assert_eq!(info["backing-filename-format"], "qcow2");
+}
+
+#[test]
+fn bad_images_are_refused_with_qemu_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = Context::new();
+    // Not qcow2 at all.
+    let raw = dir.path().join("raw.img");
+    std::fs::write(&raw, vec![0u8; 1 << 20]).unwrap();
+    let e = ctx.blockdev_add(&qcow2("r", &raw)).unwrap_err();
+    assert_eq!(e.message(), "Image is not in qcow2 format");
+    // A backing file that is gone.
+    let (base, _, top) = chain(dir.path());
+    std::fs::remove_file(&base).unwrap();
+    let e = ctx.blockdev_add(&qcow2("t", &top)).unwrap_err();
+    assert!(
+        e.message().starts_with("Could not open backing file: ")
+            && e.message().contains("No such file or directory"),
+        "{}",
+        e.message()
+    );
+    // Nothing was registered by the failed adds.
+    assert!(ctx.blockdev_add(&qcow2("t", &top)).is_err());
+    assert!(ctx.graph().find_node("t").is_none());
+}
