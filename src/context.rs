@@ -249,6 +249,11 @@ impl Context {
         crate::jobs::mirror::blockdev_mirror(self, opts)
     }
 
+    /// `block-commit`: create and start a commit job.
+    pub fn block_commit(&self, opts: crate::jobs::commit::CommitOptions) -> Result<Arc<Job>> {
+        crate::jobs::commit::block_commit(self, opts)
+    }
+
     /// `block-stream`: create and start a stream job.
     pub fn block_stream(&self, opts: crate::jobs::stream::StreamOptions) -> Result<Arc<Job>> {
         crate::jobs::stream::block_stream(self, opts)

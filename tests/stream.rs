@@ -294,7 +294,7 @@ fn bad_arguments_are_refused_with_qemu_text() {
     assert_eq!(err(o), "Node 'top' is not a backing image of 'top'");
     let mut o = StreamOptions::new("top");
     o.base = Some("/no/such.qcow2".into());
-    assert_eq!(err(o), "Base '/no/such.qcow2' not found");
+    assert_eq!(err(o), "Can't find '/no/such.qcow2' in the backing chain");
     let mut o = StreamOptions::new("top");
     o.base = Some("x".into());
     o.base_node = Some("y".into());
@@ -361,4 +361,145 @@ fn a_guest_write_racing_with_the_copy_of_its_range_is_kept() {
         "the guest write was overwritten by the copy"
     );
     assert!(ctx.graph().find_node("top").unwrap().backing().is_none());
+}
+
+/// Events of a job, compactly: ERROR(op,action), COMPLETED(error,off,len).
+fn job_events(sub: &blockjob::events::Subscription) -> Vec<String> {
+    std::iter::from_fn(|| sub.try_next())
+        .filter_map(|e| match &e.data {
+            EventData::BlockJobError {
+                operation, action, ..
+            } => Some(format!("ERROR({operation},{action})")),
+            EventData::BlockJobCompleted { progress, error } => Some(format!(
+                "COMPLETED({},{},{})",
+                error.as_deref().unwrap_or("ok"),
+                progress.offset,
+                progress.len
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn errors_follow_on_error_as_in_qemu() {
+    // blkdebug read_aio on mid's file, once; stream top without base.
+    // Expected events, stop offset and io-status recorded with
+    // qemu-storage-daemon 10.0.2.
+    let m = "1048576,4194304";
+    let f = "4194304,4194304";
+    let cases: &[(BlockdevOnError, i32, &[&str], Option<&str>)] = &[
+        (
+            BlockdevOnError::Report,
+            5,
+            &[
+                "ERROR(read,report)",
+                &format!("COMPLETED(Input/output error,{m})"),
+            ],
+            None,
+        ),
+        (
+            BlockdevOnError::Report,
+            28,
+            &[
+                "ERROR(read,report)",
+                &format!("COMPLETED(No space left on device,{m})"),
+            ],
+            None,
+        ),
+        (
+            BlockdevOnError::Ignore,
+            5,
+            &[
+                "ERROR(read,ignore)",
+                &format!("COMPLETED(Input/output error,{f})"),
+            ],
+            None,
+        ),
+        (
+            BlockdevOnError::Stop,
+            5,
+            &["ERROR(read,stop)", &format!("COMPLETED(ok,{f})")],
+            Some("failed"),
+        ),
+        (
+            BlockdevOnError::Stop,
+            28,
+            &["ERROR(read,stop)", &format!("COMPLETED(ok,{f})")],
+            Some("nospace"),
+        ),
+        (
+            BlockdevOnError::Enospc,
+            5,
+            &[
+                "ERROR(read,report)",
+                &format!("COMPLETED(Input/output error,{m})"),
+            ],
+            None,
+        ),
+        (
+            BlockdevOnError::Enospc,
+            28,
+            &["ERROR(read,stop)", &format!("COMPLETED(ok,{f})")],
+            Some("nospace"),
+        ),
+    ];
+    for &(policy, errno, expect, stop_status) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, mid, top) = chain(dir.path());
+        let before = flat(&top);
+        let ctx = Context::new();
+        ctx.blockdev_add(&json!({"driver":"qcow2","node-name":"top",
+            "file":{"driver":"file","filename":top},
+            "backing":{"driver":"qcow2","node-name":"mid",
+                "file":{"driver":"blkdebug",
+                    "inject-error":[{"event":"read_aio","errno":errno,"once":true}],
+                    "image":{"driver":"file","filename":mid}}}}))
+            .unwrap();
+        let sub = ctx.subscribe();
+        let mut o = StreamOptions::new("top");
+        o.job_id = Some("job0".into());
+        o.on_error = policy;
+        let job = ctx.block_stream(o).unwrap();
+        if let Some(io) = stop_status {
+            job.wait_status(Duration::from_secs(30), |s| s == JobStatus::Paused)
+                .expect("paused by the error");
+            assert_eq!(job.progress().current, MIB, "{policy:?}/{errno}: offset");
+            assert_eq!(job.iostatus().to_string(), io, "{policy:?}/{errno}");
+            job.user_resume().unwrap();
+        }
+        wait_end(&job);
+        assert_eq!(job_events(&sub), expect, "{policy:?}/{errno}");
+        let ok = expect.last().unwrap().starts_with("COMPLETED(ok");
+        drop(ctx);
+        // Failed (ignore too): the chain stays; done: flattened.
+        assert_eq!(
+            backing_chain(&top).len(),
+            if ok { 1 } else { 3 },
+            "{policy:?}/{errno}"
+        );
+        run("qemu-img", &["check", "-q", s(&top)]);
+        assert!(
+            flat(&top) == before,
+            "{policy:?}/{errno}: guest view changed"
+        );
+    }
+}
+
+#[test]
+fn nothing_to_stream_completes_at_zero() {
+    // QEMU: base-node = top's own backing, or no backing: COMPLETED(0,0).
+    let dir = tempfile::tempdir().unwrap();
+    let (_, _, top) = chain(dir.path());
+    let ctx = Context::new();
+    ctx.blockdev_add(&json!({"driver":"qcow2","node-name":"top",
+        "file":{"driver":"file","filename":top}}))
+        .unwrap();
+    let mid = ctx.graph().find_node("top").unwrap().backing().unwrap();
+    let sub = ctx.subscribe();
+    let mut o = StreamOptions::new("top");
+    o.job_id = Some("job0".into());
+    o.base_node = Some(mid.name().to_string());
+    wait_end(&ctx.block_stream(o).unwrap());
+    assert_eq!(job_events(&sub), vec!["COMPLETED(ok,0,0)"]);
 }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use super::Node;
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// `top`, its backing node, that one's backing node, … to the bottom.
 pub fn layers(top: &Arc<Node>) -> Vec<Arc<Node>> {
@@ -49,4 +49,14 @@ pub fn is_allocated_above(
         layer = l.backing();
     }
     Ok((false, n))
+}
+
+/// The layer of `layers` whose image file is `name` (QEMU's
+/// `bdrv_find_backing_image`, for `base`/`top` given as file names).
+pub fn by_filename(layers: &[Arc<Node>], name: &str) -> Result<Arc<Node>> {
+    layers
+        .iter()
+        .find(|n| n.filename() == name)
+        .cloned()
+        .ok_or_else(|| Error::generic(format!("Can't find '{name}' in the backing chain")))
 }

@@ -92,6 +92,12 @@ impl Graph {
         })
     }
 
+    /// A node by node name only (QEMU's `bdrv_lookup_bs(NULL, name)`).
+    pub fn lookup_node(&self, name: &str) -> Result<Arc<Node>> {
+        self.find_node(name)
+            .ok_or_else(|| Error::generic(format!("Cannot find device='' nor node-name='{name}'")))
+    }
+
     /// All nodes, newest first.
     pub fn nodes(&self) -> Vec<Arc<Node>> {
         self.lock().nodes.iter().map(|e| e.node.clone()).collect()

@@ -168,6 +168,16 @@ impl Stream {
     }
 
     fn run(&self, job: &Job) -> Result<()> {
+        let below = self.top.backing();
+        if below.is_none()
+            || below
+                .as_ref()
+                .zip(self.base.as_ref())
+                .is_some_and(|(a, b)| Arc::ptr_eq(a, b))
+        {
+            // Nothing to stream: QEMU ends with offset = len = 0.
+            return Ok(());
+        }
         let len = self.top.len()?;
         job.progress_set_remaining(len);
         let mut first_error: Option<Error> = None;
@@ -280,17 +290,10 @@ pub fn block_stream(ctx: &Context, o: StreamOptions) -> Result<Arc<Job>> {
     let layers = chain::layers(&top);
     let mut base = None;
     if let Some(name) = &o.base {
-        let found = layers[1..]
-            .iter()
-            .find(|n| n.filename() == *name || n.driver().filename() == *name);
-        base = Some(
-            found
-                .cloned()
-                .ok_or_else(|| Error::generic(format!("Base '{name}' not found")))?,
-        );
+        base = Some(chain::by_filename(&layers[1..], name)?);
     }
     if let Some(name) = &o.base_node {
-        let b = graph.lookup(name)?;
+        let b = graph.lookup_node(name)?;
         if Arc::ptr_eq(&b, &top) || !chain::contains(&top, &b) {
             return Err(Error::generic(format!(
                 "Node '{name}' is not a backing image of '{}'",
@@ -300,7 +303,7 @@ pub fn block_stream(ctx: &Context, o: StreamOptions) -> Result<Arc<Job>> {
         base = Some(b);
     }
     if let Some(name) = &o.bottom {
-        let b = graph.lookup(name)?;
+        let b = graph.lookup_node(name)?;
         if Arc::ptr_eq(&b, &top) || !chain::contains(&top, &b) {
             return Err(Error::generic(format!(
                 "Node '{name}' is not in a chain starting from '{}'",

@@ -11,38 +11,21 @@ use imago::Storage;
 use imago::io_buffers::{IoVector, IoVectorMut};
 use imago::storage::drivers::CommonStorageHelper;
 
-use crate::block::{BlkdebugEvent, Node};
+use crate::block::Node;
 use crate::error::Error;
-use crate::sync::{AtomicBool, Ordering};
 
 /// One of our nodes as imago storage.
 pub struct NodeStorage {
     node: Arc<Node>,
     helper: CommonStorageHelper,
-    /// Fire blkdebug's read_aio/write_aio: off while the image is being
-    /// opened (QEMU's open reads fire none of these).
-    events: Arc<AtomicBool>,
 }
 
 impl NodeStorage {
-    /// Wrap `node`; no blkdebug events.
+    /// Wrap `node`.
     pub fn new(node: Arc<Node>) -> Self {
-        Self::with_events(node, Arc::new(AtomicBool::new(false)))
-    }
-
-    /// Wrap `node`; blkdebug events once `events` is set.
-    pub fn with_events(node: Arc<Node>, events: Arc<AtomicBool>) -> Self {
         NodeStorage {
             node,
             helper: CommonStorageHelper::default(),
-            events,
-        }
-    }
-
-    fn debug_event(&self, e: BlkdebugEvent) {
-        // Relaxed: set once after the open, before the node is shared.
-        if self.events.load(Ordering::Relaxed) {
-            self.node.debug_event(e);
         }
     }
 
@@ -117,10 +100,6 @@ impl Storage for NodeStorage {
     }
 
     unsafe fn pure_readv(&self, bufv: IoVectorMut<'_>, offset: u64) -> io::Result<()> {
-        // QEMU's qcow2 fires read_aio on its file child for data reads
-        // (and l2_load & co. for metadata); imago does not tell the two
-        // apart here, so every read fires read_aio.
-        self.debug_event(BlkdebugEvent::ReadAio);
         let mut off = offset;
         for mut slice in bufv.into_inner() {
             let b: &mut [u8] = &mut slice;
@@ -131,8 +110,6 @@ impl Storage for NodeStorage {
     }
 
     unsafe fn pure_writev(&self, bufv: IoVector<'_>, offset: u64) -> io::Result<()> {
-        // As for reads: write_aio for every write.
-        self.debug_event(BlkdebugEvent::WriteAio);
         let mut off = offset;
         for slice in bufv.into_inner() {
             let b: &[u8] = &slice;

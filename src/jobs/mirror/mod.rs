@@ -129,6 +129,12 @@ pub(crate) struct Mirror {
     pub graph: Arc<Graph>,
     pub source: Arc<Node>,
     pub target: Arc<Node>,
+    /// `mirror`, or `commit` for an active commit.
+    pub job_type: JobType,
+    /// Copy only what the layers above this node hold (`sync=top`: the
+    /// source's backing node; active commit: the base). `None`: the whole
+    /// guest view.
+    pub base: Option<Arc<Node>>,
     pub params: Params,
     /// `copy-mode`: 0 background, 1 write-blocking (it can only go up).
     pub write_blocking: AtomicBool,
@@ -151,7 +157,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl JobDriver for Arc<Mirror> {
     fn job_type(&self) -> JobType {
-        JobType::Mirror
+        self.job_type
     }
 
     fn run(&self, job: &Arc<Job>) -> Result<()> {
@@ -191,6 +197,11 @@ impl JobDriver for Arc<Mirror> {
         // Success: pivot only for `complete`, not for a soft cancel.
         if self.should_complete.load(Ordering::SeqCst) {
             self.graph.replace_node(&self.source, &self.target);
+            if self.job_type == JobType::Commit {
+                // The committed layers are out of the guest's chain; the
+                // implicitly opened ones go (QEMU drops its references).
+                self.graph.drop_orphans();
+            }
         }
     }
 
@@ -243,9 +254,13 @@ pub fn blockdev_mirror(ctx: &Context, o: MirrorOptions) -> Result<Arc<Job>> {
                 o.sync
             )));
         }
-        // No backing files yet: `top` is `full`, as QEMU does without one.
-        MirrorSyncMode::Top => MirrorSyncMode::Full,
         s => s,
+    };
+    // `top`: only what the source's own layer holds (QEMU: above its
+    // backing node); without a backing node that is everything.
+    let base = match sync {
+        MirrorSyncMode::Top => source.backing(),
+        _ => None,
     };
     let granularity = match o.granularity {
         0 => crate::bitmap::named::default_granularity(&target),
@@ -268,44 +283,126 @@ pub fn blockdev_mirror(ctx: &Context, o: MirrorOptions) -> Result<Arc<Job>> {
             "Parameter 'replaces' is not supported by blockjob yet",
         ));
     }
+    let params = Params {
+        granularity,
+        buf_size,
+        max_io: (buf_size / MAX_IN_FLIGHT as u64)
+            .max(MAX_IO_BYTES)
+            .min(buf_size),
+        sync,
+        on_source_error: o.on_source_error,
+        on_target_error: o.on_target_error,
+        unmap: o.unmap,
+    };
+    let start = Start {
+        job_id: o.job_id.as_deref(),
+        device: &o.device,
+        speed: o.speed,
+        flags: job_flags(o.auto_finalize, o.auto_dismiss),
+        write_blocking: o.copy_mode == MirrorCopyMode::WriteBlocking,
+    };
+    start_job(ctx, source, target, JobType::Mirror, base, params, start)
+}
+
+/// `auto-finalize`/`auto-dismiss` as job flags.
+pub(crate) fn job_flags(auto_finalize: bool, auto_dismiss: bool) -> u32 {
+    let mut flags = 0;
+    if !auto_finalize {
+        flags |= JOB_MANUAL_FINALIZE;
+    }
+    if !auto_dismiss {
+        flags |= JOB_MANUAL_DISMISS;
+    }
+    flags
+}
+
+/// How to create the job.
+struct Start<'a> {
+    job_id: Option<&'a str>,
+    device: &'a str,
+    speed: i64,
+    flags: u32,
+    write_blocking: bool,
+}
+
+fn start_job(
+    ctx: &Context,
+    source: Arc<Node>,
+    target: Arc<Node>,
+    job_type: JobType,
+    base: Option<Arc<Node>>,
+    params: Params,
+    st: Start<'_>,
+) -> Result<Arc<Job>> {
     let mirror = Arc::new(Mirror {
-        graph: graph.clone(),
-        source: source.clone(),
+        graph: ctx.graph().clone(),
+        source,
         target: target.clone(),
-        params: Params {
-            granularity,
-            buf_size,
-            max_io: (buf_size / MAX_IN_FLIGHT as u64)
-                .max(MAX_IO_BYTES)
-                .min(buf_size),
-            sync,
-            on_source_error: o.on_source_error,
-            on_target_error: o.on_target_error,
-            unmap: o.unmap,
-        },
-        write_blocking: AtomicBool::new(o.copy_mode == MirrorCopyMode::WriteBlocking),
+        job_type,
+        base,
+        params,
+        write_blocking: AtomicBool::new(st.write_blocking),
         copy_offload: AtomicBool::new(true),
         should_complete: AtomicBool::new(false),
         actively_synced: AtomicBool::new(false),
         running: Mutex::new(None),
         drained: Mutex::new(None),
     });
-    let mut flags = 0;
-    if !o.auto_finalize {
-        flags |= JOB_MANUAL_FINALIZE;
-    }
-    if !o.auto_dismiss {
-        flags |= JOB_MANUAL_DISMISS;
-    }
     let job = ctx.block_job_create(
-        o.job_id.as_deref(),
-        Some(&o.device),
+        st.job_id,
+        Some(st.device),
         Box::new(mirror),
-        o.speed,
-        flags,
+        st.speed,
+        st.flags,
         None,
     )?;
     target.attach_job(&job, false);
     job.start()?;
     Ok(job)
+}
+
+/// QEMU's `commit_active_start`: the mirror machinery copying what `top`
+/// (the active layer) and the layers down to `base` hold into `base`;
+/// `complete` then moves the guest onto `base`. `on-error` applies to
+/// reads and writes alike; background copy mode, default granularity.
+#[allow(clippy::too_many_arguments)] // QEMU's argument list
+pub(crate) fn start_active_commit(
+    ctx: &Context,
+    job_id: Option<&str>,
+    device: &str,
+    top: Arc<Node>,
+    base: Arc<Node>,
+    speed: i64,
+    on_error: BlockdevOnError,
+    flags: u32,
+) -> Result<Arc<Job>> {
+    let granularity = crate::bitmap::named::default_granularity(&base);
+    let buf_size = DEFAULT_BUF_SIZE.div_ceil(granularity) * granularity;
+    let params = Params {
+        granularity,
+        buf_size,
+        max_io: (buf_size / MAX_IN_FLIGHT as u64)
+            .max(MAX_IO_BYTES)
+            .min(buf_size),
+        sync: MirrorSyncMode::Full,
+        on_source_error: on_error,
+        on_target_error: on_error,
+        unmap: true,
+    };
+    let start = Start {
+        job_id,
+        device,
+        speed,
+        flags,
+        write_blocking: false,
+    };
+    start_job(
+        ctx,
+        top,
+        base.clone(),
+        JobType::Commit,
+        Some(base),
+        params,
+        start,
+    )
 }

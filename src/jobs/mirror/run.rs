@@ -34,11 +34,17 @@ fn initial_dirty(m: &Mirror, job: &Job, c: &Copier) -> Result<()> {
         if job.is_cancelled() {
             return Ok(());
         }
-        let st = m.source.block_status(off, c.len - off)?;
-        if st.allocated || st.data || st.zero {
-            c.bitmap.bits().set_range(off, st.len);
+        let (dirty, n) = if m.params.sync == MirrorSyncMode::Top || m.base.is_some() {
+            // Only the layers above base.
+            crate::block::chain::is_allocated_above(&m.source, m.base.as_ref(), off, c.len - off)?
+        } else {
+            let st = m.source.block_status(off, c.len - off)?;
+            (st.allocated || st.data || st.zero, st.len)
+        };
+        if dirty {
+            c.bitmap.bits().set_range(off, n);
         }
-        off += st.len;
+        off += n;
     }
     Ok(())
 }

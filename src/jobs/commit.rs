@@ -1,0 +1,285 @@
+//! `block-commit`: merge the layers from `top` down to (not including)
+//! `base` into `base`, then cut them out of the chain — QEMU's
+//! `block/commit.c`.
+//!
+//! Intermediate commit (top below the active layer): copy what the layers
+//! from top down hold into base in 512 KiB chunks; the guest never sees
+//! the change (those ranges are covered from above). Active commit (top is
+//! the active layer): the mirror machinery with job type `commit`, READY,
+//! and `complete` moves the guest onto base.
+
+use std::sync::Arc;
+
+use crate::block::graph::Graph;
+use crate::block::{Node, chain};
+use crate::context::Context;
+use crate::error::{Error, ErrorClass, Result};
+use crate::job::{Job, JobDriver};
+use crate::qapi::{BlockErrorAction, BlockdevOnError, JobType};
+
+/// QEMU's COMMIT_BUFFER_SIZE: the unit of copying, progress and retries.
+pub const COMMIT_CHUNK: u64 = 512 << 10;
+
+/// `block-commit` arguments, with QEMU's names and defaults.
+#[derive(Debug, Clone)]
+pub struct CommitOptions {
+    /// `job-id`; default: the device name.
+    pub job_id: Option<String>,
+    /// `device`: the active layer (node or device).
+    pub device: String,
+    /// `top`: file name of the highest layer to commit (default: active).
+    pub top: Option<String>,
+    /// `top-node`: node name of the highest layer to commit.
+    pub top_node: Option<String>,
+    /// `base`: file name of the layer to commit into (default: bottom).
+    pub base: Option<String>,
+    /// `base-node`: node name of the layer to commit into.
+    pub base_node: Option<String>,
+    /// `backing-file`: the name to write into the overlay's header.
+    pub backing_file: Option<String>,
+    /// `speed` in bytes/s (0: unlimited).
+    pub speed: i64,
+    /// `on-error` (default `report`).
+    pub on_error: BlockdevOnError,
+    /// `filter-node-name`: refused (we insert no filter node).
+    pub filter_node_name: Option<String>,
+    /// `auto-finalize` (default true).
+    pub auto_finalize: bool,
+    /// `auto-dismiss` (default true).
+    pub auto_dismiss: bool,
+}
+
+impl CommitOptions {
+    /// Commit the whole chain below the active layer of `device` into its
+    /// bottom, QEMU's defaults otherwise.
+    pub fn new(device: &str) -> Self {
+        CommitOptions {
+            job_id: None,
+            device: device.to_string(),
+            top: None,
+            top_node: None,
+            base: None,
+            base_node: None,
+            backing_file: None,
+            speed: 0,
+            on_error: BlockdevOnError::Report,
+            filter_node_name: None,
+            auto_finalize: true,
+            auto_dismiss: true,
+        }
+    }
+}
+
+struct Commit {
+    graph: Arc<Graph>,
+    /// The layer whose backing is `top`: it gets `base` as backing.
+    overlay: Arc<Node>,
+    top: Arc<Node>,
+    base: Arc<Node>,
+    backing_file: Option<String>,
+    on_error: BlockdevOnError,
+}
+
+impl Commit {
+    /// Copy `[offset, offset + n)` from top's view into base; the error
+    /// says whether reading or writing failed.
+    fn populate(&self, buf: &mut Vec<u8>, offset: u64, n: u64) -> Result<(), (Error, bool)> {
+        buf.resize(n as usize, 0);
+        self.top.pread(offset, buf).map_err(|e| (e, true))?;
+        self.base.pwrite(offset, buf).map_err(|e| (e, false))
+    }
+}
+
+impl JobDriver for Arc<Commit> {
+    fn job_type(&self) -> JobType {
+        JobType::Commit
+    }
+
+    fn run(&self, job: &Arc<Job>) -> Result<()> {
+        let len = self.top.len()?;
+        if self.base.len()? < len {
+            return Err(Error::generic(
+                "Top image is larger than the base image; resizing the base is not supported yet",
+            ));
+        }
+        job.progress_set_remaining(len);
+        let mut buf = Vec::with_capacity(COMMIT_CHUNK as usize);
+        let mut offset = 0;
+        while offset < len {
+            job.ratelimit_sleep();
+            if job.is_cancelled() {
+                return Ok(());
+            }
+            let want = COMMIT_CHUNK.min(len - offset);
+            let step = chain::is_allocated_above(&self.top, Some(&self.base), offset, want)
+                .map_err(|e| (e, true))
+                .and_then(|(copy, n)| {
+                    if copy {
+                        self.populate(&mut buf, offset, n)?;
+                    }
+                    Ok((copy, n))
+                });
+            match step {
+                Ok((copy, n)) => {
+                    job.progress_update(n);
+                    if copy {
+                        job.ratelimit_processed(n);
+                    }
+                    offset += n;
+                }
+                Err((e, is_read)) => {
+                    let errno = e.errno().unwrap_or(libc::EIO);
+                    // QEMU: `report` fails the job; `stop` (after resume)
+                    // and `ignore` (at once) retry the same chunk.
+                    if job.error_action(self.on_error, is_read, errno) == BlockErrorAction::Report {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        self.base.flush()
+    }
+
+    fn prepare(&self, _job: &Job) -> Result<()> {
+        let section = self
+            .graph
+            .drained_begin(std::slice::from_ref(&self.overlay));
+        let r = crate::block::qcow2::change_backing(
+            &self.overlay,
+            Some(&self.base),
+            self.backing_file.as_deref(),
+        );
+        self.graph.drained_end(section);
+        self.graph.drop_orphans();
+        r
+    }
+}
+
+/// `block-commit`: QEMU's checks in QEMU's order, then create and start.
+pub fn block_commit(ctx: &Context, o: CommitOptions) -> Result<Arc<Job>> {
+    let graph = ctx.graph();
+    let bs = graph.lookup(&o.device).map_err(|_| {
+        Error::with_class(
+            ErrorClass::DeviceNotFound,
+            format!("Device '{}' not found", o.device),
+        )
+    })?;
+    // QEMU's qmp_get_root_bs; a node some job works on counts as not a
+    // root (QEMU's jobs put filter nodes above theirs).
+    if graph.has_parent_node(&bs) || bs.main_job().is_some() {
+        return Err(Error::generic("Need a root block node"));
+    }
+    let layers = chain::layers(&bs);
+    let top = match (&o.top_node, &o.top) {
+        (Some(_), Some(_)) => {
+            return Err(Error::generic(
+                "'top-node' and 'top' are mutually exclusive",
+            ));
+        }
+        (Some(name), None) => {
+            let t = graph.lookup_node(name)?;
+            if !chain::contains(&bs, &t) {
+                return Err(Error::generic(format!(
+                    "'{name}' is not in this backing file chain"
+                )));
+            }
+            t
+        }
+        (None, Some(name)) => chain::by_filename(&layers, name)
+            .map_err(|_| Error::generic(format!("Top image file {name} not found")))?,
+        (None, None) => bs.clone(),
+    };
+    let below_top = chain::layers(&top);
+    let base = match (&o.base_node, &o.base) {
+        (Some(_), Some(_)) => {
+            return Err(Error::generic(
+                "'base-node' and 'base' are mutually exclusive",
+            ));
+        }
+        (Some(name), None) => {
+            let b = graph.lookup_node(name)?;
+            if !chain::contains(&top, &b) {
+                return Err(Error::generic(format!(
+                    "'{name}' is not in this backing file chain"
+                )));
+            }
+            b
+        }
+        (None, Some(name)) => chain::by_filename(&below_top[1..], name)?,
+        (None, None) => below_top
+            .last()
+            .filter(|b| !Arc::ptr_eq(b, &top))
+            .cloned()
+            .ok_or_else(|| Error::generic("There is no backing image"))?,
+    };
+    if Arc::ptr_eq(&top, &base) {
+        return Err(Error::generic("cannot commit an image into itself"));
+    }
+    // Op blockers on everything that changes.
+    for n in &below_top {
+        if let Some(j) = n.any_job() {
+            return Err(busy(n, &j));
+        }
+        if Arc::ptr_eq(n, &base) {
+            break;
+        }
+    }
+    if o.filter_node_name.is_some() {
+        return Err(Error::generic(
+            "Parameter 'filter-node-name' is not supported by blockjob",
+        ));
+    }
+    let flags = crate::jobs::mirror::job_flags(o.auto_finalize, o.auto_dismiss);
+    if Arc::ptr_eq(&top, &bs) {
+        if o.backing_file.is_some() {
+            return Err(Error::generic(
+                "'backing-file' specified, but 'top' is the active layer",
+            ));
+        }
+        return crate::jobs::mirror::start_active_commit(
+            ctx,
+            o.job_id.as_deref(),
+            &o.device,
+            top,
+            base,
+            o.speed,
+            o.on_error,
+            flags,
+        );
+    }
+    let overlay = layers
+        .windows(2)
+        .find(|w| Arc::ptr_eq(&w[1], &top))
+        .map(|w| w[0].clone())
+        .ok_or_else(|| Error::generic("Could not find overlay image"))?;
+    if let Some(j) = overlay.any_job() {
+        return Err(busy(&overlay, &j));
+    }
+    let commit = Arc::new(Commit {
+        graph: graph.clone(),
+        overlay,
+        top,
+        base: base.clone(),
+        backing_file: o.backing_file,
+        on_error: o.on_error,
+    });
+    let job = ctx.block_job_create(
+        o.job_id.as_deref(),
+        Some(&o.device),
+        Box::new(commit),
+        o.speed,
+        flags,
+        None,
+    )?;
+    base.attach_job(&job, false);
+    job.start()?;
+    Ok(job)
+}
+
+fn busy(n: &Node, j: &Job) -> Error {
+    Error::generic(format!(
+        "Node '{}' is busy: block device is in use by block job: {}",
+        n.name(),
+        j.job_type()
+    ))
+}
