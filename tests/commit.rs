@@ -396,3 +396,41 @@ fn bad_arguments_are_refused_with_qemu_text() {
     drop(ctx);
     assert_eq!(backing_chain(&top).len(), 3, "nothing changed on disk");
 }
+
+#[test]
+fn guest_writes_during_active_commit_end_up_in_base() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, mid, _) = chain(dir.path());
+    let ctx = Context::new();
+    add_chain(&ctx, dir.path(), file(&mid), file(&base));
+    let blk = Arc::new(ctx.blk_new("top", BackendOptions::default()).unwrap());
+    let mut expect = vec![0u8; 4 * MIB as usize];
+    blk.pread(0, &mut expect).unwrap();
+    let mut o = CommitOptions::new("top");
+    o.job_id = Some("job0".into());
+    o.speed = 4 * MIB as i64; // slow: the writes land while it copies
+    let job = ctx.block_commit(o).unwrap();
+    let mut x: u64 = 99;
+    for i in 0..200u64 {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let len = 512 * (1 + (x >> 40) % 128);
+        let off = ((x >> 8) % (4 * MIB - len)) / 512 * 512;
+        let pat = (i % 250) as u8 + 5;
+        blk.pwrite(off, &vec![pat; len as usize]).unwrap();
+        expect[off as usize..(off + len) as usize].fill(pat);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    job.set_speed(0).unwrap();
+    job.wait_status(Duration::from_secs(30), |s| s == JobStatus::Ready)
+        .expect("READY");
+    job.complete().unwrap();
+    wait_end(&job);
+    assert_eq!(blk.node().name(), "base");
+    blk.flush().unwrap();
+    drop(blk);
+    drop(ctx);
+    run("qemu-img", &["check", "-q", s(&base)]);
+    assert!(flat(&base) == expect, "base does not hold the guest's view");
+}

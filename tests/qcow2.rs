@@ -252,3 +252,36 @@ fn bad_images_are_refused_with_qemu_text() {
     assert!(ctx.blockdev_add(&qcow2("t", &top)).is_err());
     assert!(ctx.graph().find_node("t").is_none());
 }
+
+#[test]
+fn corrupt_headers_are_refused_and_left_alone() {
+    use std::os::unix::fs::FileExt;
+    // (byte offset, new big-endian u32, QEMU's text)
+    let cases: &[(u64, u32, &str)] = &[
+        (4, 1, "Unsupported qcow2 version 1"),
+        (4, 4, "Unsupported qcow2 version 4"),
+        (20, 40, "Unsupported cluster size: 2^40"),
+        (20, 8, "Unsupported cluster size: 2^8"),
+    ];
+    for &(at, value, text) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("bad.qcow2");
+        run(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", path_str(&img), "1M"],
+        );
+        let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+        f.write_all_at(&value.to_be_bytes(), at).unwrap();
+        drop(f);
+        let before = std::fs::read(&img).unwrap();
+        let ctx = Context::new();
+        let e = ctx.blockdev_add(&qcow2("bad", &img)).unwrap_err();
+        assert_eq!(e.message(), text);
+        assert!(ctx.graph().nodes().is_empty(), "{text}: nothing registered");
+        drop(ctx);
+        assert!(
+            std::fs::read(&img).unwrap() == before,
+            "{text}: file changed"
+        );
+    }
+}
