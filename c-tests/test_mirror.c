@@ -65,46 +65,6 @@ static BjJob *start(BjContext *ctx, const BjMirrorOptions *o)
     return job;
 }
 
-/* Collect events until JSC:null (or a 10 s silence). */
-static void trace_until_null(BjContext *ctx, Trace *t)
-{
-    BjEvent *ev;
-    while ((ev = next_event(ctx, 10000))) {
-        int last = ev->kind == BJ_EVENT_JOB_STATUS_CHANGE && ev->status == BJ_JOB_STATUS_NULL;
-        trace_add(t, ev);
-        bj_event_free(&ev);
-        if (last) {
-            return;
-        }
-    }
-    FAIL("no JSC:null; got: %s", t->text);
-}
-
-/* Collect events until BLOCK_JOB_READY. */
-static void trace_until_ready(BjContext *ctx, Trace *t)
-{
-    BjEvent *ev;
-    while ((ev = next_event(ctx, 10000))) {
-        int ready = ev->kind == BJ_EVENT_BLOCK_JOB_READY;
-        trace_add(t, ev);
-        bj_event_free(&ev);
-        if (ready) {
-            return;
-        }
-    }
-    FAIL("no READY; got: %s", t->text);
-}
-
-static int file_byte(const char *path, long long off)
-{
-    unsigned char c = 0;
-    int fd = open(path, O_RDONLY);
-    CHECK(fd >= 0);
-    CHECK(pread(fd, &c, 1, off) == 1);
-    close(fd);
-    return c;
-}
-
 static void complete_pivots_the_guest(void)
 {
     BjContext *ctx = setup(NULL, NULL, 0, 0);

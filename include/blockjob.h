@@ -366,6 +366,11 @@
 #define BJ_JOB_MANUAL_DISMISS 4
 
 /**
+ * QEMU's COMMIT_BUFFER_SIZE: the unit of copying, progress and retries.
+ */
+#define COMMIT_CHUNK (512 << 10)
+
+/**
  * QEMU's default buffer: 16 requests of 1 MiB.
  */
 #define DEFAULT_BUF_SIZE (16 << 20)
@@ -379,6 +384,11 @@
  * A copy operation covers at most this (or `buf_size / 16`, if larger).
  */
 #define MAX_IO_BYTES (1 << 20)
+
+/**
+ * QEMU's STREAM_CHUNK: the unit of copying, of progress and of retries.
+ */
+#define STREAM_CHUNK (512 << 10)
 
 /**
  * A guest backend (opaque).
@@ -465,6 +475,122 @@ typedef struct {
    */
   const char *name;
 } BjBitmapRef;
+
+/**
+ * `block-stream` arguments. Zero-initialise, set `size` and `device`;
+ * NULL and zero mean QEMU's defaults (flatten the whole chain, report,
+ * auto-finalize and auto-dismiss on).
+ */
+typedef struct {
+  /**
+   * `sizeof(BjStreamOptions)`.
+   */
+  uint32_t size;
+  /**
+   * `job-id` (NULL: the device name; required for nodes without one).
+   */
+  const char *job_id;
+  /**
+   * `device`: the top node or device.
+   */
+  const char *device;
+  /**
+   * `base`: file name of the lowest layer to keep.
+   */
+  const char *base;
+  /**
+   * `base-node`: node name of the lowest layer to keep.
+   */
+  const char *base_node;
+  /**
+   * `bottom`: node name of the lowest layer to copy from.
+   */
+  const char *bottom;
+  /**
+   * `backing-file`: the name to write into the top image's header.
+   */
+  const char *backing_file;
+  /**
+   * `speed` in bytes/s; 0 = unlimited.
+   */
+  int64_t speed;
+  /**
+   * `on-error`: `BJ_BLOCKDEV_ON_ERROR_*`.
+   */
+  int32_t on_error;
+  /**
+   * Set `auto-finalize: false`.
+   */
+  bool manual_finalize;
+  /**
+   * Set `auto-dismiss: false`.
+   */
+  bool manual_dismiss;
+  /**
+   * Reserved; must be zero.
+   */
+  uint64_t reserved[8];
+} BjStreamOptions;
+
+/**
+ * `block-commit` arguments. Zero-initialise, set `size` and `device`;
+ * NULL and zero mean QEMU's defaults (top = the active layer, base = the
+ * bottom of the chain, report, auto-finalize and auto-dismiss on).
+ */
+typedef struct {
+  /**
+   * `sizeof(BjCommitOptions)`.
+   */
+  uint32_t size;
+  /**
+   * `job-id` (NULL: the device name; required for nodes without one).
+   */
+  const char *job_id;
+  /**
+   * `device`: the active layer (node or device).
+   */
+  const char *device;
+  /**
+   * `top`: file name of the highest layer to commit.
+   */
+  const char *top;
+  /**
+   * `top-node`: node name of the highest layer to commit.
+   */
+  const char *top_node;
+  /**
+   * `base`: file name of the layer to commit into.
+   */
+  const char *base;
+  /**
+   * `base-node`: node name of the layer to commit into.
+   */
+  const char *base_node;
+  /**
+   * `backing-file`: the name to write into the overlay's header.
+   */
+  const char *backing_file;
+  /**
+   * `speed` in bytes/s; 0 = unlimited.
+   */
+  int64_t speed;
+  /**
+   * `on-error`: `BJ_BLOCKDEV_ON_ERROR_*`.
+   */
+  int32_t on_error;
+  /**
+   * Set `auto-finalize: false`.
+   */
+  bool manual_finalize;
+  /**
+   * Set `auto-dismiss: false`.
+   */
+  bool manual_dismiss;
+  /**
+   * Reserved; must be zero.
+   */
+  uint64_t reserved[8];
+} BjCommitOptions;
 
 /**
  * One event. Strings are owned by the event: valid while the event lives
@@ -1043,6 +1169,19 @@ bool bj_dirty_bitmap_next_dirty_area(const BjDirtyBitmap *bitmap,
                                      int64_t *area_offset,
                                      int64_t *area_bytes,
                                      BjError **errp);
+
+/**
+ * `block-stream`: check the arguments as QEMU does, create the job,
+ * start it, and return a new reference to it.
+ */
+BjJob *bj_block_stream(BjContext *ctx, const BjStreamOptions *opts, BjError **errp);
+
+/**
+ * `block-commit`: check the arguments as QEMU does, create the job,
+ * start it, and return a new reference to it. A commit of the active
+ * layer becomes ready and is completed like a mirror.
+ */
+BjJob *bj_block_commit(BjContext *ctx, const BjCommitOptions *opts, BjError **errp);
 
 /**
  * Create a context: an empty graph, no jobs, no event consumers.

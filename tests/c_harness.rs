@@ -39,6 +39,12 @@ fn c_test_mirror() {
 }
 
 #[test]
+fn c_test_chain() {
+    common::require_tool("qemu-img");
+    run("test_chain");
+}
+
+#[test]
 fn c_test_error_matrix() {
     run("test_error_matrix");
 }

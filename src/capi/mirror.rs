@@ -48,7 +48,7 @@ pub struct BjMirrorOptions {
     pub reserved: [u64; 8],
 }
 
-fn enum_arg<T>(v: i32, what: &str, f: impl Fn(i32) -> Option<T>) -> Result<T> {
+pub(super) fn enum_arg<T>(v: i32, what: &str, f: impl Fn(i32) -> Option<T>) -> Result<T> {
     f(v).ok_or_else(|| {
         Error::generic(format!("Invalid argument: {what} {v} is out of range"))
             .with_errno(libc::EINVAL)

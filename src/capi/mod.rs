@@ -13,6 +13,7 @@
 
 pub mod backend;
 pub mod bitmap;
+pub mod chain;
 pub mod context;
 pub mod enums;
 pub mod error;

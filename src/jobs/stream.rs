@@ -3,7 +3,7 @@
 //! `block/stream.c` on a thread.
 //!
 //! Copy-on-read without coroutines: the job and guest writes to the top
-//! image take a range lock ([`RangeLock`]) for what they touch (guest
+//! image take a range lock (`RangeLock`) for what they touch (guest
 //! writes rounded out to clusters, since a partial-cluster write copies the
 //! rest of the cluster from below). Holding a chunk, the job asks again
 //! which clusters the top still lacks and writes only those: a guest write

@@ -32,7 +32,8 @@ type Image = Qcow2<NodeStorage, Arc<Access>>;
 
 /// The imago image and the backing node it reads through.
 struct Layer {
-    access: Access,
+    /// Shared only with the thread that writes it back at close.
+    access: Arc<Access>,
     backing: Option<Arc<Node>>,
 }
 
@@ -87,7 +88,10 @@ impl Qcow2Driver {
             file,
             writable,
             cluster_size: hdr.cluster_size,
-            layer: RwLock::new(Layer { access, backing }),
+            layer: RwLock::new(Layer {
+                access: Arc::new(access),
+                backing,
+            }),
             header_backing: hdr.backing_file.map(|name| (name, hdr.backing_format)),
         })
     }
@@ -108,7 +112,7 @@ impl Qcow2Driver {
     pub fn relink(&self, backing: Option<Arc<Node>>) -> Result<()> {
         let mut l = self.layer.write().unwrap_or_else(|p| p.into_inner());
         l.access.flush().map_err(from_io)?;
-        let access = open_image(&self.file, self.writable, backing.as_ref())?;
+        let access = Arc::new(open_image(&self.file, self.writable, backing.as_ref())?);
         *l = Layer { access, backing };
         Ok(())
     }
@@ -161,6 +165,36 @@ pub fn change_backing(
         },
     )?;
     drv.relink(backing.cloned())
+}
+
+impl Drop for Qcow2Driver {
+    fn drop(&mut self) {
+        // imago writes its cached metadata back when dropped, and its write
+        // path asks std for the current thread's handle. On a C host's
+        // main thread std allocates that handle once and never frees it
+        // (valgrind reports it as possibly lost), so write back from a
+        // thread of ours; imago's own drop then finds nothing to write.
+        let access = self
+            .layer
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .access
+            .clone();
+        // (`thread::scope` would ask for the current thread's handle too.)
+        let writer = std::thread::Builder::new()
+            .name("qcow2-close".into())
+            .spawn(move || access.flush());
+        let r = match writer {
+            Ok(h) => h
+                .join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("panicked"))),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = r {
+            // Nobody to return it to: the node is going away.
+            eprintln!("blockjob: qcow2 flush at close failed: {e}");
+        }
+    }
 }
 
 /// Create a qcow2 image in `file` (an empty, writable node) of `size`
@@ -220,7 +254,11 @@ impl BlockDriver for Qcow2Driver {
         // As QEMU's qcow2: a discarded range reads as zeroes afterwards,
         // not as the backing file's data.
         let mut l = self.layer.write().unwrap_or_else(|p| p.into_inner());
-        l.access.discard_to_zero(offset, len).map_err(from_io)
+        // Nothing else holds the Arc while we hold the write lock (the
+        // close-time clone exists only in drop).
+        let access = Arc::get_mut(&mut l.access)
+            .ok_or_else(|| Error::generic("qcow2 image is being closed"))?;
+        access.discard_to_zero(offset, len).map_err(from_io)
     }
 
     fn can_discard(&self) -> bool {
