@@ -340,3 +340,397 @@ fn stop_policy_resumes_then_gives_up_on_a_persistent_error() {
         "blockjob: the job stopped 3 times after I/O errors (io-status failed)"
     );
 }
+
+// --- stream, commit and qcow2 mirrors on chains made by qemu-img ---
+
+fn tool(cmd: &str, args: &[&str]) -> String {
+    common::require_tool(cmd);
+    let out = Command::new(cmd).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `blockjob` run in `dir`, so relative names are relative to it.
+fn blockjob_in(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_blockjob"))
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("run blockjob")
+}
+
+/// base (4 MiB of 0x01) <- mid (0x02 at 1 MiB, 1 MiB) <- top (0x03 at
+/// 3 MiB, 512 KiB), all qcow2 with absolute backing names.
+fn qcow2_chain(dir: &Path) -> [PathBuf; 3] {
+    let [base, mid, top] = ["base", "mid", "top"].map(|n| dir.join(format!("{n}.qcow2")));
+    tool("qemu-img", &["create", "-q", "-f", "qcow2", s(&base), "4M"]);
+    for (img, back) in [(&mid, &base), (&top, &mid)] {
+        tool(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                s(back),
+                "-F",
+                "qcow2",
+                s(img),
+            ],
+        );
+    }
+    for (img, cmd) in [
+        (&base, "write -P 1 0 4M"),
+        (&mid, "write -P 2 1M 1M"),
+        (&top, "write -P 3 3M 512k"),
+    ] {
+        tool("qemu-io", &["-c", cmd, s(img)]);
+    }
+    [base, mid, top]
+}
+
+/// The guest view of `img`, converted to a raw file next to it.
+fn guest_view(img: &Path, name: &str) -> PathBuf {
+    let out = img.with_file_name(name);
+    tool("qemu-img", &["convert", "-O", "raw", s(img), s(&out)]);
+    out
+}
+
+/// `img` reads as the raw file `raw`.
+fn same_view(raw: &Path, img: &Path) -> bool {
+    Command::new("qemu-img")
+        .args(["compare", "-q", "-f", "raw", "-F", "qcow2", s(raw), s(img)])
+        .status()
+        .unwrap()
+        .success()
+}
+
+/// The backing file names of the chain from `top` down.
+fn backing_names(top: &Path) -> Vec<Option<String>> {
+    let info: Vec<Value> = serde_json::from_str(&tool(
+        "qemu-img",
+        &["info", "--backing-chain", "--output=json", s(top)],
+    ))
+    .unwrap();
+    info.iter()
+        .map(|i| i["backing-filename"].as_str().map(str::to_string))
+        .collect()
+}
+
+fn check_clean(imgs: &[&PathBuf]) {
+    for img in imgs {
+        tool("qemu-img", &["check", "-q", s(img)]);
+    }
+}
+
+#[test]
+fn stream_flattens_the_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let [base, mid, top] = qcow2_chain(dir.path());
+    let before = guest_view(&top, "before.raw");
+    let o = blockjob(&["stream", s(&top), "--stats", "-q"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let stats = stdout_json(&o);
+    assert_eq!(stats.len(), 1, "one stats line");
+    assert_eq!(stats[0]["len"], 4 * MIB);
+    assert_eq!(stats[0]["bytes"], 4 * MIB);
+    assert_eq!(stats[0]["job-errors"], 0);
+    assert_eq!(stats[0]["backing-file"], Value::Null);
+    assert_eq!(backing_names(&top), [None]);
+    check_clean(&[&top, &mid, &base]);
+    assert!(same_view(&before, &top), "guest view changed");
+}
+
+#[test]
+fn stream_with_base_keeps_base() {
+    let dir = tempfile::tempdir().unwrap();
+    let [base, mid, top] = qcow2_chain(dir.path());
+    let before = guest_view(&top, "before.raw");
+    // Relative names, resolved against the working directory.
+    let o = blockjob_in(dir.path(), &["stream", "top.qcow2", "--base", "base.qcow2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(&format!("now has backing file {}", base.display())),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(backing_names(&top), [Some(s(&base).to_string()), None]);
+    check_clean(&[&top, &mid, &base]);
+    assert!(same_view(&before, &top), "guest view changed");
+}
+
+#[test]
+fn commit_of_an_intermediate_layer_shortens_the_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let [base, mid, top] = qcow2_chain(dir.path());
+    let before = guest_view(&top, "before.raw");
+    let mid_view = guest_view(&mid, "mid.raw");
+    let o = blockjob(&["commit", s(&top), "--top", s(&mid), "--events", "-q"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let names: Vec<String> = stdout_json(&o).iter().map(common::qmp::summarize).collect();
+    assert_eq!(
+        names,
+        [
+            "JSC:created",
+            "JSC:running",
+            "JSC:waiting",
+            "JSC:pending",
+            "COMPLETED",
+            "JSC:concluded",
+            "JSC:null"
+        ]
+    );
+    assert!(
+        stdout_json(&o)
+            .iter()
+            .all(|e| e["data"]["id"] == "commit0" || e["data"]["device"] == "commit0")
+    );
+    assert_eq!(backing_names(&top), [Some(s(&base).to_string()), None]);
+    check_clean(&[&top, &mid, &base]);
+    assert!(same_view(&before, &top), "guest view changed");
+    assert!(same_view(&mid_view, &base), "base is not mid's old view");
+}
+
+#[test]
+fn active_commit_pivots_and_base_holds_the_guest_view() {
+    let dir = tempfile::tempdir().unwrap();
+    let [base, mid, top] = qcow2_chain(dir.path());
+    let before = guest_view(&top, "before.raw");
+    let o = blockjob(&["commit", s(&top), "--events", "--stats", "-q"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lines = stdout_json(&o);
+    let (stats, evs) = lines.split_last().unwrap();
+    let names: Vec<String> = evs.iter().map(common::qmp::summarize).collect();
+    assert_eq!(
+        names,
+        [
+            "JSC:created",
+            "JSC:running",
+            "JSC:ready",
+            "READY",
+            "JSC:waiting",
+            "JSC:pending",
+            "COMPLETED",
+            "JSC:concluded",
+            "JSC:null"
+        ]
+    );
+    assert_eq!(stats["pivoted"], true);
+    assert!(stats["ready-seconds"].is_f64());
+    // mid's 1 MiB and top's 512 KiB were above base.
+    assert_eq!(stats["len"], 1536 * 1024);
+    assert_eq!(stats["base"], s(&base));
+    // QEMU changes no header in an active commit.
+    assert_eq!(backing_names(&top).len(), 3);
+    check_clean(&[&top, &mid, &base]);
+    assert!(
+        same_view(&before, &base),
+        "base does not hold the guest view"
+    );
+}
+
+#[test]
+fn active_commit_no_complete_cancels_at_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let [base, mid, top] = qcow2_chain(dir.path());
+    let before = guest_view(&top, "before.raw");
+    let base_view = guest_view(&base, "base.raw");
+    let o = blockjob(&[
+        "commit",
+        s(&top),
+        "--base",
+        s(&mid),
+        "--no-complete",
+        "--stats",
+        "-q",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout_json(&o)[0]["pivoted"], false);
+    assert_eq!(stdout_json(&o)[0]["len"], 512 * 1024);
+    // The data is in mid (consistent at READY), base untouched.
+    assert!(same_view(&before, &mid), "mid does not hold the guest view");
+    assert!(same_view(&base_view, &base), "base changed");
+    assert_eq!(backing_names(&top).len(), 3);
+}
+
+#[test]
+fn mirror_qcow2_sync_top_copies_only_the_top_layer() {
+    let dir = tempfile::tempdir().unwrap();
+    let [_, mid, top] = qcow2_chain(dir.path());
+    let dst = dir.path().join("dst.qcow2");
+    let o = blockjob(&[
+        "mirror",
+        s(&top),
+        s(&dst),
+        "--source-format",
+        "qcow2",
+        "--target-format",
+        "qcow2",
+        "--sync",
+        "top",
+        "--create",
+        "--stats",
+        "-q",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout_json(&o)[0]["bytes"], 512 * 1024);
+    // drive-mirror's absolute-paths: the new image is backed by top's backing file.
+    assert_eq!(backing_names(&dst)[0].as_deref(), Some(s(&mid)));
+    check_clean(&[&dst]);
+    let map: Vec<Value> =
+        serde_json::from_str(&tool("qemu-img", &["map", "--output=json", s(&dst)])).unwrap();
+    let own: Vec<(u64, u64)> = map
+        .iter()
+        .filter(|m| m["depth"] == 0 && m["data"] == true)
+        .map(|m| (m["start"].as_u64().unwrap(), m["length"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(own, [(3 * MIB, 512 * 1024)], "{map:?}");
+    let view = guest_view(&top, "top.raw");
+    assert!(same_view(&view, &dst));
+
+    // sync=full into a new qcow2: no backing file, the whole guest view.
+    let full = dir.path().join("full.qcow2");
+    let o = blockjob(&[
+        "mirror",
+        s(&top),
+        s(&full),
+        "--source-format",
+        "qcow2",
+        "--target-format",
+        "qcow2",
+        "--create",
+        "-q",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(backing_names(&full), [None]);
+    check_clean(&[&full]);
+    assert!(same_view(&view, &full));
+}
+
+#[test]
+fn stream_and_commit_errors_are_one_line_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let [base, mid, top] = qcow2_chain(dir.path());
+    let files = || [&base, &mid, &top].map(|p| std::fs::read(p).unwrap());
+    let (before, info) = (files(), backing_names(&top));
+    let missing = dir.path().join("missing.qcow2");
+    let nope = dir.path().join("nope.qcow2");
+    let cases: Vec<(Vec<&str>, String)> = vec![
+        (
+            vec!["stream", s(&missing)],
+            format!(
+                "Could not open '{}': No such file or directory",
+                missing.display()
+            ),
+        ),
+        (
+            vec!["commit", s(&missing)],
+            format!(
+                "Could not open '{}': No such file or directory",
+                missing.display()
+            ),
+        ),
+        (
+            vec!["stream", s(&top), "--base", s(&nope)],
+            format!("Can't find '{}' in the backing chain", nope.display()),
+        ),
+        (
+            vec!["stream", s(&top), "--base", s(&top)],
+            format!("Can't find '{}' in the backing chain", top.display()),
+        ),
+        (
+            vec!["stream", s(&top), "--backing-file", "x"],
+            "backing file specified, but streaming the entire chain".into(),
+        ),
+        (
+            vec!["commit", s(&top), "--top", s(&mid), "--base", s(&mid)],
+            "cannot commit an image into itself".into(),
+        ),
+        (
+            vec!["commit", s(&top), "--base", s(&nope)],
+            format!("Can't find '{}' in the backing chain", nope.display()),
+        ),
+        (
+            vec!["commit", s(&top), "--top", s(&nope)],
+            format!("Top image file {} not found", nope.display()),
+        ),
+        (
+            vec!["commit", s(&top), "--top", s(&base)],
+            "There is no backing image".into(),
+        ),
+        (
+            vec!["commit", s(&top), "--backing-file", "x"],
+            "'backing-file' specified, but 'top' is the active layer".into(),
+        ),
+        (
+            vec!["commit", s(&top), "--job-id", "1bad"],
+            "Invalid job ID '1bad'".into(),
+        ),
+    ];
+    for (args, want) in cases {
+        let o = blockjob(&args);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", stderr(&o));
+        assert_eq!(error_line(&o), format!("blockjob: {want}"), "{args:?}");
+        assert!(o.stdout.is_empty(), "{args:?}");
+        assert!(files() == before, "{args:?} changed an image");
+        assert_eq!(backing_names(&top), info, "{args:?}");
+        assert!(!missing.exists());
+    }
+    for args in [
+        vec!["stream"],
+        vec!["commit"],
+        vec!["commit", "x", "--on-error", "panic"],
+        vec!["stream", "x", "--speed", "1X"],
+        vec!["mirror", "a", "b", "--target-format", "vmdk"],
+    ] {
+        assert_eq!(blockjob(&args).status.code(), Some(2), "{args:?}");
+    }
+}
+
+#[test]
+fn stream_error_policies_stop_resumes_report_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let [_, mid, top] = qcow2_chain(dir.path());
+    let before = guest_view(&top, "before.raw");
+    let top0 = std::fs::read(&top).unwrap();
+    // top over a mid whose first data read fails once (EIO).
+    let image = format!(
+        "json:{}",
+        serde_json::json!({"driver":"qcow2","file":{"driver":"file","filename":top},
+            "backing":{"driver":"qcow2","file":{"driver":"blkdebug",
+                "image":{"driver":"file","filename":mid},
+                "inject-error":[{"event":"read_aio","errno":libc::EIO,"once":true}]}}})
+    );
+    let o = blockjob(&["stream", &image, "--events", "-q"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert_eq!(error_line(&o), "blockjob: Input/output error");
+    let names: Vec<String> = stdout_json(&o).iter().map(common::qmp::summarize).collect();
+    assert!(names.contains(&"ERR(read,report)".to_string()), "{names:?}");
+    assert_eq!(
+        backing_names(&top).len(),
+        3,
+        "a failed stream keeps the chain"
+    );
+    assert!(same_view(&before, &top));
+
+    std::fs::write(&top, &top0).unwrap();
+    let o = blockjob(&[
+        "stream",
+        &image,
+        "--on-error",
+        "stop",
+        "--resume-delay",
+        "0",
+        "--stats",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("io-status failed"), "{}", stderr(&o));
+    assert_eq!(stdout_json(&o)[0]["job-errors"], 1);
+    assert_eq!(backing_names(&top), [None]);
+    assert!(same_view(&before, &top));
+}

@@ -10,8 +10,9 @@ use blockjob::{Error, Result};
 use clap::Args;
 use serde_json::json;
 
+use crate::drive::{Control, OnError};
 use crate::image::Format;
-use crate::mirror_cmd::{self, CopyMode, MirrorArgs, OnError, Sync};
+use crate::mirror_cmd::{self, CopyMode, MirrorArgs, Sync};
 use crate::size::{human, parse_size};
 
 /// Arguments of `blockjob demo`.
@@ -124,15 +125,13 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         on_source_error: OnError::Ignore,
         on_target_error: OnError::Report,
         copy_mode: CopyMode::Background,
-        auto_finalize: true,
-        auto_dismiss: true,
         unmap: true,
         no_complete: false,
-        events: true,
-        stats: false,
-        quiet: a.quiet,
-        resume_delay: 1.0,
-        max_resumes: 3,
+        ctl: Control {
+            events: true,
+            quiet: a.quiet,
+            ..Control::default()
+        },
     };
     let out = mirror_cmd::run(&args)?;
     let diff = first_difference(&src, &dst)?;

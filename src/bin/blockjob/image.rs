@@ -1,9 +1,12 @@
-//! SRC and DST arguments: a path (opened with `--*-format` over a `file`
-//! node) or `json:{...}`, QEMU's blockdev options as they would be given
-//! to `blockdev-add` (so `blkdebug` can be put in front).
+//! Image arguments: a path (opened with `--*-format` over a `file` node)
+//! or `json:{...}`, QEMU's blockdev options as they would be given to
+//! `blockdev-add` (so `blkdebug` can be put in front); and layers of a
+//! backing chain named by file name (`--base`, `--top`).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use blockjob::block::Node;
 use blockjob::{Error, Result};
 use clap::ValueEnum;
 use serde_json::{Value, json};
@@ -13,6 +16,8 @@ use serde_json::{Value, json};
 pub enum Format {
     /// Raw image or block device.
     Raw,
+    /// qcow2 image; its backing chain is opened from the header.
+    Qcow2,
 }
 
 /// One side of the mirror, as given on the command line.
@@ -58,6 +63,7 @@ impl Image {
             Image::Path(p) => {
                 let driver = match format {
                     Format::Raw => "raw",
+                    Format::Qcow2 => "qcow2",
                 };
                 (
                     json!({"driver": driver, "node-name": node_name,
@@ -97,6 +103,53 @@ pub fn create_if_missing(path: &Path, size: u64) -> Result<bool> {
     }
 }
 
+/// The format to name in a qcow2 header for `node` as backing file.
+pub fn backing_format(node: &Node) -> &'static str {
+    match node.driver_name() {
+        "qcow2" => "qcow2",
+        _ => "raw",
+    }
+}
+
+/// `name` made absolute against the current directory (QEMU gets the
+/// `base`/`top` file names absolute from management tools).
+pub fn absolute(name: &str) -> String {
+    std::path::absolute(name).map_or_else(|_| name.to_string(), |p| p.display().to_string())
+}
+
+/// The layer of `layers` whose image file is `name`: the same string, the
+/// same absolute path, or the same file (symbolic links, `..`).
+pub fn find_layer(layers: &[Arc<Node>], name: &str) -> Option<Arc<Node>> {
+    let abs = absolute(name);
+    let canon = std::fs::canonicalize(name).ok();
+    let by = |f: &dyn Fn(&str) -> bool| layers.iter().find(|n| f(&n.filename())).cloned();
+    by(&|f| f == name)
+        .or_else(|| by(&|f| f == abs))
+        .or_else(|| {
+            let c = canon.as_ref()?;
+            by(&|f| std::fs::canonicalize(f).is_ok_and(|p| &p == c))
+        })
+}
+
+/// The backing file `node`'s image names now: the qcow2 header as it is
+/// on disk, or else the backing node's file name.
+pub fn backing_file_name(node: &Node) -> Option<String> {
+    let file = node.children().into_iter().find(|c| c.role == "file");
+    match file.map(|f| blockjob::block::qcow2::header::read_node_header(&f.node)) {
+        Some(Ok(h)) => h.backing_file,
+        _ => node.backing().map(|b| b.filename()),
+    }
+}
+
+/// The file names of `layers`, top first: `a -> b -> c`.
+pub fn chain_text(layers: &[Arc<Node>]) -> String {
+    layers
+        .iter()
+        .map(|n| n.filename())
+        .collect::<Vec<_>>()
+        .join(" -> ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,5 +176,11 @@ mod tests {
         assert!(Image::parse("json:{").is_err());
         assert!(Image::parse("json:[1]").is_err());
         assert!(Image::parse("").is_err());
+        let (v, _) = Image::parse("/x.qcow2")
+            .unwrap()
+            .blockdev_options(Format::Qcow2, "image");
+        assert_eq!(v["driver"], "qcow2");
+        assert_eq!(absolute("/a/b"), "/a/b");
+        assert!(absolute("rel").ends_with("/rel") && absolute("rel").starts_with('/'));
     }
 }

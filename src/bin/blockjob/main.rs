@@ -4,15 +4,22 @@
 //!   and holes) through a transient injected read error, verify the copy.
 //! - `blockjob mirror SRC DST`: QEMU's blockdev-mirror as a one-shot
 //!   command with a progress bar.
+//! - `blockjob stream IMAGE`: QEMU's block-stream (pull the backing
+//!   files' data into IMAGE, shorten its chain).
+//! - `blockjob commit IMAGE`: QEMU's block-commit (merge layers down into
+//!   a backing file; active commit completes at READY).
 //!
 //! Exit status: 0 on success, 1 when the job or its setup fails (one line
 //! on stderr with QEMU's text), 2 for bad usage.
 
+mod commit_cmd;
 mod demo;
+mod drive;
 mod image;
 mod mirror_cmd;
 mod progress;
 mod size;
+mod stream_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -34,6 +41,12 @@ enum Cmd {
     Demo(demo::DemoArgs),
     /// Mirror SRC to DST (QEMU's blockdev-mirror), completing at READY.
     Mirror(Box<mirror_cmd::MirrorArgs>),
+    /// Copy the backing files' data into IMAGE (QEMU's block-stream) and
+    /// drop them from its chain.
+    Stream(Box<stream_cmd::StreamArgs>),
+    /// Merge layers of IMAGE's chain down into a backing file (QEMU's
+    /// block-commit); an active commit completes at READY.
+    Commit(Box<commit_cmd::CommitArgs>),
 }
 
 fn main() {
@@ -42,6 +55,8 @@ fn main() {
         None => demo::run(&demo::DemoArgs::default()),
         Some(Cmd::Demo(a)) => demo::run(&a),
         Some(Cmd::Mirror(a)) => mirror_cmd::run(&a).map(|_| ()),
+        Some(Cmd::Stream(a)) => stream_cmd::run(&a),
+        Some(Cmd::Commit(a)) => commit_cmd::run(&a),
     };
     if let Err(e) = r {
         eprintln!("blockjob: {e}");

@@ -1,47 +1,33 @@
-//! `blockjob mirror SRC DST`: one mirror job, driven the way an operator
-//! drives QEMU's: complete on `BLOCK_JOB_READY` (or cancel with
-//! `--no-complete`), resume after an error stop, finalize and dismiss
-//! when auto-finalize/auto-dismiss are off.
+//! `blockjob mirror SRC DST`: one mirror job (QEMU's blockdev-mirror),
+//! driven the way an operator drives QEMU's ([`crate::drive`]): complete
+//! on `BLOCK_JOB_READY` (or cancel with `--no-complete`), resume after an
+//! error stop, finalize and dismiss when auto-finalize/auto-dismiss are
+//! off. `--create` makes DST first, as drive-mirror's `absolute-paths`
+//! mode would.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use blockjob::events::EventData;
-use blockjob::job::Job;
+use blockjob::block::Node;
 use blockjob::jobs::mirror::MirrorOptions;
-use blockjob::qapi::{BlockDeviceIoStatus, BlockdevOnError, JobStatus, MirrorCopyMode};
+use blockjob::qapi::{MirrorCopyMode, MirrorSyncMode};
 use blockjob::{Context, Error, Result};
 use clap::{Args, ValueEnum};
 use serde_json::json;
 
-use crate::image::{Format, Image, create_if_missing};
-use crate::progress::Display;
-use crate::size::{human, parse_size};
+use crate::drive::{Control, OnError, Outcome, on_error, print_stats, run_job, signed, size_arg};
+use crate::image::{Format, Image, absolute, backing_format, create_if_missing};
+use crate::size::human;
 
 /// `sync` values a mirror accepts.
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum Sync {
-    /// The top layer (everything, while there are no backing files).
+    /// What the source's own layer holds (not its backing files).
     Top,
     /// Everything the guest sees.
     Full,
     /// Only what is written while the job runs.
     None,
-}
-
-/// Error policies (`on-source-error`, `on-target-error`).
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum OnError {
-    /// Fail the job.
-    Report,
-    /// Retry the range later.
-    Ignore,
-    /// Stop on ENOSPC, report otherwise.
-    Enospc,
-    /// Stop (the command resumes after --resume-delay).
-    Stop,
-    /// QEMU's `auto` (report for jobs).
-    Auto,
 }
 
 /// `copy-mode` values.
@@ -53,10 +39,6 @@ pub enum CopyMode {
     WriteBlocking,
 }
 
-fn size_arg(s: &str) -> std::result::Result<u64, String> {
-    parse_size(s)
-}
-
 /// Arguments of `blockjob mirror` (QEMU's blockdev-mirror names).
 #[derive(Args, Debug, Clone)]
 pub struct MirrorArgs {
@@ -64,13 +46,17 @@ pub struct MirrorArgs {
     pub src: String,
     /// Target: a path, or json:{blockdev-add options}.
     pub dst: String,
-    /// Format of SRC when it is a path.
+    /// Format of SRC when it is a path (qcow2 opens its backing chain).
     #[arg(long, value_enum, default_value = "raw")]
     pub source_format: Format,
     /// Format of DST when it is a path.
     #[arg(long, value_enum, default_value = "raw")]
     pub target_format: Format,
-    /// Create DST (sparse, the source's size) if it does not exist.
+    /// Create DST if it does not exist: a sparse raw file of the source's
+    /// size, or with --target-format qcow2 a qcow2 image of that size
+    /// (backed by the source's backing file with --sync top, by the source
+    /// with --sync none, as drive-mirror creates it). Removed again if the
+    /// command fails.
     #[arg(long)]
     pub create: bool,
     /// `job-id`.
@@ -97,12 +83,6 @@ pub struct MirrorArgs {
     /// `copy-mode`.
     #[arg(long, value_enum, default_value = "background")]
     pub copy_mode: CopyMode,
-    /// `auto-finalize` (when false, the command finalizes at PENDING).
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    pub auto_finalize: bool,
-    /// `auto-dismiss` (when false, the command dismisses at CONCLUDED).
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    pub auto_dismiss: bool,
     /// `unmap`: zeroes may become holes on the target.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub unmap: bool,
@@ -110,58 +90,8 @@ pub struct MirrorArgs {
     /// source's content at that moment; the source stays in use).
     #[arg(long)]
     pub no_complete: bool,
-    /// Print every event as a QMP JSON line on stdout.
-    #[arg(long)]
-    pub events: bool,
-    /// Print one JSON line of measurements on stdout at the end.
-    #[arg(long)]
-    pub stats: bool,
-    /// No progress display.
-    #[arg(long, short)]
-    pub quiet: bool,
-    /// Seconds to wait before resuming a job stopped by an error policy.
-    #[arg(long, default_value_t = 1.0)]
-    pub resume_delay: f64,
-    /// Give up (force-cancel) after the job stopped this many times.
-    #[arg(long, default_value_t = 3)]
-    pub max_resumes: u32,
-}
-
-fn on_error(e: OnError) -> BlockdevOnError {
-    match e {
-        OnError::Report => BlockdevOnError::Report,
-        OnError::Ignore => BlockdevOnError::Ignore,
-        OnError::Enospc => BlockdevOnError::Enospc,
-        OnError::Stop => BlockdevOnError::Stop,
-        OnError::Auto => BlockdevOnError::Auto,
-    }
-}
-
-/// What happened, for the caller and `--stats`.
-#[derive(Debug, Clone)]
-pub struct Outcome {
-    /// Bytes the job processed (progress `offset`).
-    pub bytes: u64,
-    /// Progress total.
-    pub len: u64,
-    /// From starting the job to its end (`BLOCK_JOB_COMPLETED`/`CANCELLED`).
-    pub seconds: f64,
-    /// From starting the job to `BLOCK_JOB_READY`.
-    pub ready_seconds: Option<f64>,
-    /// CPU time of this process over the same interval.
-    pub cpu_seconds: f64,
-    /// `BLOCK_JOB_ERROR` events seen.
-    pub job_errors: u32,
-    /// The job pivoted (completed after READY).
-    pub pivoted: bool,
-}
-
-fn cpu_time() -> f64 {
-    use nix::sys::resource::{UsageWho, getrusage};
-    getrusage(UsageWho::RUSAGE_SELF).map_or(0.0, |u| {
-        let t = |tv: nix::sys::time::TimeVal| tv.tv_sec() as f64 + tv.tv_usec() as f64 * 1e-6;
-        t(u.user_time()) + t(u.system_time())
-    })
+    #[command(flatten)]
+    pub ctl: Control,
 }
 
 /// Set up the nodes and run the mirror to its end. A target this call
@@ -192,7 +122,7 @@ fn check_distinct(src: &Image, dst: &Image) -> Result<()> {
     Ok(())
 }
 
-fn run_inner(a: &MirrorArgs, created: &mut Option<std::path::PathBuf>) -> Result<Outcome> {
+fn run_inner(a: &MirrorArgs, created: &mut Option<PathBuf>) -> Result<Outcome> {
     let ctx = Context::new();
     let events = ctx.subscribe();
     let src = Image::parse(&a.src)?;
@@ -204,8 +134,24 @@ fn run_inner(a: &MirrorArgs, created: &mut Option<std::path::PathBuf>) -> Result
         let Some(path) = dst.path() else {
             return Err(Error::generic("--create needs DST to be a path"));
         };
-        if create_if_missing(path, source.len()?)? {
-            *created = Some(path.to_path_buf());
+        let len = source.len()?;
+        match a.target_format {
+            Format::Raw => {
+                if create_if_missing(path, len)? {
+                    *created = Some(path.to_path_buf());
+                }
+            }
+            Format::Qcow2 => {
+                if create_if_missing(path, 0)? {
+                    *created = Some(path.to_path_buf());
+                    let backing = match a.sync {
+                        Sync::Top => source.backing(),
+                        Sync::None => src.path().map(|_| source.clone()),
+                        Sync::Full => None,
+                    };
+                    create_qcow2(&ctx, path, len, backing.as_ref())?;
+                }
+            }
         }
     }
     let (dst_opts, dst_name) = dst.blockdev_options(a.target_format, "target");
@@ -215,9 +161,9 @@ fn run_inner(a: &MirrorArgs, created: &mut Option<std::path::PathBuf>) -> Result
         &src_name,
         &dst_name,
         match a.sync {
-            Sync::Top => blockjob::qapi::MirrorSyncMode::Top,
-            Sync::Full => blockjob::qapi::MirrorSyncMode::Full,
-            Sync::None => blockjob::qapi::MirrorSyncMode::None,
+            Sync::Top => MirrorSyncMode::Top,
+            Sync::Full => MirrorSyncMode::Full,
+            Sync::None => MirrorSyncMode::None,
         },
     );
     o.job_id = Some(a.job_id.clone());
@@ -230,156 +176,17 @@ fn run_inner(a: &MirrorArgs, created: &mut Option<std::path::PathBuf>) -> Result
         CopyMode::Background => MirrorCopyMode::Background,
         CopyMode::WriteBlocking => MirrorCopyMode::WriteBlocking,
     };
-    o.auto_finalize = a.auto_finalize;
-    o.auto_dismiss = a.auto_dismiss;
+    o.auto_finalize = a.ctl.auto_finalize;
+    o.auto_dismiss = a.ctl.auto_dismiss;
     o.unmap = a.unmap;
 
-    let mut display = Display::new(a.quiet);
-    let cpu0 = cpu_time();
-    let started = Instant::now();
-    let job = ctx.blockdev_mirror(o)?;
-    let r = drive(a, &job, &events, &mut display, started);
-    display.finish();
-    let mut out = r?;
-    out.cpu_seconds = cpu_time() - cpu0;
-    if a.stats {
-        display.stdout_line(
-            &json!({
-                "bytes": out.bytes,
-                "len": out.len,
-                "seconds": out.seconds,
-                "ready-seconds": out.ready_seconds,
-                "cpu-seconds": out.cpu_seconds,
-                "job-errors": out.job_errors,
-                "pivoted": out.pivoted,
-            })
-            .to_string(),
-        );
-    }
-    Ok(out)
-}
-
-fn signed(v: u64, what: &str) -> Result<i64> {
-    i64::try_from(v).map_err(|_| Error::generic(format!("Invalid parameter '{what}'")))
-}
-
-/// The event loop of one job: react like an operator, keep the display
-/// current, return at `JOB_STATUS_CHANGE` to `null`.
-fn drive(
-    a: &MirrorArgs,
-    job: &Arc<Job>,
-    events: &blockjob::events::Subscription,
-    display: &mut Display,
-    started: Instant,
-) -> Result<Outcome> {
-    let id = a.job_id.as_str();
-    let mut out = Outcome {
-        bytes: 0,
-        len: 0,
-        seconds: 0.0,
-        ready_seconds: None,
-        cpu_seconds: 0.0,
-        job_errors: 0,
-        pivoted: false,
-    };
-    let mut failure: Option<String> = None;
-    let mut cancelled = false;
-    let mut completing = false;
-    let mut stops = 0u32;
-    let mut resume_at: Option<Instant> = None;
-    let resume_delay = Duration::from_secs_f64(a.resume_delay.clamp(0.0, 3600.0));
-    loop {
-        if let Ok(info) = job.query_block_job() {
-            display.update(&info, started);
-        }
-        if resume_at.is_some_and(|t| Instant::now() >= t) {
-            resume_at = None;
-            display.note(&format!("{id}: resuming"));
-            job.user_resume()?;
-        }
-        let Some(ev) = events.next_timeout(Duration::from_millis(100)) else {
-            continue;
-        };
-        if a.events {
-            display.stdout_line(&ev.to_qmp_json());
-        }
-        match &ev.data {
-            EventData::BlockJobError {
-                operation, action, ..
-            } => {
-                out.job_errors += 1;
-                display.note(&format!("{id}: {operation} error, action {action}"));
-            }
-            EventData::JobStatusChange {
-                status: JobStatus::Paused,
-                ..
-            } if job.iostatus() != BlockDeviceIoStatus::Ok => {
-                stops += 1;
-                if stops > a.max_resumes {
-                    display.note(&format!(
-                        "{id}: stopped {stops} times (io-status {}); giving up",
-                        job.iostatus()
-                    ));
-                    failure = Some(format!(
-                        "the job stopped {stops} times after I/O errors (io-status {})",
-                        job.iostatus()
-                    ));
-                    job.user_cancel(true)?;
-                } else {
-                    display.note(&format!(
-                        "{id}: stopped after an I/O error (io-status {}); resuming in {:.1} s",
-                        job.iostatus(),
-                        resume_delay.as_secs_f64()
-                    ));
-                    resume_at = Some(Instant::now() + resume_delay);
-                }
-            }
-            EventData::BlockJobReady(_) => {
-                out.ready_seconds = Some(started.elapsed().as_secs_f64());
-                if a.no_complete {
-                    display.note(&format!("{id}: ready; cancelling (--no-complete)"));
-                    job.user_cancel(false)?;
-                } else {
-                    completing = true;
-                    job.complete()?;
-                }
-            }
-            EventData::BlockJobPending { .. } if !a.auto_finalize => job.finalize()?,
-            EventData::BlockJobCompleted { progress, error } => {
-                out.seconds = started.elapsed().as_secs_f64();
-                out.bytes = progress.offset;
-                out.len = progress.len;
-                if let Some(e) = error {
-                    failure.get_or_insert_with(|| e.clone());
-                } else {
-                    out.pivoted = completing;
-                }
-            }
-            EventData::BlockJobCancelled(p) => {
-                out.seconds = started.elapsed().as_secs_f64();
-                out.bytes = p.offset;
-                out.len = p.len;
-                cancelled = true;
-            }
-            EventData::JobStatusChange {
-                status: JobStatus::Concluded,
-                ..
-            } if !a.auto_dismiss => job.dismiss()?,
-            EventData::JobStatusChange {
-                status: JobStatus::Null,
-                ..
-            } => break,
-            _ => {}
-        }
-    }
-    if let Some(e) = failure {
-        return Err(Error::generic(e));
-    }
-    if cancelled {
-        return Err(Error::generic(format!("Job '{id}' was cancelled")));
-    }
+    let (r, display) = run_job(&a.ctl, &a.job_id, a.no_complete, &events, || {
+        ctx.blockdev_mirror(o)
+    });
+    let out = r?;
     display.note(&format!(
-        "{id}: {} {} in {:.2} s ({}/s){}",
+        "{}: {} {} in {:.2} s ({}/s){}",
+        a.job_id,
         if out.pivoted {
             "completed, pivoted to the target:"
         } else {
@@ -387,10 +194,35 @@ fn drive(
         },
         human(out.bytes),
         out.seconds,
-        human((out.bytes as f64 / out.seconds.max(1e-9)) as u64),
+        human(out.rate()),
         out.ready_seconds
             .map(|r| format!(", ready after {r:.2} s"))
             .unwrap_or_default()
     ));
+    print_stats(
+        &a.ctl,
+        &display,
+        &out,
+        json!({"ready-seconds": out.ready_seconds, "pivoted": out.pivoted}),
+    );
     Ok(out)
+}
+
+/// Format the empty file `path` as a qcow2 image of `size` bytes over
+/// `backing` (its file name and format go into the header).
+fn create_qcow2(ctx: &Context, path: &Path, size: u64, backing: Option<&Arc<Node>>) -> Result<()> {
+    const NODE: &str = "target-file";
+    let file = ctx.blockdev_add(&json!({"driver": "file", "node-name": NODE, "filename": path}))?;
+    // Absolute, as drive-mirror's absolute-paths mode writes it: DST may
+    // be in another directory than the source.
+    let link = backing.map(|b| (absolute(&b.filename()), backing_format(b)));
+    let r = blockjob::block::qcow2::create(
+        &file,
+        size,
+        link.as_ref().map(|(n, f)| (n.as_str(), *f)),
+        None,
+    );
+    drop(file);
+    ctx.blockdev_del(NODE)?;
+    r.map_err(|e| e.prepend(format!("Could not create '{}': ", path.display())))
 }
