@@ -206,11 +206,9 @@ pub fn block_commit(ctx: &Context, o: CommitOptions) -> Result<Arc<Job>> {
             b
         }
         (None, Some(name)) => chain::by_filename(&below_top[1..], name)?,
-        (None, None) => below_top
-            .last()
-            .filter(|b| !Arc::ptr_eq(b, &top))
-            .cloned()
-            .ok_or_else(|| Error::generic("There is no backing image"))?,
+        // The bottom of the chain: top itself when it has no backing file,
+        // which the next check refuses (as QEMU does).
+        (None, None) => below_top.last().cloned().unwrap_or_else(|| top.clone()),
     };
     if Arc::ptr_eq(&top, &base) {
         return Err(Error::generic("cannot commit an image into itself"));
