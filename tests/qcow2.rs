@@ -5,8 +5,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
 use blockjob::Context;
 use blockjob::block::backend::BackendOptions;
@@ -14,52 +13,7 @@ use serde_json::{Value, json};
 
 const MIB: u64 = 1 << 20;
 
-fn run(cmd: &str, args: &[&str]) -> String {
-    common::require_tool(cmd);
-    let out = Command::new(cmd).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn path_str(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-/// base (raw-format qcow2, 4 MiB of 0x01) <- mid (0x02 at 1 MiB, 1 MiB)
-/// <- top (0x03 at 3 MiB, 512 KiB), all made by qemu-img and qemu-io.
-fn chain(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    let base = dir.join("base.qcow2");
-    let mid = dir.join("mid.qcow2");
-    let top = dir.join("top.qcow2");
-    run(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", path_str(&base), "4M"],
-    );
-    run("qemu-io", &["-c", "write -P 1 0 4M", path_str(&base)]);
-    for (img, back) in [(&mid, &base), (&top, &mid)] {
-        run(
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-b",
-                path_str(back),
-                "-F",
-                "qcow2",
-                path_str(img),
-            ],
-        );
-    }
-    run("qemu-io", &["-c", "write -P 2 1M 1M", path_str(&mid)]);
-    run("qemu-io", &["-c", "write -P 3 3M 512k", path_str(&top)]);
-    (base, mid, top)
-}
+use common::chain::{chain, s as path_str, tool as run};
 
 fn qcow2(name: &str, path: &Path) -> Value {
     json!({"driver":"qcow2","node-name":name,"file":{"driver":"file","filename":path}})

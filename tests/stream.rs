@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,71 +16,7 @@ use serde_json::{Value, json};
 
 const MIB: u64 = 1 << 20;
 
-fn run(cmd: &str, args: &[&str]) -> String {
-    common::require_tool(cmd);
-    let out = Command::new(cmd).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-/// base (4 MiB of 0x01) <- mid (0x02 at 1 MiB, 1 MiB) <- top (0x03 at
-/// 3 MiB, 512 KiB).
-fn chain(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    let (base, mid, top) = (
-        dir.join("base.qcow2"),
-        dir.join("mid.qcow2"),
-        dir.join("top.qcow2"),
-    );
-    run("qemu-img", &["create", "-q", "-f", "qcow2", s(&base), "4M"]);
-    run("qemu-io", &["-c", "write -P 1 0 4M", s(&base)]);
-    for (img, back) in [(&mid, &base), (&top, &mid)] {
-        run(
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-b",
-                s(back),
-                "-F",
-                "qcow2",
-                s(img),
-            ],
-        );
-    }
-    run("qemu-io", &["-c", "write -P 2 1M 1M", s(&mid)]);
-    run("qemu-io", &["-c", "write -P 3 3M 512k", s(&top)]);
-    (base, mid, top)
-}
-
-fn flat(img: &Path) -> Vec<u8> {
-    let out = img.with_extension("flat");
-    run("qemu-img", &["convert", "-O", "raw", s(img), s(&out)]);
-    let v = std::fs::read(&out).unwrap();
-    std::fs::remove_file(out).unwrap();
-    v
-}
-
-/// The backing file names of the chain from `top` down (qemu-img's view).
-fn backing_chain(top: &Path) -> Vec<Option<String>> {
-    let info: Vec<Value> = serde_json::from_str(&run(
-        "qemu-img",
-        &["info", "--backing-chain", "--output=json", "-U", s(top)],
-    ))
-    .unwrap();
-    info.iter()
-        .map(|i| i["backing-filename"].as_str().map(str::to_string))
-        .collect()
-}
+use common::chain::{backing_chain, chain, flat, s, tool as run};
 
 fn wait_end(job: &blockjob::job::Job) {
     job.wait_status(Duration::from_secs(30), |s| s == JobStatus::Null)

@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+pub mod chain;
 pub mod cprog;
 pub mod gated;
 pub mod qmp;

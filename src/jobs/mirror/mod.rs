@@ -286,9 +286,7 @@ pub fn blockdev_mirror(ctx: &Context, o: MirrorOptions) -> Result<Arc<Job>> {
     let params = Params {
         granularity,
         buf_size,
-        max_io: (buf_size / MAX_IN_FLIGHT as u64)
-            .max(MAX_IO_BYTES)
-            .min(buf_size),
+        max_io: max_io(buf_size),
         sync,
         on_source_error: o.on_source_error,
         on_target_error: o.on_target_error,
@@ -302,6 +300,14 @@ pub fn blockdev_mirror(ctx: &Context, o: MirrorOptions) -> Result<Arc<Job>> {
         write_blocking: o.copy_mode == MirrorCopyMode::WriteBlocking,
     };
     start_job(ctx, source, target, JobType::Mirror, base, params, start)
+}
+
+/// The largest copy operation for a buffer of `buf_size`: a sixteenth of
+/// it, at least 1 MiB, at most all of it (QEMU's rule).
+fn max_io(buf_size: u64) -> u64 {
+    (buf_size / MAX_IN_FLIGHT as u64)
+        .max(MAX_IO_BYTES)
+        .min(buf_size)
 }
 
 /// `auto-finalize`/`auto-dismiss` as job flags.
@@ -381,9 +387,7 @@ pub(crate) fn start_active_commit(
     let params = Params {
         granularity,
         buf_size,
-        max_io: (buf_size / MAX_IN_FLIGHT as u64)
-            .max(MAX_IO_BYTES)
-            .min(buf_size),
+        max_io: max_io(buf_size),
         sync: MirrorSyncMode::Full,
         on_source_error: on_error,
         on_target_error: on_error,
