@@ -58,6 +58,7 @@ impl ActiveWrites {
             return r;
         }
         self.copier.begin_active_write(offset, len);
+        let mut redirty = None;
         let r = to_source(node);
         if r.is_ok() {
             let g = self.mirror.params.granularity;
@@ -80,11 +81,14 @@ impl ActiveWrites {
                 job.progress_increase_remaining(end - start);
                 match to_target(&self.mirror.target, start, end - start) {
                     Ok(()) => job.progress_update(end - start),
-                    Err(e) => self.copier.failed(start, end - start, false, e),
+                    Err(e) => {
+                        self.copier.policy(false, e);
+                        redirty = Some((start, end - start));
+                    }
                 }
             }
         }
-        self.copier.end_active_write(offset, len);
+        self.copier.end_active_write(offset, len, redirty);
         r
     }
 }

@@ -167,10 +167,26 @@ impl Copier {
     // ---- what the job thread sees ------------------------------------------
 
     /// (operations in flight, bytes in flight incl. active writes,
-    /// generation to pass to [`Self::wait_for_change`])
-    pub fn in_flight(&self) -> (usize, u64, u64) {
+    /// generation to pass to [`Self::wait_for_change`], dirty bytes). The
+    /// dirty count is read under the lock that failed operations re-dirty
+    /// their range under as they leave the in-flight count, so a range is
+    /// counted once (QEMU's progress: in flight + dirty).
+    pub fn in_flight(&self) -> (usize, u64, u64, u64) {
         let s = self.lock();
-        (s.ops, s.bytes + s.active_bytes, s.generation)
+        let dirty = self.bitmap.bits().count();
+        (s.ops, s.bytes + s.active_bytes, s.generation, dirty)
+    }
+
+    /// Set the job's remaining work to in flight + dirty, under the lock
+    /// that operations finish under (they add to the done count there):
+    /// no range is counted twice or not at all. Returns what
+    /// [`Self::in_flight`] returns.
+    pub fn update_progress(&self) -> (usize, u64, u64, u64) {
+        let s = self.lock();
+        let dirty = self.bitmap.bits().count();
+        let in_flight = s.bytes + s.active_bytes;
+        self.job.progress_set_remaining(in_flight + dirty);
+        (s.ops, in_flight, s.generation, dirty)
     }
 
     /// A copy can be dispatched now (a slot and a buffer are free).
@@ -279,10 +295,13 @@ impl Copier {
         s.active_bytes += len;
     }
 
-    /// Release them.
-    pub fn end_active_write(&self, offset: u64, len: u64) {
+    /// Release them; `redirty`: a range whose target write failed.
+    pub fn end_active_write(&self, offset: u64, len: u64, redirty: Option<(u64, u64)>) {
         let (first, end) = self.granule_range(offset, len);
         let mut s = self.lock();
+        if let Some((o, l)) = redirty {
+            self.bitmap.bits().set_range(o, l);
+        }
         Self::set_held(&mut s, first, end, false);
         s.active_writes -= 1;
         s.active_bytes -= len;
@@ -291,10 +310,11 @@ impl Copier {
         self.changed.notify_all();
     }
 
-    /// A request of ours failed: the range is dirty again, and the
-    /// policy decides. `report` records the job's error (the first wins).
-    pub fn failed(&self, offset: u64, len: u64, is_read: bool, e: Error) {
-        self.bitmap.bits().set_range(offset, len);
+    /// A request of ours failed: the policy decides (`report` records the
+    /// job's error; the first wins). The caller then marks the range dirty
+    /// again when it releases it, under the lock, so that progress never
+    /// counts the range both in flight and dirty (see [`Self::in_flight`]).
+    pub fn policy(&self, is_read: bool, e: Error) {
         self.mirror
             .actively_synced
             .store(false, crate::sync::Ordering::SeqCst);
@@ -331,19 +351,26 @@ impl Copier {
             };
             // A panic here (a bug) must not leave the operation counted
             // forever: it fails the range like an I/O error would.
-            let buf = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let (buf, done) = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 self.perform(op, buf)
             })) {
-                Ok(b) => b,
+                Ok(r) => r,
                 Err(p) => {
                     let e = Error::generic(crate::job::panic_text(&p)).with_errno(libc::EIO);
-                    self.failed(op.offset, op.len, false, e);
-                    Some(Buffer::new(self.mirror.params.max_io as usize))
-                        .filter(|_| op.method == Method::Copy)
+                    self.policy(false, e);
+                    let b = Some(Buffer::new(self.mirror.params.max_io as usize))
+                        .filter(|_| op.method == Method::Copy);
+                    (b, false)
                 }
             };
             let (first, end) = self.granule_range(op.offset, op.len);
             let mut s = self.lock();
+            if done {
+                self.job.progress_update(op.len);
+            } else {
+                // Dirty again, as it leaves the in-flight count.
+                self.bitmap.bits().set_range(op.offset, op.len);
+            }
             if let Some(b) = buf {
                 s.free_buffers.push(b);
             }
@@ -356,7 +383,9 @@ impl Copier {
         }
     }
 
-    fn perform(&self, op: Op, mut buf: Option<Buffer>) -> Option<Buffer> {
+    /// Do one operation: (the buffer back, whether it succeeded). A
+    /// failure has been through the policy; the caller re-dirties.
+    fn perform(&self, op: Op, mut buf: Option<Buffer>) -> (Option<Buffer>, bool) {
         let m = &self.mirror;
         let done = match op.method {
             // Both ends plain files: the kernel copies (copy_file_range).
@@ -386,12 +415,12 @@ impl Copier {
                     .slice(op.len as usize);
                 match m.source.pread(op.offset, b) {
                     Err(e) => {
-                        self.failed(op.offset, op.len, true, e);
+                        self.policy(true, e);
                         false
                     }
                     Ok(()) => match m.target.pwrite(op.offset, b) {
                         Err(e) => {
-                            self.failed(op.offset, op.len, false, e);
+                            self.policy(false, e);
                             false
                         }
                         Ok(()) => true,
@@ -411,7 +440,7 @@ impl Copier {
                     m.target.pwrite_zeroes(op.offset, op.len, m.params.unmap)
                 } {
                     Err(e) => {
-                        self.failed(op.offset, op.len, false, e);
+                        self.policy(false, e);
                         false
                     }
                     Ok(()) => true,
@@ -419,16 +448,13 @@ impl Copier {
             }
             Method::Discard => match m.target.pdiscard(op.offset, op.len) {
                 Err(e) => {
-                    self.failed(op.offset, op.len, false, e);
+                    self.policy(false, e);
                     false
                 }
                 Ok(()) => true,
             },
         };
-        if done {
-            self.job.progress_update(op.len);
-        }
-        buf
+        (buf, done)
     }
 
     /// Stop and join the workers (after `wait_all`).

@@ -17,7 +17,7 @@ fn flush_target(m: &Mirror, c: &Copier) -> bool {
     match m.target.flush() {
         Ok(()) => true,
         Err(e) => {
-            c.failed(0, 0, false, e);
+            c.policy(false, e);
             false
         }
     }
@@ -176,9 +176,7 @@ fn main_loop(m: &Mirror, job: &Job, c: &Copier) -> Result<()> {
         if job.is_cancelled() {
             return Ok(());
         }
-        let (ops, in_flight, generation) = c.in_flight();
-        let cnt = c.bitmap.bits().count();
-        job.progress_set_remaining(in_flight + cnt);
+        let (ops, _, generation, cnt) = c.update_progress();
         // Yield every slice (so drains and pauses get through), on an
         // error, or when the source is clean.
         if last_pause.elapsed() < BLOCK_JOB_SLICE && job.iostatus() == BlockDeviceIoStatus::Ok {
