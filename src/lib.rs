@@ -24,6 +24,7 @@ pub mod events;
 pub mod job;
 pub mod jobs;
 pub mod qapi;
+pub mod qmp;
 pub mod sync;
 
 pub use context::Context;

@@ -162,20 +162,20 @@ const QEMU_DRIVERS: &[&str] = &[
 
 /// A JSON object being visited: tracks the member path for messages and
 /// which members were consumed, so leftovers are "unexpected".
-struct Obj<'a> {
+pub(crate) struct Obj<'a> {
     map: &'a Map<String, Value>,
     prefix: String,
     used: BTreeSet<&'a str>,
 }
 
-fn type_err(name: &str, expected: &str) -> Error {
+pub(crate) fn type_err(name: &str, expected: &str) -> Error {
     Error::generic(format!(
         "Invalid parameter type for '{name}', expected: {expected}"
     ))
 }
 
 impl<'a> Obj<'a> {
-    fn new(v: &'a Value, name: &str) -> Result<Self> {
+    pub(crate) fn new(v: &'a Value, name: &str) -> Result<Self> {
         match v {
             Value::Object(map) => Ok(Obj {
                 map,
@@ -193,11 +193,11 @@ impl<'a> Obj<'a> {
         }
     }
 
-    fn name(&self, key: &str) -> String {
+    pub(crate) fn name(&self, key: &str) -> String {
         format!("{}{}", self.prefix, key)
     }
 
-    fn get(&mut self, key: &'a str) -> Option<&'a Value> {
+    pub(crate) fn get(&mut self, key: &'a str) -> Option<&'a Value> {
         let v = self.map.get(key);
         if v.is_some() {
             self.used.insert(key);
@@ -205,11 +205,11 @@ impl<'a> Obj<'a> {
         v
     }
 
-    fn missing(&self, key: &str) -> Error {
+    pub(crate) fn missing(&self, key: &str) -> Error {
         Error::generic(format!("Parameter '{}' is missing", self.name(key)))
     }
 
-    fn opt_str(&mut self, key: &'a str) -> Result<Option<String>> {
+    pub(crate) fn opt_str(&mut self, key: &'a str) -> Result<Option<String>> {
         match self.get(key) {
             None => Ok(None),
             Some(Value::String(s)) => Ok(Some(s.clone())),
@@ -217,11 +217,11 @@ impl<'a> Obj<'a> {
         }
     }
 
-    fn req_str(&mut self, key: &'a str) -> Result<String> {
+    pub(crate) fn req_str(&mut self, key: &'a str) -> Result<String> {
         self.opt_str(key)?.ok_or_else(|| self.missing(key))
     }
 
-    fn opt_bool(&mut self, key: &'a str) -> Result<Option<bool>> {
+    pub(crate) fn opt_bool(&mut self, key: &'a str) -> Result<Option<bool>> {
         match self.get(key) {
             None => Ok(None),
             Some(Value::Bool(b)) => Ok(Some(*b)),
@@ -229,7 +229,7 @@ impl<'a> Obj<'a> {
         }
     }
 
-    fn opt_int(&mut self, key: &'a str) -> Result<Option<i64>> {
+    pub(crate) fn opt_int(&mut self, key: &'a str) -> Result<Option<i64>> {
         match self.get(key) {
             None => Ok(None),
             Some(Value::Number(n)) => n
@@ -240,12 +240,12 @@ impl<'a> Obj<'a> {
         }
     }
 
-    fn req_int(&mut self, key: &'a str) -> Result<i64> {
+    pub(crate) fn req_int(&mut self, key: &'a str) -> Result<i64> {
         self.opt_int(key)?.ok_or_else(|| self.missing(key))
     }
 
     /// QEMU reports a bad enum value with the bare member name.
-    fn opt_enum(&mut self, key: &'a str, allowed: &[&str]) -> Result<Option<String>> {
+    pub(crate) fn opt_enum(&mut self, key: &'a str, allowed: &[&str]) -> Result<Option<String>> {
         match self.opt_str(key)? {
             None => Ok(None),
             Some(s) if allowed.contains(&s.as_str()) => Ok(Some(s)),
@@ -255,7 +255,7 @@ impl<'a> Obj<'a> {
         }
     }
 
-    fn opt_list(&mut self, key: &'a str) -> Result<Option<&'a Vec<Value>>> {
+    pub(crate) fn opt_list(&mut self, key: &'a str) -> Result<Option<&'a Vec<Value>>> {
         match self.get(key) {
             None => Ok(None),
             Some(Value::Array(a)) => Ok(Some(a)),
@@ -263,7 +263,7 @@ impl<'a> Obj<'a> {
         }
     }
 
-    fn opt_obj(&mut self, key: &'a str) -> Result<Option<Obj<'a>>> {
+    pub(crate) fn opt_obj(&mut self, key: &'a str) -> Result<Option<Obj<'a>>> {
         let name = self.name(key);
         match self.get(key) {
             None => Ok(None),
@@ -272,7 +272,7 @@ impl<'a> Obj<'a> {
         }
     }
 
-    fn req_child(&mut self, key: &'a str) -> Result<ChildRef> {
+    pub(crate) fn req_child(&mut self, key: &'a str) -> Result<ChildRef> {
         let name = self.name(key);
         match self.get(key) {
             None => Err(self.missing(key)),
@@ -283,7 +283,7 @@ impl<'a> Obj<'a> {
     }
 
     /// `backing`: a node, `null`, or absent.
-    fn opt_backing(&mut self, key: &'a str) -> Result<BackingSpec> {
+    pub(crate) fn opt_backing(&mut self, key: &'a str) -> Result<BackingSpec> {
         let name = self.name(key);
         match self.get(key) {
             None => Ok(BackingSpec::FromHeader),
@@ -297,7 +297,12 @@ impl<'a> Obj<'a> {
     }
 
     /// QEMU's `visit_check_struct`: members nobody asked for.
-    fn finish(self) -> Result<()> {
+    pub(crate) fn finish(self) -> Result<()> {
+        self.finish_ref()
+    }
+
+    /// [`Self::finish`] without giving the visitor up.
+    pub(crate) fn finish_ref(&self) -> Result<()> {
         match self.map.keys().find(|k| !self.used.contains(k.as_str())) {
             Some(k) => Err(Error::generic(format!(
                 "Parameter '{}' is unexpected",

@@ -1,0 +1,303 @@
+//! QMP: QEMU's monitor protocol over our Rust API.
+//!
+//! [`Session`] is one monitor connection's protocol state: the greeting,
+//! capabilities negotiation, requests split out of a byte stream (several
+//! per read, or one across reads), replies with the request's `id`, and
+//! QEMU's error classes and texts for malformed input. [`execute`] runs one
+//! command object without a session (the C ABI's `bj_qmp_execute`).
+//! Commands and their arguments are in [`commands`].
+
+pub mod commands;
+
+use serde_json::{Map, Value, json};
+
+use crate::context::Context;
+use crate::error::{Error, ErrorClass};
+
+/// What QEMU 10 says it is in the greeting and `query-version`.
+pub const VERSION: (u64, u64, u64) = (10, 0, 2);
+
+/// The greeting a monitor sends first.
+pub fn greeting() -> Value {
+    json!({"QMP": {"version": version(), "capabilities": ["oob"]}})
+}
+
+/// `query-version`'s value.
+pub fn version() -> Value {
+    let (major, minor, micro) = VERSION;
+    json!({"qemu": {"major": major, "minor": minor, "micro": micro},
+        "package": concat!("blockjob ", env!("CARGO_PKG_VERSION"))})
+}
+
+fn error_reply(e: &Error, id: Option<&Value>) -> Value {
+    let mut r = json!({"error": {"class": e.class().to_string(), "desc": e.message()}});
+    if let Some(id) = id {
+        r["id"] = id.clone();
+    }
+    r
+}
+
+/// Whether a session has negotiated capabilities.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Only `qmp_capabilities` is accepted.
+    Negotiation,
+    /// Commands and events.
+    Command,
+}
+
+/// One monitor connection.
+pub struct Session<'a> {
+    ctx: &'a Context,
+    mode: Mode,
+    /// Bytes of a request not complete yet.
+    pending: Vec<u8>,
+    quit: bool,
+}
+
+impl<'a> Session<'a> {
+    /// A new connection (send [`greeting`] first).
+    pub fn new(ctx: &'a Context) -> Self {
+        Session {
+            ctx,
+            mode: Mode::Negotiation,
+            pending: Vec::new(),
+            quit: false,
+        }
+    }
+
+    /// Capabilities are negotiated: events may be sent.
+    pub fn in_command_mode(&self) -> bool {
+        self.mode == Mode::Command
+    }
+
+    /// `quit` was executed.
+    pub fn quit_requested(&self) -> bool {
+        self.quit
+    }
+
+    /// Take bytes from the client; the replies to every request they
+    /// complete, in order.
+    pub fn feed(&mut self, bytes: &[u8]) -> Vec<Value> {
+        self.pending.extend_from_slice(bytes);
+        let mut replies = Vec::new();
+        loop {
+            // Whitespace between requests is not a request.
+            let start = self
+                .pending
+                .iter()
+                .position(|b| !b.is_ascii_whitespace())
+                .unwrap_or(self.pending.len());
+            self.pending.drain(..start);
+            if self.pending.is_empty() {
+                break;
+            }
+            let mut it = serde_json::Deserializer::from_slice(&self.pending).into_iter::<Value>();
+            match it.next() {
+                Some(Ok(v)) => {
+                    let used = it.byte_offset();
+                    self.pending.drain(..used);
+                    replies.push(self.request(v));
+                }
+                // Not complete yet: wait for more bytes.
+                Some(Err(e)) if e.is_eof() => break,
+                Some(Err(e)) => {
+                    // QEMU's parser drops what it has and starts over; we
+                    // drop up to the end of the line (or everything).
+                    let cut = self
+                        .pending
+                        .iter()
+                        .position(|&b| b == b'\n')
+                        .map_or(self.pending.len(), |p| p + 1);
+                    self.pending.drain(..cut);
+                    replies.push(error_reply(
+                        &Error::generic(format!("JSON parse error, {}", json_error_text(&e))),
+                        None,
+                    ));
+                }
+                None => break,
+            }
+        }
+        replies
+    }
+
+    /// One parsed request.
+    pub fn request(&mut self, v: Value) -> Value {
+        let Value::Object(req) = v else {
+            return error_reply(&Error::generic("QMP input must be a JSON object"), None);
+        };
+        let id = req.get("id").cloned();
+        match self.check_and_run(&req) {
+            Ok(ret) => {
+                let mut r = json!({ "return": ret });
+                if let Some(id) = id {
+                    r["id"] = id;
+                }
+                r
+            }
+            Err(e) => error_reply(&e, id.as_ref()),
+        }
+    }
+
+    fn check_and_run(&mut self, req: &Map<String, Value>) -> Result<Value, Error> {
+        let (name, args) = parse_request(req)?;
+        match (self.mode, name.as_str()) {
+            (Mode::Negotiation, "qmp_capabilities") => {
+                commands::check_capabilities(&args)?;
+                self.mode = Mode::Command;
+                Ok(json!({}))
+            }
+            (Mode::Negotiation, _) => Err(Error::with_class(
+                ErrorClass::CommandNotFound,
+                "Expecting capabilities negotiation with 'qmp_capabilities'",
+            )),
+            (Mode::Command, "qmp_capabilities") => Err(Error::with_class(
+                ErrorClass::CommandNotFound,
+                "Capabilities negotiation is already complete, command ignored",
+            )),
+            (Mode::Command, "quit") => {
+                commands::no_arguments(&args)?;
+                self.quit = true;
+                Ok(json!({}))
+            }
+            (Mode::Command, n) => commands::dispatch(self.ctx, n, &args),
+        }
+    }
+}
+
+/// QEMU's checks of the request object itself, in its order.
+fn parse_request(req: &Map<String, Value>) -> Result<(String, Value), Error> {
+    let (name, oob) = match (req.get("execute"), req.get("exec-oob")) {
+        (Some(_), Some(_)) => {
+            return Err(Error::generic(
+                "QMP input must have either 'execute' or 'exec-oob'",
+            ));
+        }
+        (Some(n), None) => (n, false),
+        (None, Some(n)) => (n, true),
+        (None, None) => return Err(Error::generic("QMP input lacks member 'execute'")),
+    };
+    let key = if oob { "exec-oob" } else { "execute" };
+    let Value::String(name) = name else {
+        return Err(Error::generic(format!(
+            "QMP input member '{key}' must be a string"
+        )));
+    };
+    for k in req.keys() {
+        if !matches!(
+            k.as_str(),
+            "execute" | "exec-oob" | "arguments" | "id" | "control"
+        ) {
+            return Err(Error::generic(format!(
+                "QMP input member '{k}' is unexpected"
+            )));
+        }
+    }
+    let args = match req.get("arguments") {
+        None => Value::Object(Map::new()),
+        Some(a @ Value::Object(_)) => a.clone(),
+        Some(_) => {
+            return Err(Error::generic(
+                "QMP input member 'arguments' must be an object",
+            ));
+        }
+    };
+    if oob {
+        return Err(Error::generic(format!(
+            "The command {name} does not support OOB"
+        )));
+    }
+    Ok((name.clone(), args))
+}
+
+/// serde_json's message without its "at line N column M" tail.
+fn json_error_text(e: &serde_json::Error) -> String {
+    let s = e.to_string();
+    match s.find(" at line ") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    }
+}
+
+/// Run one QMP command object (`{"execute": …, "arguments": …}`) on
+/// `ctx`, as a monitor in command mode would: the reply object.
+pub fn execute(ctx: &Context, request: &Value) -> Value {
+    let mut s = Session::new(ctx);
+    s.mode = Mode::Command;
+    s.request(request.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn negotiation_comes_first() {
+        let ctx = Context::new();
+        let mut s = Session::new(&ctx);
+        let r = s.feed(br#"{"execute":"query-jobs"}"#);
+        assert_eq!(r[0]["error"]["class"], "CommandNotFound");
+        assert_eq!(
+            r[0]["error"]["desc"],
+            "Expecting capabilities negotiation with 'qmp_capabilities'"
+        );
+        let r = s.feed(br#"{"execute":"qmp_capabilities","id":7}"#);
+        assert_eq!(r[0], json!({"return": {}, "id": 7}));
+        let r = s.feed(br#"{"execute":"qmp_capabilities"}"#);
+        assert_eq!(r[0]["error"]["class"], "CommandNotFound");
+        let r = s.feed(br#"{"execute":"query-jobs"}"#);
+        assert_eq!(r[0], json!({"return": []}));
+    }
+
+    #[test]
+    fn several_requests_in_one_read_and_one_across_reads() {
+        let ctx = Context::new();
+        let mut s = Session::new(&ctx);
+        let r = s.feed(
+            b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"query-jobs\",\"id\":\"a\"} {\"exe",
+        );
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[1]["id"], "a");
+        assert!(s.feed(b"cute\":\"query-block").is_empty());
+        let r = s.feed(b"-jobs\"}");
+        assert_eq!(r, vec![json!({"return": []})]);
+    }
+
+    #[test]
+    fn malformed_input_gets_qemus_errors() {
+        let ctx = Context::new();
+        let mut s = Session::new(&ctx);
+        s.feed(br#"{"execute":"qmp_capabilities"}"#);
+        let desc = |s: &mut Session, input: &[u8]| -> String {
+            let r = s.feed(input);
+            r[0]["error"]["desc"].as_str().unwrap().to_string()
+        };
+        assert_eq!(desc(&mut s, b"[1]"), "QMP input must be a JSON object");
+        assert_eq!(
+            desc(&mut s, br#"{"id":1}"#),
+            "QMP input lacks member 'execute'"
+        );
+        assert_eq!(
+            desc(&mut s, br#"{"execute":1}"#),
+            "QMP input member 'execute' must be a string"
+        );
+        assert_eq!(
+            desc(&mut s, br#"{"execute":"query-jobs","arguments":[]}"#),
+            "QMP input member 'arguments' must be an object"
+        );
+        assert_eq!(
+            desc(&mut s, br#"{"execute":"query-jobs","x":1}"#),
+            "QMP input member 'x' is unexpected"
+        );
+        assert_eq!(
+            desc(&mut s, br#"{"execute":"nope"}"#),
+            "The command nope has not been found"
+        );
+        assert!(desc(&mut s, b"{\"execute\" ] }\n").starts_with("JSON parse error"));
+        // And the session still works.
+        assert_eq!(
+            s.feed(br#"{"execute":"query-jobs"}"#),
+            vec![json!({"return": []})]
+        );
+    }
+}
