@@ -1718,6 +1718,16 @@ BjNode *bj_node_add_host(BjContext *ctx,
                          void *opaque,
                          BjError **errp);
 
+/**
+ * Execute one QMP command (`{"execute": "...", "arguments": {...},
+ * "id": ...}`) on the context, as a monitor in command mode would (no
+ * greeting or negotiation), and return the reply as JSON text: `{"return":
+ * ...}` or `{"error": {"class": ..., "desc": ...}}`, with the request's
+ * `id`. Text that is not JSON gets QEMU's parse error reply. Free with
+ * `bj_free`. NULL only for a NULL context or command (with `errp` set).
+ */
+char *bj_qmp_execute(BjContext *ctx, const char *json, BjError **errp);
+
 #ifdef __cplusplus
 }  // extern "C"
 #endif  // __cplusplus

@@ -45,6 +45,11 @@ fn c_test_chain() {
 }
 
 #[test]
+fn c_test_qmp() {
+    run("test_qmp");
+}
+
+#[test]
 fn c_test_error_matrix() {
     run("test_error_matrix");
 }

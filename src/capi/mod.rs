@@ -21,6 +21,7 @@ pub mod events;
 pub mod job;
 pub mod mirror;
 pub mod node;
+pub mod qmp;
 
 use std::ffi::{CStr, c_char, c_void};
 use std::panic::{AssertUnwindSafe, catch_unwind};
