@@ -103,11 +103,18 @@ fn ok<T>(r: Result<T>) -> Result<Value> {
 /// Run command `name` with `args` (an object).
 pub fn dispatch(ctx: &Context, name: &str, args: &Value) -> Result<Value> {
     let engine = ctx.engine();
+    // The job is looked up after every argument was visited, as QEMU's
+    // generated code does.
     let block_job = |o: &mut Obj<'_>, key: &'static str| -> Result<Arc<Job>> {
         let id = o.req_str(key)?;
+        o.finish_ref()?;
         engine.find_block_job(&id)
     };
-    let job = |o: &mut Obj<'_>| -> Result<Arc<Job>> { engine.find_job(&o.req_str("id")?) };
+    let job = |o: &mut Obj<'_>| -> Result<Arc<Job>> {
+        let id = o.req_str("id")?;
+        o.finish_ref()?;
+        engine.find_job(&id)
+    };
     // blockdev-add takes the whole object as node options.
     if name == "blockdev-add" {
         return ok(ctx.blockdev_add(args));
@@ -136,16 +143,18 @@ pub fn dispatch(ctx: &Context, name: &str, args: &Value) -> Result<Value> {
         "block-stream" => ok(block_stream(ctx, o)),
         "block-commit" => ok(block_commit(ctx, o)),
         "block-job-set-speed" => {
-            let j = block_job(o, "device")?;
-            let speed = o.opt_int("speed")?.ok_or_else(|| o.missing("speed"))?;
-            ok(j.set_speed(speed))
+            let id = o.req_str("device")?;
+            let speed = o.req_int("speed")?;
+            o.finish_ref()?;
+            ok(engine.find_block_job(&id)?.set_speed(speed))
         }
         "block-job-pause" => block_job(o, "device").and_then(|j| ok(j.user_pause())),
         "block-job-resume" => block_job(o, "device").and_then(|j| ok(j.user_resume())),
         "block-job-cancel" => {
-            let j = block_job(o, "device")?;
+            let id = o.req_str("device")?;
             let force = o.opt_bool("force")?.unwrap_or(false);
-            ok(j.block_job_cancel(force))
+            o.finish_ref()?;
+            ok(engine.find_block_job(&id)?.block_job_cancel(force))
         }
         "block-job-complete" => block_job(o, "device").and_then(|j| ok(j.complete())),
         "block-job-finalize" => block_job(o, "id").and_then(|j| ok(j.finalize())),
@@ -217,6 +226,7 @@ pub fn dispatch(ctx: &Context, name: &str, args: &Value) -> Result<Value> {
 }
 
 fn bitmap_ref(v: &Value, i: usize) -> Result<BitmapRef> {
+    // (`i` names an object element's members, as QEMU does.)
     match v {
         Value::String(s) => Ok(BitmapRef::Name(s.clone())),
         Value::Object(_) => {
@@ -226,7 +236,8 @@ fn bitmap_ref(v: &Value, i: usize) -> Result<BitmapRef> {
             o.finish()?;
             Ok(BitmapRef::Node { node, name })
         }
-        _ => Err(type_err(&format!("bitmaps[{i}]"), "BlockDirtyBitmapOrStr")),
+        // QEMU names a bad list element 'null' here.
+        _ => Err(type_err("null", "BlockDirtyBitmapOrStr")),
     }
 }
 
