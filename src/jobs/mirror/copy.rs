@@ -89,6 +89,9 @@ pub(crate) struct Copier {
     changed: Condvar,
     work: Condvar,
     workers: Mutex<Vec<JoinHandle<()>>>,
+    /// In-kernel copies running now, at most [`super::offload_slots`].
+    offloading: Mutex<usize>,
+    offload_free: Condvar,
     pub len: u64,
 }
 
@@ -114,6 +117,8 @@ impl Copier {
             changed: Condvar::new(),
             work: Condvar::new(),
             workers: Mutex::new(Vec::new()),
+            offloading: Mutex::new(0),
+            offload_free: Condvar::new(),
             len,
         });
         let mut workers = Vec::new();
@@ -383,6 +388,21 @@ impl Copier {
         }
     }
 
+    /// Run an in-kernel copy in one of the offload slots.
+    fn offloaded<T>(&self, f: impl FnOnce() -> T) -> T {
+        let limit = super::offload_slots();
+        let mut n = self.offloading.lock().unwrap_or_else(|p| p.into_inner());
+        while *n >= limit {
+            n = self.offload_free.wait(n).unwrap_or_else(|p| p.into_inner());
+        }
+        *n += 1;
+        drop(n);
+        let r = f();
+        *self.offloading.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+        self.offload_free.notify_one();
+        r
+    }
+
     /// Do one operation: (the buffer back, whether it succeeded). A
     /// failure has been through the policy; the caller re-dirties.
     fn perform(&self, op: Op, mut buf: Option<Buffer>) -> (Option<Buffer>, bool) {
@@ -393,10 +413,10 @@ impl Copier {
             // tells a read error from a write error for the policies.
             Method::Copy
                 if m.copy_offload.load(Ordering::Relaxed)
-                    && match m
-                        .source
-                        .copy_range_to(op.offset, &m.target, op.offset, op.len)
-                    {
+                    && match self.offloaded(|| {
+                        m.source
+                            .copy_range_to(op.offset, &m.target, op.offset, op.len)
+                    }) {
                         Ok(true) => true,
                         Ok(false) => {
                             // Relaxed: a hint; a racing op just tries too.
