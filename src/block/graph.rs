@@ -206,12 +206,18 @@ impl Graph {
         &self,
         inner: &mut GraphInner,
         c: &ChildRef,
-        parent_discard: bool,
+        parent: (bool, bool),
         created: &mut Vec<Arc<Node>>,
     ) -> Result<Arc<Node>> {
+        let (parent_discard, parent_read_only) = parent;
         match c {
-            // An inline child inherits the parent's discard mode, as QEMU's
-            // children inherit open flags.
+            // An inline child inherits the parent's discard mode and
+            // read-only flag, as QEMU's children inherit open flags.
+            ChildRef::New(spec) if parent_read_only && !spec.read_only => {
+                let mut ro = (**spec).clone();
+                ro.read_only = true;
+                self.open_spec(inner, &ro, parent_discard, created)
+            }
             ChildRef::New(spec) => self.open_spec(inner, spec, parent_discard, created),
             ChildRef::Existing(name) => {
                 if let Some(b) = inner
@@ -281,7 +287,7 @@ impl Graph {
                 })
             }
             DriverSpec::Raw { file, offset, size } => {
-                let child = self.resolve_child(inner, file, discard, created)?;
+                let child = self.resolve_child(inner, file, (discard, spec.read_only), created)?;
                 let offset = match offset {
                     Some(o) if *o < 0 => {
                         return Err(Error::generic("offset cannot be negative"));
@@ -295,10 +301,12 @@ impl Graph {
                 Box::new(RawDriver::new(child, offset, size)?)
             }
             DriverSpec::Qcow2 { file, backing } => {
-                let file = self.resolve_child(inner, file, discard, created)?;
+                let file = self.resolve_child(inner, file, (discard, spec.read_only), created)?;
                 let backing = match backing {
                     BackingSpec::None => None,
-                    BackingSpec::Child(c) => Some(self.resolve_child(inner, c, discard, created)?),
+                    BackingSpec::Child(c) => {
+                        Some(self.resolve_child(inner, c, (discard, spec.read_only), created)?)
+                    }
                     BackingSpec::FromHeader => {
                         self.open_header_backing(inner, &file, spec.read_only, created)?
                     }
@@ -320,7 +328,7 @@ impl Graph {
                         "Cannot meet constraints with align {a}"
                     )));
                 }
-                let child = self.resolve_child(inner, image, discard, created)?;
+                let child = self.resolve_child(inner, image, (discard, spec.read_only), created)?;
                 Box::new(BlkdebugDriver::new(
                     child,
                     inject.clone(),

@@ -8,11 +8,16 @@
 //!   files' data into IMAGE, shorten its chain).
 //! - `blockjob commit IMAGE`: QEMU's block-commit (merge layers down into
 //!   a backing file; active commit completes at READY).
+//! - `blockjob daemon [options]`: a QMP daemon taking qemu-storage-daemon's
+//!   command line (`--blockdev`, `--chardev`, `--monitor`, `--pidfile`,
+//!   `--daemonize`); its exit status is QSD's (0, or 1 with one line).
 //!
 //! Exit status: 0 on success, 1 when the job or its setup fails (one line
 //! on stderr with QEMU's text), 2 for bad usage.
 
 mod commit_cmd;
+mod daemon;
+mod daemon_args;
 mod demo;
 mod drive;
 mod image;
@@ -47,9 +52,22 @@ enum Cmd {
     /// Merge layers of IMAGE's chain down into a backing file (QEMU's
     /// block-commit); an active commit completes at READY.
     Commit(Box<commit_cmd::CommitArgs>),
+    /// Serve QMP like qemu-storage-daemon, with its command line
+    /// (`blockjob daemon --help`).
+    #[command(disable_help_flag = true)]
+    Daemon {
+        /// qemu-storage-daemon's options.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
 }
 
 fn main() {
+    // The daemon parses its own (QSD's) command line.
+    let mut raw = std::env::args_os();
+    if raw.nth(1).is_some_and(|a| a == "daemon") {
+        daemon::run(raw.collect());
+    }
     let cli = Cli::parse();
     let r = match cli.cmd {
         None => demo::run(&demo::DemoArgs::default()),
@@ -57,6 +75,7 @@ fn main() {
         Some(Cmd::Mirror(a)) => mirror_cmd::run(&a).map(|_| ()),
         Some(Cmd::Stream(a)) => stream_cmd::run(&a),
         Some(Cmd::Commit(a)) => commit_cmd::run(&a),
+        Some(Cmd::Daemon { args }) => daemon::run(args),
     };
     if let Err(e) = r {
         eprintln!("blockjob: {e}");

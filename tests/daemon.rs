@@ -1,0 +1,758 @@
+//! `blockjob daemon`: qemu-storage-daemon's command line and QMP over UNIX
+//! sockets, checked against real `qemu-storage-daemon` where the two
+//! should agree (greeting shape, accepted `--blockdev` texts, error lines).
+
+mod common;
+
+use std::collections::{BTreeSet, VecDeque};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+const OURS: &str = env!("CARGO_BIN_EXE_blockjob");
+const QSD: &str = "qemu-storage-daemon";
+
+/// `OURS daemon ARGS` or `qemu-storage-daemon ARGS`.
+fn command(qsd: bool, args: &[String]) -> Command {
+    let mut c = if qsd {
+        common::require_tool(QSD);
+        Command::new(QSD)
+    } else {
+        let mut c = Command::new(OURS);
+        c.arg("daemon");
+        c
+    };
+    c.args(args);
+    c
+}
+
+fn s(v: &[&str]) -> Vec<String> {
+    v.iter().map(|x| x.to_string()).collect()
+}
+
+/// `--chardev` and `--monitor` for a socket at `path`.
+fn monitor_args(path: &Path, id: &str) -> Vec<String> {
+    vec![
+        "--chardev".into(),
+        format!("socket,id={id},path={},server=on,wait=off", path.display()),
+        "--monitor".into(),
+        id.into(),
+    ]
+}
+
+/// Wait for a child for `max` at most (killed after that).
+fn wait_for(child: &mut Child, max: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + max;
+    loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            return Some(st);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Run to completion (5 s at most) with stdin closed.
+fn run_to_exit(mut c: Command) -> Output {
+    let mut child = c
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let t = std::thread::spawn(move || {
+        let mut o = Vec::new();
+        let _ = out.read_to_end(&mut o);
+        o
+    });
+    let mut e = Vec::new();
+    let _ = err.read_to_end(&mut e);
+    let status = wait_for(&mut child, Duration::from_secs(5)).expect("the command did not exit");
+    Output {
+        status,
+        stdout: t.join().unwrap(),
+        stderr: e,
+    }
+}
+
+/// A running daemon (ours or QEMU's); killed on drop if still running.
+struct Daemon {
+    child: Child,
+    stderr: PathBuf,
+}
+
+impl Daemon {
+    fn start(qsd: bool, args: &[String], dir: &Path) -> Daemon {
+        let stderr = dir.join(if qsd { "qsd.stderr" } else { "ours.stderr" });
+        let child = command(qsd, args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap();
+        Daemon { child, stderr }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn signal(&self, sig: &str) {
+        let st = Command::new("kill")
+            .args([sig, &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+
+    fn wait(&mut self, max: Duration) -> ExitStatus {
+        wait_for(&mut self.child, max).unwrap_or_else(|| panic!("daemon did not exit"))
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("daemon stderr:\n{}", self.stderr());
+        }
+    }
+}
+
+/// A raw QMP client.
+struct Client {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    events: VecDeque<Value>,
+}
+
+impl Client {
+    /// Connect (retrying while the socket does not exist yet); the
+    /// greeting is left unread.
+    fn connect_raw(path: &Path) -> Client {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() > deadline => panic!("connect {}: {e}", path.display()),
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        };
+        stream
+            .set_read_timeout(Some(Duration::from_secs(15)))
+            .unwrap();
+        Client {
+            writer: stream.try_clone().unwrap(),
+            reader: BufReader::new(stream),
+            events: VecDeque::new(),
+        }
+    }
+
+    /// Connect, read the greeting, negotiate.
+    fn connect(path: &Path) -> Client {
+        let mut c = Client::connect_raw(path);
+        let g = c.recv().expect("greeting");
+        assert!(g.get("QMP").is_some(), "{g}");
+        assert_eq!(c.cmd("qmp_capabilities", json!({})), json!({"return": {}}));
+        c
+    }
+
+    /// The next message; None at EOF.
+    fn recv(&mut self) -> Option<Value> {
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) => None,
+            Ok(_) => Some(serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))),
+            Err(e) => panic!("QMP read: {e}"),
+        }
+    }
+
+    fn send_raw(&mut self, bytes: &[u8]) {
+        self.writer.write_all(bytes).unwrap();
+    }
+
+    /// Run a command: its whole reply (events meanwhile are queued).
+    fn cmd(&mut self, name: &str, args: Value) -> Value {
+        let msg = json!({"execute": name, "arguments": args});
+        self.send_raw(format!("{msg}\n").as_bytes());
+        loop {
+            let v = self
+                .recv()
+                .unwrap_or_else(|| panic!("EOF waiting for {name}"));
+            if v.get("event").is_some() {
+                self.events.push_back(v);
+            } else {
+                return v;
+            }
+        }
+    }
+
+    /// `return` of a command that must succeed.
+    fn ok(&mut self, name: &str, args: Value) -> Value {
+        let r = self.cmd(name, args);
+        r.get("return")
+            .unwrap_or_else(|| panic!("{name}: {r}"))
+            .clone()
+    }
+
+    /// Wait for event `name`; every event up to it.
+    fn until_event(&mut self, name: &str) -> Vec<Value> {
+        let mut seen = Vec::new();
+        loop {
+            let ev = match self.events.pop_front() {
+                Some(e) => e,
+                None => self
+                    .recv()
+                    .unwrap_or_else(|| panic!("EOF waiting for {name}; saw {seen:?}")),
+            };
+            assert!(ev.get("event").is_some(), "not an event: {ev}");
+            let done = ev["event"] == name;
+            seen.push(ev);
+            if done {
+                return seen;
+            }
+        }
+    }
+
+    /// Everything until EOF.
+    fn drain(&mut self) -> Vec<Value> {
+        let mut all: Vec<Value> = self.events.drain(..).collect();
+        while let Some(v) = self.recv() {
+            all.push(v);
+        }
+        all
+    }
+}
+
+/// The structure of a JSON value: objects' keys and arrays' element
+/// shapes, leaves by type.
+fn shape(v: &Value) -> Value {
+    match v {
+        Value::Object(m) => Value::Object(m.iter().map(|(k, v)| (k.clone(), shape(v))).collect()),
+        Value::Array(a) => Value::Array(a.iter().map(shape).collect()),
+        Value::String(_) => json!("string"),
+        Value::Number(_) => json!("number"),
+        Value::Bool(_) => json!("bool"),
+        Value::Null => json!(null),
+    }
+}
+
+fn wait_gone(path: &Path) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while path.exists() {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    true
+}
+
+#[test]
+fn greeting_negotiation_two_monitors_and_socket_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.sock"), dir.path().join("b.sock"));
+    let mut args = monitor_args(&a, "ma");
+    args.extend(s(&[
+        "--chardev",
+        &format!("socket,id=mb,path={},server=on,wait=off", b.display()),
+        "--monitor",
+        "chardev=mb,mode=control,pretty=on",
+    ]));
+    let _d = Daemon::start(false, &args, dir.path());
+
+    // The greeting, as one CRLF-terminated line shaped like QEMU's.
+    let mut c = Client::connect_raw(&a);
+    let mut line = String::new();
+    c.reader.read_line(&mut line).unwrap();
+    assert!(line.ends_with("}\r\n"), "{line:?}");
+    let ours: Value = serde_json::from_str(&line).unwrap();
+    let qdir = tempfile::tempdir().unwrap();
+    let qsock = qdir.path().join("q.sock");
+    let _q = Daemon::start(true, &monitor_args(&qsock, "m"), qdir.path());
+    let mut q = Client::connect_raw(&qsock);
+    let theirs = q.recv().unwrap();
+    assert_eq!(shape(&ours), shape(&theirs));
+    assert_eq!(
+        ours["QMP"]["version"]["qemu"],
+        theirs["QMP"]["version"]["qemu"]
+    );
+
+    // Negotiation first, once; the same answers as QEMU.
+    for cl in [&mut c, &mut q] {
+        let r = cl.cmd("query-jobs", json!({}));
+        assert_eq!(r["error"]["class"], "CommandNotFound", "{r}");
+        assert_eq!(
+            r["error"]["desc"],
+            "Expecting capabilities negotiation with 'qmp_capabilities'"
+        );
+        assert_eq!(cl.cmd("qmp_capabilities", json!({})), json!({"return": {}}));
+        let r = cl.cmd("qmp_capabilities", json!({}));
+        assert_eq!(r["error"]["class"], "CommandNotFound");
+        assert_eq!(cl.ok("query-jobs", json!({})), json!([]));
+    }
+
+    // The second monitor at the same time, pretty-printed as QEMU does.
+    let mut raw = UnixStream::connect(&b).unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    raw.write_all(b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"query-jobs\"}\n")
+        .unwrap();
+    let mut got = Vec::new();
+    let want: &[u8] =
+        b"{\r\n    \"return\": {\r\n    }\r\n}\r\n{\r\n    \"return\": [\r\n    ]\r\n}\r\n";
+    let mut buf = [0u8; 4096];
+    while !got.ends_with(want) {
+        let n = raw.read(&mut buf).unwrap();
+        assert!(n > 0, "{}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(got.starts_with(b"{\r\n    \"QMP\": {\r\n"));
+
+    for p in [&a, &b] {
+        let m = std::fs::symlink_metadata(p).unwrap();
+        assert!(m.file_type().is_socket());
+        assert_eq!(m.permissions().mode() & 0o777, 0o600, "{}", p.display());
+    }
+}
+
+#[test]
+fn mirror_between_blockdev_nodes_completes_over_qmp() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src,1.img");
+    let dst = dir.path().join("dst.img");
+    let data: Vec<u8> = (0..8u32 << 20).map(|i| (i / 4096 * 7 + i) as u8).collect();
+    std::fs::write(&src, &data).unwrap();
+    std::fs::File::create(&dst)
+        .unwrap()
+        .set_len(data.len() as u64)
+        .unwrap();
+    let sock = dir.path().join("qmp.sock");
+    let mut args = s(&[
+        "--blockdev",
+        // keyval, with QEMU's ",," for the comma in the name.
+        &format!(
+            "file,node-name=src,filename={}",
+            src.display().to_string().replace(',', ",,")
+        ),
+        "--blockdev",
+        &json!({"driver":"file","node-name":"dst","filename":dst}).to_string(),
+    ]);
+    args.extend(monitor_args(&sock, "m"));
+    let _d = Daemon::start(false, &args, dir.path());
+    let mut c = Client::connect(&sock);
+    c.ok(
+        "blockdev-mirror",
+        json!({"job-id":"m0","device":"src","target":"dst","sync":"full"}),
+    );
+    let evs = c.until_event("BLOCK_JOB_READY");
+    let statuses: Vec<_> = evs
+        .iter()
+        .filter(|e| e["event"] == "JOB_STATUS_CHANGE")
+        .map(|e| e["data"]["status"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(statuses, ["created", "running", "ready"], "{evs:?}");
+    assert!(evs.iter().all(|e| e["timestamp"]["seconds"].is_u64()));
+    let jobs = c.ok("query-block-jobs", json!({}));
+    assert_eq!(jobs[0]["device"], "m0");
+    assert_eq!(jobs[0]["ready"], true);
+    c.ok("block-job-complete", json!({"device":"m0"}));
+    let evs = c.until_event("BLOCK_JOB_COMPLETED");
+    let done = evs.last().unwrap();
+    assert_eq!(done["data"]["device"], "m0");
+    assert!(done["data"].get("error").is_none(), "{done}");
+    c.until_event("JOB_STATUS_CHANGE"); // concluded
+    let evs = c.until_event("JOB_STATUS_CHANGE");
+    assert_eq!(evs.last().unwrap()["data"]["status"], "null");
+    assert_eq!(c.ok("query-jobs", json!({})), json!([]));
+    assert!(std::fs::read(&dst).unwrap() == data, "target differs");
+}
+
+#[test]
+fn clients_come_and_go_while_a_job_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("qmp.sock");
+    let mut args = s(&[
+        "--blockdev",
+        "driver=null-co,node-name=src,size=67108864",
+        "--blockdev",
+        "null-co,node-name=dst,size=67108864",
+    ]);
+    args.extend(monitor_args(&sock, "m"));
+    let _d = Daemon::start(false, &args, dir.path());
+    let mut a = Client::connect(&sock);
+    let mut b = Client::connect(&sock);
+    a.ok(
+        "blockdev-mirror",
+        json!({"job-id":"j","device":"src","target":"dst","sync":"full","speed":33554432}),
+    );
+
+    // One disconnects mid-line, one right after sending a command, one
+    // before negotiating, one in the middle of reading the greeting.
+    let mut mid_line = Client::connect(&sock);
+    mid_line.send_raw(b"{\"execute\": \"query-block-");
+    drop(mid_line);
+    let mut mid_cmd = Client::connect(&sock);
+    mid_cmd.send_raw(b"{\"execute\":\"query-named-block-nodes\"}\n{\"execute\":\"query-jobs\"}\n");
+    drop(mid_cmd);
+    drop(Client::connect_raw(&sock));
+    let mut half = UnixStream::connect(&sock).unwrap();
+    let mut one = [0u8; 1];
+    half.read_exact(&mut one).unwrap();
+    drop(half);
+
+    // The job goes on; both remaining clients see its events.
+    let jobs = b.ok("query-block-jobs", json!({}));
+    assert_eq!(jobs[0]["device"], "j", "{jobs}");
+    a.until_event("BLOCK_JOB_READY");
+    b.until_event("BLOCK_JOB_READY");
+    b.ok("block-job-complete", json!({"device":"j"}));
+    for c in [&mut a, &mut b] {
+        let evs = c.until_event("BLOCK_JOB_COMPLETED");
+        assert!(evs.last().unwrap()["data"].get("error").is_none());
+    }
+    // And a new client still works.
+    let mut c = Client::connect(&sock);
+    assert_eq!(c.ok("query-version", json!({}))["qemu"]["major"], 10);
+    assert_eq!(a.ok("query-jobs", json!({})), json!([]));
+}
+
+#[test]
+fn sigterm_cancels_jobs_and_cleans_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("qmp.sock");
+    let pidfile = dir.path().join("d.pid");
+    let mut args = s(&[
+        "--blockdev",
+        "driver=null-co,node-name=src,size=1073741824",
+        "--blockdev",
+        "driver=null-co,node-name=dst,size=1073741824",
+        "--pidfile",
+        pidfile.to_str().unwrap(),
+    ]);
+    args.extend(monitor_args(&sock, "m"));
+    let mut d = Daemon::start(false, &args, dir.path());
+    let mut c = Client::connect(&sock);
+    let pid: u32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(pid, d.pid());
+    c.ok(
+        "blockdev-mirror",
+        json!({"job-id":"j","device":"src","target":"dst","sync":"full","speed":1048576}),
+    );
+    c.until_event("JOB_STATUS_CHANGE"); // created
+    c.until_event("JOB_STATUS_CHANGE"); // running
+    d.signal("-TERM");
+    let rest = c.drain();
+    let names: Vec<_> = rest.iter().filter_map(|e| e["event"].as_str()).collect();
+    assert!(names.contains(&"BLOCK_JOB_CANCELLED"), "{rest:?}");
+    assert_eq!(rest.last().unwrap()["data"]["status"], "null", "{rest:?}");
+    let st = d.wait(Duration::from_secs(10));
+    assert_eq!(st.code(), Some(0), "{}", d.stderr());
+    assert!(!sock.exists(), "socket left behind");
+    assert!(!pidfile.exists(), "pid file left behind");
+
+    // SIGINT and `quit` end it the same way.
+    let mut d = Daemon::start(false, &args, dir.path());
+    Client::connect(&sock);
+    d.signal("-INT");
+    assert_eq!(d.wait(Duration::from_secs(10)).code(), Some(0));
+    assert!(!sock.exists() && !pidfile.exists());
+    let mut d = Daemon::start(false, &args, dir.path());
+    let mut c = Client::connect(&sock);
+    assert_eq!(c.cmd("quit", json!({})), json!({"return": {}}));
+    assert_eq!(d.wait(Duration::from_secs(10)).code(), Some(0));
+    assert!(!sock.exists() && !pidfile.exists());
+}
+
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // "pid (comm) S ...": a zombie is not running (nobody may reap it here).
+        Ok(stat) => !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, r)| r.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+#[test]
+fn daemonize_with_pidfile() {
+    let dir = tempfile::tempdir().unwrap();
+    // Relative paths: the daemon moves to / once ready and must still
+    // remove them at exit.
+    let mut c = command(
+        false,
+        &s(&[
+            "--daemonize",
+            "--pidfile",
+            "d.pid",
+            "--blockdev",
+            "driver=null-co,node-name=n0",
+            "--chardev",
+            "socket,id=m,path=qmp.sock,server=on,wait=off",
+            "--monitor",
+            "m",
+        ]),
+    );
+    c.current_dir(dir.path());
+    let out = run_to_exit(c);
+    assert!(out.status.success(), "{out:?}");
+    assert!(out.stdout.is_empty() && out.stderr.is_empty(), "{out:?}");
+    // Ready before the parent exited: socket and pid file are there.
+    let sock = dir.path().join("qmp.sock");
+    let pidfile = dir.path().join("d.pid");
+    let pid: u32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(alive(pid));
+    let mut q = Client::connect(&sock);
+    let nodes = q.ok("query-named-block-nodes", json!({}));
+    assert_eq!(nodes[0]["node-name"], "n0");
+    assert_eq!(q.cmd("quit", json!({})), json!({"return": {}}));
+    assert!(q.drain().is_empty());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive(pid) {
+        assert!(Instant::now() < deadline, "daemon {pid} still running");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(wait_gone(&sock) && wait_gone(&pidfile));
+
+    // A failing daemon: the parent reports its error and exits 1.
+    let mut c = command(
+        false,
+        &s(&["--daemonize", "--blockdev", "driver=nope,node-name=x"]),
+    );
+    c.current_dir(dir.path());
+    let out = run_to_exit(c);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "blockjob: --blockdev driver=nope,node-name=x: Parameter 'driver' does not accept value 'nope'\n"
+    );
+}
+
+/// One line on stderr, exit 1; the text without the program name.
+fn refused(qsd: bool, args: &[String], dir: &Path) -> String {
+    let mut c = command(qsd, args);
+    c.current_dir(dir);
+    let out = run_to_exit(c);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "{qsd} {args:?}: {err}");
+    assert_eq!(err.lines().count(), 1, "{qsd} {args:?}: {err}");
+    let prefix = if qsd {
+        "qemu-storage-daemon: "
+    } else {
+        "blockjob: "
+    };
+    err.trim_end()
+        .strip_prefix(prefix)
+        .unwrap_or_else(|| panic!("{err}"))
+        .to_string()
+}
+
+#[test]
+fn bad_command_lines_fail_like_qsd() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("q.sock");
+    let chardev = format!("socket,id=m,path={},server=on,wait=off", sock.display());
+    let cases: Vec<Vec<String>> = vec![
+        s(&["--foo"]),
+        s(&["-x"]),
+        s(&["extra"]),
+        s(&["--blockdev"]),
+        s(&["--pidfile"]),
+        s(&["--daemonize=yes"]),
+        s(&["--blockdev", "driver=nope,node-name=a"]),
+        s(&["--blockdev", "node-name=a"]),
+        s(&["--blockdev", "driver=null-co,node-name=a,size=abc"]),
+        s(&["--blockdev", "driver=null-co,node-name=a,size=1M"]),
+        s(&["--blockdev", "driver=null-co,node-name=a,read-only=maybe"]),
+        s(&[
+            "--blockdev",
+            "driver=null-co,node-name=a,cache.direct=off,cache=x",
+        ]),
+        s(&["--blockdev", "driver=null-co,node-name=a,a..b=1"]),
+        s(&["--blockdev", "driver=null-co,node-name"]),
+        s(&["--blockdev", "driver=null-co,node-name=a,x-y=1"]),
+        s(&["--blockdev", "driver=null-co,node-name=a,,b"]),
+        s(&[
+            "--blockdev",
+            "driver=raw,node-name=r,file.driver=blkdebug,file.image.driver=null-co,\
+             file.inject-error.1.event=read_aio",
+        ]),
+        s(&[
+            "--blockdev",
+            "driver=raw,node-name=r,file.driver=blkdebug,file.image.driver=null-co,\
+             file.inject-error.0.event=read_aio,file.inject-error.0.errno=x",
+        ]),
+        s(&[
+            "--blockdev",
+            r#"{"driver":"null-co","node-name":"a","size":"x"}"#,
+        ]),
+        s(&[
+            "--blockdev",
+            "driver=file,node-name=a,filename=/nonexistent/x",
+        ]),
+        s(&[
+            "--blockdev",
+            "driver=null-co,node-name=a",
+            "--blockdev",
+            "driver=null-co,node-name=a",
+        ]),
+        s(&["--monitor", "nope"]),
+        s(&["--chardev", "foo,id=m"]),
+        s(&["--chardev", "socket,path=/tmp/x.sock,server=on,wait=off"]),
+        s(&[
+            "--chardev",
+            "socket,id=m,path=/nonexistent/q.sock,server=on,wait=off",
+        ]),
+        s(&["--chardev", &chardev, "--monitor", "m,pretty=maybe"]),
+        s(&["--chardev", &chardev, "--monitor", "m,mode=readline"]),
+        s(&["--chardev", &chardev, "--monitor", "m,pretty"]),
+        s(&["--chardev", &chardev, "--monitor", "m", "--monitor", "m"]),
+        s(&["--pidfile", "/nonexistent/p"]),
+    ];
+    for args in &cases {
+        let theirs = refused(true, args, dir.path());
+        let _ = std::fs::remove_file(&sock);
+        let ours = refused(false, args, dir.path());
+        assert_eq!(ours, theirs, "{args:?}");
+        assert!(!sock.exists(), "{args:?} left the socket behind");
+    }
+
+    // What we refuse where QEMU would go on: clearly, in one line.
+    for (args, want) in [
+        (
+            s(&[
+                "--chardev",
+                "socket,id=m,host=localhost,port=4444,server=on,wait=off",
+            ]),
+            "only UNIX socket servers",
+        ),
+        (
+            s(&["--chardev", "socket,id=m,path=/tmp/x.sock,server=on"]),
+            "wait=on is not supported",
+        ),
+        (s(&["--chardev", "file,id=m,path=/tmp/x"]), "not supported"),
+        (s(&["--export", "type=nbd"]), "not supported"),
+        (
+            s(&["--blockdev", "driver=nbd,node-name=n,server.type=unix"]),
+            "not supported by blockjob",
+        ),
+    ] {
+        let e = refused(false, &args, dir.path());
+        assert!(e.contains(want), "{args:?}: {e}");
+    }
+
+    // -V and --help exit 0.
+    let out = run_to_exit(command(false, &s(&["-V"])));
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("blockjob version 10.0.2 (blockjob "));
+    let out = run_to_exit(command(false, &s(&["--help"])));
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("--blockdev"));
+}
+
+/// `(node-name, drv, ro)` of the named nodes.
+fn named_nodes(c: &mut Client) -> BTreeSet<(String, String, bool)> {
+    c.ok("query-named-block-nodes", json!({}))
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| !n["node-name"].as_str().unwrap().starts_with('#'))
+        .map(|n| {
+            (
+                n["node-name"].as_str().unwrap().to_string(),
+                n["drv"].as_str().unwrap().to_string(),
+                n["ro"].as_bool().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn blockdev_texts_accepted_by_qsd_are_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display().to_string();
+    for f in ["a,b.img", "c.img"] {
+        std::fs::File::create(dir.path().join(f))
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+    }
+    let st = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(dir.path().join("q.qcow2"))
+        .arg("1M")
+        .status()
+        .expect("qemu-img");
+    assert!(st.success());
+    let texts = [
+        format!("driver=file,node-name=f1,filename={d}/a,,b.img"),
+        r#"{"driver":"null-co","node-name":"n1","size":1048576}"#.to_string(),
+        "null-co,node-name=n2,size=0x100000,read-zeroes=on,".to_string(),
+        "driver=null-co,node-name=n3,size=1048576,node-name=n4,latency-ns= +5,auto-read-only=false"
+            .to_string(),
+        format!(
+            "driver=raw,node-name=r1,read-only=on,discard=unmap,detect-zeroes=unmap,\
+             file.driver=file,file.node-name=f2,file.filename={d}/c.img,file.cache.direct=off,\
+             file.cache.no-flush=off"
+        ),
+        "driver=raw,node-name=r2,offset=512,size=0x200,file.driver=blkdebug,file.node-name=d1,\
+         file.image.driver=null-co,file.image.size=1048576,file.inject-error.0.event=read_aio,\
+         file.inject-error.0.errno=5,file.inject-error.0.once=on,\
+         file.inject-error.1.event=write_aio,file.inject-error.1.sector=010,\
+         file.inject-error.1.immediately=y"
+            .to_string(),
+        format!(
+            "driver=qcow2,node-name=q1,backing=,lazy-refcounts=off,\
+             file.driver=file,file.filename={d}/q.qcow2"
+        ),
+    ];
+    let mut results = Vec::new();
+    for qsd in [true, false] {
+        let sock = dir.path().join(if qsd { "qsd.sock" } else { "ours.sock" });
+        let mut args = Vec::new();
+        for t in &texts {
+            args.push("--blockdev".to_string());
+            args.push(t.clone());
+        }
+        args.extend(monitor_args(&sock, "m"));
+        let mut daemon = Daemon::start(qsd, &args, dir.path());
+        let mut c = Client::connect(&sock);
+        results.push(named_nodes(&mut c));
+        assert_eq!(c.cmd("quit", json!({})), json!({"return": {}}));
+        assert_eq!(
+            daemon.wait(Duration::from_secs(10)).code(),
+            Some(0),
+            "{}",
+            daemon.stderr()
+        );
+    }
+    // Including `ro`: an inline `file` child of a read-only node is
+    // read-only too, in QEMU and here.
+    assert_eq!(results[1], results[0]);
+    assert!(results[0].iter().any(|(n, _, _)| n == "n4"));
+}
