@@ -322,7 +322,13 @@ fn node_info(graph: &Graph, n: &Arc<Node>, with_backing_image: bool) -> Value {
         "filename": n.filename(),
         "format": n.driver_name(),
         "virtual-size": len,
+        "dirty-flag": false,
     });
+    // QEMU: the allocated size of the file behind the node, when it has one.
+    if let Ok(meta) = std::fs::metadata(n.filename()) {
+        use std::os::unix::fs::MetadataExt;
+        image["actual-size"] = json!(meta.blocks() * 512);
+    }
     let mut v = json!({
         "node-name": n.name(),
         "drv": n.driver_name(),
@@ -334,9 +340,13 @@ fn node_info(graph: &Graph, n: &Arc<Node>, with_backing_image: bool) -> Value {
         "write_threshold": 0,
         "backing_file_depth": crate::block::chain::layers(n).len() - 1,
         "cache": {"writeback": true, "direct": false, "no-flush": false},
-        "dirty-bitmaps": serde_json::to_value(named::query(graph, n.name()).unwrap_or_default())
-            .unwrap_or_default(),
+        "active": true,
     });
+    // An optional member in QEMU: absent when the node has no bitmaps.
+    let bitmaps = named::query(graph, n.name()).unwrap_or_default();
+    if !bitmaps.is_empty() {
+        v["dirty-bitmaps"] = serde_json::to_value(bitmaps).unwrap_or_default();
+    }
     if let Some(b) = n.backing() {
         v["backing_file"] = json!(b.filename());
         image["backing-filename"] = json!(b.filename());
