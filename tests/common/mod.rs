@@ -5,6 +5,7 @@
 pub mod chain;
 pub mod cprog;
 pub mod gated;
+pub mod oracle;
 pub mod qmp;
 
 use std::path::PathBuf;
