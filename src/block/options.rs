@@ -336,6 +336,8 @@ fn parse_at(v: &Value, name: &str) -> Result<NodeSpec> {
         cache_no_flush = c.opt_bool("no-flush")?.unwrap_or(false);
         c.finish()?;
     }
+    // QEMU 10: `active` (inactive nodes are for migration; accepted).
+    let _active = o.opt_bool("active")?;
     let read_only = o.opt_bool("read-only")?.unwrap_or(false);
     let _auto_read_only = o.opt_bool("auto-read-only")?;
     let _force_share = o.opt_bool("force-share")?;

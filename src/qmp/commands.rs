@@ -92,6 +92,22 @@ fn opt_wire<T>(
     }
 }
 
+/// An optional `uint32` member (QEMU's visitor: a number, else
+/// `Parameter 'x' expects uint64`; too large: `... expects uint32_t`).
+fn opt_u32(o: &mut Obj<'_>, key: &'static str) -> Result<Option<u32>> {
+    match o.get(key) {
+        None => Ok(None),
+        // Integers: in range or "uint32_t" (negative ones too: QEMU takes
+        // them as uint64 first); anything else is not a uint64.
+        Some(Value::Number(n)) if n.is_u64() || n.is_i64() => n
+            .as_u64()
+            .and_then(|v| u32::try_from(v).ok())
+            .map(Some)
+            .ok_or_else(|| Error::generic(format!("Parameter '{key}' expects uint32_t"))),
+        Some(_) => Err(Error::generic(format!("Parameter '{key}' expects uint64"))),
+    }
+}
+
 fn on_error(o: &mut Obj<'_>, key: &'static str) -> Result<BlockdevOnError> {
     Ok(opt_wire(o, key, BlockdevOnError::from_wire)?.unwrap_or(BlockdevOnError::Report))
 }
@@ -138,7 +154,11 @@ pub fn dispatch(ctx: &Context, name: &str, args: &Value) -> Result<Value> {
                     .collect(),
             ))
         }
-        "blockdev-del" => ok(ctx.blockdev_del(&o.req_str("node-name")?)),
+        "blockdev-del" => {
+            let name = o.req_str("node-name")?;
+            o.finish_ref()?;
+            ok(ctx.blockdev_del(&name))
+        }
         "blockdev-mirror" => ok(blockdev_mirror(ctx, o)),
         "block-stream" => ok(block_stream(ctx, o)),
         "block-commit" => ok(block_commit(ctx, o)),
@@ -169,12 +189,7 @@ pub fn dispatch(ctx: &Context, name: &str, args: &Value) -> Result<Value> {
         "block-dirty-bitmap-add" => {
             let node = o.req_str("node")?;
             let bname = o.req_str("name")?;
-            let granularity = match o.opt_int("granularity")? {
-                Some(g) if !(0..=u32::MAX as i64).contains(&g) => {
-                    return Err(Error::generic("Parameter 'granularity' expects uint32_t"));
-                }
-                g => g.map(|g| g as u32),
-            };
+            let granularity = opt_u32(o, "granularity")?;
             let persistent = o.opt_bool("persistent")?;
             let disabled = o.opt_bool("disabled")?;
             o.finish_ref()?;
@@ -259,12 +274,7 @@ fn blockdev_mirror(ctx: &Context, o: &mut Obj<'_>) -> Result<Arc<Job>> {
     m.job_id = job_id;
     m.replaces = replaces;
     m.speed = o.opt_int("speed")?.unwrap_or(0);
-    m.granularity = match o.opt_int("granularity")? {
-        Some(g) if !(0..=u32::MAX as i64).contains(&g) => {
-            return Err(Error::generic("Parameter 'granularity' expects uint32_t"));
-        }
-        g => g.unwrap_or(0) as u64,
-    };
+    m.granularity = opt_u32(o, "granularity")?.unwrap_or(0) as u64;
     m.buf_size = o.opt_int("buf-size")?.unwrap_or(0);
     m.on_source_error = on_error(o, "on-source-error")?;
     m.on_target_error = on_error(o, "on-target-error")?;

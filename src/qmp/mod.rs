@@ -102,13 +102,24 @@ impl<'a> Session<'a> {
                 // Not complete yet: wait for more bytes.
                 Some(Err(e)) if e.is_eof() => break,
                 Some(Err(e)) => {
-                    // QEMU's parser drops what it has and starts over; we
-                    // drop up to the end of the line (or everything).
-                    let cut = self
-                        .pending
-                        .iter()
-                        .position(|&b| b == b'\n')
-                        .map_or(self.pending.len(), |p| p + 1);
+                    // QEMU's parser drops what it has and starts over right
+                    // after the bad token: drop through the byte the error
+                    // is at, so that a request after it is still answered.
+                    let mut cut = error_offset(&self.pending, &e).clamp(1, self.pending.len());
+                    if e.to_string().starts_with("recursion limit") {
+                        // Too deep: the rest of the line is that value.
+                        cut = self.pending[cut..]
+                            .iter()
+                            .position(|&b| b == b'\n')
+                            .map_or(self.pending.len(), |p| cut + p + 1);
+                    }
+                    // Closing brackets and separators that follow belong
+                    // to the same bad input: one error for the run.
+                    while cut < self.pending.len()
+                        && matches!(self.pending[cut], b']' | b'}' | b',' | b':' | b' ' | b'\t')
+                    {
+                        cut += 1;
+                    }
                     self.pending.drain(..cut);
                     replies.push(error_reply(
                         &Error::generic(format!("JSON parse error, {}", json_error_text(&e))),
@@ -184,10 +195,7 @@ fn parse_request(req: &Map<String, Value>) -> Result<(String, Value), Error> {
         )));
     };
     for k in req.keys() {
-        if !matches!(
-            k.as_str(),
-            "execute" | "exec-oob" | "arguments" | "id" | "control"
-        ) {
+        if !matches!(k.as_str(), "execute" | "exec-oob" | "arguments" | "id") {
             return Err(Error::generic(format!(
                 "QMP input member '{k}' is unexpected"
             )));
@@ -208,6 +216,23 @@ fn parse_request(req: &Map<String, Value>) -> Result<(String, Value), Error> {
         )));
     }
     Ok((name.clone(), args))
+}
+
+/// The byte offset just past where serde_json stopped (its 1-based line
+/// and column, the column counting bytes).
+fn error_offset(buf: &[u8], e: &serde_json::Error) -> usize {
+    let mut line = 1;
+    let mut start = 0;
+    for (i, &b) in buf.iter().enumerate() {
+        if line == e.line() {
+            break;
+        }
+        if b == b'\n' {
+            line += 1;
+            start = i + 1;
+        }
+    }
+    start + e.column()
 }
 
 /// serde_json's message without its "at line N column M" tail.

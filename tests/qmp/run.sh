@@ -3,6 +3,7 @@
 # `blockjob daemon` (traces compared), fuzzing, load. Run from anywhere:
 #
 #   bash tests/qmp/run.sh [pytest args]      e.g. -k mirror -x
+#   bash tests/qmp/run.sh --setup-only       only create the environment
 #
 # Creates (or reuses) a virtual environment (QMP_VENV, default
 # target/qmp-venv) with the pinned requirements.txt, then runs pytest on
@@ -40,6 +41,10 @@ if ! cmp -s "$here/requirements.txt" "$stamp"; then
     cp "$here/requirements.txt" "$stamp"
 fi
 exec 9>&-
+# `--setup-only`: just the environment (CI prepares it before cargo test).
+if [ "${1:-}" = "--setup-only" ]; then
+    exit 0
+fi
 
 cd "$here"
 export PYTHONDONTWRITEBYTECODE=1

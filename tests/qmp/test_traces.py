@@ -347,10 +347,7 @@ def test_stream_commit_errors(label):
     assert_same(label, q, o)
 
 
-@pytest.mark.xfail(strict=True, reason="known difference: query-block-jobs lists "
-                   "`actively-synced` for an active commit (type commit); QEMU's BlockJobInfo "
-                   "has it only in the mirror branch of its union")
-def test_known_difference_actively_synced_on_commit():
+def test_no_actively_synced_on_commit():
     async def scenario(side):
         qcow2_chain(side.dir)
         await side.start(blockdev_args(layer("base", side), layer("mid", side, "base"),
@@ -529,12 +526,7 @@ async def null_nodes_and_slow_mirror(side):
     await side.quiet_events(0.2)
 
 
-@pytest.mark.xfail(strict=True, reason="known difference: the events a command causes are "
-                   "sent after its reply (QEMU sends them before it): e.g. a blockdev-mirror "
-                   "refused for speed -1 sends JOB_STATUS_CHANGE created/null after the error "
-                   "reply; the reply is written by the reader thread, events by a separate "
-                   "forwarder thread, with nothing ordering the two")
-def test_known_difference_events_after_reply(tmp_path):
+def test_events_a_command_causes_come_before_its_reply(tmp_path):
     """On the wire (a raw socket: qemu.qmp's reader does not keep the order
     of replies and events), 10 refused blockdev-mirror (speed -1)."""
     seqs = {}

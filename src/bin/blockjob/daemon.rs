@@ -41,7 +41,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, mpsc};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, mpsc};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -386,6 +386,40 @@ struct Out {
     pretty: bool,
 }
 
+/// The sequence number of the last event sent to a client (`None` before
+/// it negotiated): a reply waits until the events its command caused are
+/// out, since QEMU sends those first.
+#[derive(Default)]
+struct Delivered {
+    seq: Mutex<Option<u64>>,
+    sent: Condvar,
+}
+
+impl Delivered {
+    fn set(&self, seq: u64) {
+        *lock(&self.seq) = Some(seq);
+        self.sent.notify_all();
+    }
+
+    /// Wait (briefly: a forwarder that died must not stall replies) until
+    /// every event up to `target` was sent.
+    fn wait_for(&self, target: u64) {
+        let deadline = Instant::now() + Duration::from_millis(500);
+        let mut g = lock(&self.seq);
+        while let Some(seq) = *g {
+            let now = Instant::now();
+            if seq >= target || now >= deadline {
+                break;
+            }
+            g = self
+                .sent
+                .wait_timeout(g, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+}
+
 fn send(out: &Mutex<Out>, v: &Value) -> io::Result<()> {
     let mut o = lock(out);
     let mut text = String::new();
@@ -415,6 +449,7 @@ fn serve_requests(shared: &Arc<Shared>, id: u64, mut stream: UnixStream, pretty:
         return false;
     };
     let out = Arc::new(Mutex::new(Out { stream: w, pretty }));
+    let delivered = Arc::new(Delivered::default());
     if send(&out, &qmp::greeting()).is_err() {
         return false;
     }
@@ -442,7 +477,9 @@ fn serve_requests(shared: &Arc<Shared>, id: u64, mut stream: UnixStream, pretty:
             let negotiated = session.in_command_mode();
             let replies = session.feed(chunk);
             if !negotiated && session.in_command_mode() {
-                start_forwarder(shared, id, &out);
+                start_forwarder(shared, id, &out, &delivered);
+            } else if negotiated {
+                delivered.wait_for(shared.ctx.bus().last_seq());
             }
             for r in &replies {
                 if send(&out, r).is_err() {
@@ -461,10 +498,13 @@ fn serve_requests(shared: &Arc<Shared>, id: u64, mut stream: UnixStream, pretty:
 }
 
 /// Send every event from now on to the client.
-fn start_forwarder(shared: &Shared, id: u64, out: &Arc<Mutex<Out>>) {
+fn start_forwarder(shared: &Shared, id: u64, out: &Arc<Mutex<Out>>, delivered: &Arc<Delivered>) {
+    // Events up to here are not this client's.
+    delivered.set(shared.ctx.bus().last_seq());
     let sub = shared.ctx.subscribe();
     let closer = sub.closer();
     let out = out.clone();
+    let delivered = delivered.clone();
     let t = thread::Builder::new()
         .name("bj-qmp-events".into())
         .spawn(move || {
@@ -474,6 +514,7 @@ fn start_forwarder(shared: &Shared, id: u64, out: &Arc<Mutex<Out>>) {
                     let _ = lock(&out).stream.shutdown(Shutdown::Both);
                     break;
                 }
+                delivered.set(ev.seq);
             }
         });
     if let Ok(t) = t {

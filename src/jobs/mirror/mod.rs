@@ -227,7 +227,8 @@ impl JobDriver for Arc<Mirror> {
     }
 
     fn actively_synced(&self, _job: &Job) -> Option<bool> {
-        Some(self.actively_synced.load(Ordering::SeqCst))
+        // A member of QEMU's mirror job info only, not of active commit.
+        (self.job_type == JobType::Mirror).then(|| self.actively_synced.load(Ordering::SeqCst))
     }
 }
 
