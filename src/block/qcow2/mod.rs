@@ -45,6 +45,9 @@ pub struct Qcow2Driver {
     /// Read-locked by every request, write-locked to discard (imago wants
     /// `&mut` there) and to relink the backing node.
     layer: RwLock<Layer>,
+    /// The file child is a blkdebug node (the only driver blkdebug events
+    /// reach): only then do reads look up their mapping to fire one.
+    file_is_blkdebug: bool,
     /// What the header said when the image was opened: `(name, format)`.
     header_backing: Option<(String, Option<String>)>,
 }
@@ -85,6 +88,7 @@ impl Qcow2Driver {
         let hdr = header::read_node_header(&file)?;
         let access = open_image(&file, writable, backing.as_ref())?;
         Ok(Qcow2Driver {
+            file_is_blkdebug: file.driver_name() == "blkdebug",
             file,
             writable,
             cluster_size: hdr.cluster_size,
@@ -232,7 +236,9 @@ impl BlockDriver for Qcow2Driver {
         // for metadata, not for reads that fall through to the backing
         // file), which is what makes blkdebug under a qcow2 fail the data
         // read of a chunk. The first byte decides for the request.
-        if let Ok((ShallowMapping::Raw { .. }, _)) = l.access.get_shallow_mapping(offset, 1) {
+        if self.file_is_blkdebug
+            && let Ok((ShallowMapping::Raw { .. }, _)) = l.access.get_shallow_mapping(offset, 1)
+        {
             self.file.debug_event(BlkdebugEvent::ReadAio);
         }
         l.access.read(buf, offset).map_err(from_io)

@@ -171,21 +171,16 @@ impl Copier {
 
     // ---- what the job thread sees ------------------------------------------
 
-    /// (operations in flight, bytes in flight incl. active writes,
-    /// generation to pass to [`Self::wait_for_change`], dirty bytes). The
-    /// dirty count is read under the lock that failed operations re-dirty
-    /// their range under as they leave the in-flight count, so a range is
-    /// counted once (QEMU's progress: in flight + dirty).
-    pub fn in_flight(&self) -> (usize, u64, u64, u64) {
-        let s = self.lock();
-        let dirty = self.bitmap.bits().count();
-        (s.ops, s.bytes + s.active_bytes, s.generation, dirty)
+    /// Copy operations in flight.
+    pub fn ops(&self) -> usize {
+        self.lock().ops
     }
 
     /// Set the job's remaining work to in flight + dirty, under the lock
-    /// that operations finish under (they add to the done count there):
-    /// no range is counted twice or not at all. Returns what
-    /// [`Self::in_flight`] returns.
+    /// that operations finish under (they add to the done count, or re-dirty
+    /// a failed range, there): no range is counted twice or not at all.
+    /// Returns (operations in flight, bytes in flight incl. active writes,
+    /// generation to pass to [`Self::wait_for_change`], dirty bytes).
     pub fn update_progress(&self) -> (usize, u64, u64, u64) {
         let s = self.lock();
         let dirty = self.bitmap.bits().count();

@@ -219,7 +219,7 @@ fn main_loop(m: &Mirror, job: &Job, c: &Copier) -> Result<()> {
             return Ok(());
         }
         if job.is_ready() && !should_complete {
-            if c.in_flight().0 == 0 && cnt == 0 {
+            if c.ops() == 0 && cnt == 0 {
                 job.sleep_ns(BLOCK_JOB_SLICE.as_nanos() as u64);
             }
         } else {
