@@ -337,6 +337,11 @@ impl BlockDriver for BlkdebugDriver {
         self.image.flush()
     }
 
+    fn start_writeback(&self, offset: u64, len: u64) {
+        // Not a request of its own (no rule can match it): passed down.
+        self.image.start_writeback(offset, len)
+    }
+
     fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
         self.check(offset, len, BlkdebugIoType::BlockStatus)?;
         self.image.block_status(offset, len)

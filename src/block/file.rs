@@ -271,6 +271,14 @@ impl BlockDriver for FileDriver {
         self.file.sync_data().map_err(Error::from)
     }
 
+    fn start_writeback(&self, offset: u64, len: u64) {
+        // cache.no-flush: the user does not want data forced out;
+        // O_DIRECT: nothing is left in the page cache.
+        if !self.opts.no_flush && !self.opts.direct {
+            super::writeback::start(&self.file, offset, len);
+        }
+    }
+
     fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
         if self.block_device {
             return Ok(BlockStatus::data(len));

@@ -23,6 +23,7 @@ pub mod null;
 pub mod options;
 pub mod qcow2;
 pub mod raw;
+mod writeback;
 
 use std::sync::{Arc, Condvar, Mutex, Weak};
 
@@ -134,6 +135,11 @@ pub trait BlockDriver: std::any::Any + Send + Sync + 'static {
 
     /// Make written data stable.
     fn flush(&self) -> Result<()>;
+
+    /// Start writing `[offset, offset + len)` back to stable storage now,
+    /// without waiting (see [`writeback`]). A hint: the default does
+    /// nothing, and only a flush makes data stable.
+    fn start_writeback(&self, _offset: u64, _len: u64) {}
 
     /// Status of the range starting at `offset` (at most `len` bytes).
     fn block_status(&self, _offset: u64, len: u64) -> Result<BlockStatus> {
@@ -496,6 +502,16 @@ impl Node {
         let r = self.drv.discard(offset, len);
         self.bitmaps.set_dirty(offset, len);
         r
+    }
+
+    /// Start writeback of a range written through this node, so that the
+    /// next flush has less to wait for (a hint; see [`writeback`]). Ranges
+    /// outside the node are ignored.
+    pub fn start_writeback(&self, offset: u64, len: u64) {
+        let _f = self.begin();
+        if self.check_range(offset, len).is_ok() && len > 0 {
+            self.drv.start_writeback(offset, len);
+        }
     }
 
     /// Flush; skipped when nothing was written since the last flush.

@@ -68,6 +68,10 @@ impl BlockDriver for RawDriver {
         self.file.flush()
     }
 
+    fn start_writeback(&self, offset: u64, len: u64) {
+        self.file.start_writeback(self.offset + offset, len)
+    }
+
     fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
         self.file.block_status(self.offset + offset, len)
     }

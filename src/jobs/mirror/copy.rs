@@ -265,8 +265,12 @@ impl Copier {
     /// a copy, a buffer).
     pub fn dispatch(&self, op: Op) {
         let mut s = self.lock();
+        // QEMU's rule: no more than buf-size bytes in flight (one
+        // operation always may be, whatever its size).
+        let buf_size = self.mirror.params.buf_size;
         while s.ops >= super::MAX_IN_FLIGHT
             || (op.method == Method::Copy && s.free_buffers.is_empty())
+            || (s.ops > 0 && s.bytes + op.len > buf_size)
         {
             s = self.wait(s);
         }
@@ -412,7 +416,11 @@ impl Copier {
                         m.source
                             .copy_range_to(op.offset, &m.target, op.offset, op.len)
                     }) {
-                        Ok(true) => true,
+                        Ok(true) => {
+                            // Relaxed: a hint (see copy_limit).
+                            m.offload_proven.store(true, Ordering::Relaxed);
+                            true
+                        }
                         Ok(false) => {
                             // Relaxed: a hint; a racing op just tries too.
                             m.copy_offload.store(false, Ordering::Relaxed);
@@ -426,21 +434,8 @@ impl Copier {
             Method::Copy => {
                 let b = buf
                     .as_mut()
-                    .expect("dispatch reserves a buffer for every copy")
-                    .slice(op.len as usize);
-                match m.source.pread(op.offset, b) {
-                    Err(e) => {
-                        self.policy(true, e);
-                        false
-                    }
-                    Ok(()) => match m.target.pwrite(op.offset, b) {
-                        Err(e) => {
-                            self.policy(false, e);
-                            false
-                        }
-                        Ok(()) => true,
-                    },
-                }
+                    .expect("dispatch reserves a buffer for every copy");
+                self.copy_through(b, op)
             }
             Method::Zero => {
                 // A target that already reads as zeroes there (a fresh
@@ -469,7 +464,38 @@ impl Copier {
                 Ok(()) => true,
             },
         };
+        if done && op.method == Method::Copy {
+            // The target is flushed before READY: have the device write
+            // this range while the next ones are copied, not all at once
+            // then. While the granules are still held, so that a device
+            // that cannot keep up slows the copy down instead of piling
+            // up dirty pages.
+            m.target.start_writeback(op.offset, op.len);
+        }
         (buf, done)
+    }
+
+    /// Copy through the buffer, in pieces of its size (an operation sized
+    /// for an in-kernel copy can be larger). A failure has been through
+    /// the policy.
+    fn copy_through(&self, buf: &mut Buffer, op: Op) -> bool {
+        let m = &self.mirror;
+        let piece = m.params.max_io;
+        let end = op.offset + op.len;
+        let mut off = op.offset;
+        while off < end {
+            let b = buf.slice((end - off).min(piece) as usize);
+            if let Err(e) = m.source.pread(off, b) {
+                self.policy(true, e);
+                return false;
+            }
+            if let Err(e) = m.target.pwrite(off, b) {
+                self.policy(false, e);
+                return false;
+            }
+            off += b.len() as u64;
+        }
+        true
     }
 
     /// Stop and join the workers (after `wait_all`).

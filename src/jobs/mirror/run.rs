@@ -49,6 +49,19 @@ fn initial_dirty(m: &Mirror, job: &Job, c: &Copier) -> Result<()> {
     Ok(())
 }
 
+/// The largest copy operation: larger while copies go through the kernel
+/// (they need no buffer; see [`super::OFFLOAD_IO_BYTES`]).
+fn copy_limit(m: &Mirror) -> u64 {
+    let p = &m.params;
+    // Relaxed: hints; an operation sized for offload that cannot be
+    // offloaded after all is copied through the buffer in pieces.
+    if m.offload_proven.load(Ordering::Relaxed) && m.copy_offload.load(Ordering::Relaxed) {
+        (p.buf_size / 4).clamp(p.max_io, super::OFFLOAD_IO_BYTES.max(p.max_io))
+    } else {
+        p.max_io
+    }
+}
+
 /// One pass over the next dirty area (QEMU's `mirror_iteration`): claim a
 /// run of dirty granules nothing else holds, clear their bits, and hand
 /// them to the workers split by what the source holds there.
@@ -92,7 +105,7 @@ fn iteration(m: &Mirror, job: &Job, c: &Copier, cursor: &mut u64) {
                 }
             }
             _ => {
-                io = io.clamp(g, m.params.max_io.max(g));
+                io = io.clamp(g, copy_limit(m).max(g));
                 Method::Copy
             }
         };
