@@ -115,6 +115,34 @@ fn mirror_creates_a_sparse_identical_target_and_reports_stats() {
 }
 
 #[test]
+fn mirror_onto_an_allocated_target_leaves_holes_where_the_source_has_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = image(dir.path(), "src.raw", 16 * MIB, true);
+    let dst = dir.path().join("dst.raw");
+    let fill = |p: &Path| std::fs::write(p, vec![0xa5u8; 16 * MIB as usize]).unwrap();
+    let alloc = |p: &Path| std::fs::metadata(p).unwrap().blocks() * 512;
+
+    // Default (--unmap true): the zeroed half is punched out.
+    fill(&dst);
+    assert!(alloc(&dst) >= 16 * MIB);
+    let o = blockjob(&["mirror", s(&src), s(&dst), "-q"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(qemu_img_identical(&src, &dst));
+    assert!(
+        alloc(&dst) <= 8 * MIB + 64 * 1024,
+        "target allocates {}",
+        alloc(&dst)
+    );
+
+    // --unmap false: zeroes are written, nothing is deallocated.
+    fill(&dst);
+    let o = blockjob(&["mirror", s(&src), s(&dst), "-q", "--unmap", "false"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(qemu_img_identical(&src, &dst));
+    assert!(alloc(&dst) >= 16 * MIB, "target allocates {}", alloc(&dst));
+}
+
+#[test]
 fn mirror_flags_reach_the_job() {
     let dir = tempfile::tempdir().unwrap();
     let src = image(dir.path(), "src.raw", 8 * MIB, true);

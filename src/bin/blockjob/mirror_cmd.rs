@@ -83,7 +83,8 @@ pub struct MirrorArgs {
     /// `copy-mode`.
     #[arg(long, value_enum, default_value = "background")]
     pub copy_mode: CopyMode,
-    /// `unmap`: zeroes may become holes on the target.
+    /// `unmap`: zeroes may become holes on the target (a DST given as a
+    /// path is then opened with discard=unmap, so that they do).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub unmap: bool,
     /// Cancel at READY instead of completing (the target keeps the
@@ -154,7 +155,14 @@ fn run_inner(a: &MirrorArgs, created: &mut Option<PathBuf>) -> Result<Outcome> {
             }
         }
     }
-    let (dst_opts, dst_name) = dst.blockdev_options(a.target_format, "target");
+    let (mut dst_opts, dst_name) = dst.blockdev_options(a.target_format, "target");
+    if a.unmap && dst.path().is_some() {
+        // `--unmap` says zeroes may become holes on the target; a node
+        // opened with QEMU's default discard=ignore would write them out
+        // instead (`qemu-img convert` opens its target this way too). A
+        // `json:` target says for itself.
+        dst_opts["discard"] = serde_json::json!("unmap");
+    }
     ctx.blockdev_add(&dst_opts)?;
 
     let mut o = MirrorOptions::new(
