@@ -49,6 +49,17 @@ def size_parser(multiple: int):
     return parse
 
 
+def machine_busy() -> float:
+    """Busy seconds of all CPUs so far (/proc/stat: user, nice, system,
+    irq, softirq): unlike a process's own CPU time, it also counts kernel
+    writeback threads and I/O completion interrupts, which land on
+    whatever happens to run (an idle CPU while a process sleeps in fsync,
+    the copying thread while it copies)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:8]]
+    return (v[0] + v[1] + v[2] + v[5] + v[6]) / os.sysconf("SC_CLK_TCK")
+
+
 def allocated(path: Path) -> int:
     return os.stat(path).st_blocks * 512
 

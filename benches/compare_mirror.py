@@ -35,6 +35,14 @@ and the helpers fsync(); qemu-img convert -t writeback fdatasync()s the
 target when it closes it (checked with strace on QEMU 10.0). So every time
 includes getting the data to stable storage.
 
+Machine CPU: busy seconds of all CPUs (/proc/stat user+nice+system+irq+
+softirq) over each tool's whole run: process start to exit (ours, dd,
+qemu-img, the helpers with Python's start-up), blockdev-add to blockdev-del
+(qemu). A process's own CPU time misses the writeback and I/O completion
+work the kernel does elsewhere while it sleeps in fsync; this counts it
+wherever it runs. It also counts anything else the machine does: the idle
+rate measured at the start is printed.
+
 CPU: ours from its JSON (getrusage of its process over the job); QEMU from
 /proc/PID/stat in clock ticks (10 ms: coarse below ~1 GiB); dd and
 qemu-img from wait4(); the helpers from getrusage inside them (Python
@@ -81,7 +89,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchlib import (BenchError, GiB, MiB, QemuDaemon, QMPCommandError, allocated,
+from benchlib import (BenchError, GiB, MiB, QemuDaemon, QMPCommandError, allocated, machine_busy,
                       fs_type, kill_daemons, log, size_parser)
 
 CHUNK = MiB  # dd / pread-pwrite block size
@@ -266,6 +274,7 @@ class Sample:
     wall_seconds: float | None = None
     wall_cpu_seconds: float | None = None
     ready_seconds: float | None = None
+    machine_cpu_seconds: float | None = None
     allocated: int | None = None
     check: str | None = None  # "ok" / "MISMATCH" / None (not checked)
     extra: dict = field(default_factory=dict)
@@ -510,7 +519,9 @@ class Bench:
                     self.prep_target(files, mode)
                     read_through(src)
                     try:
+                        m0 = machine_busy()
                         res = self.run_tool(t, daemons, src, dst)
+                        machine = machine_busy() - m0
                     except QMPCommandError as e:
                         if t == "qemu-io_uring" and e.cmd == "blockdev-add":
                             self.skipped[t] = f"blockdev-add with aio=io_uring refused: {e}"
@@ -528,12 +539,13 @@ class Bench:
                     for name, kw in res:
                         s = Sample(dir=dname, fs=fstype, source=source, mode=mode, tool=name,
                                    round=rnd, counted=rnd > 0, allocated=alloc,
-                                   check=check, **kw)
+                                   check=check, machine_cpu_seconds=machine, **kw)
                         self.samples.append(s)
                     main = res[0][1]
                     log(f"  [{dname} {source} {mode} {'warm-up' if rnd == 0 else f'r{rnd}'}] "
                         f"{TOOL_NAMES[t]:<16} {self.size / MiB / main['seconds']:8.0f} MiB/s "
-                        f"cpu {main['cpu_seconds']:.3f} s alloc {alloc // MiB} MiB"
+                        f"cpu {main['cpu_seconds']:.3f} s machine {machine:.2f} s "
+                        f"alloc {alloc // MiB} MiB"
                         + (f" check {check}" if check else ""))
         finally:
             for dmn in daemons.values():
@@ -567,11 +579,14 @@ class Bench:
                 continue
             rates = [self.size / MiB / s.seconds for s in ss]
             cpus = [s.cpu_seconds * GiB / self.size for s in ss if s.cpu_seconds is not None]
+            machine = [s.machine_cpu_seconds * GiB / self.size for s in ss
+                       if s.machine_cpu_seconds is not None]
             checks = [s.check for s in ss if s.check]
             rows[t] = {
                 "median_mib_s": statistics.median(rates),
                 "min_mib_s": min(rates), "max_mib_s": max(rates),
                 "median_cpu_s_per_gib": statistics.median(cpus) if cpus else None,
+                "median_machine_cpu_s_per_gib": statistics.median(machine) if machine else None,
                 "allocated": statistics.median([s.allocated for s in ss]),
                 "check": "MISMATCH" if "MISMATCH" in checks else ("ok" if checks else None),
                 "n": len(ss),
@@ -604,7 +619,8 @@ class Bench:
                     p(f"## {dname} ({fstype}) · source {source} "
                       f"(allocated {src_alloc / MiB:.0f} MiB) · target {mode}")
                     p("")
-                    hdr = ["tool", "median MiB/s", "min–max MiB/s", "median CPU s/GiB"]
+                    hdr = ["tool", "median MiB/s", "min–max MiB/s", "median CPU s/GiB",
+                           "machine CPU s/GiB"]
                     if mode == "sparse":
                         hdr.append("target allocated")
                     hdr += ["ours/tool", "check"]
@@ -615,7 +631,9 @@ class Bench:
                         r = rows[t]
                         cells = [TOOL_NAMES[t], f"{r['median_mib_s']:.0f}",
                                  f"{r['min_mib_s']:.0f}–{r['max_mib_s']:.0f}",
-                                 "—" if r["median_cpu_s_per_gib"] is None else f"{r['median_cpu_s_per_gib']:.3f}"]
+                                 "—" if r["median_cpu_s_per_gib"] is None else f"{r['median_cpu_s_per_gib']:.3f}",
+                                 "—" if r["median_machine_cpu_s_per_gib"] is None
+                                 else f"{r['median_machine_cpu_s_per_gib']:.3f}"]
                         if mode == "sparse":
                             cells.append(f"{r['allocated'] / MiB:.0f} MiB "
                                          f"({100 * r['allocated'] / self.size:.0f} %)")
@@ -666,6 +684,11 @@ class Bench:
                         oc, qc = ours["median_cpu_s_per_gib"], rows["qemu"]["median_cpu_s_per_gib"]
                         p(f"- CPU s/GiB: ours {oc:.3f} vs qemu {qc:.3f}"
                           + tgt("CPU ours <= qemu", f"{oc:.3f} vs {qc:.3f}", oc <= qc, "ours <= qemu"))
+                        om_, qm_ = ours["median_machine_cpu_s_per_gib"], rows["qemu"]["median_machine_cpu_s_per_gib"]
+                        if om_ is not None and qm_ is not None:
+                            p(f"- machine CPU s/GiB: ours {om_:.3f} vs qemu {qm_:.3f}"
+                              + tgt("machine CPU ours <= qemu", f"{om_:.3f} vs {qm_:.3f}", om_ <= qm_,
+                                    "ours <= qemu"))
                     if source == "holes50" and mode == "sparse":
                         oa = ours["allocated"]
                         ok = oa <= src_alloc + MiB
@@ -761,6 +784,11 @@ def main() -> int:
     try:
         b.check_tools(tools)
         log(f"load average at start: {env['loadavg-start']}  (machine noise indicator)")
+        m0, t0 = machine_busy(), time.perf_counter()
+        time.sleep(2)
+        idle = (machine_busy() - m0) / (time.perf_counter() - t0)
+        b.notes.append(f"Machine CPU busy while idle (2 s before the runs): {idle:.3f} CPU s/s.")
+        log(b.notes[-1])
         dirs = []
         calib = {}
         for ds in [x for x in a.dirs.split(",") if x.strip()]:
