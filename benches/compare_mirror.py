@@ -14,7 +14,9 @@ One run, same files, same target preparation for every tool:
                               BLOCK_JOB_COMPLETED, target fdatasync'd at READY)
             ours (wall)       the same runs, whole-process wall time and
                               wait4 CPU (reference only, not in the ratios)
-            qemu              qemu-storage-daemon blockdev-mirror over QMP,
+            qemu              qemu-storage-daemon blockdev-mirror over QMP
+                              (target node with discard=unmap, as ours opens
+                              a path target and qemu-img convert its target),
                               timed from blockdev-mirror to BLOCK_JOB_COMPLETED
                               (block-job-complete sent at BLOCK_JOB_READY);
                               CPU = daemon utime+stime from /proc/PID/stat
@@ -377,16 +379,19 @@ class Bench:
         ]
 
     def run_qemu(self, d: QemuDaemon, aio: str | None, src: Path, dst: Path) -> dict:
-        def node(name, path):
+        def node(name, path, **extra):
             f = {"driver": "file", "filename": str(path)}
             if aio:
                 f["aio"] = aio
-            return {"driver": "raw", "node-name": name, "file": f}
+            return {"driver": "raw", "node-name": name, "file": f, **extra}
 
         d.events.clear()
         d.cmd("blockdev-add", node("src", src))
         try:
-            d.cmd("blockdev-add", node("tgt", dst))
+            # discard=unmap as ours opens a path target (its --unmap
+            # default) and qemu-img convert opens its target: zeroes may
+            # become holes in all three, the same work.
+            d.cmd("blockdev-add", node("tgt", dst, discard="unmap"))
         except Exception:
             d.cmd("blockdev-del", {"node-name": "src"})
             raise

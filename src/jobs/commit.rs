@@ -86,7 +86,11 @@ impl Commit {
     fn populate(&self, buf: &mut Vec<u8>, offset: u64, n: u64) -> Result<(), (Error, bool)> {
         buf.resize(n as usize, 0);
         self.top.pread(offset, buf).map_err(|e| (e, true))?;
-        self.base.pwrite(offset, buf).map_err(|e| (e, false))
+        self.base.pwrite(offset, buf).map_err(|e| (e, false))?;
+        // Base is flushed before the job ends: let the device write this
+        // chunk while the next is copied (see block::writeback).
+        self.base.start_writeback(offset, n);
+        Ok(())
     }
 }
 

@@ -163,6 +163,9 @@ impl Stream {
             buf.resize(n as usize, 0);
             self.top.pread(offset, buf)?;
             self.top.pwrite(offset, buf)?;
+            // Written back now rather than all at the flush that ends
+            // the job (see block::writeback).
+            self.top.start_writeback(offset, n);
         }
         Ok(n)
     }

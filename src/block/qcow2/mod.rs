@@ -277,6 +277,29 @@ impl BlockDriver for Qcow2Driver {
         l.access.sync().map_err(from_io)
     }
 
+    fn start_writeback(&self, offset: u64, len: u64) {
+        // The data this layer holds there, where it lies in its file;
+        // metadata is left to the flush (it may change again).
+        let l = self.layer();
+        let end = offset.saturating_add(len);
+        let mut off = offset;
+        while off < end {
+            let Ok((mapping, n)) = l.access.get_shallow_mapping(off, end - off) else {
+                return;
+            };
+            if n == 0 {
+                return;
+            }
+            if let ShallowMapping::Raw {
+                storage, offset, ..
+            } = mapping
+            {
+                storage.node().start_writeback(offset, n);
+            }
+            off += n;
+        }
+    }
+
     /// This layer's allocation (`allocated`), and what the whole chain
     /// below reads there (`data`/`zero`), like QEMU's block-status of a
     /// node above no base.
