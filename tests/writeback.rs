@@ -11,7 +11,8 @@
 mod common;
 
 use std::os::fd::AsRawFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use blockjob::Context;
@@ -77,25 +78,23 @@ fn disk_dir() -> tempfile::TempDir {
     d
 }
 
-/// Write `len` bytes through `node`, check the file holds at least
-/// `min_dirty` dirty pages, give the hint, and return how many dirty or
+const LEN: u64 = 16 * MIB;
+/// The write must leave at least this many pages dirty for a test to mean
+/// anything.
+const MIN_DIRTY: u64 = LEN / PAGE / 2;
+
+/// Write LEN bytes through `node`, check the file holds at least MIN_DIRTY
+/// dirty pages, give the hint, and return how many dirty or
 /// under-writeback pages are left after waiting up to `wait` for no more
 /// than `enough`.
-fn write_hint_and_wait(
-    node: &Node,
-    file: &Path,
-    len: u64,
-    min_dirty: u64,
-    enough: u64,
-    wait: Duration,
-) -> u64 {
-    node.pwrite(0, &vec![0x5a; len as usize]).unwrap();
+fn write_hint_and_wait(node: &Node, file: &Path, enough: u64, wait: Duration) -> u64 {
+    node.pwrite(0, &vec![0x5a; LEN as usize]).unwrap();
     let (dirty, _) = dirty_pages(file);
     assert!(
-        dirty >= min_dirty,
+        dirty >= MIN_DIRTY,
         "precondition: the write left only {dirty} dirty pages"
     );
-    node.start_writeback(0, len);
+    node.start_writeback(0, LEN);
     let deadline = Instant::now() + wait;
     loop {
         let (d, w) = dirty_pages(file);
@@ -106,32 +105,27 @@ fn write_hint_and_wait(
     }
 }
 
-fn raw(name: &str, path: &Path, extra: Value) -> Value {
-    let mut file = json!({"driver": "file", "filename": path});
-    if let (Some(f), Some(e)) = (file.as_object_mut(), extra.as_object()) {
+/// A LEN-byte raw file in `dir` opened as a raw node, with `file_opts`
+/// added to its file node.
+fn raw_node(ctx: &Context, dir: &Path, name: &str, file_opts: Value) -> (Arc<Node>, PathBuf) {
+    let p = dir.join(format!("{name}.raw"));
+    std::fs::File::create(&p).unwrap().set_len(LEN).unwrap();
+    let mut file = json!({"driver": "file", "filename": p});
+    if let (Some(f), Some(e)) = (file.as_object_mut(), file_opts.as_object()) {
         f.extend(e.clone());
     }
-    json!({"driver": "raw", "node-name": name, "file": file})
+    let node = ctx
+        .blockdev_add(&json!({"driver": "raw", "node-name": name, "file": file}))
+        .unwrap();
+    (node, p)
 }
 
 #[test]
 fn the_hint_writes_a_raw_files_dirty_pages_back_at_once() {
     let dir = disk_dir();
-    let p = dir.path().join("a.raw");
-    std::fs::File::create(&p)
-        .unwrap()
-        .set_len(16 * MIB)
-        .unwrap();
     let ctx = Context::new();
-    let node = ctx.blockdev_add(&raw("a", &p, json!({}))).unwrap();
-    let left = write_hint_and_wait(
-        &node,
-        &p,
-        16 * MIB,
-        16 * MIB / PAGE / 2,
-        0,
-        Duration::from_secs(10),
-    );
+    let (node, p) = raw_node(&ctx, dir.path(), "a", json!({}));
+    let left = write_hint_and_wait(&node, &p, 0, Duration::from_secs(10));
     assert_eq!(
         left, 0,
         "pages still dirty or under writeback after the hint"
@@ -144,25 +138,11 @@ fn cache_no_flush_keeps_the_hint_from_writing() {
     // dirty (so the test above measures the hint, not the kernel's own
     // writeback).
     let dir = disk_dir();
-    let p = dir.path().join("b.raw");
-    std::fs::File::create(&p)
-        .unwrap()
-        .set_len(16 * MIB)
-        .unwrap();
     let ctx = Context::new();
-    let node = ctx
-        .blockdev_add(&raw("b", &p, json!({"cache": {"no-flush": true}})))
-        .unwrap();
-    let left = write_hint_and_wait(
-        &node,
-        &p,
-        16 * MIB,
-        16 * MIB / PAGE / 2,
-        0,
-        Duration::from_secs(1),
-    );
+    let (node, p) = raw_node(&ctx, dir.path(), "b", json!({"cache": {"no-flush": true}}));
+    let left = write_hint_and_wait(&node, &p, 0, Duration::from_secs(1));
     assert!(
-        left >= 16 * MIB / PAGE / 2,
+        left >= MIN_DIRTY,
         "only {left} pages left dirty without the hint taking effect"
     );
 }
@@ -182,13 +162,6 @@ fn qcow2_passes_the_hint_to_where_its_data_lies() {
         .unwrap();
     // Metadata (L2 table, refcounts) may stay dirty until the flush:
     // allow 256 KiB of the 16 MiB.
-    let left = write_hint_and_wait(
-        &node,
-        &p,
-        16 * MIB,
-        16 * MIB / PAGE / 2,
-        64,
-        Duration::from_secs(10),
-    );
+    let left = write_hint_and_wait(&node, &p, 64, Duration::from_secs(10));
     assert!(left <= 64, "{left} pages still dirty after the hint");
 }
