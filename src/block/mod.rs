@@ -137,7 +137,7 @@ pub trait BlockDriver: std::any::Any + Send + Sync + 'static {
     fn flush(&self) -> Result<()>;
 
     /// Start writing `[offset, offset + len)` back to stable storage now,
-    /// without waiting (see [`writeback`]). A hint: the default does
+    /// without waiting (see the `writeback` module). A hint: the default does
     /// nothing, and only a flush makes data stable.
     fn start_writeback(&self, _offset: u64, _len: u64) {}
 
@@ -505,7 +505,7 @@ impl Node {
     }
 
     /// Start writeback of a range written through this node, so that the
-    /// next flush has less to wait for (a hint; see [`writeback`]). Ranges
+    /// next flush has less to wait for (a hint; see the `writeback` module). Ranges
     /// outside the node are ignored.
     pub fn start_writeback(&self, offset: u64, len: u64) {
         let _f = self.begin();
