@@ -9,7 +9,9 @@ use std::path::PathBuf;
 fn main() {
     let crate_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("set by cargo"));
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("set by cargo")).join("blockjob.h");
-    println!("cargo:rerun-if-changed=src/capi");
+    // cbindgen reads the whole crate (public constants outside src/capi/
+    // end up in the header too): a change anywhere may change it.
+    println!("cargo:rerun-if-changed=src");
     println!("cargo:rerun-if-changed=cbindgen.toml");
     println!("cargo:rerun-if-env-changed=BLOCKJOB_BLESS_HEADER");
     let config = cbindgen::Config::from_file(crate_dir.join("cbindgen.toml"))

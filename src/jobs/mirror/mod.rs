@@ -77,7 +77,7 @@ pub fn offload_slots() -> usize {
 /// against 4 MiB and 16 MiB requests (via `--buf-size`), MiB/s / CPU s:
 /// 2280-2761 / 0.39-0.49 against 2681-2884 / 0.36-0.39 and
 /// 2799-2974 / 0.33-0.35.
-pub const OFFLOAD_IO_BYTES: u64 = 4 << 20;
+pub(crate) const OFFLOAD_IO_BYTES: u64 = 4 << 20;
 
 /// A copy operation covers at most this (or `buf_size / 16`, if larger).
 pub const MAX_IO_BYTES: u64 = 1 << 20;
