@@ -64,6 +64,8 @@ struct State {
     /// Operations dispatched and not finished.
     ops: usize,
     bytes: u64,
+    /// The part of `bytes` that copies (zeroes and discards move no data).
+    copy_bytes: u64,
     /// Write-blocking guest writes between their source and target write.
     active_writes: usize,
     active_bytes: u64,
@@ -265,12 +267,14 @@ impl Copier {
     /// a copy, a buffer).
     pub fn dispatch(&self, op: Op) {
         let mut s = self.lock();
-        // QEMU's rule: no more than buf-size bytes in flight (one
-        // operation always may be, whatever its size).
+        // QEMU's rule: no more than buf-size bytes being copied at once
+        // (one copy always may be, whatever its size); zeroes and
+        // discards only count against the number of operations.
         let buf_size = self.mirror.params.buf_size;
+        let copy = op.method == Method::Copy;
         while s.ops >= super::MAX_IN_FLIGHT
-            || (op.method == Method::Copy && s.free_buffers.is_empty())
-            || (s.ops > 0 && s.bytes + op.len > buf_size)
+            || (copy && s.free_buffers.is_empty())
+            || (copy && s.copy_bytes > 0 && s.copy_bytes + op.len > buf_size)
         {
             s = self.wait(s);
         }
@@ -280,6 +284,9 @@ impl Copier {
         };
         s.ops += 1;
         s.bytes += op.len;
+        if copy {
+            s.copy_bytes += op.len;
+        }
         s.queue.push_back((op, buf));
         drop(s);
         self.work.notify_one();
@@ -381,6 +388,9 @@ impl Copier {
             Self::set_held(&mut s, first, end, false);
             s.ops -= 1;
             s.bytes -= op.len;
+            if op.method == Method::Copy {
+                s.copy_bytes -= op.len;
+            }
             s.generation += 1;
             drop(s);
             self.changed.notify_all();
