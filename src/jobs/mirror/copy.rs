@@ -412,6 +412,22 @@ impl Copier {
         r
     }
 
+    /// A zero write or discard on the target. While copies go through
+    /// the kernel, it takes an offload slot like them: the kernel runs
+    /// both under the target inode's lock, and side by side one only spins
+    /// waiting for the other (tmpfs, 50 % holes: a fifth of the job's CPU
+    /// in rwsem_spin_on_owner).
+    fn target_op(&self, f: impl FnOnce() -> crate::Result<()>) -> crate::Result<()> {
+        // Relaxed: a hint (see copy_limit in run.rs).
+        if self.mirror.offload_proven.load(Ordering::Relaxed)
+            && self.mirror.copy_offload.load(Ordering::Relaxed)
+        {
+            self.offloaded(f)
+        } else {
+            f()
+        }
+    }
+
     /// Do one operation: (the buffer back, whether it succeeded). A
     /// failure has been through the policy; the caller re-dirties.
     fn perform(&self, op: Op, mut buf: Option<Buffer>) -> (Option<Buffer>, bool) {
@@ -457,7 +473,7 @@ impl Copier {
                 match if already {
                     Ok(())
                 } else {
-                    m.target.pwrite_zeroes(op.offset, op.len, m.params.unmap)
+                    self.target_op(|| m.target.pwrite_zeroes(op.offset, op.len, m.params.unmap))
                 } {
                     Err(e) => {
                         self.policy(false, e);
@@ -466,7 +482,7 @@ impl Copier {
                     Ok(()) => true,
                 }
             }
-            Method::Discard => match m.target.pdiscard(op.offset, op.len) {
+            Method::Discard => match self.target_op(|| m.target.pdiscard(op.offset, op.len)) {
                 Err(e) => {
                     self.policy(false, e);
                     false
