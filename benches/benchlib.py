@@ -203,6 +203,39 @@ class QemuDaemon:
                 return msg
             self.events.append(msg)
 
+    def run_job(self, execute: str, arguments: dict, job_id: str, what: str) -> dict:
+        """Start a block job with `execute`, complete it at BLOCK_JOB_READY
+        (if it gets there), wait for BLOCK_JOB_COMPLETED without an error,
+        then for the job to be dismissed. Returns `seconds` and
+        `cpu_seconds` from the command to COMPLETED, `ready_seconds` (None
+        without READY) and COMPLETED's `data`."""
+        tck = os.sysconf("SC_CLK_TCK")
+        c0 = self.cpu_ticks()
+        t0 = time.perf_counter()
+        self.cmd(execute, {"job-id": job_id, **arguments})
+        names = ("BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED", "BLOCK_JOB_ERROR")
+        ready = None
+        while True:
+            e = self.wait_event(names, "BLOCK_JOB_READY/COMPLETED", job_id)
+            ev, data = e["event"], e.get("data", {})
+            if ev == "BLOCK_JOB_READY" and ready is None:
+                ready = e["_t"] - t0
+                self.cmd("block-job-complete", {"device": job_id})
+            elif ev == "BLOCK_JOB_COMPLETED":
+                t1 = e["_t"]
+                break
+            elif ev in ("BLOCK_JOB_ERROR", "BLOCK_JOB_CANCELLED"):
+                raise BenchError(f"qemu {what}: {ev} {data}")
+        c1 = self.cpu_ticks()
+        if "error" in data:
+            raise BenchError(f"qemu {what}: BLOCK_JOB_COMPLETED with error: {data['error']}")
+        deadline = time.monotonic() + self.timeout
+        while self.cmd("query-jobs"):
+            if time.monotonic() > deadline:
+                raise BenchError("qemu: job still listed by query-jobs after COMPLETED")
+            time.sleep(0.005)
+        return dict(seconds=t1 - t0, cpu_seconds=(c1 - c0) / tck, ready_seconds=ready, data=data)
+
     def cpu_ticks(self) -> int:
         with open(f"/proc/{self.pid}/stat") as f:
             rest = f.read().rsplit(")", 1)[1].split()

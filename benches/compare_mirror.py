@@ -395,39 +395,16 @@ class Bench:
         except Exception:
             d.cmd("blockdev-del", {"node-name": "src"})
             raise
-        tck = os.sysconf("SC_CLK_TCK")
-        c0 = d.cpu_ticks()
-        t0 = time.perf_counter()
-        d.cmd("blockdev-mirror", {"job-id": "m", "device": "src", "target": "tgt", "sync": "full"})
-        names = ("BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED", "BLOCK_JOB_ERROR")
-        ready = None
-        while True:
-            e = d.wait_event(names, "BLOCK_JOB_READY/COMPLETED", "m")
-            ev, data = e["event"], e.get("data", {})
-            if ev == "BLOCK_JOB_READY" and ready is None:
-                ready = e["_t"] - t0
-                d.cmd("block-job-complete", {"device": "m"})
-            elif ev == "BLOCK_JOB_COMPLETED":
-                t1 = e["_t"]
-                break
-            elif ev in ("BLOCK_JOB_ERROR", "BLOCK_JOB_CANCELLED"):
-                raise BenchError(f"qemu mirror: {ev} {data}")
-        c1 = d.cpu_ticks()
-        if "error" in data:
-            raise BenchError(f"qemu mirror: BLOCK_JOB_COMPLETED with error: {data['error']}")
+        r = d.run_job("blockdev-mirror", {"device": "src", "target": "tgt", "sync": "full"},
+                      "m", "mirror")
+        data = r.pop("data")
         if data.get("offset") != self.size or data.get("len") != self.size:
             raise BenchError(f"qemu mirror: unexpected BLOCK_JOB_COMPLETED {data}")
-        if ready is None:
+        if r["ready_seconds"] is None:
             raise BenchError("qemu mirror: COMPLETED without READY")
-        # Wait for the job to be dismissed, then close both files.
-        deadline = time.monotonic() + self.timeout
-        while d.cmd("query-jobs"):
-            if time.monotonic() > deadline:
-                raise BenchError("qemu: job still listed by query-jobs after COMPLETED")
-            time.sleep(0.005)
         d.cmd("blockdev-del", {"node-name": "tgt"})
         d.cmd("blockdev-del", {"node-name": "src"})
-        return dict(seconds=t1 - t0, cpu_seconds=(c1 - c0) / tck, ready_seconds=ready)
+        return r
 
     def run_dd(self, src: Path, dst: Path) -> dict:
         p = run_timed([self.dd, f"if={src}", f"of={dst}", "bs=1M", "conv=notrunc,fsync",

@@ -327,32 +327,8 @@ class Bench:
                 added.append("mid")
             d.cmd("blockdev-add", node("top", added[-1]))
             added.append("top")
-            tck = os.sysconf("SC_CLK_TCK")
-            c0 = d.cpu_ticks()
-            t0 = time.perf_counter()
-            d.cmd(op.qmp, {"job-id": "job0", "device": "top", **op.args})
-            names = ("BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED",
-                     "BLOCK_JOB_ERROR")
-            ready = None
-            while True:
-                e = d.wait_event(names, "BLOCK_JOB_READY/COMPLETED", "job0")
-                ev, data = e["event"], e.get("data", {})
-                if ev == "BLOCK_JOB_READY" and ready is None:
-                    ready = e["_t"] - t0
-                    d.cmd("block-job-complete", {"device": "job0"})
-                elif ev == "BLOCK_JOB_COMPLETED":
-                    t1 = e["_t"]
-                    break
-                elif ev in ("BLOCK_JOB_ERROR", "BLOCK_JOB_CANCELLED"):
-                    raise BenchError(f"qemu {op.name}: {ev} {data}")
-            c1 = d.cpu_ticks()
-            if "error" in data:
-                raise BenchError(f"qemu {op.name}: BLOCK_JOB_COMPLETED with error: {data['error']}")
-            deadline = time.monotonic() + self.a.timeout
-            while d.cmd("query-jobs"):
-                if time.monotonic() > deadline:
-                    raise BenchError("qemu: job still listed by query-jobs after COMPLETED")
-                time.sleep(0.005)
+            r = d.run_job(op.qmp, {"device": "top", **op.args}, "job0", op.name)
+            data = r.pop("data")
             # Closing the nodes is where QEMU flushes what the job wrote
             # (its stream and commit jobs do not flush; ours fdatasync()
             # before BLOCK_JOB_COMPLETED): timed apart, for reference.
@@ -360,8 +336,7 @@ class Bench:
             self.qemu_del(d, added)
             added.clear()
             del_s = time.perf_counter() - td
-            return dict(seconds=t1 - t0, cpu_seconds=(c1 - c0) / tck, ready_seconds=ready,
-                        offset=data.get("offset"), len=data.get("len"),
+            return dict(**r, offset=data.get("offset"), len=data.get("len"),
                         extra={"del-seconds": del_s})
         finally:
             if added:
