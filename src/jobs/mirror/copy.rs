@@ -418,10 +418,7 @@ impl Copier {
     /// waiting for the other (tmpfs, 50 % holes: a fifth of the job's CPU
     /// in rwsem_spin_on_owner).
     fn target_op(&self, f: impl FnOnce() -> crate::Result<()>) -> crate::Result<()> {
-        // Relaxed: a hint (see copy_limit in run.rs).
-        if self.mirror.offload_proven.load(Ordering::Relaxed)
-            && self.mirror.copy_offload.load(Ordering::Relaxed)
-        {
+        if self.mirror.offloading() {
             self.offloaded(f)
         } else {
             f()
@@ -443,7 +440,7 @@ impl Copier {
                             .copy_range_to(op.offset, &m.target, op.offset, op.len)
                     }) {
                         Ok(true) => {
-                            // Relaxed: a hint (see copy_limit).
+                            // Relaxed: a hint (see Mirror::offloading).
                             m.offload_proven.store(true, Ordering::Relaxed);
                             true
                         }

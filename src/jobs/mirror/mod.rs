@@ -183,6 +183,17 @@ pub(crate) struct Mirror {
     pub drained: Mutex<Option<DrainSection>>,
 }
 
+impl Mirror {
+    /// Copies go through the kernel now (one has succeeded and none has
+    /// been refused since): operations may be sized for it, and target
+    /// operations take turns with them.
+    pub(crate) fn offloading(&self) -> bool {
+        // Relaxed: hints; an operation sized for offload that cannot be
+        // offloaded after all is copied through the buffer in pieces.
+        self.offload_proven.load(Ordering::Relaxed) && self.copy_offload.load(Ordering::Relaxed)
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Plain slots: still consistent after a panic elsewhere.
     m.lock().unwrap_or_else(|p| p.into_inner())

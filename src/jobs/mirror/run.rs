@@ -53,9 +53,7 @@ fn initial_dirty(m: &Mirror, job: &Job, c: &Copier) -> Result<()> {
 /// (they need no buffer; see [`super::OFFLOAD_IO_BYTES`]).
 fn copy_limit(m: &Mirror) -> u64 {
     let p = &m.params;
-    // Relaxed: hints; an operation sized for offload that cannot be
-    // offloaded after all is copied through the buffer in pieces.
-    if m.offload_proven.load(Ordering::Relaxed) && m.copy_offload.load(Ordering::Relaxed) {
+    if m.offloading() {
         (p.buf_size / 4).clamp(p.max_io, super::OFFLOAD_IO_BYTES.max(p.max_io))
     } else {
         p.max_io
