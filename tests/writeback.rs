@@ -125,6 +125,10 @@ fn the_hint_writes_a_raw_files_dirty_pages_back_at_once() {
     let dir = disk_dir();
     let ctx = Context::new();
     let (node, p) = raw_node(&ctx, dir.path(), "a", json!({}));
+    // Ranges past the end, overflowing ones and empty ones are ignored.
+    node.start_writeback(LEN, 1);
+    node.start_writeback(u64::MAX, 2);
+    node.start_writeback(0, 0);
     let left = write_hint_and_wait(&node, &p, 0, Duration::from_secs(10));
     assert_eq!(
         left, 0,
