@@ -291,6 +291,13 @@ static void bad_arguments(void)
     o.sync = 5;
     refused(ctx, &o, "Invalid argument: opts->sync 5 is out of range");
     o = defaults();
+    o.replaces = "nope";
+    refused(ctx, &o, "Failed to find node with node-name='nope'");
+    o.replaces = "tgt";
+    refused(ctx, &o,
+            "Cannot replace 'tgt' by a node mirrored from 'src', because it cannot be "
+            "guaranteed that doing so would not lead to an abrupt change of visible data");
+    o = defaults();
     o.copy_mode = -1;
     refused(ctx, &o, "Invalid argument: opts->copy_mode -1 is out of range");
     o = defaults();

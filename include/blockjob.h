@@ -888,9 +888,15 @@ typedef struct {
    */
   bool no_unmap;
   /**
+   * `replaces`: node name the target takes the place of on
+   * completion (NULL: the source). Took the first reserved word, so
+   * callers built before it pass NULL.
+   */
+  const char *replaces;
+  /**
    * Reserved; must be zero.
    */
-  uint64_t reserved[8];
+  uint64_t reserved[7];
 } BjMirrorOptions;
 
 /**

@@ -196,6 +196,28 @@ fn mirror_flags_reach_the_job() {
 }
 
 #[test]
+fn replaces_accepts_a_node_below_a_filter_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = image(dir.path(), "src.raw", 4 * MIB, true);
+    let dst = image(dir.path(), "dst.raw", 4 * MIB, false);
+    let json_src = format!(
+        "json:{}",
+        serde_json::json!({"driver":"blkdebug","node-name":"dbg",
+            "image":{"driver":"file","node-name":"f","filename":src}})
+    );
+    let o = blockjob(&["mirror", &json_src, s(&dst), "--replaces", "f", "-q"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(qemu_img_identical(&src, &dst));
+    let o = blockjob(&["mirror", &json_src, s(&dst), "--replaces", "target", "-q"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        error_line(&o),
+        "blockjob: Cannot replace 'target' by a node mirrored from 'dbg', because it cannot be \
+         guaranteed that doing so would not lead to an abrupt change of visible data"
+    );
+}
+
+#[test]
 fn no_complete_cancels_at_ready_without_pivot() {
     let dir = tempfile::tempdir().unwrap();
     let src = image(dir.path(), "src.raw", 4 * MIB, true);
@@ -280,6 +302,10 @@ fn errors_are_one_line_with_qemus_text_and_exit_1() {
         (
             vec!["mirror", s(&src), s(&missing), "--create", "--job-id", "1bad"],
             "blockjob: Invalid job ID '1bad'".into(),
+        ),
+        (
+            vec!["mirror", s(&src), s(&missing), "--create", "--replaces", "nope"],
+            "blockjob: Failed to find node with node-name='nope'".into(),
         ),
     ];
     for (args, want) in cases {

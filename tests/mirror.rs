@@ -356,3 +356,127 @@ fn write_in_flight_when_a_write_blocking_mirror_starts_is_not_lost() {
         "the in-flight write was lost"
     );
 }
+
+/// The child of `node` (its only one), by name.
+fn child_name(ctx: &Context, node: &str) -> String {
+    let n = ctx.graph().find_node(node).unwrap();
+    let c = n.children();
+    assert_eq!(c.len(), 1, "{node}: one child expected");
+    c[0].node.name().to_string()
+}
+
+#[test]
+fn replaces_moves_every_parent_of_a_node_below_a_filter() {
+    // fa (file) <- implicit raw <- dbg (blkdebug, the guest's) and x
+    // (raw): mirroring dbg with replaces=<the raw> moves dbg and x onto
+    // the target; the raw, opened implicitly, goes.
+    let dir = tempfile::tempdir().unwrap();
+    let src = image(dir.path(), "src.raw", 8 * MIB, Some(0x5a));
+    let dst = image(dir.path(), "dst.raw", 8 * MIB, None);
+    let ctx = Context::new();
+    ctx.blockdev_add(&json!({"driver":"file","node-name":"fa","filename":src}))
+        .unwrap();
+    ctx.blockdev_add(&json!({"driver":"blkdebug","node-name":"dbg",
+        "image":{"driver":"raw","file":"fa"}}))
+        .unwrap();
+    let inner = child_name(&ctx, "dbg");
+    ctx.blockdev_add(&json!({"driver":"raw","node-name":"x","file":inner}))
+        .unwrap();
+    ctx.blockdev_add(&raw("dst", &dst)).unwrap();
+    let blk = ctx
+        .blk_new(
+            "dbg",
+            BackendOptions {
+                name: "drive0".into(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let mut o = MirrorOptions::new("drive0", "dst", MirrorSyncMode::Full);
+    o.replaces = Some(inner.clone());
+    let job = ctx.blockdev_mirror(o).unwrap();
+    assert_eq!(
+        job.wait_status(Duration::from_secs(30), |s| s == JobStatus::Ready),
+        Some(JobStatus::Ready)
+    );
+    // Written while the job mirrors: it must reach the target.
+    blk.pwrite(0, &[0x77; 512]).unwrap();
+    job.complete().unwrap();
+    job.wait_status(Duration::from_secs(30), |s| s == JobStatus::Null)
+        .unwrap();
+    // The guest stays on the filter; both parents now use the target.
+    assert_eq!(blk.node().name(), "dbg");
+    assert_eq!(child_name(&ctx, "dbg"), "dst");
+    assert_eq!(child_name(&ctx, "x"), "dst");
+    assert!(
+        ctx.graph().find_node(&inner).is_none(),
+        "implicit node kept"
+    );
+    assert!(
+        ctx.graph().find_node("fa").is_some(),
+        "monitor's node dropped"
+    );
+    let (s, d) = (std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
+    assert_eq!(s, d);
+    assert_eq!(&d[..512], &[0x77; 512]);
+    // Guest writes after the pivot land in the target only.
+    blk.pwrite(4096, &[0x66; 512]).unwrap();
+    assert_eq!(&std::fs::read(&dst).unwrap()[4096..4608], &[0x66; 512]);
+    assert_eq!(std::fs::read(&src).unwrap()[4096], 0x5a);
+}
+
+#[test]
+fn replaces_refuses_while_a_parent_cannot_move() {
+    // ra (raw) under dbg (blkdebug) is also the backing node of q (qcow2),
+    // which cannot move its children: refused at blockdev-mirror and at
+    // complete, with nothing changed; fine again once q is gone.
+    common::require_tool("qemu-img");
+    let dir = tempfile::tempdir().unwrap();
+    let src = image(dir.path(), "src.raw", 4 * MIB, Some(0x5a));
+    let dst = image(dir.path(), "dst.raw", 4 * MIB, None);
+    let q = dir.path().join("q.qcow2");
+    common::chain::tool(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", q.to_str().unwrap(), "4M"],
+    );
+    let ctx = Context::new();
+    ctx.blockdev_add(&raw("ra", &src)).unwrap();
+    ctx.blockdev_add(&json!({"driver":"blkdebug","node-name":"dbg","image":"ra"}))
+        .unwrap();
+    ctx.blockdev_add(&raw("dst", &dst)).unwrap();
+    let add_q = || {
+        ctx.blockdev_add(&json!({"driver":"qcow2","node-name":"q",
+            "file":{"driver":"file","filename":q},"backing":"ra"}))
+            .unwrap();
+    };
+    let refusal =
+        "Cannot replace node 'ra': its parent 'q' (driver qcow2) cannot change its children";
+    let mirror = || {
+        let mut o = MirrorOptions::new("dbg", "dst", MirrorSyncMode::Full);
+        o.job_id = Some("job0".into());
+        o.replaces = Some("ra".into());
+        ctx.blockdev_mirror(o)
+    };
+    add_q();
+    assert_eq!(mirror().err().unwrap().message(), refusal);
+    assert!(ctx.query_block_jobs().is_empty());
+    ctx.blockdev_del("q").unwrap();
+    let job = mirror().unwrap();
+    assert_eq!(
+        job.wait_status(Duration::from_secs(30), |s| s == JobStatus::Ready),
+        Some(JobStatus::Ready)
+    );
+    add_q();
+    assert_eq!(job.complete().err().unwrap().message(), refusal);
+    assert_eq!(job.status(), JobStatus::Ready);
+    assert_eq!(child_name(&ctx, "dbg"), "ra");
+    ctx.blockdev_del("q").unwrap();
+    job.complete().unwrap();
+    job.wait_status(Duration::from_secs(30), |s| s == JobStatus::Null)
+        .unwrap();
+    assert_eq!(child_name(&ctx, "dbg"), "dst");
+    assert!(
+        ctx.graph().find_node("ra").is_some(),
+        "monitor's node dropped"
+    );
+}

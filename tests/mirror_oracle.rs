@@ -349,3 +349,120 @@ fn bad_input_matches_qemu() {
     }
     assert!(diffs.is_empty(), "{}", diffs.join("\n"));
 }
+
+/// `replaces`: which nodes a mirror may replace (the source, or a node
+/// below it through filters: blkdebug is one, raw is not), QEMU's refusals,
+/// and where the target sits in the graph after `complete`.
+#[test]
+fn replaces_matches_qemu() {
+    // dbg2 (blkdebug) -> dbg (blkdebug) -> ra (raw) -> fa (file), and
+    // x (blkdebug) -> ra; fb and fs are files of the source's size and of half
+    // of it.
+    let build = |side: &mut dyn Side, dir: &Path| {
+        let a = dir.join("a.raw");
+        std::fs::write(&a, vec![0x5au8; SIZE]).unwrap();
+        std::fs::write(dir.join("b.raw"), vec![0u8; SIZE]).unwrap();
+        std::fs::write(dir.join("s.raw"), vec![0u8; SIZE / 2]).unwrap();
+        for (name, file) in [("fa", "a.raw"), ("fb", "b.raw"), ("fs", "s.raw")] {
+            side.cmd(
+                "blockdev-add",
+                json!({"driver":"file","node-name":name,"filename":dir.join(file)}),
+            )
+            .unwrap();
+        }
+        for n in [
+            json!({"driver":"raw","node-name":"ra","file":"fa"}),
+            json!({"driver":"blkdebug","node-name":"dbg","image":"ra"}),
+            json!({"driver":"blkdebug","node-name":"dbg2","image":"dbg"}),
+            // A second parent of ra: moves with it.
+            json!({"driver":"blkdebug","node-name":"x","image":"ra"}),
+        ] {
+            side.cmd("blockdev-add", n).unwrap();
+        }
+    };
+    // The graph as node -> its file name, with the directory cut out.
+    let graph = |side: &mut dyn Side, dir: &Path| {
+        let q = side
+            .cmd("query-named-block-nodes", json!({"flat": true}))
+            .unwrap();
+        let d = format!("{}/", dir.display());
+        let mut g: Vec<String> = q
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| {
+                format!(
+                    "{}={}",
+                    n["node-name"].as_str().unwrap(),
+                    n["file"].as_str().unwrap().replace(&d, "")
+                )
+            })
+            .collect();
+        g.sort();
+        g.join(" ")
+    };
+    let mut diffs = Vec::new();
+    for (label, replaces, target, sync) in [
+        ("unknown node", "nosuch", "fb", "full"),
+        ("the source itself", "dbg2", "fb", "full"),
+        ("through one filter", "dbg", "fb", "full"),
+        ("through two filters", "ra", "fb", "full"),
+        ("below a raw node", "fa", "fb", "full"),
+        ("the target", "fb", "fb", "full"),
+        ("unrelated node", "fs", "fb", "full"),
+        ("sync none", "ra", "fb", "none"),
+        ("smaller target", "ra", "fs", "full"),
+    ] {
+        let run = |side: &mut dyn Side, dir: &Path| {
+            build(side, dir);
+            let mut t = Vec::new();
+            let r = side.cmd(
+                "blockdev-mirror",
+                json!({"job-id":"job0","device":"dbg2","target":target,
+                       "sync":sync,"replaces":replaces}),
+            );
+            t.push(format!("{r:?}"));
+            if r.is_ok() {
+                loop {
+                    let Some(ev) = side.event() else {
+                        t.push("timeout".into());
+                        break;
+                    };
+                    let name = summarize(&ev);
+                    t.push(name.clone());
+                    if name == "READY" {
+                        t.push(format!(
+                            "{:?}",
+                            side.cmd("block-job-complete", json!({"device":"job0"}))
+                        ));
+                    }
+                    if name == "COMPLETED" {
+                        t.push(format!("error {}", ev["data"]["error"]));
+                    }
+                    if name == "JSC:null" {
+                        break;
+                    }
+                }
+            }
+            t.push(graph(side, dir));
+            let copied = std::fs::read(dir.join("a.raw")).unwrap()
+                == std::fs::read(dir.join("b.raw")).unwrap();
+            t.push(format!("target holds the source: {copied}"));
+            t
+        };
+        let d1 = tempfile::tempdir().unwrap();
+        let d2 = tempfile::tempdir().unwrap();
+        let mut qemu = Daemon::start();
+        let q = run(&mut qemu, d1.path());
+        drop(qemu);
+        let mut ours = Ours::new();
+        let o = run(&mut ours, d2.path());
+        if std::env::var("BJ_SHOW").is_ok_and(|v| label.contains(&v)) {
+            eprintln!("{label}: {o:#?}");
+        }
+        if q != o {
+            diffs.push(format!("{label}:\n  qemu: {q:#?}\n  ours: {o:#?}"));
+        }
+    }
+    assert!(diffs.is_empty(), "{}", diffs.join("\n"));
+}

@@ -14,6 +14,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use super::child::ChildEdge;
 use super::{BlockDriver, BlockStatus, Node, NodeChild};
 use crate::error::{Error, Result};
 use crate::qapi::qapi_enum;
@@ -208,13 +209,17 @@ struct Rules {
 
 /// The blkdebug driver.
 pub struct BlkdebugDriver {
-    image: Arc<Node>,
+    image: ChildEdge,
     rules: Mutex<Rules>,
+    /// No options besides `image`: QEMU then names the node
+    /// `blkdebug::<image's file name>`.
+    plain: bool,
 }
 
 impl BlkdebugDriver {
     /// A blkdebug node over `image` with the given rules; fires `none`.
     pub fn new(image: Arc<Node>, inject: Vec<InjectError>, set_state: Vec<SetState>) -> Self {
+        let plain = inject.is_empty() && set_state.is_empty();
         let mut rules = Rules {
             state: 1,
             ..Default::default()
@@ -245,11 +250,23 @@ impl BlkdebugDriver {
             );
         }
         let d = BlkdebugDriver {
-            image,
+            image: ChildEdge::new(image),
             rules: Mutex::new(rules),
+            plain,
         };
         d.debug_event(BlkdebugEvent::None);
         d
+    }
+
+    /// The node was opened with `align` (an option that shows in QEMU's
+    /// file name for it).
+    pub fn with_align(mut self, align: Option<i64>) -> Self {
+        self.plain &= align.is_none();
+        self
+    }
+
+    fn image(&self) -> Arc<Node> {
+        self.image.get()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Rules> {
@@ -301,57 +318,70 @@ impl BlockDriver for BlkdebugDriver {
     }
 
     fn len(&self) -> Result<u64> {
-        self.image.len()
+        self.image().len()
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.check(offset, buf.len() as u64, BlkdebugIoType::Read)?;
-        self.image.pread(offset, buf)
+        self.image().pread(offset, buf)
     }
 
     fn write(&self, offset: u64, buf: &[u8]) -> Result<()> {
         self.check(offset, buf.len() as u64, BlkdebugIoType::Write)?;
-        self.image.pwrite(offset, buf)
+        self.image().pwrite(offset, buf)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
         self.check(offset, len, BlkdebugIoType::WriteZeroes)?;
-        self.image.pwrite_zeroes(offset, len, may_unmap)
+        self.image().pwrite_zeroes(offset, len, may_unmap)
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.check(offset, len, BlkdebugIoType::Discard)?;
-        self.image.pdiscard(offset, len)
+        self.image().pdiscard(offset, len)
     }
 
     fn can_grow(&self) -> bool {
-        self.image.driver().can_grow()
+        self.image().driver().can_grow()
     }
 
     fn can_discard(&self) -> bool {
-        self.image.driver().can_discard()
+        self.image().driver().can_discard()
     }
 
     fn flush(&self) -> Result<()> {
         self.check(0, 0, BlkdebugIoType::Flush)?;
-        self.image.flush()
+        self.image().flush()
     }
 
     fn start_writeback(&self, offset: u64, len: u64) {
         // Not a request of its own (no rule can match it): passed down.
-        self.image.start_writeback(offset, len)
+        self.image().start_writeback(offset, len)
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
         self.check(offset, len, BlkdebugIoType::BlockStatus)?;
-        self.image.block_status(offset, len)
+        self.image().block_status(offset, len)
     }
 
     fn children(&self) -> Vec<NodeChild> {
         vec![NodeChild {
             role: "image",
-            node: self.image.clone(),
+            node: self.image(),
         }]
+    }
+
+    fn filtered_child(&self) -> Option<Arc<Node>> {
+        // QEMU's blkdebug is a filter: what it shows is its image's data.
+        Some(self.image())
+    }
+
+    fn can_replace_child(&self) -> bool {
+        true
+    }
+
+    fn replace_child(&self, old: &Arc<Node>, new: &Arc<Node>) {
+        self.image.replace(old, new)
     }
 
     fn debug_event(&self, event: BlkdebugEvent) {
@@ -375,11 +405,18 @@ impl BlockDriver for BlkdebugDriver {
     }
 
     fn cluster_size(&self) -> Option<u64> {
-        self.image.cluster_size()
+        self.image().cluster_size()
     }
 
     fn filename(&self) -> String {
-        self.image.filename()
+        let image = self.image().filename();
+        if self.plain && !image.is_empty() && !image.starts_with("json:") {
+            format!("blkdebug::{image}")
+        } else {
+            // QEMU shows `json:{...}` with its options in hash order; we
+            // show the image's name.
+            image
+        }
     }
 }
 

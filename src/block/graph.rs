@@ -329,11 +329,10 @@ impl Graph {
                     )));
                 }
                 let child = self.resolve_child(inner, image, (discard, spec.read_only), created)?;
-                Box::new(BlkdebugDriver::new(
-                    child,
-                    inject.clone(),
-                    set_state.clone(),
-                ))
+                Box::new(
+                    BlkdebugDriver::new(child, inject.clone(), set_state.clone())
+                        .with_align(*align),
+                )
             }
         };
         let (name, auto) = match &spec.node_name {
@@ -559,12 +558,59 @@ impl Graph {
         }
     }
 
-    /// Move every guest backend of `from` to `to` (QEMU's
-    /// `bdrv_replace_node`, for the parents that are devices).
-    pub fn replace_node(&self, from: &Arc<Node>, to: &Arc<Node>) {
+    /// The nodes that have `node` as a child.
+    pub fn parent_nodes(&self, node: &Arc<Node>) -> Vec<Arc<Node>> {
+        self.lock()
+            .nodes
+            .iter()
+            .filter(|e| e.node.children().iter().any(|c| Arc::ptr_eq(&c.node, node)))
+            .map(|e| e.node.clone())
+            .collect()
+    }
+
+    /// The parents `replace_node(from, to)` moves: every node parent of
+    /// `from` except `to` and nodes below it (moving those would make `to`
+    /// its own descendant; QEMU's `should_update_child` skips them too).
+    fn parents_to_move(&self, from: &Arc<Node>, to: &Arc<Node>) -> Vec<Arc<Node>> {
+        let below_to = subtree(to);
+        self.parent_nodes(from)
+            .into_iter()
+            .filter(|p| !below_to.iter().any(|b| Arc::ptr_eq(b, p)))
+            .collect()
+    }
+
+    /// Whether `replace_node(from, to)` can move every parent of `from`;
+    /// the error names the first that cannot (a driver of ours whose
+    /// children are fixed: only filters can move theirs).
+    pub fn check_replace_node(&self, from: &Arc<Node>, to: &Arc<Node>) -> Result<()> {
+        match self
+            .parents_to_move(from, to)
+            .into_iter()
+            .find(|p| !p.driver().can_replace_child())
+        {
+            Some(p) => Err(Error::generic(format!(
+                "Cannot replace node '{}': its parent '{}' (driver {}) cannot change its children",
+                from.name(),
+                p.name(),
+                p.driver_name()
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Move every parent of `from` to `to` (QEMU's `bdrv_replace_node`):
+    /// guest backends, and the edges of parent nodes. Nothing moves when
+    /// one of the parent nodes cannot (see [`Graph::check_replace_node`]).
+    /// Call with `from` drained.
+    pub fn replace_node(&self, from: &Arc<Node>, to: &Arc<Node>) -> Result<()> {
+        self.check_replace_node(from, to)?;
+        for p in self.parents_to_move(from, to) {
+            p.driver().replace_child(from, to);
+        }
         for b in from.parent_backends() {
             b.replace_node(to.clone());
         }
+        Ok(())
     }
 
     // ---- drain ---------------------------------------------------------------
@@ -582,11 +628,8 @@ impl Graph {
                 true
             }
         };
-        let mut stack: Vec<Arc<Node>> = roots.to_vec();
-        while let Some(n) = stack.pop() {
-            if push(&mut set, n.clone()) {
-                stack.extend(n.children().into_iter().map(|c| c.node));
-            }
+        for n in roots.iter().flat_map(subtree) {
+            push(&mut set, n);
         }
         loop {
             let mut grew = false;
@@ -682,6 +725,35 @@ impl Graph {
     pub fn drain_all(&self) {
         let s = self.drained_begin(&[]);
         self.drained_end(s);
+    }
+}
+
+/// `node` and every node below it.
+fn subtree(node: &Arc<Node>) -> Vec<Arc<Node>> {
+    let mut seen: Vec<Arc<Node>> = Vec::new();
+    let mut stack = vec![node.clone()];
+    while let Some(n) = stack.pop() {
+        if !seen.iter().any(|s| Arc::ptr_eq(s, &n)) {
+            stack.extend(n.children().into_iter().map(|c| c.node));
+            seen.push(n);
+        }
+    }
+    seen
+}
+
+/// QEMU's `bdrv_recurse_can_replace`: whether a mirror from `source` may
+/// replace `to_replace`: the source itself, or a node reached from it
+/// through filters only, whose data the source shows unchanged.
+pub fn can_replace(source: &Arc<Node>, to_replace: &Arc<Node>) -> bool {
+    let mut n = source.clone();
+    loop {
+        if Arc::ptr_eq(&n, to_replace) {
+            return true;
+        }
+        match n.driver().filtered_child() {
+            Some(c) => n = c,
+            None => return false,
+        }
     }
 }
 

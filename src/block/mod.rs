@@ -15,6 +15,7 @@
 pub mod backend;
 pub mod blkdebug;
 pub mod chain;
+pub mod child;
 pub mod copy_range;
 pub mod file;
 pub mod graph;
@@ -161,6 +162,23 @@ pub trait BlockDriver: std::any::Any + Send + Sync + 'static {
     fn children(&self) -> Vec<NodeChild> {
         Vec::new()
     }
+
+    /// For filters (QEMU's `bdrv_filter_bs`): the child whose data this
+    /// node shows unchanged. A mirror may replace a node reached from its
+    /// source through filters only.
+    fn filtered_child(&self) -> Option<Arc<Node>> {
+        None
+    }
+
+    /// Whether [`BlockDriver::replace_child`] can move this node's edges.
+    fn can_replace_child(&self) -> bool {
+        false
+    }
+
+    /// Point this node's edges to `old` at `new` (QEMU's
+    /// `bdrv_replace_node`, seen from one parent). Called with the nodes
+    /// drained, and only when [`BlockDriver::can_replace_child`] is true.
+    fn replace_child(&self, _old: &Arc<Node>, _new: &Arc<Node>) {}
 
     /// A blkdebug event fired on this node by a parent or the generic
     /// layer. Only blkdebug acts on it.

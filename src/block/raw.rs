@@ -5,12 +5,13 @@
 
 use std::sync::Arc;
 
+use super::child::ChildEdge;
 use super::{BlkdebugEvent, BlockDriver, BlockStatus, Node, NodeChild};
 use crate::error::{Error, Result};
 
 /// The raw format.
 pub struct RawDriver {
-    file: Arc<Node>,
+    file: ChildEdge,
     offset: u64,
     size: Option<u64>,
 }
@@ -25,7 +26,15 @@ impl RawDriver {
                 "The sum of offset ({offset}) and size ({s}) has to be smaller or equal to the  actual size of the containing file ({file_len})"
             )));
         }
-        Ok(RawDriver { file, offset, size })
+        Ok(RawDriver {
+            file: ChildEdge::new(file),
+            offset,
+            size,
+        })
+    }
+
+    fn file(&self) -> Arc<Node> {
+        self.file.get()
     }
 }
 
@@ -37,62 +46,72 @@ impl BlockDriver for RawDriver {
     fn len(&self) -> Result<u64> {
         match self.size {
             Some(s) => Ok(s),
-            None => Ok(self.file.len()?.saturating_sub(self.offset)),
+            None => Ok(self.file().len()?.saturating_sub(self.offset)),
         }
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.file.debug_event(BlkdebugEvent::ReadAio);
-        self.file.pread(self.offset + offset, buf)
+        let file = self.file();
+        file.debug_event(BlkdebugEvent::ReadAio);
+        file.pread(self.offset + offset, buf)
     }
 
     fn write(&self, offset: u64, buf: &[u8]) -> Result<()> {
-        self.file.debug_event(BlkdebugEvent::WriteAio);
-        self.file.pwrite(self.offset + offset, buf)
+        let file = self.file();
+        file.debug_event(BlkdebugEvent::WriteAio);
+        file.pwrite(self.offset + offset, buf)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
-        self.file
+        self.file()
             .pwrite_zeroes(self.offset + offset, len, may_unmap)
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.file.pdiscard(self.offset + offset, len)
+        self.file().pdiscard(self.offset + offset, len)
     }
 
     fn can_discard(&self) -> bool {
-        self.file.driver().can_discard()
+        self.file().driver().can_discard()
     }
 
     fn flush(&self) -> Result<()> {
-        self.file.flush()
+        self.file().flush()
     }
 
     fn start_writeback(&self, offset: u64, len: u64) {
-        self.file.start_writeback(self.offset + offset, len)
+        self.file().start_writeback(self.offset + offset, len)
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
-        self.file.block_status(self.offset + offset, len)
+        self.file().block_status(self.offset + offset, len)
     }
 
     fn children(&self) -> Vec<NodeChild> {
         vec![NodeChild {
             role: "file",
-            node: self.file.clone(),
+            node: self.file(),
         }]
     }
 
+    fn can_replace_child(&self) -> bool {
+        true
+    }
+
+    fn replace_child(&self, old: &Arc<Node>, new: &Arc<Node>) {
+        self.file.replace(old, new)
+    }
+
     fn cluster_size(&self) -> Option<u64> {
-        self.file.cluster_size()
+        self.file().cluster_size()
     }
 
     fn filename(&self) -> String {
-        self.file.filename()
+        self.file().filename()
     }
 
     fn supports_zero_unmap(&self) -> bool {
-        self.file.driver().supports_zero_unmap()
+        self.file().driver().supports_zero_unmap()
     }
 
     fn copy_range_from(
@@ -101,8 +120,9 @@ impl BlockDriver for RawDriver {
         len: u64,
         sink: &mut super::copy_range::CopySink<'_>,
     ) -> Result<bool> {
-        self.file.debug_event(BlkdebugEvent::ReadAio);
-        self.file.copy_source(self.offset + offset, len, sink)
+        let file = self.file();
+        file.debug_event(BlkdebugEvent::ReadAio);
+        file.copy_source(self.offset + offset, len, sink)
     }
 
     fn copy_range_to(
@@ -112,8 +132,8 @@ impl BlockDriver for RawDriver {
         src_offset: u64,
         len: u64,
     ) -> Result<bool> {
-        self.file.debug_event(BlkdebugEvent::WriteAio);
-        self.file
-            .copy_from_file(self.offset + offset, src, src_offset, len)
+        let file = self.file();
+        file.debug_event(BlkdebugEvent::WriteAio);
+        file.copy_from_file(self.offset + offset, src, src_offset, len)
     }
 }

@@ -44,8 +44,12 @@ pub struct BjMirrorOptions {
     pub manual_dismiss: bool,
     /// Set `unmap: false`.
     pub no_unmap: bool,
+    /// `replaces`: node name the target takes the place of on
+    /// completion (NULL: the source). Took the first reserved word, so
+    /// callers built before it pass NULL.
+    pub replaces: *const c_char,
     /// Reserved; must be zero.
-    pub reserved: [u64; 8],
+    pub reserved: [u64; 7],
 }
 
 pub(super) fn enum_arg<T>(v: i32, what: &str, f: impl Fn(i32) -> Option<T>) -> Result<T> {
@@ -101,6 +105,8 @@ pub unsafe extern "C" fn bj_blockdev_mirror(
         m.auto_finalize = !o.manual_finalize;
         m.auto_dismiss = !o.manual_dismiss;
         m.unmap = !o.no_unmap;
+        // SAFETY: NULL or a NUL-terminated string.
+        m.replaces = unsafe { arg_opt_str(o.replaces, "opts->replaces") }?.map(String::from);
         let job: Arc<Job> = c.ctx.blockdev_mirror(m)?;
         Ok(Arc::into_raw(job) as *mut super::job::BjJob)
     })

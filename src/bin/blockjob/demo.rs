@@ -126,6 +126,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         on_target_error: OnError::Report,
         copy_mode: CopyMode::Background,
         unmap: true,
+        replaces: None,
         no_complete: false,
         ctl: Control {
             events: true,

@@ -87,6 +87,11 @@ pub struct MirrorArgs {
     /// path is then opened with discard=unmap, so that they do).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub unmap: bool,
+    /// `replaces`: the node name (of SRC's json: options) the target takes
+    /// the place of on completion: SRC's node or one below it through
+    /// blkdebug filters. Default: SRC's node.
+    #[arg(long)]
+    pub replaces: Option<String>,
     /// Cancel at READY instead of completing (the target keeps the
     /// source's content at that moment; the source stays in use).
     #[arg(long)]
@@ -187,6 +192,7 @@ fn run_inner(a: &MirrorArgs, created: &mut Option<PathBuf>) -> Result<Outcome> {
     o.auto_finalize = a.ctl.auto_finalize;
     o.auto_dismiss = a.ctl.auto_dismiss;
     o.unmap = a.unmap;
+    o.replaces = a.replaces.clone();
 
     let (r, display) = run_job(&a.ctl, &a.job_id, a.no_complete, &events, || {
         ctx.blockdev_mirror(o)

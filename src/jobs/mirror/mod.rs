@@ -28,9 +28,9 @@ mod run;
 use std::sync::{Arc, Mutex};
 
 use crate::block::Node;
-use crate::block::graph::{DrainSection, Graph};
+use crate::block::graph::{DrainSection, Graph, can_replace};
 use crate::context::Context;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, strerror};
 use crate::job::{JOB_MANUAL_DISMISS, JOB_MANUAL_FINALIZE, Job, JobDriver};
 use crate::qapi::{BlockdevOnError, JobType, MirrorCopyMode, MirrorSyncMode};
 use crate::sync::{AtomicBool, Ordering};
@@ -111,7 +111,8 @@ pub struct MirrorOptions {
     pub auto_dismiss: bool,
     /// `unmap`: zero ranges may be deallocated on the target (default true).
     pub unmap: bool,
-    /// `replaces`: not supported yet (refused).
+    /// `replaces`: the node the target replaces on completion (default
+    /// the source): the source or a node below it through filters.
     pub replaces: Option<String>,
     /// `filter-node-name`: accepted; we have no filter node to name.
     pub filter_node_name: Option<String>,
@@ -173,6 +174,11 @@ pub(crate) struct Mirror {
     /// copy (a blkdebug node, another driver) requests and the errors they
     /// report come in QEMU's numbers.
     pub offload_proven: AtomicBool,
+    /// `replaces`: the node name the target takes the place of, looked up
+    /// again at `complete` (QEMU's loose coupling); `None`: the source.
+    pub replaces: Option<String>,
+    /// The node `complete` found for `replaces`.
+    pub to_replace: Mutex<Option<Arc<Node>>>,
     /// `block-job-complete` was accepted.
     pub should_complete: AtomicBool,
     /// The target is kept in sync by active writes (query field).
@@ -226,6 +232,16 @@ impl JobDriver for Arc<Mirror> {
                 job.id_str()
             )));
         }
+        if let Some(name) = &self.replaces {
+            let n = self
+                .graph
+                .find_node(name)
+                .ok_or_else(|| Error::generic(format!("Node name '{name}' not found")))?;
+            // Ours, not QEMU's: a parent that cannot move would fail the
+            // pivot, so say so while the job can still be used.
+            self.graph.check_replace_node(&n, &self.target)?;
+            *lock(&self.to_replace) = Some(n);
+        }
         // SeqCst: read by the job thread after it is kicked; the kick's
         // lock handover orders it anyway, this keeps the reasoning local.
         self.should_complete.store(true, Ordering::SeqCst);
@@ -237,16 +253,30 @@ impl JobDriver for Arc<Mirror> {
         force || !job.is_ready()
     }
 
-    fn commit(&self, _job: &Job) {
+    fn prepare(&self, _job: &Job) -> Result<()> {
         // Success: pivot only for `complete`, not for a soft cancel.
-        if self.should_complete.load(Ordering::SeqCst) {
-            self.graph.replace_node(&self.source, &self.target);
-            if self.job_type == JobType::Commit {
-                // The committed layers are out of the guest's chain; the
-                // implicitly opened ones go (QEMU drops its references).
-                self.graph.drop_orphans();
-            }
+        // QEMU pivots in its prepare step too: a pivot that cannot happen
+        // fails the job with EPERM.
+        if !self.should_complete.load(Ordering::SeqCst) {
+            return Ok(());
         }
+        let to_replace = lock(&self.to_replace)
+            .clone()
+            .unwrap_or_else(|| self.source.clone());
+        let eperm = || Error::errno_msg(libc::EPERM, strerror(libc::EPERM));
+        if !can_replace(&self.source, &to_replace) {
+            return Err(eperm());
+        }
+        self.graph
+            .replace_node(&to_replace, &self.target)
+            .map_err(|_| eperm())?;
+        if self.job_type == JobType::Commit || !Arc::ptr_eq(&to_replace, &self.source) {
+            // What left the guest's graph (committed layers, a replaced
+            // node below the source) goes if it was opened implicitly, as
+            // QEMU drops its references.
+            self.graph.drop_orphans();
+        }
+        Ok(())
     }
 
     fn clean(&self, _job: &Job) {
@@ -307,6 +337,9 @@ pub fn blockdev_mirror(ctx: &Context, o: MirrorOptions) -> Result<Arc<Job>> {
         MirrorSyncMode::Top => source.backing(),
         _ => None,
     };
+    if let Some(name) = &o.replaces {
+        check_replaces(ctx, &source, &target, name)?;
+    }
     let granularity = match o.granularity {
         0 => crate::bitmap::named::default_granularity(&target),
         g => g,
@@ -323,11 +356,6 @@ pub fn blockdev_mirror(ctx: &Context, o: MirrorOptions) -> Result<Arc<Job>> {
     if Arc::ptr_eq(&source, &target) {
         return Err(Error::generic("Can't mirror node into itself"));
     }
-    if o.replaces.is_some() {
-        return Err(Error::generic(
-            "Parameter 'replaces' is not supported by blockjob yet",
-        ));
-    }
     let params = Params {
         granularity,
         buf_size,
@@ -339,12 +367,44 @@ pub fn blockdev_mirror(ctx: &Context, o: MirrorOptions) -> Result<Arc<Job>> {
     };
     let start = Start {
         job_id: o.job_id.as_deref(),
+        replaces: o.replaces.as_deref(),
         device: &o.device,
         speed: o.speed,
         flags: job_flags(o.auto_finalize, o.auto_dismiss),
         write_blocking: o.copy_mode == MirrorCopyMode::WriteBlocking,
     };
     start_job(ctx, source, target, JobType::Mirror, base, params, start)
+}
+
+/// QEMU's `replaces` checks (`check_to_replace_node` and the size test), in
+/// its order, plus ours: every parent of the node must be able to move.
+fn check_replaces(ctx: &Context, source: &Arc<Node>, target: &Arc<Node>, name: &str) -> Result<()> {
+    let graph = ctx.graph();
+    let to_replace = graph
+        .find_node(name)
+        .ok_or_else(|| Error::generic(format!("Failed to find node with node-name='{name}'")))?;
+    if let Some(j) = to_replace.any_job() {
+        return Err(Error::generic(format!(
+            "Node '{}' is busy: block device is in use by block job: {}",
+            to_replace.name(),
+            j.job_type()
+        )));
+    }
+    if !can_replace(source, &to_replace) {
+        return Err(Error::generic(format!(
+            "Cannot replace '{name}' by a node mirrored from '{}', because it cannot be \
+             guaranteed that doing so would not lead to an abrupt change of visible data",
+            source.name()
+        )));
+    }
+    // Filters show their child's size, so this holds for ours; kept as
+    // QEMU has it for filters that would not.
+    if source.len()? != to_replace.len()? {
+        return Err(Error::generic(
+            "cannot replace image with a mirror image of different size",
+        ));
+    }
+    graph.check_replace_node(&to_replace, target)
 }
 
 /// The largest copy operation for a buffer of `buf_size`: a sixteenth of
@@ -370,6 +430,7 @@ pub(crate) fn job_flags(auto_finalize: bool, auto_dismiss: bool) -> u32 {
 /// How to create the job.
 struct Start<'a> {
     job_id: Option<&'a str>,
+    replaces: Option<&'a str>,
     device: &'a str,
     speed: i64,
     flags: u32,
@@ -395,6 +456,8 @@ fn start_job(
         write_blocking: AtomicBool::new(st.write_blocking),
         copy_offload: AtomicBool::new(true),
         offload_proven: AtomicBool::new(false),
+        replaces: st.replaces.map(String::from),
+        to_replace: Mutex::new(None),
         should_complete: AtomicBool::new(false),
         actively_synced: AtomicBool::new(false),
         running: Mutex::new(None),
@@ -441,6 +504,7 @@ pub(crate) fn start_active_commit(
     };
     let start = Start {
         job_id,
+        replaces: None,
         device,
         speed,
         flags,
