@@ -257,6 +257,18 @@ fn bad_input_matches_qemu() {
         ),
         ("sync bitmap", json!({"sync": "bitmap"})),
         ("sync incremental", json!({"sync": "incremental"})),
+        (
+            "replaces checked before the sync mode",
+            json!({"sync": "bitmap", "replaces": "nosuch"}),
+        ),
+        (
+            "replaces checked before into itself",
+            json!({"target": "src", "replaces": "nosuch"}),
+        ),
+        (
+            "replaces checked after the granularity",
+            json!({"granularity": 1000, "replaces": "nosuch"}),
+        ),
     ] {
         let mut m = mirror(extra);
         if m["job-id"].is_null() {

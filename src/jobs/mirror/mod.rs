@@ -322,6 +322,11 @@ pub fn blockdev_mirror(ctx: &Context, o: MirrorOptions) -> Result<Arc<Job>> {
             )));
         }
     }
+    // QEMU checks `replaces` before the sync mode, buf-size and "into
+    // itself" (those are mirror_start's).
+    if let Some(name) = &o.replaces {
+        check_replaces(ctx, &source, &target, name)?;
+    }
     let sync = match o.sync {
         MirrorSyncMode::Incremental | MirrorSyncMode::Bitmap => {
             return Err(Error::generic(format!(
@@ -337,9 +342,6 @@ pub fn blockdev_mirror(ctx: &Context, o: MirrorOptions) -> Result<Arc<Job>> {
         MirrorSyncMode::Top => source.backing(),
         _ => None,
     };
-    if let Some(name) = &o.replaces {
-        check_replaces(ctx, &source, &target, name)?;
-    }
     let granularity = match o.granularity {
         0 => crate::bitmap::named::default_granularity(&target),
         g => g,
