@@ -358,7 +358,10 @@ static void *guest_thread(void *arg)
     return NULL;
 }
 
-static void write_blocking_with_guest_writes(void)
+/* Write-blocking from the start, or (switch) started in background and
+ * switched by block-job-change while the guest writes: either way the job
+ * must converge under the steady writes. */
+static void guest_writes_in_write_blocking(int switch_later)
 {
     BjContext *ctx = new_ctx();
     BjMirrorOptions o = defaults();
@@ -377,8 +380,23 @@ static void write_blocking_with_guest_writes(void)
     g.blk = bj_blk_new(ctx, "src", NULL, &err);
     CHECK_NO_ERR(err);
     CHECK(pthread_create(&th, NULL, guest_thread, &g) == 0);
-    o.copy_mode = BJ_MIRROR_COPY_MODE_WRITE_BLOCKING;
+    o.copy_mode = switch_later ? BJ_MIRROR_COPY_MODE_BACKGROUND : BJ_MIRROR_COPY_MODE_WRITE_BLOCKING;
     job = start(ctx, &o);
+    if (switch_later) {
+        sleep_ms(30);
+        CHECK(bj_block_job_change_copy_mode(job, BJ_MIRROR_COPY_MODE_WRITE_BLOCKING, &err));
+        CHECK_NO_ERR(err);
+        /* Again: nothing to change. Back: QEMU has no way back. */
+        CHECK(bj_block_job_change_copy_mode(job, BJ_MIRROR_COPY_MODE_WRITE_BLOCKING, &err));
+        CHECK_NO_ERR(err);
+        CHECK(!bj_block_job_change_copy_mode(job, BJ_MIRROR_COPY_MODE_BACKGROUND, &err));
+        CHECK_ERR(err, G, "Change to copy mode 'background' is not implemented");
+        CHECK(!bj_block_job_change_copy_mode(job, 7, &err));
+        CHECK_ERR(err, G, "Invalid argument: copy_mode 7 is out of range");
+        CHECK(!bj_block_job_change_copy_mode(NULL, BJ_MIRROR_COPY_MODE_WRITE_BLOCKING, &err));
+        CHECK(err != NULL);
+        bj_error_free(&err);
+    }
     CHECK(bj_job_wait_status(job, BJ_JOB_STATUS_READY, 60000));
     /* The guest keeps writing after READY; the job stays in sync. */
     sleep_ms(100);
@@ -399,6 +417,16 @@ static void write_blocking_with_guest_writes(void)
     unlink(tgt_path);
 }
 
+static void write_blocking_with_guest_writes(void)
+{
+    guest_writes_in_write_blocking(0);
+}
+
+static void switch_to_write_blocking_with_guest_writes(void)
+{
+    guest_writes_in_write_blocking(1);
+}
+
 int main(void)
 {
     RUN(complete_pivots_the_guest);
@@ -409,6 +437,7 @@ int main(void)
     RUN(target_enospc_stops_and_resume_retries);
     RUN(bad_arguments);
     RUN(write_blocking_with_guest_writes);
+    RUN(switch_to_write_blocking_with_guest_writes);
     unlink(src_path);
     unlink(tgt_path);
     return 0;

@@ -1466,6 +1466,14 @@ bool bj_block_job_cancel(BjJob *job, bool force, BjError **errp);
 bool bj_block_job_set_speed(BjJob *job, int64_t speed, BjError **errp);
 
 /**
+ * `block-job-change` for a mirror: `copy_mode` is a
+ * `BJ_MIRROR_COPY_MODE_*`. Switching a running mirror to write-blocking
+ * takes effect at once; QEMU's refusals otherwise (back to background,
+ * a job type without change).
+ */
+bool bj_block_job_change_copy_mode(BjJob *job, int32_t copy_mode, BjError **errp);
+
+/**
  * Cancel and wait until the job is completed (QEMU's `job_cancel_sync`).
  * Returns 0, or -errno of the job's result (-ECANCELED when cancelled).
  * Do not call from a job callback or event handler.

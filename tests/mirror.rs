@@ -8,6 +8,7 @@ use std::time::Duration;
 use blockjob::Context;
 use blockjob::block::backend::BackendOptions;
 use blockjob::events::EventData;
+use blockjob::job::JobChange;
 use blockjob::jobs::mirror::MirrorOptions;
 use blockjob::qapi::{JobStatus, MirrorCopyMode, MirrorSyncMode};
 use serde_json::json;
@@ -106,7 +107,12 @@ fn mirror_complete_pivots_and_copies() {
 
 #[test]
 fn guest_writes_during_mirror_end_identical() {
-    for mode in [MirrorCopyMode::Background, MirrorCopyMode::WriteBlocking] {
+    // (copy mode at start, switched to write-blocking while it runs)
+    for (mode, switch) in [
+        (MirrorCopyMode::Background, false),
+        (MirrorCopyMode::WriteBlocking, false),
+        (MirrorCopyMode::Background, true),
+    ] {
         for seed in 1..=3u64 {
             let dir = tempfile::tempdir_in("/dev/shm").unwrap();
             let size = 64 * MIB;
@@ -132,8 +138,9 @@ fn guest_writes_during_mirror_end_identical() {
                         // Background mode need not converge under a steady
                         // stream of writes (as in QEMU): there the writers
                         // stop after a burst. Write-blocking must converge,
-                        // so there they write until READY.
-                        let burst = mode == MirrorCopyMode::Background;
+                        // so there they write until READY, also when the
+                        // job switched to it half-way.
+                        let burst = mode == MirrorCopyMode::Background && !switch;
                         while (burst && n < 3000)
                             || (!burst && !stop.load(std::sync::atomic::Ordering::SeqCst))
                             || n < 200
@@ -151,8 +158,15 @@ fn guest_writes_during_mirror_end_identical() {
                     })
                 })
                 .collect();
+            if switch {
+                std::thread::sleep(Duration::from_millis(20 * seed));
+                job.change(&JobChange {
+                    copy_mode: MirrorCopyMode::WriteBlocking,
+                })
+                .unwrap();
+            }
             job.wait_status(Duration::from_secs(60), |s| s == JobStatus::Ready)
-                .unwrap_or_else(|| panic!("{mode:?} seed {seed}: never ready"));
+                .unwrap_or_else(|| panic!("{mode:?} switch {switch} seed {seed}: never ready"));
             stop.store(true, std::sync::atomic::Ordering::SeqCst);
             for w in writers {
                 w.join().unwrap();
@@ -180,7 +194,7 @@ fn guest_writes_during_mirror_end_identical() {
                         .unwrap();
                 let ndiff = a.iter().zip(&b).filter(|(x, y)| x != y).count();
                 panic!(
-                    "{mode:?} seed {seed}: source and target differ: first {first} last {last}, {ndiff} bytes; src {:x} dst {:x}",
+                    "{mode:?} switch {switch} seed {seed}: source and target differ: first {first} last {last}, {ndiff} bytes; src {:x} dst {:x}",
                     a[first], b[first]
                 );
             }

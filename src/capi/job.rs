@@ -13,8 +13,8 @@ use super::{
     BjError, Versioned, arg_opt_str, arg_str, error, ffi, ffi_void, malloc_str, null_arg, versioned,
 };
 use crate::error::{Error, Result};
-use crate::job::{Job, JobDriver, JobTxn};
-use crate::qapi::{BlockdevOnError, JobType};
+use crate::job::{Job, JobChange, JobDriver, JobTxn};
+use crate::qapi::{BlockdevOnError, JobType, MirrorCopyMode};
 
 /// A job (opaque, reference-counted).
 pub struct BjJob {
@@ -514,6 +514,26 @@ pub unsafe extern "C" fn bj_block_job_set_speed(
     ffi(errp, false, || {
         // SAFETY: NULL or live handle.
         unsafe { job_arc(job) }?.set_speed(speed)?;
+        Ok(true)
+    })
+}
+
+/// `block-job-change` for a mirror: `copy_mode` is a
+/// `BJ_MIRROR_COPY_MODE_*`. Switching a running mirror to write-blocking
+/// takes effect at once; QEMU's refusals otherwise (back to background,
+/// a job type without change).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn bj_block_job_change_copy_mode(
+    job: *mut BjJob,
+    copy_mode: i32,
+    errp: *mut *mut BjError,
+) -> bool {
+    ffi(errp, false, || {
+        // SAFETY: NULL or live handle.
+        let job = unsafe { job_arc(job) }?;
+        let copy_mode =
+            super::mirror::enum_arg(copy_mode, "copy_mode", MirrorCopyMode::from_index)?;
+        job.change(&JobChange { copy_mode })?;
         Ok(true)
     })
 }

@@ -38,8 +38,25 @@ pub use engine::{Engine, JobTxn};
 use crate::error::{Error, Result};
 use crate::qapi::{
     BlockDeviceIoStatus, BlockErrorAction, BlockJobInfo, BlockdevOnError, JobInfo, JobStatus,
-    JobType,
+    JobType, MirrorCopyMode,
 };
+
+/// `block-job-change` arguments past `id` and `type` (QEMU's
+/// `BlockJobChangeOptions`): what a job may change while it runs. Members
+/// of another type's branch keep their zero value, as in QEMU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JobChange {
+    /// `copy-mode` (type `mirror`); `background` for other types.
+    pub copy_mode: MirrorCopyMode,
+}
+
+impl Default for JobChange {
+    fn default() -> Self {
+        JobChange {
+            copy_mode: MirrorCopyMode::Background,
+        }
+    }
+}
 
 /// Creation flag: an internal job (no id, no events, not listed).
 pub const JOB_INTERNAL: u32 = 0x01;
@@ -90,6 +107,12 @@ pub trait JobDriver: Send + Sync + 'static {
 
     /// The speed changed (block jobs).
     fn set_speed(&self, _job: &Job, _speed: u64) {}
+
+    /// `block-job-change`, after the verb was admitted. The default is
+    /// that of a driver without `.change`.
+    fn change(&self, _job: &Job, _opts: &JobChange) -> Result<()> {
+        Err(Error::generic("Job type does not support change"))
+    }
 
     /// First step of a successful transaction; an error aborts it.
     fn prepare(&self, _job: &Job) -> Result<()> {
@@ -274,6 +297,11 @@ impl Job {
     /// `block-job-set-speed`.
     pub fn set_speed(self: &Arc<Self>, speed: i64) -> Result<()> {
         self.engine.set_speed(self, speed)
+    }
+
+    /// `block-job-change`.
+    pub fn change(self: &Arc<Self>, opts: &JobChange) -> Result<()> {
+        self.engine.change(self, opts)
     }
 
     /// Cancel and wait until the job is completed (QEMU's `job_cancel_sync`).

@@ -13,11 +13,11 @@ use crate::block::graph::Graph;
 use crate::block::options::{Obj, type_err};
 use crate::context::Context;
 use crate::error::{Error, ErrorClass, Result};
-use crate::job::Job;
+use crate::job::{Job, JobChange};
 use crate::jobs::commit::CommitOptions;
 use crate::jobs::mirror::MirrorOptions;
 use crate::jobs::stream::StreamOptions;
-use crate::qapi::{BlockdevOnError, MirrorCopyMode, MirrorSyncMode};
+use crate::qapi::{BlockdevOnError, JobType, MirrorCopyMode, MirrorSyncMode};
 
 /// Every command, as `query-commands` lists them.
 pub const COMMANDS: &[&str] = &[
@@ -32,6 +32,7 @@ pub const COMMANDS: &[&str] = &[
     "block-stream",
     "block-commit",
     "block-job-set-speed",
+    "block-job-change",
     "block-job-pause",
     "block-job-resume",
     "block-job-cancel",
@@ -168,6 +169,10 @@ pub fn dispatch(ctx: &Context, name: &str, args: &Value) -> Result<Value> {
             o.finish_ref()?;
             ok(engine.find_block_job(&id)?.set_speed(speed))
         }
+        "block-job-change" => {
+            let opts = block_job_change(o)?;
+            ok(engine.find_block_job(&opts.0)?.change(&opts.1))
+        }
         "block-job-pause" => block_job(o, "device").and_then(|j| ok(j.user_pause())),
         "block-job-resume" => block_job(o, "device").and_then(|j| ok(j.user_resume())),
         "block-job-cancel" => {
@@ -284,6 +289,20 @@ fn blockdev_mirror(ctx: &Context, o: &mut Obj<'_>) -> Result<Arc<Job>> {
     (m.auto_finalize, m.auto_dismiss) = auto_flags(o)?;
     o.finish_ref()?;
     ctx.blockdev_mirror(m)
+}
+
+/// `block-job-change`'s arguments: `id`, and QEMU's union on `type`
+/// (only `mirror` has members: `copy-mode`, required).
+fn block_job_change(o: &mut Obj<'_>) -> Result<(String, JobChange)> {
+    let id = o.req_str("id")?;
+    let job_type = opt_wire(o, "type", JobType::from_wire)?.ok_or_else(|| o.missing("type"))?;
+    let mut change = JobChange::default();
+    if job_type == JobType::Mirror {
+        change.copy_mode = opt_wire(o, "copy-mode", MirrorCopyMode::from_wire)?
+            .ok_or_else(|| o.missing("copy-mode"))?;
+    }
+    o.finish_ref()?;
+    Ok((id, change))
 }
 
 fn block_stream(ctx: &Context, o: &mut Obj<'_>) -> Result<Arc<Job>> {

@@ -24,8 +24,8 @@ use parking_lot::ReentrantMutex;
 use super::ratelimit::{BLOCK_JOB_SLICE, RateLimit};
 use super::tables::{is_completed, is_ready, transition_allowed, verb_allowed};
 use super::{
-    JOB_INTERNAL, JOB_MANUAL_DISMISS, JOB_MANUAL_FINALIZE, Job, JobDriver, JobOptions, Outcome,
-    Progress, check_flags, id_wellformed,
+    JOB_INTERNAL, JOB_MANUAL_DISMISS, JOB_MANUAL_FINALIZE, Job, JobChange, JobDriver, JobOptions,
+    Outcome, Progress, check_flags, id_wellformed,
 };
 use crate::error::{Error, ErrorClass, Result, strerror};
 use crate::events::{EventBus, EventData, JobProgressData};

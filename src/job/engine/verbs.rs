@@ -190,6 +190,16 @@ impl Engine {
         res
     }
 
+    /// QEMU's `block_job_change_locked`: the verb, then the driver (which
+    /// may drain the job's nodes, so it runs without the registry lock).
+    pub(crate) fn change(&self, job: &Arc<Job>, opts: &JobChange) -> Result<()> {
+        let _c = self.control();
+        let g = self.lock();
+        Self::apply_verb(&g, job, JobVerb::Change)?;
+        drop(g);
+        guarded(|| job.driver.change(job, opts)).and_then(|r| r)
+    }
+
     pub(crate) fn cancel_sync(&self, job: &Arc<Job>, force: bool) -> Result<()> {
         let _c = self.control();
         let g = self.lock();

@@ -126,7 +126,13 @@ impl WriteFilter for ActiveWrites {
 }
 
 /// Put the filter on the source; from now on it marks the job's bitmap.
+/// Once per run: `run` and `block-job-change` may both get here.
 pub(super) fn install(m: &Arc<Mirror>, c: &Arc<Copier>) {
+    // SeqCst: pairs with the store in `remove`; both run under `running`'s
+    // lock or before the run's main loop, so this only dedupes.
+    if m.filter_on.swap(true, Ordering::SeqCst) {
+        return;
+    }
     c.bitmap.set_recording(false);
     m.source.set_write_filter(Some(Box::new(ActiveWrites {
         mirror: m.clone(),
@@ -137,4 +143,5 @@ pub(super) fn install(m: &Arc<Mirror>, c: &Arc<Copier>) {
 /// Take it off again.
 pub(super) fn remove(m: &Mirror) {
     m.source.set_write_filter(None);
+    m.filter_on.store(false, Ordering::SeqCst);
 }

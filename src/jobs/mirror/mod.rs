@@ -31,7 +31,7 @@ use crate::block::Node;
 use crate::block::graph::{DrainSection, Graph, can_replace};
 use crate::context::Context;
 use crate::error::{Error, Result, strerror};
-use crate::job::{JOB_MANUAL_DISMISS, JOB_MANUAL_FINALIZE, Job, JobDriver};
+use crate::job::{JOB_MANUAL_DISMISS, JOB_MANUAL_FINALIZE, Job, JobChange, JobDriver};
 use crate::qapi::{BlockdevOnError, JobType, MirrorCopyMode, MirrorSyncMode};
 use crate::sync::{AtomicBool, Ordering};
 
@@ -165,8 +165,12 @@ pub(crate) struct Mirror {
     /// guest view.
     pub base: Option<Arc<Node>>,
     pub params: Params,
-    /// `copy-mode`: 0 background, 1 write-blocking (it can only go up).
+    /// `copy-mode`: 0 background, 1 write-blocking (it can only go up:
+    /// `block-job-change`).
     pub write_blocking: AtomicBool,
+    /// The write-blocking filter is on the source (it goes in once, at
+    /// start or at the change, whichever sees the run first).
+    pub filter_on: AtomicBool,
     /// Copy with `copy_file_range` (cleared when the nodes cannot).
     pub copy_offload: AtomicBool,
     /// An in-kernel copy has succeeded: operations may be sized for it.
@@ -245,6 +249,50 @@ impl JobDriver for Arc<Mirror> {
         // SeqCst: read by the job thread after it is kicked; the kick's
         // lock handover orders it anyway, this keeps the reasoning local.
         self.should_complete.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn change(&self, _job: &Job, opts: &JobChange) -> Result<()> {
+        // Active commit runs on this driver but has no `.change` in QEMU.
+        if self.job_type != JobType::Mirror {
+            return Err(Error::generic("Job type does not support change"));
+        }
+        let mode = |wb: bool| {
+            if wb {
+                MirrorCopyMode::WriteBlocking
+            } else {
+                MirrorCopyMode::Background
+            }
+        };
+        // QEMU's mirror_change, in its order.
+        if mode(self.write_blocking.load(Ordering::SeqCst)) == opts.copy_mode {
+            return Ok(());
+        }
+        if opts.copy_mode != MirrorCopyMode::WriteBlocking {
+            return Err(Error::generic(format!(
+                "Change to copy mode '{}' is not implemented",
+                opts.copy_mode
+            )));
+        }
+        // SeqCst: pairs with the load in `run` under `running`'s lock;
+        // whichever of the two sees the other's write installs the filter.
+        if let Err(cur) =
+            self.write_blocking
+                .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+        {
+            return Err(Error::generic(format!(
+                "Expected current copy mode 'background', got '{}'",
+                mode(cur)
+            )));
+        }
+        // A running job takes the filter now, with the source drained as
+        // at start: a guest write half-way finishes and marks the still
+        // recording bitmap first. Before the run starts, `run` puts it in.
+        let section = self.graph.drained_begin(std::slice::from_ref(&self.source));
+        if let Some(c) = lock(&self.running).as_ref() {
+            active::install(self, c);
+        }
+        self.graph.drained_end(section);
         Ok(())
     }
 
@@ -456,6 +504,7 @@ fn start_job(
         base,
         params,
         write_blocking: AtomicBool::new(st.write_blocking),
+        filter_on: AtomicBool::new(false),
         copy_offload: AtomicBool::new(true),
         offload_proven: AtomicBool::new(false),
         replaces: st.replaces.map(String::from),

@@ -146,8 +146,14 @@ pub(super) fn run(m: &Arc<Mirror>, job: &Arc<Job>) -> Result<()> {
             return Err(e);
         }
     };
-    *lock(&m.running) = Some(c.clone());
-    if m.write_blocking.load(Ordering::SeqCst) {
+    // Under `running`'s lock: a `block-job-change` either sees the run
+    // (and installs the filter itself) or set the mode before this load.
+    let write_blocking = {
+        let mut r = lock(&m.running);
+        *r = Some(c.clone());
+        m.write_blocking.load(Ordering::SeqCst)
+    };
+    if write_blocking {
         // A guest write that passed the source's filter check before the
         // filter existed would land after the copy of its range and be
         // marked nowhere (recording is off from here): let those finish
@@ -159,9 +165,13 @@ pub(super) fn run(m: &Arc<Mirror>, job: &Arc<Job>) -> Result<()> {
     let r = main_loop(m, job, &c);
     // Failed or cancelled: wait for what is in flight; done: nothing is.
     c.wait_all();
-    active::remove(m);
+    {
+        // With the lock: a `block-job-change` cannot put the filter back.
+        let mut r = lock(&m.running);
+        active::remove(m);
+        *r = None;
+    }
     c.shutdown();
-    *lock(&m.running) = None;
     m.source.bitmaps().remove_internal(&bitmap);
     r
 }
