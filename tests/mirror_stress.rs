@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use blockjob::Context;
 use blockjob::block::backend::BackendOptions;
+use blockjob::job::JobChange;
 use blockjob::jobs::mirror::MirrorOptions;
 use blockjob::qapi::{BlockdevOnError, JobStatus, MirrorCopyMode, MirrorSyncMode};
 use serde_json::json;
@@ -127,7 +128,8 @@ fn round(seed: u64, dir: &std::path::Path) -> bool {
         })
     });
 
-    // Random verbs; wrong-state refusals are fine, panics and hangs are not.
+    // Random verbs (block-job-change among them); wrong-state refusals are
+    // fine, panics and hangs are not.
     for _ in 0..(5 + rng.below(20)) {
         std::thread::sleep(Duration::from_micros(rng.below(3000)));
         let _ = match rng.below(8) {
@@ -136,6 +138,9 @@ fn round(seed: u64, dir: &std::path::Path) -> bool {
             4 => job.set_speed((rng.below(4) * 8 * MIB) as i64),
             5 => job.iostatus_reset(),
             6 if rng.below(4) == 0 => job.user_cancel(rng.below(2) == 0),
+            7 => job.change(&JobChange {
+                copy_mode: MirrorCopyMode::WriteBlocking,
+            }),
             _ => Ok(()),
         };
     }
@@ -170,6 +175,12 @@ fn round(seed: u64, dir: &std::path::Path) -> bool {
     };
     let done = job.wait_status(LONG, |s| s == JobStatus::Null);
     assert_eq!(done, Some(JobStatus::Null), "seed {seed}: ended {end:?}");
+    // No write-blocking filter outlives the job (a late block-job-change
+    // must not put one back).
+    assert!(
+        ctx.graph().find_node("src").unwrap().write_filter().is_none(),
+        "seed {seed}: the source kept a write filter"
+    );
     // Completed with a pivot: the guest's device moved to the target, and
     // the target has everything.
     let pivoted = blk.node().name() == "dst";
