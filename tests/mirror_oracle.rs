@@ -134,14 +134,21 @@ fn play(side: &mut dyn Side, dir: &Path, sc: &Scenario) -> (Trace, bool) {
     (Trace(t), same)
 }
 
-fn compare(label: &str, sc: &Scenario, diffs: &mut Vec<String>) {
+/// Run `f` on a fresh qemu-storage-daemon, then on a fresh context of
+/// ours, each in a directory of its own: (QEMU's result, ours).
+fn on_both<T>(f: impl Fn(&mut dyn Side, &Path) -> T) -> (T, T) {
     let d1 = tempfile::tempdir().unwrap();
     let d2 = tempfile::tempdir().unwrap();
     let mut qemu = Daemon::start();
-    let (qt, qs) = play(&mut qemu, d1.path(), sc);
+    let q = f(&mut qemu, d1.path());
     drop(qemu);
     let mut ours = Ours::new();
-    let (ot, os) = play(&mut ours, d2.path(), sc);
+    let o = f(&mut ours, d2.path());
+    (q, o)
+}
+
+fn compare(label: &str, sc: &Scenario, diffs: &mut Vec<String>) {
+    let ((qt, qs), (ot, os)) = on_both(|side, dir| play(side, dir, sc));
     if std::env::var("BJ_SHOW").is_ok_and(|v| label.contains(&v)) {
         eprintln!("{label}: identical={os} {:#?}", ot.0);
     }
@@ -283,8 +290,6 @@ fn bad_input_matches_qemu() {
         };
         // These end with the command's error; record only what happened
         // until then (a negative speed also emits created and null).
-        let d1 = tempfile::tempdir().unwrap();
-        let d2 = tempfile::tempdir().unwrap();
         let run = |side: &mut dyn Side, dir: &Path| {
             let src = dir.join("src.raw");
             let tgt = dir.join("tgt.raw");
@@ -299,18 +304,12 @@ fn bad_input_matches_qemu() {
             }
             t
         };
-        let mut qemu = Daemon::start();
-        let q = run(&mut qemu, d1.path());
-        drop(qemu);
-        let mut ours = Ours::new();
-        let o = run(&mut ours, d2.path());
+        let (q, o) = on_both(run);
         if q != o {
             diffs.push(format!("{label}:\n  qemu: {q:?}\n  ours: {o:?}"));
         }
     }
     // A second mirror on a busy node, and a duplicate job id.
-    let d1 = tempfile::tempdir().unwrap();
-    let d2 = tempfile::tempdir().unwrap();
     let busy = |side: &mut dyn Side, dir: &Path| {
         let mut t = Vec::new();
         for n in ["a", "b", "c"] {
@@ -351,11 +350,7 @@ fn bad_input_matches_qemu() {
             .unwrap();
         t
     };
-    let mut qemu = Daemon::start();
-    let q = busy(&mut qemu, d1.path());
-    drop(qemu);
-    let mut ours = Ours::new();
-    let o = busy(&mut ours, d2.path());
+    let (q, o) = on_both(busy);
     if q != o {
         diffs.push(format!("busy nodes:\n  qemu: {q:#?}\n  ours: {o:#?}"));
     }
@@ -462,13 +457,7 @@ fn replaces_matches_qemu() {
             t.push(format!("target holds the source: {copied}"));
             t
         };
-        let d1 = tempfile::tempdir().unwrap();
-        let d2 = tempfile::tempdir().unwrap();
-        let mut qemu = Daemon::start();
-        let q = run(&mut qemu, d1.path());
-        drop(qemu);
-        let mut ours = Ours::new();
-        let o = run(&mut ours, d2.path());
+        let (q, o) = on_both(run);
         if std::env::var("BJ_SHOW").is_ok_and(|v| label.contains(&v)) {
             eprintln!("{label}: {o:#?}");
         }
@@ -609,13 +598,7 @@ fn block_job_change_matches_qemu() {
         }
         t
     };
-    let d1 = tempfile::tempdir().unwrap();
-    let d2 = tempfile::tempdir().unwrap();
-    let mut qemu = Daemon::start();
-    let q = run(&mut qemu, d1.path());
-    drop(qemu);
-    let mut ours = Ours::new();
-    let o = run(&mut ours, d2.path());
+    let (q, o) = on_both(run);
     if std::env::var("BJ_SHOW").is_ok() {
         eprintln!("{o:#?}");
     }
