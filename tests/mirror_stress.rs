@@ -178,7 +178,11 @@ fn round(seed: u64, dir: &std::path::Path) -> bool {
     // No write-blocking filter outlives the job (a late block-job-change
     // must not put one back).
     assert!(
-        ctx.graph().find_node("src").unwrap().write_filter().is_none(),
+        ctx.graph()
+            .find_node("src")
+            .unwrap()
+            .write_filter()
+            .is_none(),
         "seed {seed}: the source kept a write filter"
     );
     // Completed with a pivot: the guest's device moved to the target, and
