@@ -190,6 +190,19 @@ fn lifecycle_matches_qemu() {
             "complete",
             json!({"granularity":4096,"buf-size":4096}),
         ),
+        ("sync none", "complete", json!({"sync":"none"})),
+        (
+            "sync top without a backing file",
+            "complete",
+            json!({"sync":"top"}),
+        ),
+        (
+            "sync none, write-blocking",
+            "complete",
+            json!({"sync":"none","copy-mode":"write-blocking"}),
+        ),
+        ("replaces the source", "complete", json!({"replaces":"src"})),
+        ("soft cancel, sync none", "cancel", json!({"sync":"none"})),
     ] {
         let sc = Scenario {
             src_inject: None,
