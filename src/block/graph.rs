@@ -579,23 +579,24 @@ impl Graph {
             .collect()
     }
 
-    /// Whether `replace_node(from, to)` can move every parent of `from`;
-    /// the error names the first that cannot (a driver of ours whose
-    /// children are fixed: only filters can move theirs).
-    pub fn check_replace_node(&self, from: &Arc<Node>, to: &Arc<Node>) -> Result<()> {
-        match self
-            .parents_to_move(from, to)
-            .into_iter()
-            .find(|p| !p.driver().can_replace_child())
-        {
+    /// The parents `replace_node(from, to)` moves, or an error naming the
+    /// first that cannot move (a driver of ours whose children are fixed).
+    fn movable_parents(&self, from: &Arc<Node>, to: &Arc<Node>) -> Result<Vec<Arc<Node>>> {
+        let parents = self.parents_to_move(from, to);
+        match parents.iter().find(|p| !p.driver().can_replace_child()) {
             Some(p) => Err(Error::generic(format!(
                 "Cannot replace node '{}': its parent '{}' (driver {}) cannot change its children",
                 from.name(),
                 p.name(),
                 p.driver_name()
             ))),
-            None => Ok(()),
+            None => Ok(parents),
         }
+    }
+
+    /// Whether `replace_node(from, to)` can move every parent of `from`.
+    pub fn check_replace_node(&self, from: &Arc<Node>, to: &Arc<Node>) -> Result<()> {
+        self.movable_parents(from, to).map(drop)
     }
 
     /// Move every parent of `from` to `to` (QEMU's `bdrv_replace_node`):
@@ -603,8 +604,7 @@ impl Graph {
     /// one of the parent nodes cannot (see [`Graph::check_replace_node`]).
     /// Call with `from` drained.
     pub fn replace_node(&self, from: &Arc<Node>, to: &Arc<Node>) -> Result<()> {
-        self.check_replace_node(from, to)?;
-        for p in self.parents_to_move(from, to) {
+        for p in self.movable_parents(from, to)? {
             p.driver().replace_child(from, to);
         }
         for b in from.parent_backends() {

@@ -620,6 +620,19 @@ impl Node {
         p.jobs.iter().find_map(|(w, _)| w.upgrade())
     }
 
+    /// QEMU's op blocker of block jobs, for commands that would use or
+    /// change this node: refused while any job uses it.
+    pub fn check_not_busy(&self) -> Result<()> {
+        match self.any_job() {
+            Some(j) => Err(Error::generic(format!(
+                "Node '{}' is busy: block device is in use by block job: {}",
+                self.name(),
+                j.job_type()
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// A job uses this node other than as its main node (e.g. a target).
     pub fn has_job_user(&self) -> bool {
         let p = self.parents.lock().unwrap_or_else(|p| p.into_inner());

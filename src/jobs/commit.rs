@@ -219,9 +219,7 @@ pub fn block_commit(ctx: &Context, o: CommitOptions) -> Result<Arc<Job>> {
     }
     // Op blockers on everything that changes.
     for n in &below_top {
-        if let Some(j) = n.any_job() {
-            return Err(busy(n, &j));
-        }
+        n.check_not_busy()?;
         if Arc::ptr_eq(n, &base) {
             break;
         }
@@ -254,9 +252,7 @@ pub fn block_commit(ctx: &Context, o: CommitOptions) -> Result<Arc<Job>> {
         .find(|w| Arc::ptr_eq(&w[1], &top))
         .map(|w| w[0].clone())
         .ok_or_else(|| Error::generic("Could not find overlay image"))?;
-    if let Some(j) = overlay.any_job() {
-        return Err(busy(&overlay, &j));
-    }
+    overlay.check_not_busy()?;
     let commit = Arc::new(Commit {
         graph: graph.clone(),
         overlay,
@@ -276,12 +272,4 @@ pub fn block_commit(ctx: &Context, o: CommitOptions) -> Result<Arc<Job>> {
     base.attach_job(&job, false);
     job.start()?;
     Ok(job)
-}
-
-fn busy(n: &Node, j: &Job) -> Error {
-    Error::generic(format!(
-        "Node '{}' is busy: block device is in use by block job: {}",
-        n.name(),
-        j.job_type()
-    ))
 }

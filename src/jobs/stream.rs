@@ -321,13 +321,7 @@ pub fn block_stream(ctx: &Context, o: StreamOptions) -> Result<Arc<Job>> {
         if base.as_ref().is_some_and(|b| Arc::ptr_eq(b, n)) {
             break;
         }
-        if let Some(j) = n.any_job() {
-            return Err(Error::generic(format!(
-                "Node '{}' is busy: block device is in use by block job: {}",
-                n.name(),
-                j.job_type()
-            )));
-        }
+        n.check_not_busy()?;
     }
     if base.is_none() && o.backing_file.is_some() {
         return Err(Error::generic(

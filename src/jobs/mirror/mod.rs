@@ -361,15 +361,8 @@ pub fn blockdev_mirror(ctx: &Context, o: MirrorOptions) -> Result<Arc<Job>> {
             "Parameter 'granularity' expects a power of 2",
         ));
     }
-    for n in [&source, &target] {
-        if let Some(j) = n.any_job() {
-            return Err(Error::generic(format!(
-                "Node '{}' is busy: block device is in use by block job: {}",
-                n.name(),
-                j.job_type()
-            )));
-        }
-    }
+    source.check_not_busy()?;
+    target.check_not_busy()?;
     // QEMU checks `replaces` before the sync mode, buf-size and "into
     // itself" (those are mirror_start's).
     if let Some(name) = &o.replaces {
@@ -433,13 +426,7 @@ fn check_replaces(ctx: &Context, source: &Arc<Node>, target: &Arc<Node>, name: &
     let to_replace = graph
         .find_node(name)
         .ok_or_else(|| Error::generic(format!("Failed to find node with node-name='{name}'")))?;
-    if let Some(j) = to_replace.any_job() {
-        return Err(Error::generic(format!(
-            "Node '{}' is busy: block device is in use by block job: {}",
-            to_replace.name(),
-            j.job_type()
-        )));
-    }
+    to_replace.check_not_busy()?;
     if !can_replace(source, &to_replace) {
         return Err(Error::generic(format!(
             "Cannot replace '{name}' by a node mirrored from '{}', because it cannot be \
