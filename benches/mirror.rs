@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use blockjob::Context;
-use blockjob::jobs::mirror::MirrorOptions;
+use blockjob::block_jobs::mirror::MirrorOptions;
 use blockjob::qapi::{JobStatus, MirrorSyncMode};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use serde_json::json;

@@ -35,9 +35,9 @@ use std::time::{Duration, Instant};
 
 use blockjob::Context;
 use blockjob::block::chain;
+use blockjob::block_jobs::commit::CommitOptions;
+use blockjob::block_jobs::stream::StreamOptions;
 use blockjob::events::EventData;
-use blockjob::jobs::commit::CommitOptions;
-use blockjob::jobs::stream::StreamOptions;
 use blockjob::qapi::JobStatus;
 use clap::{Parser, ValueEnum};
 use serde_json::{Value, json};

@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 
 use blockjob::Context;
 use blockjob::block::backend::{BackendOptions, BlockBackend};
+use blockjob::block_jobs::mirror::MirrorOptions;
 use blockjob::events::EventData;
-use blockjob::jobs::mirror::MirrorOptions;
 use blockjob::qapi::{JobStatus, MirrorCopyMode, MirrorSyncMode};
 use clap::Parser;
 use serde_json::{Value, json};

@@ -12,9 +12,9 @@ use crate::block::Node;
 use crate::block::backend::{BackendOptions, BlockBackend};
 use crate::block::graph::Graph;
 use crate::block::host::HostIo;
+use crate::engine::{Engine, JOB_INTERNAL, Job, JobDriver, JobOptions, JobTxn};
 use crate::error::{Error, Result};
 use crate::events::{Event, EventBus, Subscription};
-use crate::job::{Engine, JOB_INTERNAL, Job, JobDriver, JobOptions, JobTxn};
 use crate::qapi::{BlockJobInfo, JobInfo};
 
 /// An event handler run on the context's event thread.
@@ -245,18 +245,21 @@ impl Context {
     }
 
     /// `blockdev-mirror`: create and start a mirror job.
-    pub fn blockdev_mirror(&self, opts: crate::jobs::mirror::MirrorOptions) -> Result<Arc<Job>> {
-        crate::jobs::mirror::blockdev_mirror(self, opts)
+    pub fn blockdev_mirror(
+        &self,
+        opts: crate::block_jobs::mirror::MirrorOptions,
+    ) -> Result<Arc<Job>> {
+        crate::block_jobs::mirror::blockdev_mirror(self, opts)
     }
 
     /// `block-commit`: create and start a commit job.
-    pub fn block_commit(&self, opts: crate::jobs::commit::CommitOptions) -> Result<Arc<Job>> {
-        crate::jobs::commit::block_commit(self, opts)
+    pub fn block_commit(&self, opts: crate::block_jobs::commit::CommitOptions) -> Result<Arc<Job>> {
+        crate::block_jobs::commit::block_commit(self, opts)
     }
 
     /// `block-stream`: create and start a stream job.
-    pub fn block_stream(&self, opts: crate::jobs::stream::StreamOptions) -> Result<Arc<Job>> {
-        crate::jobs::stream::block_stream(self, opts)
+    pub fn block_stream(&self, opts: crate::block_jobs::stream::StreamOptions) -> Result<Arc<Job>> {
+        crate::block_jobs::stream::block_stream(self, opts)
     }
 
     /// Create a job that is not a block job (no `BLOCK_JOB_*` events).

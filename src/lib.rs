@@ -16,13 +16,13 @@
 
 pub mod bitmap;
 pub mod block;
+pub mod block_jobs;
 #[allow(unsafe_code)]
 pub mod capi;
 pub mod context;
+pub mod engine;
 pub mod error;
 pub mod events;
-pub mod job;
-pub mod jobs;
 pub mod qapi;
 pub mod qmp;
 pub mod sync;

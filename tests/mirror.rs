@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use blockjob::Context;
 use blockjob::block::backend::BackendOptions;
+use blockjob::block_jobs::mirror::MirrorOptions;
+use blockjob::engine::JobChange;
 use blockjob::events::EventData;
-use blockjob::job::JobChange;
-use blockjob::jobs::mirror::MirrorOptions;
 use blockjob::qapi::{JobStatus, MirrorCopyMode, MirrorSyncMode};
 use serde_json::json;
 

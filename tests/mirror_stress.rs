@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use blockjob::Context;
 use blockjob::block::backend::BackendOptions;
-use blockjob::job::JobChange;
-use blockjob::jobs::mirror::MirrorOptions;
+use blockjob::block_jobs::mirror::MirrorOptions;
+use blockjob::engine::JobChange;
 use blockjob::qapi::{BlockdevOnError, JobStatus, MirrorCopyMode, MirrorSyncMode};
 use serde_json::json;
 

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use blockjob::Context;
 use blockjob::block::backend::BackendOptions;
+use blockjob::block_jobs::stream::StreamOptions;
 use blockjob::events::EventData;
-use blockjob::jobs::stream::StreamOptions;
 use blockjob::qapi::{BlockdevOnError, JobStatus};
 use serde_json::{Value, json};
 
@@ -18,7 +18,7 @@ const MIB: u64 = 1 << 20;
 
 use common::chain::{backing_chain, chain, flat, s, tool as run};
 
-fn wait_end(job: &blockjob::job::Job) {
+fn wait_end(job: &blockjob::engine::Job) {
     job.wait_status(Duration::from_secs(30), |s| s == JobStatus::Null)
         .expect("job did not end");
 }

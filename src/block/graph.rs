@@ -22,9 +22,10 @@ use super::options::{BackingSpec, ChildRef, DriverSpec, NodeSpec};
 use super::qcow2::Qcow2Driver;
 use super::raw::RawDriver;
 use super::{BlockDriver, Node};
+use crate::engine::Job;
 use crate::error::{Error, Result};
 use crate::events::EventBus;
-use crate::job::{Job, id_wellformed};
+use crate::qapi::ids::id_wellformed;
 
 struct Entry {
     node: Arc<Node>,

@@ -29,8 +29,8 @@ mod writeback;
 use std::sync::{Arc, Condvar, Mutex, Weak};
 
 use crate::bitmap::named::NodeBitmaps;
+use crate::engine::Job;
 use crate::error::{Error, Result};
-use crate::job::Job;
 use crate::sync::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 
 pub use blkdebug::BlkdebugEvent;

@@ -2,12 +2,12 @@
 //! visitor checks it (same member order, same error texts), into a tree of
 //! [`NodeSpec`]s that the graph then opens.
 
-use std::collections::BTreeSet;
-
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use super::blkdebug::{BlkdebugEvent, BlkdebugIoType, InjectError, SetState};
 use crate::error::{Error, Result};
+use crate::qapi::keyval;
+use crate::qapi::visitor::{Obj, type_err};
 
 /// A child given inline or by name.
 #[derive(Debug, Clone)]
@@ -160,156 +160,28 @@ const QEMU_DRIVERS: &[&str] = &[
     "vvfat",
 ];
 
-/// A JSON object being visited: tracks the member path for messages and
-/// which members were consumed, so leftovers are "unexpected".
-pub(crate) struct Obj<'a> {
-    map: &'a Map<String, Value>,
-    prefix: String,
-    used: BTreeSet<&'a str>,
+/// A required child reference: a node name, or an inline node.
+fn req_child<'a>(o: &mut Obj<'a>, key: &'a str) -> Result<ChildRef> {
+    let name = o.name(key);
+    match o.get(key) {
+        None => Err(o.missing(key)),
+        Some(Value::String(s)) => Ok(ChildRef::Existing(s.clone())),
+        Some(v @ Value::Object(_)) => Ok(ChildRef::New(Box::new(parse_at(v, &name)?))),
+        Some(_) => Err(type_err(&name, "BlockdevRef")),
+    }
 }
 
-pub(crate) fn type_err(name: &str, expected: &str) -> Error {
-    Error::generic(format!(
-        "Invalid parameter type for '{name}', expected: {expected}"
-    ))
-}
-
-impl<'a> Obj<'a> {
-    pub(crate) fn new(v: &'a Value, name: &str) -> Result<Self> {
-        match v {
-            Value::Object(map) => Ok(Obj {
-                map,
-                prefix: if name.is_empty() {
-                    String::new()
-                } else {
-                    format!("{name}.")
-                },
-                used: BTreeSet::new(),
-            }),
-            _ => Err(type_err(
-                if name.is_empty() { "null" } else { name },
-                "object",
-            )),
-        }
-    }
-
-    pub(crate) fn name(&self, key: &str) -> String {
-        format!("{}{}", self.prefix, key)
-    }
-
-    pub(crate) fn get(&mut self, key: &'a str) -> Option<&'a Value> {
-        let v = self.map.get(key);
-        if v.is_some() {
-            self.used.insert(key);
-        }
-        v
-    }
-
-    pub(crate) fn missing(&self, key: &str) -> Error {
-        Error::generic(format!("Parameter '{}' is missing", self.name(key)))
-    }
-
-    pub(crate) fn opt_str(&mut self, key: &'a str) -> Result<Option<String>> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(_) => Err(type_err(&self.name(key), "string")),
-        }
-    }
-
-    pub(crate) fn req_str(&mut self, key: &'a str) -> Result<String> {
-        self.opt_str(key)?.ok_or_else(|| self.missing(key))
-    }
-
-    pub(crate) fn opt_bool(&mut self, key: &'a str) -> Result<Option<bool>> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(Value::Bool(b)) => Ok(Some(*b)),
-            Some(_) => Err(type_err(&self.name(key), "boolean")),
-        }
-    }
-
-    pub(crate) fn opt_int(&mut self, key: &'a str) -> Result<Option<i64>> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(Value::Number(n)) => n
-                .as_i64()
-                .map(Some)
-                .ok_or_else(|| type_err(&self.name(key), "integer")),
-            Some(_) => Err(type_err(&self.name(key), "integer")),
-        }
-    }
-
-    pub(crate) fn req_int(&mut self, key: &'a str) -> Result<i64> {
-        self.opt_int(key)?.ok_or_else(|| self.missing(key))
-    }
-
-    /// QEMU reports a bad enum value with the bare member name.
-    pub(crate) fn opt_enum(&mut self, key: &'a str, allowed: &[&str]) -> Result<Option<String>> {
-        match self.opt_str(key)? {
-            None => Ok(None),
-            Some(s) if allowed.contains(&s.as_str()) => Ok(Some(s)),
-            Some(s) => Err(Error::generic(format!(
-                "Parameter '{key}' does not accept value '{s}'"
-            ))),
-        }
-    }
-
-    pub(crate) fn opt_list(&mut self, key: &'a str) -> Result<Option<&'a Vec<Value>>> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(Value::Array(a)) => Ok(Some(a)),
-            Some(_) => Err(type_err(&self.name(key), "array")),
-        }
-    }
-
-    pub(crate) fn opt_obj(&mut self, key: &'a str) -> Result<Option<Obj<'a>>> {
-        let name = self.name(key);
-        match self.get(key) {
-            None => Ok(None),
-            Some(v @ Value::Object(_)) => Ok(Some(Obj::new(v, &name)?)),
-            Some(_) => Err(type_err(&name, "object")),
-        }
-    }
-
-    pub(crate) fn req_child(&mut self, key: &'a str) -> Result<ChildRef> {
-        let name = self.name(key);
-        match self.get(key) {
-            None => Err(self.missing(key)),
-            Some(Value::String(s)) => Ok(ChildRef::Existing(s.clone())),
-            Some(v @ Value::Object(_)) => Ok(ChildRef::New(Box::new(parse_at(v, &name)?))),
-            Some(_) => Err(type_err(&name, "BlockdevRef")),
-        }
-    }
-
-    /// `backing`: a node, `null`, or absent.
-    pub(crate) fn opt_backing(&mut self, key: &'a str) -> Result<BackingSpec> {
-        let name = self.name(key);
-        match self.get(key) {
-            None => Ok(BackingSpec::FromHeader),
-            Some(Value::Null) => Ok(BackingSpec::None),
-            Some(Value::String(s)) => Ok(BackingSpec::Child(ChildRef::Existing(s.clone()))),
-            Some(v @ Value::Object(_)) => Ok(BackingSpec::Child(ChildRef::New(Box::new(
-                parse_at(v, &name)?,
-            )))),
-            Some(_) => Err(type_err(&name, "BlockdevRefOrNull")),
-        }
-    }
-
-    /// QEMU's `visit_check_struct`: members nobody asked for.
-    pub(crate) fn finish(self) -> Result<()> {
-        self.finish_ref()
-    }
-
-    /// [`Self::finish`] without giving the visitor up.
-    pub(crate) fn finish_ref(&self) -> Result<()> {
-        match self.map.keys().find(|k| !self.used.contains(k.as_str())) {
-            Some(k) => Err(Error::generic(format!(
-                "Parameter '{}' is unexpected",
-                self.name(k)
-            ))),
-            None => Ok(()),
-        }
+/// `backing`: a node, `null`, or absent.
+fn opt_backing<'a>(o: &mut Obj<'a>, key: &'a str) -> Result<BackingSpec> {
+    let name = o.name(key);
+    match o.get(key) {
+        None => Ok(BackingSpec::FromHeader),
+        Some(Value::Null) => Ok(BackingSpec::None),
+        Some(Value::String(s)) => Ok(BackingSpec::Child(ChildRef::Existing(s.clone()))),
+        Some(v @ Value::Object(_)) => Ok(BackingSpec::Child(ChildRef::New(Box::new(parse_at(
+            v, &name,
+        )?)))),
+        Some(_) => Err(type_err(&name, "BlockdevRefOrNull")),
     }
 }
 
@@ -371,13 +243,13 @@ fn parse_at(v: &Value, name: &str) -> Result<NodeSpec> {
             read_zeroes: o.opt_bool("read-zeroes")?.unwrap_or(false),
         },
         "raw" => DriverSpec::Raw {
-            file: o.req_child("file")?,
+            file: req_child(&mut o, "file")?,
             offset: o.opt_int("offset")?,
             size: o.opt_int("size")?,
         },
         "qcow2" => {
-            let file = o.req_child("file")?;
-            let backing = o.opt_backing("backing")?;
+            let file = req_child(&mut o, "file")?;
+            let backing = opt_backing(&mut o, "backing")?;
             // Tuning QEMU accepts; imago has its own caches.
             for k in [
                 "lazy-refcounts",
@@ -408,7 +280,7 @@ fn parse_at(v: &Value, name: &str) -> Result<NodeSpec> {
             DriverSpec::Qcow2 { file, backing }
         }
         "blkdebug" => {
-            let image = o.req_child("image")?;
+            let image = req_child(&mut o, "image")?;
             if o.opt_str("config")?.is_some() {
                 return Err(Error::generic(
                     "blkdebug 'config' files are not supported; use inject-error and set-state",
@@ -429,7 +301,7 @@ fn parse_at(v: &Value, name: &str) -> Result<NodeSpec> {
                 Some(list) => list
                     .iter()
                     .enumerate()
-                    .map(|(i, v)| parse_inject(v, &format!("{}inject-error[{i}]", o.prefix)))
+                    .map(|(i, v)| parse_inject(v, &format!("{}[{i}]", o.name("inject-error"))))
                     .collect::<Result<_>>()?,
             };
             let set_state = match o.opt_list("set-state")? {
@@ -437,7 +309,7 @@ fn parse_at(v: &Value, name: &str) -> Result<NodeSpec> {
                 Some(list) => list
                     .iter()
                     .enumerate()
-                    .map(|(i, v)| parse_set_state(v, &format!("{}set-state[{i}]", o.prefix)))
+                    .map(|(i, v)| parse_set_state(v, &format!("{}[{i}]", o.name("set-state"))))
                     .collect::<Result<_>>()?,
             };
             for k in ["take-child-perms", "share-child-perms"] {
@@ -521,6 +393,112 @@ fn parse_set_state(v: &Value, name: &str) -> Result<SetState> {
         state,
         new_state,
     })
+}
+
+// ---- blockdev-add from a command line ------------------------------------------
+
+/// Boolean members of the drivers we support (blockdev-add's schema).
+const BOOL_MEMBERS: &[&str] = &[
+    "read-only",
+    "auto-read-only",
+    "force-share",
+    "direct",
+    "no-flush",
+    "drop-cache",
+    "x-check-cache-dropped",
+    "read-zeroes",
+    "lazy-refcounts",
+    "pass-discard-request",
+    "pass-discard-snapshot",
+    "pass-discard-other",
+    "discard-no-unref",
+    "once",
+    "immediately",
+];
+
+/// Integer members of the drivers we support.
+const INT_MEMBERS: &[&str] = &[
+    "size",
+    "latency-ns",
+    "offset",
+    "aio-max-batch",
+    "cache-size",
+    "l2-cache-size",
+    "l2-cache-entry-size",
+    "refcount-cache-size",
+    "cache-clean-interval",
+    "align",
+    "max-transfer",
+    "opt-write-zero",
+    "max-write-zero",
+    "opt-discard",
+    "max-discard",
+    "state",
+    "new_state",
+    "errno",
+    "sector",
+];
+
+/// blockdev-add's typed JSON from a keyval `--blockdev`: the boolean and
+/// integer members converted, `backing=` (empty) meaning null, as QEMU's
+/// keyval visitor does for these members. Other values stay strings.
+pub fn blockdev_from_keyval(text: &str) -> Result<Value, String> {
+    let mut v = Value::Object(keyval::keyval_parse(text, Some("driver"))?);
+    type_members(&mut v, "", "")?;
+    Ok(v)
+}
+
+fn type_members(v: &mut Value, path: &str, member: &str) -> Result<(), String> {
+    let join = |k: &str| {
+        if path.is_empty() {
+            k.to_string()
+        } else {
+            format!("{path}.{k}")
+        }
+    };
+    match v {
+        Value::Object(m) => {
+            for (k, c) in m.iter_mut() {
+                type_members(c, &join(k), k)?;
+            }
+        }
+        Value::Array(a) => {
+            for (n, c) in a.iter_mut().enumerate() {
+                type_members(c, &join(&n.to_string()), member)?;
+            }
+        }
+        Value::String(s) => {
+            if BOOL_MEMBERS.contains(&member) {
+                *v = Value::Bool(
+                    keyval::parse_bool(s)
+                        .ok_or_else(|| format!("Parameter '{path}' expects 'on' or 'off'"))?,
+                );
+            } else if INT_MEMBERS.contains(&member) {
+                *v = Value::from(
+                    keyval::parse_int(s)
+                        .ok_or_else(|| format!("Parameter '{path}' expects integer"))?,
+                );
+            } else if member == "backing" && s.is_empty() {
+                *v = Value::Null;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// A `--blockdev` argument as blockdev-add's JSON.
+pub fn blockdev_options(text: &str) -> Result<Value, String> {
+    if text.starts_with('{') {
+        let v: Value = serde_json::from_str(text).map_err(|e| {
+            let s = e.to_string();
+            let s = s.split(" at line ").next().unwrap_or(&s).to_string();
+            format!("JSON parse error, {s}")
+        })?;
+        Ok(v)
+    } else {
+        blockdev_from_keyval(text)
+    }
 }
 
 #[cfg(test)]
@@ -640,6 +618,62 @@ mod tests {
         let s = parse(&json!({"driver":"raw","node-name":"r","file":"f1"})).unwrap();
         assert!(
             matches!(s.driver, DriverSpec::Raw { file: ChildRef::Existing(ref n), .. } if n == "f1")
+        );
+    }
+
+    #[test]
+    fn blockdev_from_keyval_types_members() {
+        let v = blockdev_from_keyval(
+            "raw,node-name=a,,b,file.driver=blkdebug,file.image.driver=null-co,\
+             file.image.size=0x100000,file.inject-error.0.event=read_aio,\
+             file.inject-error.0.once=on,file.inject-error.1.event=write_aio,read-only=off,",
+        )
+        .unwrap();
+        assert_eq!(
+            v,
+            json!({"driver":"raw","node-name":"a,b","file":{"driver":"blkdebug",
+                "image":{"driver":"null-co","size":1048576},
+                "inject-error":[{"event":"read_aio","once":true},{"event":"write_aio"}]},
+                "read-only":false})
+        );
+        let e = |s: &str| blockdev_from_keyval(s).unwrap_err();
+        assert_eq!(
+            e("driver=null-co,size=1M"),
+            "Parameter 'size' expects integer"
+        );
+        assert_eq!(
+            e("driver=null-co,read-only=maybe"),
+            "Parameter 'read-only' expects 'on' or 'off'"
+        );
+        assert_eq!(
+            e("driver=null-co,cache.direct=off,cache=x"),
+            "Parameters 'cache.*' used inconsistently"
+        );
+        assert_eq!(
+            e("driver=null-co,cache=x,cache.direct=off"),
+            "Parameters 'cache.*' used inconsistently"
+        );
+        assert_eq!(e("driver=null-co,a..b=1"), "Invalid parameter 'a..b'");
+        assert_eq!(e("driver=null-co,=a"), "Invalid parameter ''");
+        assert_eq!(
+            e("driver=null-co,node-name"),
+            "Expected '=' after parameter 'node-name'"
+        );
+        assert_eq!(
+            e("driver=raw,file.inject-error.1.event=x"),
+            "Parameter 'file.inject-error.0' missing"
+        );
+        assert_eq!(
+            e("driver=raw,file.l.0.a=x,file.l.x.a=y"),
+            "Parameters 'file.l.*' used inconsistently"
+        );
+        assert_eq!(
+            blockdev_from_keyval("driver=null-co,node-name=a,node-name=b").unwrap()["node-name"],
+            "b"
+        );
+        assert_eq!(
+            blockdev_from_keyval("driver=qcow2,backing=").unwrap()["backing"],
+            Value::Null
         );
     }
 }

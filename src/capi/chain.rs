@@ -6,9 +6,9 @@ use std::sync::Arc;
 use super::context::{BjContext, ctx_arg};
 use super::mirror::enum_arg;
 use super::{BjError, Versioned, arg_opt_str, arg_str, ffi, reserved_zero, versioned};
-use crate::job::Job;
-use crate::jobs::commit::CommitOptions;
-use crate::jobs::stream::StreamOptions;
+use crate::block_jobs::commit::CommitOptions;
+use crate::block_jobs::stream::StreamOptions;
+use crate::engine::Job;
 use crate::qapi::BlockdevOnError;
 
 /// `block-stream` arguments. Zero-initialise, set `size` and `device`;

@@ -12,8 +12,8 @@ use super::node::{BjNode, node_arc};
 use super::{
     BjError, Versioned, arg_opt_str, arg_str, error, ffi, ffi_void, malloc_str, null_arg, versioned,
 };
+use crate::engine::{Job, JobChange, JobDriver, JobTxn};
 use crate::error::{Error, Result};
-use crate::job::{Job, JobChange, JobDriver, JobTxn};
 use crate::qapi::{BlockdevOnError, JobType, MirrorCopyMode};
 
 /// A job (opaque, reference-counted).

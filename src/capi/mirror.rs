@@ -5,9 +5,9 @@ use std::sync::Arc;
 
 use super::context::{BjContext, ctx_arg};
 use super::{BjError, Versioned, arg_opt_str, arg_str, ffi, reserved_zero, versioned};
+use crate::block_jobs::mirror::MirrorOptions;
+use crate::engine::Job;
 use crate::error::{Error, Result};
-use crate::job::Job;
-use crate::jobs::mirror::MirrorOptions;
 use crate::qapi::{BlockdevOnError, MirrorCopyMode, MirrorSyncMode};
 
 /// `blockdev-mirror` arguments. Zero-initialise, set `size`, `device`,

@@ -39,7 +39,7 @@ pub(crate) fn ffi<T>(errp: *mut *mut BjError, fail: T, f: impl FnOnce() -> Resul
             fail
         }
         Err(p) => {
-            error::set(errp, Error::generic(crate::job::panic_text(&p)));
+            error::set(errp, Error::generic(crate::engine::panic_text(&p)));
             fail
         }
     }

@@ -10,13 +10,13 @@ use serde_json::{Value, json};
 use crate::bitmap::named::{self, BitmapRef};
 use crate::block::Node;
 use crate::block::graph::Graph;
-use crate::block::options::{Obj, type_err};
+use crate::block_jobs::commit::CommitOptions;
+use crate::block_jobs::mirror::MirrorOptions;
+use crate::block_jobs::stream::StreamOptions;
 use crate::context::Context;
+use crate::engine::{Job, JobChange};
 use crate::error::{Error, ErrorClass, Result};
-use crate::job::{Job, JobChange};
-use crate::jobs::commit::CommitOptions;
-use crate::jobs::mirror::MirrorOptions;
-use crate::jobs::stream::StreamOptions;
+use crate::qapi::visitor::{Obj, type_err};
 use crate::qapi::{BlockdevOnError, JobType, MirrorCopyMode, MirrorSyncMode};
 
 /// Every command, as `query-commands` lists them.

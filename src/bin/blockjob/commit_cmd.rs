@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use blockjob::block::chain;
-use blockjob::jobs::commit::CommitOptions;
+use blockjob::block_jobs::commit::CommitOptions;
 use blockjob::{Context, Result};
 use clap::Args;
 use serde_json::json;

@@ -52,6 +52,7 @@ use nix::fcntl::{Flock, FlockArg};
 use nix::sys::stat::{Mode, umask};
 use serde_json::Value;
 
+use crate::chardev;
 use crate::daemon_args::{self, Opt, Parsed};
 
 /// Set in the environment of the re-executed child of `--daemonize`.
@@ -119,7 +120,7 @@ pub fn run(args: Vec<OsString>) -> ! {
     for opt in &a.opts {
         match opt {
             Opt::Blockdev(text) => {
-                let r = daemon_args::blockdev_options(text).and_then(|v| {
+                let r = blockjob::block::options::blockdev_options(text).and_then(|v| {
                     ctx.blockdev_add(&v)
                         .map(|_| ())
                         .map_err(|e| e.message().to_string())
@@ -129,7 +130,7 @@ pub fn run(args: Vec<OsString>) -> ! {
                 }
             }
             Opt::Chardev(text) => {
-                let r = daemon_args::parse_chardev(text).and_then(|c| {
+                let r = chardev::parse_chardev(text).and_then(|c| {
                     if chardevs.contains_key(&c.id) {
                         return Err(format!("Duplicate ID '{}' for chardev", c.id));
                     }
@@ -146,8 +147,8 @@ pub fn run(args: Vec<OsString>) -> ! {
                 }
             }
             Opt::Monitor(text) => {
-                let r = daemon_args::parse_monitor(text).and_then(|m| {
-                    match chardevs.get_mut(&m.chardev) {
+                let r =
+                    chardev::parse_monitor(text).and_then(|m| match chardevs.get_mut(&m.chardev) {
                         None => Err(format!("chardev \"{}\" not found", m.chardev)),
                         Some(slot) => match slot.take() {
                             None => Err(format!("chardev '{}' is already in use", m.chardev)),
@@ -156,8 +157,7 @@ pub fn run(args: Vec<OsString>) -> ! {
                                 Ok(())
                             }
                         },
-                    }
-                });
+                    });
                 if let Err(e) = r {
                     startup_fail(&sockets, format!("--monitor {text}: {e}"));
                 }

@@ -8,8 +8,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use blockjob::engine::Job;
 use blockjob::events::{EventData, Subscription};
-use blockjob::job::Job;
 use blockjob::qapi::{BlockDeviceIoStatus, BlockdevOnError, JobStatus};
 use blockjob::{Error, Result};
 use clap::{Args, ValueEnum};

@@ -15,6 +15,7 @@
 //! Exit status: 0 on success, 1 when the job or its setup fails (one line
 //! on stderr with QEMU's text), 2 for bad usage.
 
+mod chardev;
 mod commit_cmd;
 mod daemon;
 mod daemon_args;

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use blockjob::block::Node;
-use blockjob::jobs::mirror::MirrorOptions;
+use blockjob::block_jobs::mirror::MirrorOptions;
 use blockjob::qapi::{MirrorCopyMode, MirrorSyncMode};
 use blockjob::{Context, Error, Result};
 use clap::{Args, ValueEnum};

@@ -6,7 +6,7 @@
 //! now names.
 
 use blockjob::block::chain;
-use blockjob::jobs::stream::StreamOptions;
+use blockjob::block_jobs::stream::StreamOptions;
 use blockjob::{Context, Result};
 use clap::Args;
 use serde_json::json;

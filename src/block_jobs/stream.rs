@@ -16,8 +16,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use crate::block::graph::Graph;
 use crate::block::{Node, WriteFilter, chain};
 use crate::context::Context;
+use crate::engine::{JOB_MANUAL_DISMISS, JOB_MANUAL_FINALIZE, Job, JobDriver};
 use crate::error::{Error, Result};
-use crate::job::{JOB_MANUAL_DISMISS, JOB_MANUAL_FINALIZE, Job, JobDriver};
 use crate::qapi::{BlockErrorAction, BlockdevOnError, JobType};
 
 /// QEMU's STREAM_CHUNK: the unit of copying, of progress and of retries.

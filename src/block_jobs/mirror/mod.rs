@@ -30,8 +30,8 @@ use std::sync::{Arc, Mutex};
 use crate::block::Node;
 use crate::block::graph::{DrainSection, Graph, can_replace};
 use crate::context::Context;
+use crate::engine::{JOB_MANUAL_DISMISS, JOB_MANUAL_FINALIZE, Job, JobChange, JobDriver};
 use crate::error::{Error, Result, strerror};
-use crate::job::{JOB_MANUAL_DISMISS, JOB_MANUAL_FINALIZE, Job, JobChange, JobDriver};
 use crate::qapi::{BlockdevOnError, JobType, MirrorCopyMode, MirrorSyncMode};
 use crate::sync::{AtomicBool, Ordering};
 

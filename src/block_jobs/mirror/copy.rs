@@ -13,8 +13,8 @@ use std::thread::JoinHandle;
 
 use super::Mirror;
 use crate::bitmap::named::BdrvDirtyBitmap;
+use crate::engine::Job;
 use crate::error::Error;
-use crate::job::Job;
 use crate::qapi::BlockErrorAction;
 use crate::sync::Ordering;
 
@@ -367,7 +367,7 @@ impl Copier {
             })) {
                 Ok(r) => r,
                 Err(p) => {
-                    let e = Error::generic(crate::job::panic_text(&p)).with_errno(libc::EIO);
+                    let e = Error::generic(crate::engine::panic_text(&p)).with_errno(libc::EIO);
                     self.policy(false, e);
                     let b = Some(Buffer::new(self.mirror.params.max_io as usize))
                         .filter(|_| op.method == Method::Copy);

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use crate::block::graph::Graph;
 use crate::block::{Node, chain};
 use crate::context::Context;
+use crate::engine::{Job, JobDriver};
 use crate::error::{Error, ErrorClass, Result};
-use crate::job::{Job, JobDriver};
 use crate::qapi::{BlockErrorAction, BlockdevOnError, JobType};
 
 /// QEMU's COMMIT_BUFFER_SIZE: the unit of copying, progress and retries.
@@ -229,14 +229,14 @@ pub fn block_commit(ctx: &Context, o: CommitOptions) -> Result<Arc<Job>> {
             "Parameter 'filter-node-name' is not supported by blockjob",
         ));
     }
-    let flags = crate::jobs::mirror::job_flags(o.auto_finalize, o.auto_dismiss);
+    let flags = crate::block_jobs::mirror::job_flags(o.auto_finalize, o.auto_dismiss);
     if Arc::ptr_eq(&top, &bs) {
         if o.backing_file.is_some() {
             return Err(Error::generic(
                 "'backing-file' specified, but 'top' is the active layer",
             ));
         }
-        return crate::jobs::mirror::start_active_commit(
+        return crate::block_jobs::mirror::start_active_commit(
             ctx,
             o.job_id.as_deref(),
             &o.device,

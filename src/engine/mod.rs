@@ -27,13 +27,13 @@
 pub mod ratelimit;
 pub mod tables;
 
-mod engine;
+mod registry;
 
 use std::sync::{Arc, Condvar};
 use std::time::Duration;
 
-pub(crate) use engine::panic_text;
-pub use engine::{Engine, JobTxn};
+pub(crate) use registry::panic_text;
+pub use registry::{Engine, JobTxn};
 
 use crate::error::{Error, Result};
 use crate::qapi::{
@@ -462,16 +462,6 @@ impl Job {
     pub fn ratelimit_sleep(&self) {
         self.engine.ratelimit_sleep(self)
     }
-}
-
-/// QEMU's `id_wellformed`: a letter, then letters, digits, `-`, `.`, `_`.
-pub fn id_wellformed(id: &str) -> bool {
-    let mut chars = id.chars();
-    match chars.next() {
-        Some(c) if c.is_ascii_alphabetic() => {}
-        _ => return false,
-    }
-    chars.all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_')
 }
 
 pub(crate) fn check_flags(flags: u32) -> Result<()> {

@@ -5,9 +5,9 @@ use std::time::Instant;
 
 use super::copy::{Copier, Method, Op};
 use super::{Mirror, active, lock};
+use crate::engine::Job;
+use crate::engine::ratelimit::BLOCK_JOB_SLICE;
 use crate::error::{Error, Result};
-use crate::job::Job;
-use crate::job::ratelimit::BLOCK_JOB_SLICE;
 use crate::qapi::{BlockDeviceIoStatus, MirrorSyncMode};
 use crate::sync::Ordering;
 

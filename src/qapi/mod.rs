@@ -7,6 +7,10 @@
 //! `BlockdevOnError` (`report, ignore, enospc, stop, auto`), and `JobVerb`
 //! has `dismiss` before `finalize`. Never cast one enum into another.
 
+pub mod ids;
+pub mod keyval;
+pub(crate) mod visitor;
+
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;

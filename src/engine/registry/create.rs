@@ -1,6 +1,7 @@
 //! Creating and starting jobs, and the job thread.
 
 use super::*;
+use crate::qapi::ids::id_wellformed;
 
 impl Engine {
     /// Create a job (QEMU's `job_create` + `block_job_create`'s speed step).

@@ -562,7 +562,7 @@ fn shutdown_cancels_everything_and_joins_threads() {
 
 mod prop {
     use super::*;
-    use crate::job::tables::{transition_allowed, verb_allowed};
+    use crate::engine::tables::{transition_allowed, verb_allowed};
     use crate::qapi::JobVerb;
     use proptest::prelude::*;
     use std::sync::atomic::AtomicU8;

@@ -3,7 +3,7 @@
 //! split by concern: `create` (creation, start, the job thread), `thread`
 //! (pause points, sleeps, helpers for `run`), `completion` (exit,
 //! transactions, dismiss, cancel), `verbs`, `query`, `drain` (internal
-//! pauses and shutdown). See the module doc of `job` for the locking
+//! pauses and shutdown). See the module doc of `engine` for the locking
 //! rules.
 
 mod completion;
@@ -25,7 +25,7 @@ use super::ratelimit::{BLOCK_JOB_SLICE, RateLimit};
 use super::tables::{is_completed, is_ready, transition_allowed, verb_allowed};
 use super::{
     JOB_INTERNAL, JOB_MANUAL_DISMISS, JOB_MANUAL_FINALIZE, Job, JobChange, JobDriver, JobOptions,
-    Outcome, Progress, check_flags, id_wellformed,
+    Outcome, Progress, check_flags,
 };
 use crate::error::{Error, ErrorClass, Result, strerror};
 use crate::events::{EventBus, EventData, JobProgressData};
