@@ -36,6 +36,31 @@
 #define BITMAP_NAME_MAX 1023
 
 /**
+ * QEMU's COMMIT_BUFFER_SIZE: the unit of copying, progress and retries.
+ */
+#define COMMIT_CHUNK (512 << 10)
+
+/**
+ * QEMU's default buffer: 16 requests of 1 MiB.
+ */
+#define DEFAULT_BUF_SIZE (16 << 20)
+
+/**
+ * At most this many copy operations in flight.
+ */
+#define MAX_IN_FLIGHT 16
+
+/**
+ * A copy operation covers at most this (or `buf_size / 16`, if larger).
+ */
+#define MAX_IO_BYTES (1 << 20)
+
+/**
+ * QEMU's STREAM_CHUNK: the unit of copying, of progress and of retries.
+ */
+#define STREAM_CHUNK (512 << 10)
+
+/**
  * `GenericError`
  */
 #define BJ_ERROR_CLASS_GENERIC_ERROR 0
@@ -364,31 +389,6 @@
  * Job creation flag: wait for dismiss (`auto-dismiss: false`).
  */
 #define BJ_JOB_MANUAL_DISMISS 4
-
-/**
- * QEMU's COMMIT_BUFFER_SIZE: the unit of copying, progress and retries.
- */
-#define COMMIT_CHUNK (512 << 10)
-
-/**
- * QEMU's default buffer: 16 requests of 1 MiB.
- */
-#define DEFAULT_BUF_SIZE (16 << 20)
-
-/**
- * At most this many copy operations in flight.
- */
-#define MAX_IN_FLIGHT 16
-
-/**
- * A copy operation covers at most this (or `buf_size / 16`, if larger).
- */
-#define MAX_IO_BYTES (1 << 20)
-
-/**
- * QEMU's STREAM_CHUNK: the unit of copying, of progress and of retries.
- */
-#define STREAM_CHUNK (512 << 10)
 
 /**
  * A guest backend (opaque).

@@ -2,7 +2,8 @@
 //! guest backends, the job engine and the event stream. No globals: a
 //! process may run several contexts side by side.
 
-use std::sync::{Arc, Condvar, Mutex};
+use parking_lot::{Condvar, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use serde_json::Value;
@@ -304,8 +305,8 @@ impl Context {
         self.bus.subscribe()
     }
 
-    fn lock_dispatcher(&self) -> std::sync::MutexGuard<'_, Dispatcher> {
-        self.dispatcher.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock_dispatcher(&self) -> parking_lot::MutexGuard<'_, Dispatcher> {
+        self.dispatcher.lock()
     }
 
     /// Call `handler` for every event from now on, on the context's event
@@ -317,7 +318,7 @@ impl Context {
             d.closer = Some(sub.closer());
             let handlers = d.handlers.clone();
             let state = d.state.clone();
-            state.0.lock().unwrap_or_else(|p| p.into_inner()).delivered = self.bus.last_seq();
+            state.0.lock().delivered = self.bus.last_seq();
             let t = std::thread::Builder::new()
                 .name("bj-events".into())
                 .spawn(move || dispatch_loop(sub, handlers, state))
@@ -329,10 +330,7 @@ impl Context {
         // "From now on": events already emitted but not yet delivered to the
         // other handlers are not this handler's.
         let after = self.bus.last_seq();
-        d.handlers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push((id, after, handler));
+        d.handlers.lock().push((id, after, handler));
         Ok(id)
     }
 
@@ -341,7 +339,7 @@ impl Context {
     pub fn remove_event_handler(&self, id: u64) -> Result<()> {
         let (removed, state) = {
             let d = self.lock_dispatcher();
-            let mut h = d.handlers.lock().unwrap_or_else(|p| p.into_inner());
+            let mut h = d.handlers.lock();
             let before = h.len();
             h.retain(|(i, _, _)| *i != id);
             (h.len() != before, d.state.clone())
@@ -353,9 +351,9 @@ impl Context {
             // Wait until the event in progress (if any) has been delivered,
             // so the removed handler is certainly not running.
             let (m, cv) = &*state;
-            let mut g = m.lock().unwrap_or_else(|p| p.into_inner());
+            let mut g = m.lock();
             while g.running {
-                g = cv.wait(g).unwrap_or_else(|p| p.into_inner());
+                cv.wait(&mut g);
             }
         }
         Ok(())
@@ -378,9 +376,9 @@ impl Context {
             d.state.clone()
         };
         let (m, cv) = &*state;
-        let mut g = m.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = m.lock();
         while g.delivered < target {
-            g = cv.wait(g).unwrap_or_else(|p| p.into_inner());
+            cv.wait(&mut g);
         }
         Ok(())
     }
@@ -401,11 +399,7 @@ impl Context {
         {
             let _ = t.join();
         }
-        self.lock_dispatcher()
-            .handlers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        self.lock_dispatcher().handlers.lock().clear();
     }
 }
 
@@ -432,11 +426,10 @@ fn dispatch_loop(
     let (m, cv) = &*state;
     while let Some(ev) = sub.next_blocking() {
         let list: Vec<EventHandler> = {
-            let mut g = m.lock().unwrap_or_else(|p| p.into_inner());
+            let mut g = m.lock();
             g.running = true;
             handlers
                 .lock()
-                .unwrap_or_else(|p| p.into_inner())
                 .iter()
                 .filter(|(_, after, _)| ev.seq > *after)
                 .map(|(_, _, h)| h.clone())
@@ -447,7 +440,7 @@ fn dispatch_loop(
             let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| h(&ev)));
         }
         drop(list);
-        let mut g = m.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = m.lock();
         g.running = false;
         g.delivered = ev.seq;
         cv.notify_all();

@@ -13,10 +13,11 @@
 //!   is safe under any other library lock (the job engine emits with its
 //!   state lock held, which is what keeps events in state-change order).
 
+use parking_lot::{Condvar, Mutex, MutexGuard};
 use serde::Serialize;
 use serde_json::{Value, json};
 use std::collections::VecDeque;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::qapi::{BlockErrorAction, IoOperationType, JobStatus, JobType};
@@ -243,8 +244,7 @@ struct QueueState {
 
 impl Queue {
     fn lock(&self) -> MutexGuard<'_, QueueState> {
-        // A VecDeque and a flag: consistent even after a panic elsewhere.
-        self.items.lock().unwrap_or_else(|p| p.into_inner())
+        self.items.lock()
     }
 
     fn push(&self, ev: Arc<Event>) {
@@ -293,10 +293,8 @@ impl EventBus {
         Arc::new(Self::default())
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BusInner> {
-        // A panic while holding this lock cannot leave BusInner half-updated
-        // in a way that matters (counters and a Vec), so poisoning is ignored.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> parking_lot::MutexGuard<'_, BusInner> {
+        self.inner.lock()
     }
 
     /// Emit an event to every sink; returns its sequence number.
@@ -378,7 +376,7 @@ impl Subscription {
             if q.closed {
                 return None;
             }
-            q = self.queue.cv.wait(q).unwrap_or_else(|p| p.into_inner());
+            self.queue.cv.wait(&mut q);
         }
     }
 
@@ -394,10 +392,7 @@ impl Subscription {
             if q.closed || now >= deadline {
                 return None;
             }
-            q = match self.queue.cv.wait_timeout(q, deadline - now) {
-                Ok((g, _)) => g,
-                Err(p) => p.into_inner().0,
-            };
+            self.queue.cv.wait_for(&mut q, deadline - now);
         }
     }
 

@@ -255,10 +255,8 @@ impl DirtyBitmap {
         }
     }
 
-    fn lock_consumer(&self) -> impl Drop + '_ {
-        // The guard protects no data (the bitmap is atomics); a panic in
-        // another consumer cannot leave anything half-done that matters.
-        self.consumer.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock_consumer(&self) -> impl Sized + '_ {
+        self.consumer.lock()
     }
 
     /// Clear the bits covering bytes `[offset, offset + len)`.

@@ -182,9 +182,9 @@ impl NodeBitmaps {
             .cloned()
     }
 
-    fn guard(&self) -> impl Drop + '_ {
+    fn guard(&self) -> impl Sized + '_ {
         // Protects no data of its own (the list is swapped atomically).
-        self.lock.lock().unwrap_or_else(|p| p.into_inner())
+        self.lock.lock()
     }
 }
 

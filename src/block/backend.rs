@@ -10,7 +10,8 @@
 //! The host stops its VM on `stop`, keeps the request and retries it after
 //! resuming (as QEMU's devices do).
 
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+use parking_lot::{Condvar, Mutex, MutexGuard, RwLock};
+use std::sync::Arc;
 
 use super::Node;
 use super::graph::{DrainSection, Graph};
@@ -96,12 +97,11 @@ impl BackendShared {
 
     /// The node requests go to.
     pub fn node(&self) -> Arc<Node> {
-        self.node.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.node.read().clone()
     }
 
     fn gate(&self) -> MutexGuard<'_, Gate> {
-        // Counters only; usable after a panic elsewhere.
-        self.gate.lock().unwrap_or_else(|p| p.into_inner())
+        self.gate.lock()
     }
 
     /// Point the backend at another node (QEMU's `bdrv_replace_node` for
@@ -109,7 +109,7 @@ impl BackendShared {
     /// the old node; callers drain first.
     pub(crate) fn replace_node(self: &Arc<Self>, new: Arc<Node>) {
         let old = {
-            let mut n = self.node.write().unwrap_or_else(|p| p.into_inner());
+            let mut n = self.node.write();
             std::mem::replace(&mut *n, new.clone())
         };
         old.detach_backend(self);
@@ -131,7 +131,7 @@ impl BackendShared {
     pub(crate) fn wait_idle(&self) {
         let mut g = self.gate();
         while g.in_flight > 0 {
-            g = self.changed.wait(g).unwrap_or_else(|p| p.into_inner());
+            self.changed.wait(&mut g);
         }
     }
 
@@ -161,7 +161,7 @@ impl BackendShared {
         {
             let mut g = self.gate();
             while g.quiesced > 0 {
-                g = self.changed.wait(g).unwrap_or_else(|p| p.into_inner());
+                self.changed.wait(&mut g);
             }
             g.in_flight += 1;
         }
@@ -299,21 +299,12 @@ impl BlockBackend {
     /// wait, jobs on the node pause; returns once nothing is in flight.
     pub fn drain_begin(&self) {
         let s = self.graph.drained_begin(&[self.node()]);
-        self.shared
-            .drains
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(s);
+        self.shared.drains.lock().push(s);
     }
 
     /// End the innermost drained section begun on this backend.
     pub fn drain_end(&self) -> Result<()> {
-        let s = self
-            .shared
-            .drains
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pop();
+        let s = self.shared.drains.lock().pop();
         match s {
             Some(s) => {
                 self.graph.drained_end(s);
@@ -330,8 +321,7 @@ impl BlockBackend {
 impl Drop for BlockBackend {
     fn drop(&mut self) {
         // End drained sections left open so no job stays paused forever.
-        let left: Vec<DrainSection> =
-            std::mem::take(&mut *self.shared.drains.lock().unwrap_or_else(|p| p.into_inner()));
+        let left: Vec<DrainSection> = std::mem::take(&mut *self.shared.drains.lock());
         for s in left {
             self.graph.drained_end(s);
         }

@@ -12,7 +12,8 @@
 //! the generic layer (`pwritev`, `pwritev_zero`, `pwritev_done`,
 //! `flush_to_os`, `flush_to_disk`); `none` fires once when the node opens.
 
-use std::sync::{Arc, Mutex};
+use parking_lot::Mutex;
+use std::sync::Arc;
 
 use super::child::ChildEdge;
 use super::{BlockDriver, BlockStatus, Node, NodeChild};
@@ -269,9 +270,8 @@ impl BlkdebugDriver {
         self.image.get()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Rules> {
-        // Rule tables stay consistent across a panic elsewhere.
-        self.rules.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> parking_lot::MutexGuard<'_, Rules> {
+        self.rules.lock()
     }
 
     /// QEMU's `rule_check`: fail this request if an armed rule matches.

@@ -2,7 +2,8 @@
 //! in use (QEMU's `BdrvChild` as `bdrv_replace_node` sees it): a mirror's
 //! `replaces` moves the parents of the node it replaces onto its target.
 
-use std::sync::{Arc, RwLock};
+use parking_lot::RwLock;
+use std::sync::Arc;
 
 use super::Node;
 
@@ -18,14 +19,13 @@ impl ChildEdge {
 
     /// The node the edge points at now.
     pub fn get(&self) -> Arc<Node> {
-        // A plain pointer: a panic while it was held cannot leave it torn.
-        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.0.read().clone()
     }
 
     /// Point the edge at `new` if it points at `old`. Callers have the
     /// nodes drained, so no request is between `get` and its I/O.
     pub fn replace(&self, old: &Arc<Node>, new: &Arc<Node>) {
-        let mut n = self.0.write().unwrap_or_else(|p| p.into_inner());
+        let mut n = self.0.write();
         if Arc::ptr_eq(&n, old) {
             *n = new.clone();
         }

@@ -2,10 +2,10 @@
 //! `pread`/`pwrite`, holes found with `SEEK_DATA`/`SEEK_HOLE`, zeroes and
 //! discards with `fallocate`.
 
+use parking_lot::Mutex;
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
-use std::sync::Mutex;
 
 use nix::errno::Errno;
 use nix::fcntl::{FallocateFlags, fallocate};
@@ -103,8 +103,8 @@ impl FileDriver {
         self.file.as_raw_fd()
     }
 
-    fn cache(&self) -> std::sync::MutexGuard<'_, DataCache> {
-        self.data_cache.lock().unwrap_or_else(|p| p.into_inner())
+    fn cache(&self) -> parking_lot::MutexGuard<'_, DataCache> {
+        self.data_cache.lock()
     }
 
     /// `[offset, offset + len)` may have become a hole: keep only the part

@@ -8,7 +8,8 @@
 //! (paused, sleeping, or done running) and the nodes are idle. Drain waits
 //! for requests, never for a job to finish.
 
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use parking_lot::{Mutex, MutexGuard};
+use std::sync::{Arc, Weak};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
@@ -67,8 +68,7 @@ impl Graph {
     }
 
     fn lock(&self) -> MutexGuard<'_, GraphInner> {
-        // Lists only; a panic elsewhere leaves them usable.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        self.inner.lock()
     }
 
     /// The node with this node-name.

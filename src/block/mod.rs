@@ -26,7 +26,8 @@ pub mod qcow2;
 pub mod raw;
 mod writeback;
 
-use std::sync::{Arc, Condvar, Mutex, Weak};
+use parking_lot::{Condvar, Mutex};
+use std::sync::{Arc, Weak};
 
 use crate::bitmap::named::NodeBitmaps;
 use crate::engine::Job;
@@ -399,10 +400,8 @@ impl Node {
         self.drv.filename()
     }
 
-    fn lock_in_flight(&self) -> std::sync::MutexGuard<'_, u64> {
-        // The count is a plain integer; a panic elsewhere cannot leave it
-        // half-written, so a poisoned lock is still usable.
-        self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock_in_flight(&self) -> parking_lot::MutexGuard<'_, u64> {
+        self.in_flight.lock()
     }
 
     fn begin(&self) -> InFlight<'_> {
@@ -419,7 +418,7 @@ impl Node {
     pub fn wait_idle(&self) {
         let mut n = self.lock_in_flight();
         while *n > 0 {
-            n = self.idle.wait(n).unwrap_or_else(|p| p.into_inner());
+            self.idle.wait(&mut n);
         }
     }
 
@@ -572,13 +571,13 @@ impl Node {
     // ---- parents (for drain) ----------------------------------------------
 
     pub(crate) fn attach_backend(&self, b: &Arc<backend::BackendShared>) {
-        let mut p = self.parents.lock().unwrap_or_else(|p| p.into_inner());
+        let mut p = self.parents.lock();
         p.backends.retain(|w| w.strong_count() > 0);
         p.backends.push(Arc::downgrade(b));
     }
 
     pub(crate) fn detach_backend(&self, b: &Arc<backend::BackendShared>) {
-        let mut p = self.parents.lock().unwrap_or_else(|p| p.into_inner());
+        let mut p = self.parents.lock();
         p.backends
             .retain(|w| w.strong_count() > 0 && !std::ptr::eq(w.as_ptr(), Arc::as_ptr(b)));
     }
@@ -588,7 +587,7 @@ impl Node {
     /// Detached when the job is freed.
     pub fn attach_job(self: &Arc<Self>, job: &Arc<Job>, main: bool) {
         {
-            let mut p = self.parents.lock().unwrap_or_else(|p| p.into_inner());
+            let mut p = self.parents.lock();
             p.jobs.retain(|(w, _)| w.strong_count() > 0);
             p.jobs.push((Arc::downgrade(job), main));
         }
@@ -598,7 +597,7 @@ impl Node {
         let jaddr = Arc::as_ptr(job) as usize;
         job.on_free(move || {
             if let Some(n) = node.upgrade() {
-                let mut p = n.parents.lock().unwrap_or_else(|p| p.into_inner());
+                let mut p = n.parents.lock();
                 p.jobs
                     .retain(|(w, _)| w.strong_count() > 0 && w.as_ptr() as usize != jaddr);
             }
@@ -607,7 +606,7 @@ impl Node {
 
     /// The job whose main node this is, if any (QEMU's op blocker).
     pub fn main_job(&self) -> Option<Arc<Job>> {
-        let p = self.parents.lock().unwrap_or_else(|p| p.into_inner());
+        let p = self.parents.lock();
         p.jobs
             .iter()
             .filter(|(_, main)| *main)
@@ -616,7 +615,7 @@ impl Node {
 
     /// Any job that uses this node (QEMU's op blockers of block jobs).
     pub fn any_job(&self) -> Option<Arc<Job>> {
-        let p = self.parents.lock().unwrap_or_else(|p| p.into_inner());
+        let p = self.parents.lock();
         p.jobs.iter().find_map(|(w, _)| w.upgrade())
     }
 
@@ -635,20 +634,20 @@ impl Node {
 
     /// A job uses this node other than as its main node (e.g. a target).
     pub fn has_job_user(&self) -> bool {
-        let p = self.parents.lock().unwrap_or_else(|p| p.into_inner());
+        let p = self.parents.lock();
         p.jobs
             .iter()
             .any(|(w, main)| !*main && w.strong_count() > 0)
     }
 
     pub(crate) fn parent_backends(&self) -> Vec<Arc<backend::BackendShared>> {
-        let p = self.parents.lock().unwrap_or_else(|p| p.into_inner());
+        let p = self.parents.lock();
         p.backends.iter().filter_map(Weak::upgrade).collect()
     }
 
     /// Jobs attached to this node.
     pub fn parent_jobs(&self) -> Vec<Arc<Job>> {
-        let p = self.parents.lock().unwrap_or_else(|p| p.into_inner());
+        let p = self.parents.lock();
         p.jobs.iter().filter_map(|(w, _)| w.upgrade()).collect()
     }
 }

@@ -11,7 +11,8 @@
 //! The guest-write filter goes in while the top is drained, so no write
 //! that missed it is still in flight.
 
-use std::sync::{Arc, Condvar, Mutex};
+use parking_lot::{Condvar, Mutex};
+use std::sync::Arc;
 
 use crate::block::graph::Graph;
 use crate::block::{Node, WriteFilter, chain};
@@ -76,9 +77,9 @@ pub(crate) struct RangeLock {
 impl RangeLock {
     /// Hold `[start, end)` until the guard drops.
     pub(crate) fn lock(&self, start: u64, end: u64) -> RangeGuard<'_> {
-        let mut h = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let mut h = self.held.lock();
         while h.iter().any(|&(s, e)| s < end && start < e) {
-            h = self.freed.wait(h).unwrap_or_else(|p| p.into_inner());
+            self.freed.wait(&mut h);
         }
         h.push((start, end));
         RangeGuard {
@@ -95,7 +96,7 @@ pub(crate) struct RangeGuard<'a> {
 
 impl Drop for RangeGuard<'_> {
     fn drop(&mut self) {
-        let mut h = self.lock.held.lock().unwrap_or_else(|p| p.into_inner());
+        let mut h = self.lock.held.lock();
         if let Some(i) = h.iter().position(|r| *r == self.range) {
             h.swap_remove(i);
         }

@@ -1,6 +1,7 @@
 //! `BjContext`: the C handle of a [`Context`], plus the host's event queue.
 
-use std::sync::{Arc, Mutex};
+use parking_lot::Mutex;
+use std::sync::Arc;
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
@@ -33,8 +34,8 @@ pub struct BjContext {
 }
 
 impl BjContext {
-    pub(crate) fn queue(&self) -> std::sync::MutexGuard<'_, Option<HostQueue>> {
-        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    pub(crate) fn queue(&self) -> parking_lot::MutexGuard<'_, Option<HostQueue>> {
+        self.queue.lock()
     }
 }
 

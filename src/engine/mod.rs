@@ -29,7 +29,8 @@ pub mod tables;
 
 mod registry;
 
-use std::sync::{Arc, Condvar};
+use parking_lot::Condvar;
+use std::sync::Arc;
 use std::time::Duration;
 
 pub(crate) use registry::panic_text;

@@ -1,8 +1,9 @@
 //! Engine tests with a Rust driver modelled on QEMU's test-blockjob.c jobs:
 //! loop until completed or cancelled, optionally converge to READY.
 
+use parking_lot::Mutex;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::*;
@@ -52,20 +53,20 @@ impl JobDriver for TestJob {
         Ok(())
     }
     fn prepare(&self, _job: &Job) -> Result<()> {
-        self.0.calls.lock().unwrap().push("prepare");
+        self.0.calls.lock().push("prepare");
         if self.0.fail_prepare.load(Ordering::SeqCst) {
             return Err(Error::from_errno(libc::EPERM));
         }
         Ok(())
     }
     fn commit(&self, _job: &Job) {
-        self.0.calls.lock().unwrap().push("commit");
+        self.0.calls.lock().push("commit");
     }
     fn abort(&self, _job: &Job) {
-        self.0.calls.lock().unwrap().push("abort");
+        self.0.calls.lock().push("abort");
     }
     fn clean(&self, _job: &Job) {
-        self.0.calls.lock().unwrap().push("clean");
+        self.0.calls.lock().push("clean");
     }
 }
 
@@ -223,7 +224,7 @@ fn cancel_created_goes_straight_to_null() {
         fx.summary(),
         ["JSC:created", "JSC:aborting", "JSC:concluded", "JSC:null"]
     );
-    assert_eq!(*f.calls.lock().unwrap(), ["abort", "clean"]);
+    assert_eq!(*f.calls.lock(), ["abort", "clean"]);
 }
 
 #[test]
@@ -248,7 +249,7 @@ fn cancel_running_then_dismiss() {
             "JSC:null"
         ]
     );
-    assert_eq!(*f.calls.lock().unwrap(), ["abort", "clean"]);
+    assert_eq!(*f.calls.lock(), ["abort", "clean"]);
 }
 
 #[test]
@@ -337,7 +338,7 @@ fn ready_standby_complete_finalize_dismiss() {
             "JSC:null"
         ]
     );
-    assert_eq!(*f.calls.lock().unwrap(), ["prepare", "commit", "clean"]);
+    assert_eq!(*f.calls.lock(), ["prepare", "commit", "clean"]);
 }
 
 #[test]
@@ -470,8 +471,8 @@ fn txn_failure_cancels_the_others() {
         "{s:?}"
     );
     assert!(s.contains(&"CANCELLED".to_string()), "{s:?}");
-    assert_eq!(*fa.calls.lock().unwrap(), ["abort", "clean"]);
-    assert_eq!(*fb.calls.lock().unwrap(), ["abort", "clean"]);
+    assert_eq!(*fa.calls.lock(), ["abort", "clean"]);
+    assert_eq!(*fb.calls.lock(), ["abort", "clean"]);
 }
 
 #[test]
@@ -488,8 +489,8 @@ fn txn_success_waits_for_all_then_prepares_and_commits() {
     fb.should_complete.store(true, Ordering::SeqCst);
     wait(&a, JobStatus::Null);
     wait(&b, JobStatus::Null);
-    assert_eq!(*fa.calls.lock().unwrap(), ["prepare", "commit", "clean"]);
-    assert_eq!(*fb.calls.lock().unwrap(), ["prepare", "commit", "clean"]);
+    assert_eq!(*fa.calls.lock(), ["prepare", "commit", "clean"]);
+    assert_eq!(*fb.calls.lock(), ["prepare", "commit", "clean"]);
 }
 
 #[test]
@@ -500,7 +501,7 @@ fn txn_prepare_failure_aborts() {
     fa.should_complete.store(true, Ordering::SeqCst);
     a.start().unwrap();
     wait(&a, JobStatus::Null);
-    assert_eq!(*fa.calls.lock().unwrap(), ["prepare", "abort", "clean"]);
+    assert_eq!(*fa.calls.lock(), ["prepare", "abort", "clean"]);
     let s = fx.summary();
     assert_eq!(
         s,

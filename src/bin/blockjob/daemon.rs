@@ -29,6 +29,7 @@
 //! Output is QEMU's: `", "`/`": "` separators, non-ASCII as `\uXXXX`,
 //! `pretty=on` indenting by four, every line ending in CRLF.
 
+use parking_lot::{Condvar, Mutex, MutexGuard};
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
@@ -41,7 +42,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, mpsc};
+use std::sync::{Arc, mpsc};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -234,7 +235,7 @@ struct Shared {
 type Forwarder = (SubscriptionCloser, JoinHandle<()>);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+    m.lock()
 }
 
 /// Cancel every job and wait, flush every node, let the forwarders send
@@ -411,11 +412,7 @@ impl Delivered {
             if seq >= target || now >= deadline {
                 break;
             }
-            g = self
-                .sent
-                .wait_timeout(g, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            self.sent.wait_for(&mut g, deadline - now);
         }
     }
 }

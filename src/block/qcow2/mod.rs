@@ -15,7 +15,8 @@
 pub mod header;
 pub mod storage;
 
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use parking_lot::{RwLock, RwLockReadGuard};
+use std::sync::Arc;
 
 use imago::qcow2::Qcow2;
 use imago::raw::Raw;
@@ -106,15 +107,14 @@ impl Qcow2Driver {
     }
 
     fn layer(&self) -> RwLockReadGuard<'_, Layer> {
-        // The layer is replaced whole or not at all: usable after a panic.
-        self.layer.read().unwrap_or_else(|p| p.into_inner())
+        self.layer.read()
     }
 
     /// Put `backing` under this image (or nothing), in memory only: the
     /// caller rewrites the header link first (stream, commit). Call it in
     /// a drained section: the image is reopened.
     pub fn relink(&self, backing: Option<Arc<Node>>) -> Result<()> {
-        let mut l = self.layer.write().unwrap_or_else(|p| p.into_inner());
+        let mut l = self.layer.write();
         l.access.flush().map_err(from_io)?;
         let access = Arc::new(open_image(&self.file, self.writable, backing.as_ref())?);
         *l = Layer { access, backing };
@@ -178,12 +178,7 @@ impl Drop for Qcow2Driver {
         // main thread std allocates that handle once and never frees it
         // (valgrind reports it as possibly lost), so write back from a
         // thread of ours; imago's own drop then finds nothing to write.
-        let access = self
-            .layer
-            .get_mut()
-            .unwrap_or_else(|p| p.into_inner())
-            .access
-            .clone();
+        let access = self.layer.get_mut().access.clone();
         // (`thread::scope` would ask for the current thread's handle too.)
         let writer = std::thread::Builder::new()
             .name("qcow2-close".into())
@@ -259,7 +254,7 @@ impl BlockDriver for Qcow2Driver {
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         // As QEMU's qcow2: a discarded range reads as zeroes afterwards,
         // not as the backing file's data.
-        let mut l = self.layer.write().unwrap_or_else(|p| p.into_inner());
+        let mut l = self.layer.write();
         // Nothing else holds the Arc while we hold the write lock (the
         // close-time clone exists only in drop).
         let access = Arc::get_mut(&mut l.access)

@@ -7,8 +7,9 @@
 //! signalled on one condvar: an operation ended, a buffer came back, a
 //! granule range was released.
 
+use parking_lot::{Condvar, Mutex, MutexGuard};
 use std::collections::VecDeque;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use super::Mirror;
@@ -132,23 +133,23 @@ impl Copier {
             match spawned {
                 Ok(h) => workers.push(h),
                 Err(e) => {
-                    *c.workers.lock().unwrap_or_else(|p| p.into_inner()) = workers;
+                    *c.workers.lock() = workers;
                     c.shutdown();
                     return Err(Error::from(e).prepend("Cannot start mirror I/O threads: "));
                 }
             }
         }
-        *c.workers.lock().unwrap_or_else(|p| p.into_inner()) = workers;
+        *c.workers.lock() = workers;
         Ok(c)
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        // Counters, a queue and a bitset: consistent after a panic elsewhere.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.lock()
     }
 
-    fn wait<'a>(&self, g: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
-        self.changed.wait(g).unwrap_or_else(|p| p.into_inner())
+    fn wait<'a>(&self, mut g: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        self.changed.wait(&mut g);
+        g
     }
 
     fn granule_range(&self, offset: u64, len: u64) -> (u64, u64) {
@@ -357,7 +358,7 @@ impl Copier {
                     if s.stop {
                         return;
                     }
-                    s = self.work.wait(s).unwrap_or_else(|p| p.into_inner());
+                    self.work.wait(&mut s);
                 }
             };
             // A panic here (a bug) must not leave the operation counted
@@ -400,14 +401,14 @@ impl Copier {
     /// Run an in-kernel copy in one of the offload slots.
     fn offloaded<T>(&self, f: impl FnOnce() -> T) -> T {
         let limit = super::offload_slots();
-        let mut n = self.offloading.lock().unwrap_or_else(|p| p.into_inner());
+        let mut n = self.offloading.lock();
         while *n >= limit {
-            n = self.offload_free.wait(n).unwrap_or_else(|p| p.into_inner());
+            self.offload_free.wait(&mut n);
         }
         *n += 1;
         drop(n);
         let r = f();
-        *self.offloading.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+        *self.offloading.lock() -= 1;
         self.offload_free.notify_one();
         r
     }
@@ -525,7 +526,7 @@ impl Copier {
     pub fn shutdown(&self) {
         self.lock().stop = true;
         self.work.notify_all();
-        let workers = std::mem::take(&mut *self.workers.lock().unwrap_or_else(|p| p.into_inner()));
+        let workers = std::mem::take(&mut *self.workers.lock());
         for w in workers {
             let _ = w.join();
         }

@@ -25,7 +25,8 @@ mod active;
 mod copy;
 mod run;
 
-use std::sync::{Arc, Mutex};
+use parking_lot::Mutex;
+use std::sync::Arc;
 
 use crate::block::Node;
 use crate::block::graph::{DrainSection, Graph, can_replace};
@@ -204,11 +205,6 @@ impl Mirror {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Plain slots: still consistent after a panic elsewhere.
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 impl JobDriver for Arc<Mirror> {
     fn job_type(&self) -> JobType {
         self.job_type
@@ -220,7 +216,7 @@ impl JobDriver for Arc<Mirror> {
 
     fn pause(&self, _job: &Job) {
         // QEMU's mirror_pause: no request of ours in flight while paused.
-        if let Some(c) = lock(&self.running).clone() {
+        if let Some(c) = self.running.lock().clone() {
             c.wait_all();
         }
     }
@@ -244,7 +240,7 @@ impl JobDriver for Arc<Mirror> {
             // Ours, not QEMU's: a parent that cannot move would fail the
             // pivot, so say so while the job can still be used.
             self.graph.check_replace_node(&n, &self.target)?;
-            *lock(&self.to_replace) = Some(n);
+            *self.to_replace.lock() = Some(n);
         }
         // SeqCst: read by the job thread after it is kicked; the kick's
         // lock handover orders it anyway, this keeps the reasoning local.
@@ -289,7 +285,7 @@ impl JobDriver for Arc<Mirror> {
         // at start: a guest write half-way finishes and marks the still
         // recording bitmap first. Before the run starts, `run` puts it in.
         let section = self.graph.drained_begin(std::slice::from_ref(&self.source));
-        if let Some(c) = lock(&self.running).as_ref() {
+        if let Some(c) = self.running.lock().as_ref() {
             active::install(self, c);
         }
         self.graph.drained_end(section);
@@ -308,7 +304,9 @@ impl JobDriver for Arc<Mirror> {
         if !self.should_complete.load(Ordering::SeqCst) {
             return Ok(());
         }
-        let to_replace = lock(&self.to_replace)
+        let to_replace = self
+            .to_replace
+            .lock()
             .clone()
             .unwrap_or_else(|| self.source.clone());
         let eperm = || Error::errno_msg(libc::EPERM, strerror(libc::EPERM));
@@ -328,7 +326,7 @@ impl JobDriver for Arc<Mirror> {
     }
 
     fn clean(&self, _job: &Job) {
-        let d = lock(&self.drained).take();
+        let d = self.drained.lock().take();
         if let Some(d) = d {
             self.graph.drained_end(d);
         }

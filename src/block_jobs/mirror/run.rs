@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::copy::{Copier, Method, Op};
-use super::{Mirror, active, lock};
+use super::{Mirror, active};
 use crate::engine::Job;
 use crate::engine::ratelimit::BLOCK_JOB_SLICE;
 use crate::error::{Error, Result};
@@ -149,7 +149,7 @@ pub(super) fn run(m: &Arc<Mirror>, job: &Arc<Job>) -> Result<()> {
     // Under `running`'s lock: a `block-job-change` either sees the run
     // (and installs the filter itself) or set the mode before this load.
     let write_blocking = {
-        let mut r = lock(&m.running);
+        let mut r = m.running.lock();
         *r = Some(c.clone());
         m.write_blocking.load(Ordering::SeqCst)
     };
@@ -167,7 +167,7 @@ pub(super) fn run(m: &Arc<Mirror>, job: &Arc<Job>) -> Result<()> {
     c.wait_all();
     {
         // With the lock: a `block-job-change` cannot put the filter back.
-        let mut r = lock(&m.running);
+        let mut r = m.running.lock();
         active::remove(m);
         *r = None;
     }
@@ -236,7 +236,7 @@ fn main_loop(m: &Mirror, job: &Job, c: &Copier) -> Result<()> {
                 m.graph.drained_end(section);
                 continue;
             }
-            *lock(&m.drained) = Some(section);
+            *m.drained.lock() = Some(section);
             return Ok(());
         }
         if job.is_ready() && !should_complete {

@@ -13,9 +13,10 @@ mod query;
 mod thread;
 mod verbs;
 
+use parking_lot::{Condvar, Mutex, MutexGuard};
 use std::collections::HashMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -155,21 +156,17 @@ impl Engine {
     }
 
     fn lock(&self) -> Guard<'_> {
-        // A panic with this lock held is a bug in the engine; carrying on
-        // with the state as it is beats poisoning every later call (which
-        // would turn one bug into a crash of the host).
-        self.reg.lock().unwrap_or_else(|p| p.into_inner())
+        self.reg.lock()
     }
 
-    fn wait<'a>(&self, cv: &Condvar, g: Guard<'a>) -> Guard<'a> {
-        cv.wait(g).unwrap_or_else(|p| p.into_inner())
+    fn wait<'a>(&self, cv: &Condvar, mut g: Guard<'a>) -> Guard<'a> {
+        cv.wait(&mut g);
+        g
     }
 
-    fn wait_timeout<'a>(&self, cv: &Condvar, g: Guard<'a>, d: Duration) -> Guard<'a> {
-        match cv.wait_timeout(g, d) {
-            Ok((g, _)) => g,
-            Err(p) => p.into_inner().0,
-        }
+    fn wait_timeout<'a>(&self, cv: &Condvar, mut g: Guard<'a>, d: Duration) -> Guard<'a> {
+        cv.wait_for(&mut g, d);
+        g
     }
 
     /// Run `f` on the job's state; `None` once the job is gone (`null`).
