@@ -8,12 +8,13 @@ use std::thread::JoinHandle;
 
 use serde_json::Value;
 
-use crate::bitmap::named::{self, BdrvDirtyBitmap, BitmapRef, BlockDirtyInfo};
-use crate::block::Node;
 use crate::block::backend::{BackendOptions, BlockBackend};
+use crate::block::dirty_bitmap::{self as named, BdrvDirtyBitmap, BitmapRef, BlockDirtyInfo};
 use crate::block::graph::Graph;
 use crate::block::host::HostIo;
-use crate::engine::{Engine, JOB_INTERNAL, Job, JobDriver, JobOptions, JobTxn};
+use crate::block::{Node, UserKind};
+use crate::block_jobs::block_job;
+use crate::engine::{Engine, Job, JobDriver, JobOptions, JobTxn};
 use crate::error::{Error, Result};
 use crate::events::{Event, EventBus, Subscription};
 use crate::qapi::{BlockJobInfo, JobInfo};
@@ -211,8 +212,9 @@ impl Context {
     // ---- jobs ----------------------------------------------------------------
 
     /// Create a block job on `node` (QEMU's `block_job_create`): the id
-    /// defaults to the node's device name; the node is attached so that a
-    /// drain pauses the job; `speed` is checked as QEMU checks it.
+    /// defaults to the node's device name; a drain of the node pauses the
+    /// job and the job blocks the node; `speed` is checked as QEMU checks
+    /// it.
     pub fn block_job_create(
         &self,
         id: Option<&str>,
@@ -223,26 +225,23 @@ impl Context {
         txn: Option<Arc<JobTxn>>,
     ) -> Result<Arc<Job>> {
         let node = node.map(|n| self.graph.lookup(n)).transpose()?;
-        let id = match (id, &node) {
-            (Some(id), _) => Some(id.to_string()),
-            (None, _) if flags & JOB_INTERNAL != 0 => None,
-            (None, Some(n)) => Some(self.graph.device_name(n)),
-            (None, None) => None,
-        };
-        let job = self.engine.create(
-            JobOptions {
-                id,
-                flags,
-                block: true,
-                speed,
-                txn,
-            },
+        block_job::block_job_create(
+            &self.graph,
+            &self.engine,
+            id,
+            node.as_ref(),
             driver,
-        )?;
-        if let Some(n) = node {
-            n.attach_job(&job, true);
-        }
-        Ok(job)
+            speed,
+            flags,
+            txn,
+        )
+    }
+
+    /// A block job also uses `node` from now on (QEMU's
+    /// `block_job_add_bdrv`): drains of it pause the job, the job blocks
+    /// it, and `blockdev-del` finds it in use.
+    pub fn block_job_add_node(&self, job: &Arc<Job>, node: &Arc<Node>) {
+        block_job::add_node(job, node, UserKind::Backend);
     }
 
     /// `blockdev-mirror`: create and start a mirror job.
@@ -250,17 +249,17 @@ impl Context {
         &self,
         opts: crate::block_jobs::mirror::MirrorOptions,
     ) -> Result<Arc<Job>> {
-        crate::block_jobs::mirror::blockdev_mirror(self, opts)
+        crate::block_jobs::mirror::blockdev_mirror(&self.graph, &self.engine, opts)
     }
 
     /// `block-commit`: create and start a commit job.
     pub fn block_commit(&self, opts: crate::block_jobs::commit::CommitOptions) -> Result<Arc<Job>> {
-        crate::block_jobs::commit::block_commit(self, opts)
+        crate::block_jobs::commit::block_commit(&self.graph, &self.engine, opts)
     }
 
     /// `block-stream`: create and start a stream job.
     pub fn block_stream(&self, opts: crate::block_jobs::stream::StreamOptions) -> Result<Arc<Job>> {
-        crate::block_jobs::stream::block_stream(self, opts)
+        crate::block_jobs::stream::block_stream(&self.graph, &self.engine, opts)
     }
 
     /// Create a job that is not a block job (no `BLOCK_JOB_*` events).

@@ -10,8 +10,8 @@ use std::path::Path;
 use std::process::Command;
 
 use blockjob::Context;
-use blockjob::bitmap::named::BitmapRef;
 use blockjob::block::backend::{BackendOptions, BlockBackend};
+use blockjob::block::dirty_bitmap::BitmapRef;
 use common::qmp::Daemon;
 use serde_json::{Value, json};
 

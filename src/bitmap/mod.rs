@@ -1,8 +1,9 @@
-//! Dirty bitmaps: the lock-free hierarchical bitmap ([`DirtyBitmap`]) and
-//! the named bitmaps QEMU attaches to nodes (`block-dirty-bitmap-*`).
+//! The lock-free hierarchical dirty bitmap ([`DirtyBitmap`]): a leaf of
+//! the crate (it uses only `sync` and `error`). The named bitmaps QEMU
+//! attaches to nodes (`block-dirty-bitmap-*`) are the block layer's
+//! (`block::dirty_bitmap`).
 
 pub mod hbitmap;
-pub mod named;
 
 pub use hbitmap::DirtyBitmap;
 

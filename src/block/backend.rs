@@ -14,7 +14,8 @@ use parking_lot::{Condvar, Mutex, MutexGuard, RwLock};
 use std::sync::Arc;
 
 use super::Node;
-use super::graph::{DrainSection, Graph};
+use super::drain::DrainSection;
+use super::graph::Graph;
 use crate::error::{Error, Result};
 use crate::events::{EventBus, EventData};
 use crate::qapi::{BlockDeviceIoStatus, BlockErrorAction, BlockdevOnError, IoOperationType};
@@ -246,10 +247,7 @@ impl BlockBackend {
     pub fn pwrite(&self, offset: u64, buf: &[u8]) -> Result<(), GuestIoError> {
         self.shared.request(false, |n| {
             in_bounds(n, offset, buf.len() as u64)?;
-            match n.write_filter() {
-                Some(f) => f.pwrite(n, offset, buf),
-                None => n.pwrite(offset, buf),
-            }
+            n.pwrite(offset, buf)
         })
     }
 
@@ -262,10 +260,7 @@ impl BlockBackend {
     ) -> Result<(), GuestIoError> {
         self.shared.request(false, |n| {
             in_bounds(n, offset, len)?;
-            match n.write_filter() {
-                Some(f) => f.pwrite_zeroes(n, offset, len, may_unmap),
-                None => n.pwrite_zeroes(offset, len, may_unmap),
-            }
+            n.pwrite_zeroes(offset, len, may_unmap)
         })
     }
 
@@ -273,10 +268,7 @@ impl BlockBackend {
     pub fn pdiscard(&self, offset: u64, len: u64) -> Result<(), GuestIoError> {
         self.shared.request(false, |n| {
             in_bounds(n, offset, len)?;
-            match n.write_filter() {
-                Some(f) => f.pdiscard(n, offset, len),
-                None => n.pdiscard(offset, len),
-            }
+            n.pdiscard(offset, len)
         })
     }
 

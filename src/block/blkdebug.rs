@@ -376,10 +376,6 @@ impl BlockDriver for BlkdebugDriver {
         Some(self.image())
     }
 
-    fn can_replace_child(&self) -> bool {
-        true
-    }
-
     fn replace_child(&self, old: &Arc<Node>, new: &Arc<Node>) {
         self.image.replace(old, new)
     }

@@ -1,15 +1,32 @@
 //! Backing chains: walking them and asking which layers hold a range
-//! (QEMU's `bdrv_is_allocated_above`, `bdrv_chain_contains`).
+//! (QEMU's `bdrv_is_allocated_above`, `bdrv_chain_contains`). Filters in
+//! a chain (a commit's `commit_top` between two layers) are walked past,
+//! as QEMU's `bdrv_backing_chain_next` does: they hold no data of their
+//! own.
 
 use std::sync::Arc;
 
 use super::Node;
 use crate::error::{Error, Result};
 
+/// `node`, or the first node below it that is not a filter.
+pub fn skip_filters(node: Arc<Node>) -> Arc<Node> {
+    let mut n = node;
+    while let Some(c) = n.driver().filtered_child() {
+        n = c;
+    }
+    n
+}
+
+/// The layer below `node`: its backing node, past any filters.
+pub fn next_layer(node: &Node) -> Option<Arc<Node>> {
+    node.backing().map(skip_filters)
+}
+
 /// `top`, its backing node, that one's backing node, … to the bottom.
 pub fn layers(top: &Arc<Node>) -> Vec<Arc<Node>> {
     let mut v = vec![top.clone()];
-    while let Some(b) = v.last().and_then(|n| n.backing()) {
+    while let Some(b) = v.last().and_then(|n| next_layer(n)) {
         v.push(b);
     }
     v
@@ -46,7 +63,7 @@ pub fn is_allocated_above(
             return Ok((true, st.len));
         }
         n = n.min(st.len);
-        layer = l.backing();
+        layer = next_layer(&l);
     }
     Ok((false, n))
 }

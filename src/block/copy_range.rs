@@ -68,8 +68,8 @@ impl Node {
         self.check_writable()?;
         self.check_range(offset, len)?;
         // Relaxed: written once before the node is shared (see pwrite).
-        if self.detect_zeroes.load(Ordering::Relaxed) != 0 || self.write_filter().is_some() {
-            // Zero detection needs the bytes; a filter wants each write.
+        if self.detect_zeroes.load(Ordering::Relaxed) != 0 {
+            // Zero detection needs the bytes.
             return Ok(false);
         }
         self.debug_event(BlkdebugEvent::Pwritev);

@@ -295,6 +295,10 @@ impl BlockDriver for FileDriver {
         self.opts.filename.clone()
     }
 
+    fn open_options(&self) -> Option<serde_json::Value> {
+        Some(serde_json::json!({"driver": "file", "filename": self.opts.filename}))
+    }
+
     fn copy_range_from(
         &self,
         offset: u64,

@@ -94,10 +94,6 @@ impl BlockDriver for RawDriver {
         }]
     }
 
-    fn can_replace_child(&self) -> bool {
-        true
-    }
-
     fn replace_child(&self, old: &Arc<Node>, new: &Arc<Node>) {
         self.file.replace(old, new)
     }
@@ -108,6 +104,13 @@ impl BlockDriver for RawDriver {
 
     fn filename(&self) -> String {
         self.file().filename()
+    }
+
+    fn open_options(&self) -> Option<serde_json::Value> {
+        if self.offset != 0 || self.size.is_some() {
+            return None;
+        }
+        Some(serde_json::json!({"driver": "raw", "file": self.file().driver().open_options()?}))
     }
 
     fn supports_zero_unmap(&self) -> bool {

@@ -2,20 +2,25 @@
 //! `base` into `base`, then cut them out of the chain — QEMU's
 //! `block/commit.c`.
 //!
-//! Intermediate commit (top below the active layer): copy what the layers
-//! from top down hold into base in 512 KiB chunks; the guest never sees
-//! the change (those ranges are covered from above). Active commit (top is
-//! the active layer): the mirror machinery with job type `commit`, READY,
-//! and `complete` moves the guest onto base.
+//! Intermediate commit (top below the active layer): a read-only
+//! `commit_top` filter goes between top and the layer above it (QEMU's,
+//! named by `filter-node-name` or automatically), then what the layers
+//! from top down hold is copied into base in 512 KiB chunks; the guest
+//! never sees the change (those ranges are covered from above). Active
+//! commit (top is the active layer): the mirror machinery with job type
+//! `commit` and its `mirror_top` filter, READY, and `complete` moves the
+//! guest onto base.
 
 use std::sync::Arc;
 
+use super::block_job::{add_node, block_job_create, job_flags};
+use crate::block::child::ChildEdge;
 use crate::block::graph::Graph;
-use crate::block::{Node, chain};
-use crate::context::Context;
-use crate::engine::{Job, JobDriver};
+use crate::block::{BlockDriver, BlockOp, BlockStatus, Node, NodeChild, UserKind, chain};
+use crate::engine::{Engine, Job, JobDriver};
 use crate::error::{Error, ErrorClass, Result};
 use crate::qapi::{BlockErrorAction, BlockdevOnError, JobType};
+use crate::sync::{AtomicBool, Ordering};
 
 /// QEMU's COMMIT_BUFFER_SIZE: the unit of copying, progress and retries.
 pub const COMMIT_CHUNK: u64 = 512 << 10;
@@ -41,7 +46,8 @@ pub struct CommitOptions {
     pub speed: i64,
     /// `on-error` (default `report`).
     pub on_error: BlockdevOnError,
-    /// `filter-node-name`: refused (we insert no filter node).
+    /// `filter-node-name`: the name of the `commit_top` (or, for an
+    /// active commit, `mirror_top`) node (default: an automatic one).
     pub filter_node_name: Option<String>,
     /// `auto-finalize` (default true).
     pub auto_finalize: bool,
@@ -70,6 +76,60 @@ impl CommitOptions {
     }
 }
 
+/// `commit_top`: a read-only filter between the layer being committed and
+/// the layer above it, so that the graph while the job runs is QEMU's.
+struct CommitTop(ChildEdge);
+
+impl BlockDriver for CommitTop {
+    fn driver_name(&self) -> &'static str {
+        "commit_top"
+    }
+
+    fn len(&self) -> Result<u64> {
+        self.0.get().len()
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.0.get().pread(offset, buf)
+    }
+
+    fn write(&self, _offset: u64, _buf: &[u8]) -> Result<()> {
+        // The node is read-only: the generic layer refuses writes first.
+        Err(Error::from_errno(libc::EPERM))
+    }
+
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
+        self.0.get().block_status(offset, len)
+    }
+
+    fn children(&self) -> Vec<NodeChild> {
+        vec![NodeChild {
+            role: "backing",
+            node: self.0.get(),
+        }]
+    }
+
+    fn filtered_child(&self) -> Option<Arc<Node>> {
+        Some(self.0.get())
+    }
+
+    fn replace_child(&self, old: &Arc<Node>, new: &Arc<Node>) {
+        self.0.replace(old, new)
+    }
+
+    fn cluster_size(&self) -> Option<u64> {
+        self.0.get().cluster_size()
+    }
+
+    fn filename(&self) -> String {
+        self.0.get().filename()
+    }
+}
+
 struct Commit {
     graph: Arc<Graph>,
     /// The layer whose backing is `top`: it gets `base` as backing.
@@ -78,6 +138,23 @@ struct Commit {
     base: Arc<Node>,
     backing_file: Option<String>,
     on_error: BlockdevOnError,
+    /// The `commit_top` node between overlay and top.
+    filter: Arc<Node>,
+    /// The filter is out of the graph.
+    exited: AtomicBool,
+}
+
+impl Commit {
+    /// Take the filter out (the overlay's backing goes back to top when
+    /// the chain did not change) and drop the layers nothing uses now.
+    fn exit(&self) {
+        // SeqCst: prepare and abort run one after the other under the
+        // engine's control lock; this only makes the second a no-op.
+        if !self.exited.swap(true, Ordering::SeqCst) {
+            self.graph.remove_filter(&self.filter);
+            self.graph.drop_orphans();
+        }
+    }
 }
 
 impl Commit {
@@ -154,23 +231,30 @@ impl JobDriver for Arc<Commit> {
             self.backing_file.as_deref(),
         );
         self.graph.drained_end(section);
-        self.graph.drop_orphans();
+        self.exit();
         r
+    }
+
+    fn abort(&self, _job: &Job) {
+        self.exit();
     }
 }
 
 /// `block-commit`: QEMU's checks in QEMU's order, then create and start.
-pub fn block_commit(ctx: &Context, o: CommitOptions) -> Result<Arc<Job>> {
-    let graph = ctx.graph();
+pub fn block_commit(
+    graph: &Arc<Graph>,
+    engine: &Arc<Engine>,
+    o: CommitOptions,
+) -> Result<Arc<Job>> {
     let bs = graph.lookup(&o.device).map_err(|_| {
         Error::with_class(
             ErrorClass::DeviceNotFound,
             format!("Device '{}' not found", o.device),
         )
     })?;
-    // QEMU's qmp_get_root_bs; a node some job works on counts as not a
-    // root (QEMU's jobs put filter nodes above theirs).
-    if graph.has_parent_node(&bs) || bs.main_job().is_some() {
+    // QEMU's qmp_get_root_bs: a node below another node (a job's
+    // filter), or used by a job, is not a root.
+    if !graph.is_root(&bs) {
         return Err(Error::generic("Need a root block node"));
     }
     let layers = chain::layers(&bs);
@@ -219,17 +303,12 @@ pub fn block_commit(ctx: &Context, o: CommitOptions) -> Result<Arc<Job>> {
     }
     // Op blockers on everything that changes.
     for n in &below_top {
-        n.check_not_busy()?;
+        graph.check_op(n, BlockOp::CommitTarget)?;
         if Arc::ptr_eq(n, &base) {
             break;
         }
     }
-    if o.filter_node_name.is_some() {
-        return Err(Error::generic(
-            "Parameter 'filter-node-name' is not supported by blockjob",
-        ));
-    }
-    let flags = crate::block_jobs::mirror::job_flags(o.auto_finalize, o.auto_dismiss);
+    let flags = job_flags(o.auto_finalize, o.auto_dismiss);
     if Arc::ptr_eq(&top, &bs) {
         if o.backing_file.is_some() {
             return Err(Error::generic(
@@ -237,9 +316,10 @@ pub fn block_commit(ctx: &Context, o: CommitOptions) -> Result<Arc<Job>> {
             ));
         }
         return crate::block_jobs::mirror::start_active_commit(
-            ctx,
+            graph,
+            engine,
             o.job_id.as_deref(),
-            &o.device,
+            o.filter_node_name.as_deref(),
             top,
             base,
             o.speed,
@@ -252,24 +332,48 @@ pub fn block_commit(ctx: &Context, o: CommitOptions) -> Result<Arc<Job>> {
         .find(|w| Arc::ptr_eq(&w[1], &top))
         .map(|w| w[0].clone())
         .ok_or_else(|| Error::generic("Could not find overlay image"))?;
-    overlay.check_not_busy()?;
+    graph.check_op(&overlay, BlockOp::CommitTarget)?;
+    let job_id = o.job_id.clone().unwrap_or_else(|| graph.device_name(&bs));
+    let filter = graph.insert_filter(
+        &top,
+        o.filter_node_name.as_deref(),
+        true,
+        Box::new(CommitTop(ChildEdge::new(top.clone()))),
+    )?;
     let commit = Arc::new(Commit {
         graph: graph.clone(),
         overlay,
-        top,
+        top: top.clone(),
         base: base.clone(),
         backing_file: o.backing_file,
         on_error: o.on_error,
+        filter: filter.clone(),
+        exited: AtomicBool::new(false),
     });
-    let job = ctx.block_job_create(
-        o.job_id.as_deref(),
-        Some(&o.device),
-        Box::new(commit),
+    let job = match block_job_create(
+        graph,
+        engine,
+        Some(&job_id),
+        Some(&bs),
+        Box::new(commit.clone()),
         o.speed,
         flags,
         None,
-    )?;
-    base.attach_job(&job, false);
+    ) {
+        Ok(j) => j,
+        Err(e) => {
+            commit.exit();
+            return Err(e);
+        }
+    };
+    // The layers that go (QEMU's "intermediate node"s) and base.
+    for n in &below_top {
+        if Arc::ptr_eq(n, &base) {
+            break;
+        }
+        add_node(&job, n, UserKind::Blocker);
+    }
+    add_node(&job, &base, UserKind::Backend);
     job.start()?;
     Ok(job)
 }

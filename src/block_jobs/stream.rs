@@ -2,22 +2,21 @@
 //! the top image, then cut the copied layers out of the chain — QEMU's
 //! `block/stream.c` on a thread.
 //!
-//! Copy-on-read without coroutines: the job and guest writes to the top
-//! image take a range lock (`RangeLock`) for what they touch (guest
-//! writes rounded out to clusters, since a partial-cluster write copies the
-//! rest of the cluster from below). Holding a chunk, the job asks again
-//! which clusters the top still lacks and writes only those: a guest write
-//! that got there first is never overwritten with older data from below.
-//! The guest-write filter goes in while the top is drained, so no write
-//! that missed it is still in flight.
+//! While the job exists, a `copy-on-read` filter sits above the top image
+//! (QEMU's, named by `filter-node-name` or automatically): guest reads
+//! through it copy what they read into the top, and the job drives the
+//! same copy over the whole image, chunk by chunk
+//! ([`CorShared::populate`]). The copy and guest writes share the filter's
+//! range lock, so a guest write that got to a cluster first is never
+//! overwritten with older data from below.
 
-use parking_lot::{Condvar, Mutex};
 use std::sync::Arc;
 
+use super::block_job::{add_node, block_job_create, job_flags};
+use crate::block::copy_on_read::{CopyOnRead, CorShared};
 use crate::block::graph::Graph;
-use crate::block::{Node, WriteFilter, chain};
-use crate::context::Context;
-use crate::engine::{JOB_MANUAL_DISMISS, JOB_MANUAL_FINALIZE, Job, JobDriver};
+use crate::block::{BlockOp, Node, UserKind, chain};
+use crate::engine::{Engine, Job, JobDriver};
 use crate::error::{Error, Result};
 use crate::qapi::{BlockErrorAction, BlockdevOnError, JobType};
 
@@ -47,6 +46,9 @@ pub struct StreamOptions {
     pub auto_finalize: bool,
     /// `auto-dismiss` (default true).
     pub auto_dismiss: bool,
+    /// `filter-node-name`: the name of the `copy-on-read` node (default:
+    /// an automatic one).
+    pub filter_node_name: Option<String>,
 }
 
 impl StreamOptions {
@@ -63,74 +65,8 @@ impl StreamOptions {
             on_error: BlockdevOnError::Report,
             auto_finalize: true,
             auto_dismiss: true,
+            filter_node_name: None,
         }
-    }
-}
-
-/// Ranges in use, waited on until free.
-#[derive(Default)]
-pub(crate) struct RangeLock {
-    held: Mutex<Vec<(u64, u64)>>,
-    freed: Condvar,
-}
-
-impl RangeLock {
-    /// Hold `[start, end)` until the guard drops.
-    pub(crate) fn lock(&self, start: u64, end: u64) -> RangeGuard<'_> {
-        let mut h = self.held.lock();
-        while h.iter().any(|&(s, e)| s < end && start < e) {
-            self.freed.wait(&mut h);
-        }
-        h.push((start, end));
-        RangeGuard {
-            lock: self,
-            range: (start, end),
-        }
-    }
-}
-
-pub(crate) struct RangeGuard<'a> {
-    lock: &'a RangeLock,
-    range: (u64, u64),
-}
-
-impl Drop for RangeGuard<'_> {
-    fn drop(&mut self) {
-        let mut h = self.lock.held.lock();
-        if let Some(i) = h.iter().position(|r| *r == self.range) {
-            h.swap_remove(i);
-        }
-        drop(h);
-        self.lock.freed.notify_all();
-    }
-}
-
-/// Guest writes to the top image take their clusters in the range lock.
-struct CorFilter {
-    ranges: Arc<RangeLock>,
-    cluster: u64,
-}
-
-impl CorFilter {
-    fn guarded<T>(&self, offset: u64, len: u64, f: impl FnOnce() -> T) -> T {
-        let start = offset / self.cluster * self.cluster;
-        let end = (offset + len).div_ceil(self.cluster) * self.cluster;
-        let _g = self.ranges.lock(start, end.max(start + 1));
-        f()
-    }
-}
-
-impl WriteFilter for CorFilter {
-    fn pwrite(&self, node: &Node, offset: u64, buf: &[u8]) -> Result<()> {
-        self.guarded(offset, buf.len() as u64, || node.pwrite(offset, buf))
-    }
-
-    fn pwrite_zeroes(&self, node: &Node, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
-        self.guarded(offset, len, || node.pwrite_zeroes(offset, len, may_unmap))
-    }
-
-    fn pdiscard(&self, node: &Node, offset: u64, len: u64) -> Result<()> {
-        self.guarded(offset, len, || node.pdiscard(offset, len))
     }
 }
 
@@ -141,38 +77,14 @@ struct Stream {
     base: Option<Arc<Node>>,
     backing_file: Option<String>,
     on_error: BlockdevOnError,
-    ranges: Arc<RangeLock>,
+    /// The `copy-on-read` node above the top, and its copy.
+    filter: Arc<Node>,
+    cor: Arc<CorShared>,
 }
 
 impl Stream {
-    /// Copy what is below the top but above base in `[offset, offset+len)`
-    /// into the top, holding the range. Returns how many bytes this step
-    /// covered (one allocation status).
-    fn step(&self, buf: &mut Vec<u8>, offset: u64, len: u64) -> Result<u64> {
-        let _g = self.ranges.lock(offset, offset + len);
-        let st = self.top.block_status(offset, len)?;
-        let n = st.len;
-        if st.allocated {
-            return Ok(n);
-        }
-        let below = match self.top.backing() {
-            Some(b) => b,
-            None => return Ok(n),
-        };
-        let (copy, n) = chain::is_allocated_above(&below, self.base.as_ref(), offset, n)?;
-        if copy {
-            buf.resize(n as usize, 0);
-            self.top.pread(offset, buf)?;
-            self.top.pwrite(offset, buf)?;
-            // Written back now rather than all at the flush that ends
-            // the job (see block::writeback).
-            self.top.start_writeback(offset, n);
-        }
-        Ok(n)
-    }
-
     fn run(&self, job: &Job) -> Result<()> {
-        let below = self.top.backing();
+        let below = chain::next_layer(&self.top);
         if below.is_none()
             || below
                 .as_ref()
@@ -198,7 +110,7 @@ impl Stream {
             let mut copied = 0;
             let mut failed = None;
             while done < chunk {
-                match self.step(&mut buf, offset + done, chunk - done) {
+                match self.cor.populate(&mut buf, offset + done, chunk - done) {
                     Ok(n) => {
                         copied += n;
                         done += n;
@@ -242,22 +154,12 @@ impl JobDriver for Arc<Stream> {
     }
 
     fn run(&self, job: &Arc<Job>) -> Result<()> {
-        // Install the copy-on-read filter with the top drained (see the
-        // module comment), and take it off again however the run ends.
-        let section = self.graph.drained_begin(std::slice::from_ref(&self.top));
-        self.top.set_write_filter(Some(Box::new(CorFilter {
-            ranges: self.ranges.clone(),
-            cluster: self.top.cluster_size().unwrap_or(64 << 10),
-        })));
-        self.graph.drained_end(section);
-        let r = Stream::run(self, job);
-        self.top.set_write_filter(None);
-        r
+        Stream::run(self, job)
     }
 
     fn prepare(&self, _job: &Job) -> Result<()> {
         // Cut the copied layers out: the top's backing becomes base.
-        if self.top.backing().is_none() {
+        if chain::next_layer(&self.top).is_none() {
             return Ok(());
         }
         let section = self.graph.drained_begin(std::slice::from_ref(&self.top));
@@ -270,10 +172,20 @@ impl JobDriver for Arc<Stream> {
         self.graph.drop_orphans();
         r
     }
+
+    fn clean(&self, _job: &Job) {
+        // However the job ended, the filter goes (QEMU's stream_clean).
+        self.graph.remove_filter(&self.filter);
+    }
 }
 
-/// `block-stream`: QEMU's checks in QEMU's order, then create and start.
-pub fn block_stream(ctx: &Context, o: StreamOptions) -> Result<Arc<Job>> {
+/// `block-stream`: QEMU's checks in QEMU's order, then the filter, the
+/// job, and the start.
+pub fn block_stream(
+    graph: &Arc<Graph>,
+    engine: &Arc<Engine>,
+    o: StreamOptions,
+) -> Result<Arc<Job>> {
     if o.base.is_some() && o.base_node.is_some() {
         return Err(Error::generic(
             "'base' and 'base-node' cannot be specified at the same time",
@@ -289,7 +201,6 @@ pub fn block_stream(ctx: &Context, o: StreamOptions) -> Result<Arc<Job>> {
             "'bottom' and 'base-node' cannot be specified at the same time",
         ));
     }
-    let graph = ctx.graph();
     let top = graph.lookup(&o.device)?;
     let layers = chain::layers(&top);
     let mut base = None;
@@ -315,43 +226,63 @@ pub fn block_stream(ctx: &Context, o: StreamOptions) -> Result<Arc<Job>> {
             )));
         }
         // The layer below bottom is the base.
-        base = b.backing();
+        base = chain::next_layer(&b);
     }
     // Op blockers: nothing in the part of the chain we change may be busy.
     for n in &layers {
         if base.as_ref().is_some_and(|b| Arc::ptr_eq(b, n)) {
             break;
         }
-        n.check_not_busy()?;
+        graph.check_op(n, BlockOp::Stream)?;
     }
     if base.is_none() && o.backing_file.is_some() {
         return Err(Error::generic(
             "backing file specified, but streaming the entire chain",
         ));
     }
+    let job_id = o.job_id.clone().unwrap_or_else(|| graph.device_name(&top));
+    let cor = CorShared::new(top.clone(), base.clone());
+    let filter = graph
+        .insert_filter(
+            &top,
+            o.filter_node_name.as_deref(),
+            false,
+            Box::new(CopyOnRead::new(cor.clone(), o.filter_node_name.is_some())),
+        )
+        .map_err(|e| e.prepend("Could not create node: "))?;
     let stream = Arc::new(Stream {
         graph: graph.clone(),
         top: top.clone(),
-        base,
+        base: base.clone(),
         backing_file: o.backing_file,
         on_error: o.on_error,
-        ranges: Arc::default(),
+        filter: filter.clone(),
+        cor,
     });
-    let mut flags = 0;
-    if !o.auto_finalize {
-        flags |= JOB_MANUAL_FINALIZE;
-    }
-    if !o.auto_dismiss {
-        flags |= JOB_MANUAL_DISMISS;
-    }
-    let job = ctx.block_job_create(
-        o.job_id.as_deref(),
-        Some(&o.device),
+    let job = match block_job_create(
+        graph,
+        engine,
+        Some(&job_id),
+        Some(&filter),
         Box::new(stream),
         o.speed,
-        flags,
+        job_flags(o.auto_finalize, o.auto_dismiss),
         None,
-    )?;
+    ) {
+        Ok(j) => j,
+        Err(e) => {
+            graph.remove_filter(&filter);
+            return Err(e);
+        }
+    };
+    // The top and the layers that go (QEMU's "active node" and
+    // "intermediate node"s).
+    for n in &layers {
+        if base.as_ref().is_some_and(|b| Arc::ptr_eq(b, n)) {
+            break;
+        }
+        add_node(&job, n, UserKind::Blocker);
+    }
     job.start()?;
     Ok(job)
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use super::context::{BjContext, ctx_arg};
 use super::{BjError, arg_opt_str, arg_ref, arg_str, ffi, ffi_void, malloc_str, null_arg};
-use crate::bitmap::named::{BdrvDirtyBitmap, BitmapRef};
+use crate::block::dirty_bitmap::{BdrvDirtyBitmap, BitmapRef};
 use crate::error::{Error, Result};
 
 /// A bitmap handle (opaque, reference-counted).

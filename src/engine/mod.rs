@@ -243,7 +243,10 @@ impl Job {
         &self.engine
     }
 
-    /// Run `f` once when the job is freed (reaches `null`).
+    /// Run `f` once when the job is freed (reaches `null`), with the
+    /// engine's registry lock held (so `f` must not call the engine). Hooks
+    /// run in reverse order of registration, as values are dropped: one
+    /// registered first runs after everything registered later.
     pub fn on_free(&self, f: impl FnOnce() + Send + 'static) {
         self.on_free.lock().push(Box::new(f));
     }

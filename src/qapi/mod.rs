@@ -8,6 +8,7 @@
 //! has `dismiss` before `finalize`. Never cast one enum into another.
 
 pub mod ids;
+pub mod json;
 pub mod keyval;
 pub(crate) mod visitor;
 

@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use serde_json::{Value, json};
 
-use crate::bitmap::named::{self, BitmapRef};
 use crate::block::Node;
+use crate::block::dirty_bitmap::{self as named, BitmapRef};
 use crate::block::graph::Graph;
 use crate::block_jobs::commit::CommitOptions;
 use crate::block_jobs::mirror::MirrorOptions;
@@ -151,7 +151,7 @@ pub fn dispatch(ctx: &Context, name: &str, args: &Value) -> Result<Value> {
                 ctx.graph()
                     .nodes()
                     .iter()
-                    .map(|n| node_info(ctx.graph(), n, !flat))
+                    .map(|n| node_info(ctx.graph(), n, flat))
                     .collect(),
             ))
         }
@@ -316,11 +316,7 @@ fn block_stream(ctx: &Context, o: &mut Obj<'_>) -> Result<Arc<Job>> {
     s.bottom = o.opt_str("bottom")?;
     s.speed = o.opt_int("speed")?.unwrap_or(0);
     s.on_error = on_error(o, "on-error")?;
-    if o.opt_str("filter-node-name")?.is_some() {
-        return Err(Error::generic(
-            "Parameter 'filter-node-name' is not supported by blockjob",
-        ));
-    }
+    s.filter_node_name = o.opt_str("filter-node-name")?;
     (s.auto_finalize, s.auto_dismiss) = auto_flags(o)?;
     o.finish_ref()?;
     ctx.block_stream(s)
@@ -345,19 +341,10 @@ fn block_commit(ctx: &Context, o: &mut Obj<'_>) -> Result<Arc<Job>> {
 }
 
 /// `query-named-block-nodes`' BlockDeviceInfo, the members we can fill.
-fn node_info(graph: &Graph, n: &Arc<Node>, with_backing_image: bool) -> Value {
-    let len = n.len().unwrap_or(0);
-    let mut image = json!({
-        "filename": n.filename(),
-        "format": n.driver_name(),
-        "virtual-size": len,
-        "dirty-flag": false,
-    });
-    // QEMU: the allocated size of the file behind the node, when it has one.
-    if let Ok(meta) = std::fs::metadata(n.filename()) {
-        use std::os::unix::fs::MetadataExt;
-        image["actual-size"] = json!(meta.blocks() * 512);
-    }
+/// Unless `flat`, the image info nests the chain below the node (backing
+/// files and filtered children, as QEMU's `bdrv_filter_or_cow_bs` walks
+/// it) and `backing_file_depth` counts its steps; flat, it is 0.
+fn node_info(graph: &Graph, n: &Arc<Node>, flat: bool) -> Value {
     let mut v = json!({
         "node-name": n.name(),
         "drv": n.driver_name(),
@@ -367,7 +354,7 @@ fn node_info(graph: &Graph, n: &Arc<Node>, with_backing_image: bool) -> Value {
         "detect_zeroes": "off",
         "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
         "write_threshold": 0,
-        "backing_file_depth": crate::block::chain::layers(n).len() - 1,
+        "backing_file_depth": 0,
         "cache": {"writeback": true, "direct": false, "no-flush": false},
         "active": true,
     });
@@ -378,14 +365,50 @@ fn node_info(graph: &Graph, n: &Arc<Node>, with_backing_image: bool) -> Value {
     }
     if let Some(b) = n.backing() {
         v["backing_file"] = json!(b.filename());
-        image["backing-filename"] = json!(b.filename());
-        if with_backing_image {
-            image["backing-image"] = node_info(graph, &b, true)["image"].clone();
+    }
+    let mut image = image_info(n);
+    if !flat {
+        // Each level's image info nests the next one's.
+        let mut levels = Vec::new();
+        let mut cur = n.clone();
+        while let Some(next) = cur.backing().or_else(|| cur.driver().filtered_child()) {
+            levels.push(image_info(&next));
+            cur = next;
         }
+        v["backing_file_depth"] = json!(levels.len());
+        let mut below: Option<Value> = None;
+        for mut level in levels.into_iter().rev() {
+            if let Some(b) = below.take() {
+                level["backing-image"] = b;
+            }
+            below = Some(level);
+        }
+        if let Some(b) = below {
+            image["backing-image"] = b;
+        }
+    }
+    v["image"] = image;
+    v
+}
+
+/// One level of a node's `image` member (QEMU's `ImageInfo`).
+fn image_info(n: &Arc<Node>) -> Value {
+    let mut image = json!({
+        "filename": n.filename(),
+        "format": n.driver_name(),
+        "virtual-size": n.len().unwrap_or(0),
+        "dirty-flag": false,
+    });
+    // QEMU: the allocated size of the file behind the node, when it has one.
+    if let Ok(meta) = std::fs::metadata(n.filename()) {
+        use std::os::unix::fs::MetadataExt;
+        image["actual-size"] = json!(meta.blocks() * 512);
+    }
+    if let Some(b) = n.backing() {
+        image["backing-filename"] = json!(b.filename());
     }
     if let Some(cs) = n.cluster_size() {
         image["cluster-size"] = json!(cs);
     }
-    v["image"] = image;
-    v
+    image
 }

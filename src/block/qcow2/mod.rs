@@ -8,9 +8,11 @@
 //! partial-cluster write copies the rest of the cluster from our backing
 //! node through imago's copy-on-write).
 //!
-//! Relinking (stream, commit) happens in drained sections: the driver
-//! reopens its imago image with the new backing layer, after the header's
-//! backing link was rewritten on disk ([`header`]).
+//! Both edges can move (a filter put above the file or the backing node):
+//! imago's storages read through the edges. Relinking (stream, commit)
+//! happens in drained sections: the driver reopens its imago image with
+//! the new backing layer, after the header's backing link was rewritten
+//! on disk ([`header`]).
 
 pub mod header;
 pub mod storage;
@@ -25,6 +27,7 @@ use imago::{
 };
 
 use self::storage::{NodeStorage, from_io};
+use super::child::ChildEdge;
 use super::{BlkdebugEvent, BlockDriver, BlockStatus, Node, NodeChild};
 use crate::error::{Error, Result};
 
@@ -35,12 +38,12 @@ type Image = Qcow2<NodeStorage, Arc<Access>>;
 struct Layer {
     /// Shared only with the thread that writes it back at close.
     access: Arc<Access>,
-    backing: Option<Arc<Node>>,
+    backing: Option<Arc<ChildEdge>>,
 }
 
 /// The qcow2 format.
 pub struct Qcow2Driver {
-    file: Arc<Node>,
+    file: Arc<ChildEdge>,
     writable: bool,
     cluster_size: u64,
     /// Read-locked by every request, write-locked to discard (imago wants
@@ -53,22 +56,26 @@ pub struct Qcow2Driver {
     header_backing: Option<(String, Option<String>)>,
 }
 
-/// imago's view of a backing node: `raw` over it.
-fn backing_view(node: &Arc<Node>) -> Result<Arc<Access>> {
-    let raw = Raw::builder(NodeStorage::new(node.clone()))
+/// imago's view of a backing node: `raw` over the edge to it.
+fn backing_view(edge: &Arc<ChildEdge>) -> Result<Arc<Access>> {
+    let raw = Raw::builder(NodeStorage::new(edge.clone()))
         .write(false)
         .open(DenyImplicitOpenGate::default())
         .map_err(from_io)?;
     Ok(Arc::new(FormatAccess::new(raw)))
 }
 
-fn open_image(file: &Arc<Node>, writable: bool, backing: Option<&Arc<Node>>) -> Result<Access> {
+fn open_image(
+    file: &Arc<ChildEdge>,
+    writable: bool,
+    backing: Option<&Arc<ChildEdge>>,
+) -> Result<Access> {
     let backing = backing.map(backing_view).transpose()?;
     let image = Image::builder(NodeStorage::new(file.clone()))
         .write(writable)
         .backing(backing)
         .open(DenyImplicitOpenGate::default())
-        .map_err(|e| open_error(file, e))?;
+        .map_err(|e| open_error(&file.get(), e))?;
     Ok(FormatAccess::new(image))
 }
 
@@ -87,9 +94,12 @@ impl Qcow2Driver {
     /// [`Qcow2Driver::header_backing`] for what it says).
     pub fn open(file: Arc<Node>, writable: bool, backing: Option<Arc<Node>>) -> Result<Self> {
         let hdr = header::read_node_header(&file)?;
+        let file_is_blkdebug = file.driver_name() == "blkdebug";
+        let file = Arc::new(ChildEdge::new(file));
+        let backing = backing.map(|b| Arc::new(ChildEdge::new(b)));
         let access = open_image(&file, writable, backing.as_ref())?;
         Ok(Qcow2Driver {
-            file_is_blkdebug: file.driver_name() == "blkdebug",
+            file_is_blkdebug,
             file,
             writable,
             cluster_size: hdr.cluster_size,
@@ -116,14 +126,15 @@ impl Qcow2Driver {
     pub fn relink(&self, backing: Option<Arc<Node>>) -> Result<()> {
         let mut l = self.layer.write();
         l.access.flush().map_err(from_io)?;
+        let backing = backing.map(|b| Arc::new(ChildEdge::new(b)));
         let access = Arc::new(open_image(&self.file, self.writable, backing.as_ref())?);
         *l = Layer { access, backing };
         Ok(())
     }
 
     /// The `file` child.
-    pub fn file(&self) -> &Arc<Node> {
-        &self.file
+    pub fn file(&self) -> Arc<Node> {
+        self.file.get()
     }
 }
 
@@ -153,7 +164,7 @@ pub fn change_backing(
         };
         (name, fmt)
     });
-    let path = drv.file.filename();
+    let path = drv.file().filename();
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -205,7 +216,7 @@ pub fn create(
     backing: Option<(&str, &str)>,
     cluster_size: Option<u64>,
 ) -> Result<()> {
-    let mut b = Qcow2::<NodeStorage>::create_builder(NodeStorage::new(file.clone())).size(size);
+    let mut b = Qcow2::<NodeStorage>::create_builder(NodeStorage::on(file.clone())).size(size);
     if let Some((name, fmt)) = backing {
         b = b.backing(name.to_string(), fmt.to_string());
     }
@@ -234,13 +245,13 @@ impl BlockDriver for Qcow2Driver {
         if self.file_is_blkdebug
             && let Ok((ShallowMapping::Raw { .. }, _)) = l.access.get_shallow_mapping(offset, 1)
         {
-            self.file.debug_event(BlkdebugEvent::ReadAio);
+            self.file().debug_event(BlkdebugEvent::ReadAio);
         }
         l.access.read(buf, offset).map_err(from_io)
     }
 
     fn write(&self, offset: u64, buf: &[u8]) -> Result<()> {
-        self.file.debug_event(BlkdebugEvent::WriteAio);
+        self.file().debug_event(BlkdebugEvent::WriteAio);
         self.layer().access.write(buf, offset).map_err(from_io)
     }
 
@@ -305,7 +316,7 @@ impl BlockDriver for Qcow2Driver {
         Ok(match mapping {
             ShallowMapping::Raw { .. } | ShallowMapping::Special { .. } => BlockStatus::data(mlen),
             ShallowMapping::Zero { explicit: true, .. } => BlockStatus::zero(mlen),
-            ShallowMapping::Indirect { .. } => match &l.backing {
+            ShallowMapping::Indirect { .. } => match l.backing.as_ref().map(|b| b.get()) {
                 Some(b) if offset < b.len()? => {
                     let st = b.block_status(offset, mlen)?;
                     BlockStatus {
@@ -332,13 +343,13 @@ impl BlockDriver for Qcow2Driver {
     }
 
     fn backing(&self) -> Option<Arc<Node>> {
-        self.layer().backing.clone()
+        self.layer().backing.as_ref().map(|b| b.get())
     }
 
     fn children(&self) -> Vec<NodeChild> {
         let mut v = vec![NodeChild {
             role: "file",
-            node: self.file.clone(),
+            node: self.file(),
         }];
         if let Some(b) = self.backing() {
             v.push(NodeChild {
@@ -349,11 +360,24 @@ impl BlockDriver for Qcow2Driver {
         v
     }
 
+    fn replace_child(&self, old: &Arc<Node>, new: &Arc<Node>) {
+        self.file.replace(old, new);
+        if let Some(b) = &self.layer().backing {
+            b.replace(old, new);
+        }
+    }
+
     fn cluster_size(&self) -> Option<u64> {
         Some(self.cluster_size)
     }
 
     fn filename(&self) -> String {
-        self.file.filename()
+        self.file().filename()
+    }
+
+    fn open_options(&self) -> Option<serde_json::Value> {
+        // A backing link other than the header's would need a `backing`
+        // member; the jobs' filters sit above images opened plainly.
+        Some(serde_json::json!({"driver": "qcow2", "file": self.file().driver().open_options()?}))
     }
 }

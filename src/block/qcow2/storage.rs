@@ -1,6 +1,9 @@
 //! imago's storage trait over one of our nodes, so that a qcow2 image's
 //! I/O goes through our graph: its `file` child may be a `blkdebug` node,
-//! and a backing layer is whatever node we link (a `raw` view of it).
+//! and a backing layer is whatever node we link (a `raw` view of it). The
+//! storage reads the node through the qcow2 node's edge, so moving the
+//! edge (a filter put above the file or the backing node) moves imago's
+//! I/O with it, without reopening the image.
 
 use std::fmt;
 use std::io;
@@ -12,40 +15,46 @@ use imago::io_buffers::{IoVector, IoVectorMut};
 use imago::storage::drivers::CommonStorageHelper;
 
 use crate::block::Node;
+use crate::block::child::ChildEdge;
 use crate::error::Error;
 
-/// One of our nodes as imago storage.
+/// The node behind an edge as imago storage.
 pub struct NodeStorage {
-    node: Arc<Node>,
+    edge: Arc<ChildEdge>,
     helper: CommonStorageHelper,
 }
 
 impl NodeStorage {
-    /// Wrap `node`.
-    pub fn new(node: Arc<Node>) -> Self {
+    /// Storage on whatever node `edge` points at.
+    pub fn new(edge: Arc<ChildEdge>) -> Self {
         NodeStorage {
-            node,
+            edge,
             helper: CommonStorageHelper::default(),
         }
     }
 
-    /// The wrapped node.
-    pub fn node(&self) -> &Arc<Node> {
-        &self.node
+    /// Storage on `node` alone (no edge anyone else can move).
+    pub fn on(node: Arc<Node>) -> Self {
+        Self::new(Arc::new(ChildEdge::new(node)))
+    }
+
+    /// The node the storage reads and writes now.
+    pub fn node(&self) -> Arc<Node> {
+        self.edge.get()
     }
 }
 
 impl fmt::Debug for NodeStorage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("NodeStorage")
-            .field("node", &self.node.name())
+            .field("node", &self.node().name())
             .finish()
     }
 }
 
 impl fmt::Display for NodeStorage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.node.name())
+        write!(f, "{}", self.node().name())
     }
 }
 
@@ -83,16 +92,16 @@ pub fn from_io(e: io::Error) -> Error {
 #[allow(unsafe_code)]
 impl Storage for NodeStorage {
     fn size(&self) -> io::Result<u64> {
-        self.node.len().map_err(to_io)
+        self.node().len().map_err(to_io)
     }
 
     fn get_filename(&self) -> Option<PathBuf> {
-        let f = self.node.filename();
+        let f = self.node().filename();
         (!f.is_empty()).then(|| PathBuf::from(f))
     }
 
     fn resolve_relative_path<P: AsRef<std::path::Path>>(&self, relative: P) -> io::Result<PathBuf> {
-        let base = PathBuf::from(self.node.filename());
+        let base = PathBuf::from(self.node().filename());
         Ok(match base.parent() {
             Some(dir) => dir.join(relative),
             None => relative.as_ref().to_path_buf(),
@@ -103,7 +112,7 @@ impl Storage for NodeStorage {
         let mut off = offset;
         for mut slice in bufv.into_inner() {
             let b: &mut [u8] = &mut slice;
-            self.node.pread(off, b).map_err(to_io)?;
+            self.node().pread(off, b).map_err(to_io)?;
             off += b.len() as u64;
         }
         Ok(())
@@ -113,24 +122,26 @@ impl Storage for NodeStorage {
         let mut off = offset;
         for slice in bufv.into_inner() {
             let b: &[u8] = &slice;
-            self.node.pwrite(off, b).map_err(to_io)?;
+            self.node().pwrite(off, b).map_err(to_io)?;
             off += b.len() as u64;
         }
         Ok(())
     }
 
     unsafe fn pure_write_zeroes(&self, offset: u64, length: u64) -> io::Result<()> {
-        self.node.pwrite_zeroes(offset, length, true).map_err(to_io)
+        self.node()
+            .pwrite_zeroes(offset, length, true)
+            .map_err(to_io)
     }
 
     unsafe fn pure_write_allocated_zeroes(&self, offset: u64, length: u64) -> io::Result<()> {
-        self.node
+        self.node()
             .pwrite_zeroes(offset, length, false)
             .map_err(to_io)
     }
 
     unsafe fn pure_discard(&self, offset: u64, length: u64) -> io::Result<()> {
-        self.node.pdiscard(offset, length).map_err(to_io)
+        self.node().pdiscard(offset, length).map_err(to_io)
     }
 
     fn flush(&self) -> io::Result<()> {
@@ -140,7 +151,7 @@ impl Storage for NodeStorage {
     }
 
     fn sync(&self) -> io::Result<()> {
-        self.node.flush().map_err(to_io)
+        self.node().flush().map_err(to_io)
     }
 
     unsafe fn invalidate_cache(&self) -> io::Result<()> {

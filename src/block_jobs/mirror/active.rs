@@ -15,19 +15,21 @@
 //! When the job does not copy to the target (failed, cancelled), guest
 //! writes just mark the bitmap.
 //!
-//! The filter goes in while the source is drained: a write that started
-//! before it (and so will not pass through it) finishes first, and its
-//! mark on the still-recording bitmap is seen by the first pass.
+//! The `mirror_top` filter hands guest writes to these from the moment
+//! they are installed, which happens with the filter drained: a write that
+//! started before (and so is marked by the filter in background mode)
+//! finishes first, and its mark is seen by the first pass.
 
 use std::sync::Arc;
 
 use super::Mirror;
 use super::copy::Copier;
-use crate::block::{Node, WriteFilter};
+use crate::block::Node;
 use crate::error::Result;
 use crate::sync::Ordering;
 
-struct ActiveWrites {
+/// Guest writes in write-blocking mode.
+pub(crate) struct ActiveWrites {
     mirror: Arc<Mirror>,
     copier: Arc<Copier>,
 }
@@ -93,8 +95,9 @@ impl ActiveWrites {
     }
 }
 
-impl WriteFilter for ActiveWrites {
-    fn pwrite(&self, node: &Node, offset: u64, buf: &[u8]) -> Result<()> {
+impl ActiveWrites {
+    /// A guest write of `buf` at `offset` to `node` (the source).
+    pub fn pwrite(&self, node: &Node, offset: u64, buf: &[u8]) -> Result<()> {
         self.through(
             node,
             offset,
@@ -104,7 +107,8 @@ impl WriteFilter for ActiveWrites {
         )
     }
 
-    fn pwrite_zeroes(&self, node: &Node, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+    /// A guest write-zeroes.
+    pub fn pwrite_zeroes(&self, node: &Node, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
         self.through(
             node,
             offset,
@@ -114,7 +118,8 @@ impl WriteFilter for ActiveWrites {
         )
     }
 
-    fn pdiscard(&self, node: &Node, offset: u64, len: u64) -> Result<()> {
+    /// A guest discard.
+    pub fn pdiscard(&self, node: &Node, offset: u64, len: u64) -> Result<()> {
         self.through(
             node,
             offset,
@@ -125,23 +130,22 @@ impl WriteFilter for ActiveWrites {
     }
 }
 
-/// Put the filter on the source; from now on it marks the job's bitmap.
-/// Once per run: `run` and `block-job-change` may both get here.
+/// Hand guest writes to active writes from now on. Once per run: `run`
+/// and `block-job-change` may both get here; call with the filter drained.
 pub(super) fn install(m: &Arc<Mirror>, c: &Arc<Copier>) {
     // SeqCst: pairs with the store in `remove`; both run under `running`'s
     // lock or before the run's main loop, so this only dedupes.
     if m.filter_on.swap(true, Ordering::SeqCst) {
         return;
     }
-    c.bitmap.set_recording(false);
-    m.source.set_write_filter(Some(Box::new(ActiveWrites {
+    m.top.active.store(Some(Arc::new(ActiveWrites {
         mirror: m.clone(),
         copier: c.clone(),
     })));
 }
 
-/// Take it off again.
+/// Back to background mode (the run is over).
 pub(super) fn remove(m: &Mirror) {
-    m.source.set_write_filter(None);
+    m.top.active.store(None);
     m.filter_on.store(false, Ordering::SeqCst);
 }

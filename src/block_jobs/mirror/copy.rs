@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use super::Mirror;
-use crate::bitmap::named::BdrvDirtyBitmap;
+use crate::block::dirty_bitmap::BdrvDirtyBitmap;
 use crate::engine::Job;
 use crate::error::Error;
 use crate::qapi::BlockErrorAction;

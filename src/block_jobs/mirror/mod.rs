@@ -2,10 +2,12 @@
 //! while the guest keeps writing, reach READY, then pivot the guest to the
 //! target on `complete` (or leave a consistent copy on a soft cancel).
 //!
-//! Layout: this file checks the arguments as QEMU does and creates the
-//! job; `run` is the job thread's loop (QEMU's `mirror_run`); `copy` holds
-//! the copy operations, the worker threads that run them, the in-flight
-//! ranges and the buffers; `active` is the write-blocking filter.
+//! Layout: this file checks the arguments as QEMU does, puts the
+//! `mirror_top` filter above the source and creates the job, and takes the
+//! filter out again (pivoting on `complete`); `run` is the job thread's
+//! loop (QEMU's `mirror_run`); `copy` holds the copy operations, the worker
+//! threads that run them, the in-flight ranges and the buffers; `filter`
+//! is `mirror_top`, and `active` its write-blocking mode.
 //!
 //! # No stale data on the target
 //! 1. A granule is copied by at most one operation at a time, and a
@@ -23,15 +25,19 @@
 
 mod active;
 mod copy;
+mod filter;
 mod run;
 
 use parking_lot::Mutex;
 use std::sync::Arc;
 
-use crate::block::Node;
-use crate::block::graph::{DrainSection, Graph, can_replace};
-use crate::context::Context;
-use crate::engine::{JOB_MANUAL_DISMISS, JOB_MANUAL_FINALIZE, Job, JobChange, JobDriver};
+use self::filter::{MirrorTop, TopShared};
+use super::block_job::{add_node, block_job_create, job_flags};
+use crate::block::drain::DrainSection;
+use crate::block::graph::Graph;
+use crate::block::replace::can_replace;
+use crate::block::{BlockOp, Node, UserKind, chain, dirty_bitmap};
+use crate::engine::{Engine, Job, JobChange, JobDriver};
 use crate::error::{Error, Result, strerror};
 use crate::qapi::{BlockdevOnError, JobType, MirrorCopyMode, MirrorSyncMode};
 use crate::sync::{AtomicBool, Ordering};
@@ -115,7 +121,8 @@ pub struct MirrorOptions {
     /// `replaces`: the node the target replaces on completion (default
     /// the source): the source or a node below it through filters.
     pub replaces: Option<String>,
-    /// `filter-node-name`: accepted; we have no filter node to name.
+    /// `filter-node-name`: the name of the `mirror_top` node (default:
+    /// an automatic one).
     pub filter_node_name: Option<String>,
 }
 
@@ -159,6 +166,9 @@ pub(crate) struct Mirror {
     pub graph: Arc<Graph>,
     pub source: Arc<Node>,
     pub target: Arc<Node>,
+    /// The `mirror_top` node above the source, and what it shares with us.
+    pub filter: Arc<Node>,
+    pub top: Arc<TopShared>,
     /// `mirror`, or `commit` for an active commit.
     pub job_type: JobType,
     /// Copy only what the layers above this node hold (`sync=top`: the
@@ -169,8 +179,8 @@ pub(crate) struct Mirror {
     /// `copy-mode`: 0 background, 1 write-blocking (it can only go up:
     /// `block-job-change`).
     pub write_blocking: AtomicBool,
-    /// The write-blocking filter is on the source (it goes in once, at
-    /// start or at the change, whichever sees the run first).
+    /// Active writes are on the filter (they go in once, at start or at
+    /// the change, whichever sees the run first).
     pub filter_on: AtomicBool,
     /// Copy with `copy_file_range` (cleared when the nodes cannot).
     pub copy_offload: AtomicBool,
@@ -192,6 +202,8 @@ pub(crate) struct Mirror {
     pub running: Mutex<Option<Arc<copy::Copier>>>,
     /// The drained section the job completed in, ended in `clean`.
     pub drained: Mutex<Option<DrainSection>>,
+    /// The filter is out of the graph (QEMU's `mirror_exit_common` ran).
+    pub exited: AtomicBool,
 }
 
 impl Mirror {
@@ -202,6 +214,51 @@ impl Mirror {
         // Relaxed: hints; an operation sized for offload that cannot be
         // offloaded after all is copied through the buffer in pieces.
         self.offload_proven.load(Ordering::Relaxed) && self.copy_offload.load(Ordering::Relaxed)
+    }
+    /// QEMU's `mirror_exit_common`, once: with `pivot`, every parent of
+    /// the node to replace (the source, or `replaces`) moves to the target
+    /// (QEMU pivots in its prepare step too: a pivot that cannot happen
+    /// fails the job with EPERM); then the filter leaves the graph, its
+    /// parents (the guest) moving to what it filtered — the target after
+    /// a pivot.
+    fn exit(&self, pivot: bool) -> Result<()> {
+        // SeqCst: prepare and abort run one after the other under the
+        // engine's control lock; this only makes the second a no-op.
+        if self.exited.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        let mut r = Ok(());
+        if pivot {
+            let to_replace = self
+                .to_replace
+                .lock()
+                .clone()
+                .unwrap_or_else(|| self.source.clone());
+            if can_replace(&self.source, &to_replace) {
+                self.graph.replace_node(&to_replace, &self.target);
+            } else {
+                r = Err(Error::errno_msg(libc::EPERM, strerror(libc::EPERM)));
+            }
+        }
+        self.graph.remove_filter(&self.filter);
+        if let Some(b) = self.top.bitmap.get() {
+            self.filter.bitmaps().remove_anonymous(b);
+        }
+        if pivot && (self.job_type == JobType::Commit || !self.replaces_source()) {
+            // What left the guest's graph (committed layers, a replaced
+            // node below the source) goes if it was opened implicitly, as
+            // QEMU drops its references.
+            self.graph.drop_orphans();
+        }
+        r
+    }
+
+    /// `replaces` is the source itself (or absent).
+    fn replaces_source(&self) -> bool {
+        self.to_replace
+            .lock()
+            .as_ref()
+            .is_none_or(|n| Arc::ptr_eq(n, &self.source))
     }
 }
 
@@ -237,9 +294,6 @@ impl JobDriver for Arc<Mirror> {
                 .graph
                 .find_node(name)
                 .ok_or_else(|| Error::generic(format!("Node name '{name}' not found")))?;
-            // Ours, not QEMU's: a parent that cannot move would fail the
-            // pivot, so say so while the job can still be used.
-            self.graph.check_replace_node(&n, &self.target)?;
             *self.to_replace.lock() = Some(n);
         }
         // SeqCst: read by the job thread after it is kicked; the kick's
@@ -281,10 +335,10 @@ impl JobDriver for Arc<Mirror> {
                 mode(cur)
             )));
         }
-        // A running job takes the filter now, with the source drained as
-        // at start: a guest write half-way finishes and marks the still
-        // recording bitmap first. Before the run starts, `run` puts it in.
-        let section = self.graph.drained_begin(std::slice::from_ref(&self.source));
+        // A running job takes active writes now, with the filter drained
+        // as at start: a guest write half-way finishes and marks the bitmap
+        // first. Before the run starts, `run` puts them in.
+        let section = self.graph.drained_begin(std::slice::from_ref(&self.filter));
         if let Some(c) = self.running.lock().as_ref() {
             active::install(self, c);
         }
@@ -299,30 +353,13 @@ impl JobDriver for Arc<Mirror> {
 
     fn prepare(&self, _job: &Job) -> Result<()> {
         // Success: pivot only for `complete`, not for a soft cancel.
-        // QEMU pivots in its prepare step too: a pivot that cannot happen
-        // fails the job with EPERM.
-        if !self.should_complete.load(Ordering::SeqCst) {
-            return Ok(());
-        }
-        let to_replace = self
-            .to_replace
-            .lock()
-            .clone()
-            .unwrap_or_else(|| self.source.clone());
-        let eperm = || Error::errno_msg(libc::EPERM, strerror(libc::EPERM));
-        if !can_replace(&self.source, &to_replace) {
-            return Err(eperm());
-        }
-        self.graph
-            .replace_node(&to_replace, &self.target)
-            .map_err(|_| eperm())?;
-        if self.job_type == JobType::Commit || !Arc::ptr_eq(&to_replace, &self.source) {
-            // What left the guest's graph (committed layers, a replaced
-            // node below the source) goes if it was opened implicitly, as
-            // QEMU drops its references.
-            self.graph.drop_orphans();
-        }
-        Ok(())
+        self.exit(self.should_complete.load(Ordering::SeqCst))
+    }
+
+    fn abort(&self, _job: &Job) {
+        // Failed, cancelled, or a transaction member failed: the filter
+        // goes, nothing pivots (a no-op after `prepare` did it).
+        let _ = self.exit(false);
     }
 
     fn clean(&self, _job: &Job) {
@@ -340,12 +377,15 @@ impl JobDriver for Arc<Mirror> {
 
 /// `blockdev-mirror`: check the arguments as QEMU does, create the job and
 /// start it.
-pub fn blockdev_mirror(ctx: &Context, o: MirrorOptions) -> Result<Arc<Job>> {
-    let graph = ctx.graph();
+pub fn blockdev_mirror(
+    graph: &Arc<Graph>,
+    engine: &Arc<Engine>,
+    o: MirrorOptions,
+) -> Result<Arc<Job>> {
     let source = graph.lookup(&o.device)?;
     // QEMU's qmp_get_root_bs: a node below another node, or used by a
     // job (jobs are parents of their nodes), is not a root.
-    if graph.has_parent_node(&source) || source.any_job().is_some() {
+    if !graph.is_root(&source) {
         return Err(Error::generic("Need a root block node"));
     }
     let target = graph.lookup(&o.target)?;
@@ -359,12 +399,12 @@ pub fn blockdev_mirror(ctx: &Context, o: MirrorOptions) -> Result<Arc<Job>> {
             "Parameter 'granularity' expects a power of 2",
         ));
     }
-    source.check_not_busy()?;
-    target.check_not_busy()?;
+    graph.check_op(&source, BlockOp::MirrorSource)?;
+    graph.check_op(&target, BlockOp::MirrorTarget)?;
     // QEMU checks `replaces` before the sync mode, buf-size and "into
     // itself" (those are mirror_start's).
     if let Some(name) = &o.replaces {
-        check_replaces(ctx, &source, &target, name)?;
+        check_replaces(graph, &source, name)?;
     }
     let sync = match o.sync {
         MirrorSyncMode::Incremental | MirrorSyncMode::Bitmap => {
@@ -378,11 +418,11 @@ pub fn blockdev_mirror(ctx: &Context, o: MirrorOptions) -> Result<Arc<Job>> {
     // `top`: only what the source's own layer holds (QEMU: above its
     // backing node); without a backing node that is everything.
     let base = match sync {
-        MirrorSyncMode::Top => source.backing(),
+        MirrorSyncMode::Top => chain::next_layer(&source),
         _ => None,
     };
     let granularity = match o.granularity {
-        0 => crate::bitmap::named::default_granularity(&target),
+        0 => dirty_bitmap::default_granularity(&target),
         g => g,
     };
     if o.buf_size < 0 {
@@ -409,22 +449,30 @@ pub fn blockdev_mirror(ctx: &Context, o: MirrorOptions) -> Result<Arc<Job>> {
     let start = Start {
         job_id: o.job_id.as_deref(),
         replaces: o.replaces.as_deref(),
-        device: &o.device,
+        filter_node_name: o.filter_node_name.as_deref(),
         speed: o.speed,
         flags: job_flags(o.auto_finalize, o.auto_dismiss),
         write_blocking: o.copy_mode == MirrorCopyMode::WriteBlocking,
     };
-    start_job(ctx, source, target, JobType::Mirror, base, params, start)
+    start_job(
+        graph,
+        engine,
+        source,
+        target,
+        JobType::Mirror,
+        base,
+        params,
+        start,
+    )
 }
 
 /// QEMU's `replaces` checks (`check_to_replace_node` and the size test), in
-/// its order, plus ours: every parent of the node must be able to move.
-fn check_replaces(ctx: &Context, source: &Arc<Node>, target: &Arc<Node>, name: &str) -> Result<()> {
-    let graph = ctx.graph();
+/// its order.
+fn check_replaces(graph: &Graph, source: &Arc<Node>, name: &str) -> Result<()> {
     let to_replace = graph
         .find_node(name)
         .ok_or_else(|| Error::generic(format!("Failed to find node with node-name='{name}'")))?;
-    to_replace.check_not_busy()?;
+    graph.check_op(&to_replace, BlockOp::Replace)?;
     if !can_replace(source, &to_replace) {
         return Err(Error::generic(format!(
             "Cannot replace '{name}' by a node mirrored from '{}', because it cannot be \
@@ -439,7 +487,7 @@ fn check_replaces(ctx: &Context, source: &Arc<Node>, target: &Arc<Node>, name: &
             "cannot replace image with a mirror image of different size",
         ));
     }
-    graph.check_replace_node(&to_replace, target)
+    Ok(())
 }
 
 /// The largest copy operation for a buffer of `buf_size`: a sixteenth of
@@ -450,30 +498,24 @@ fn max_io(buf_size: u64) -> u64 {
         .min(buf_size)
 }
 
-/// `auto-finalize`/`auto-dismiss` as job flags.
-pub(crate) fn job_flags(auto_finalize: bool, auto_dismiss: bool) -> u32 {
-    let mut flags = 0;
-    if !auto_finalize {
-        flags |= JOB_MANUAL_FINALIZE;
-    }
-    if !auto_dismiss {
-        flags |= JOB_MANUAL_DISMISS;
-    }
-    flags
-}
-
 /// How to create the job.
 struct Start<'a> {
     job_id: Option<&'a str>,
     replaces: Option<&'a str>,
-    device: &'a str,
+    filter_node_name: Option<&'a str>,
     speed: i64,
     flags: u32,
     write_blocking: bool,
 }
 
+/// QEMU's `mirror_start_job` from the filter on: put `mirror_top` above
+/// the source, give it the job's bitmap, create the job on it (also using
+/// the source and the target) and start it. Whatever fails takes the
+/// filter out again.
+#[allow(clippy::too_many_arguments)] // QEMU's argument list
 fn start_job(
-    ctx: &Context,
+    graph: &Arc<Graph>,
+    engine: &Arc<Engine>,
     source: Arc<Node>,
     target: Arc<Node>,
     job_type: JobType,
@@ -481,10 +523,38 @@ fn start_job(
     params: Params,
     st: Start<'_>,
 ) -> Result<Arc<Job>> {
+    // The default id is the source's device name, taken before the filter
+    // takes the device over.
+    let job_id = st
+        .job_id
+        .map_or_else(|| graph.device_name(&source), String::from);
+    let len = source.len()?;
+    let top = TopShared::new(source.clone());
+    let filter = graph.insert_filter(
+        &source,
+        st.filter_node_name,
+        false,
+        Box::new(MirrorTop(top.clone())),
+    )?;
+    // QEMU's `bdrv_create_dirty_bitmap(mirror_top_bs)`, disabled: only
+    // the filter marks it.
+    let bitmap = match filter
+        .bitmaps()
+        .add_anonymous(len, params.granularity, false)
+    {
+        Ok(b) => b,
+        Err(e) => {
+            graph.remove_filter(&filter);
+            return Err(e);
+        }
+    };
+    let _ = top.bitmap.set(bitmap);
     let mirror = Arc::new(Mirror {
-        graph: ctx.graph().clone(),
-        source,
+        graph: graph.clone(),
+        source: source.clone(),
         target: target.clone(),
+        filter: filter.clone(),
+        top,
         job_type,
         base,
         params,
@@ -498,16 +568,27 @@ fn start_job(
         actively_synced: AtomicBool::new(false),
         running: Mutex::new(None),
         drained: Mutex::new(None),
+        exited: AtomicBool::new(false),
     });
-    let job = ctx.block_job_create(
-        st.job_id,
-        Some(st.device),
-        Box::new(mirror),
+    let job = block_job_create(
+        graph,
+        engine,
+        Some(&job_id),
+        Some(&filter),
+        Box::new(mirror.clone()),
         st.speed,
         st.flags,
         None,
-    )?;
-    target.attach_job(&job, false);
+    );
+    let job = match job {
+        Ok(j) => j,
+        Err(e) => {
+            let _ = mirror.exit(false);
+            return Err(e);
+        }
+    };
+    add_node(&job, &source, UserKind::Blocker);
+    add_node(&job, &target, UserKind::Backend);
     job.start()?;
     Ok(job)
 }
@@ -518,16 +599,17 @@ fn start_job(
 /// reads and writes alike; background copy mode, default granularity.
 #[allow(clippy::too_many_arguments)] // QEMU's argument list
 pub(crate) fn start_active_commit(
-    ctx: &Context,
+    graph: &Arc<Graph>,
+    engine: &Arc<Engine>,
     job_id: Option<&str>,
-    device: &str,
+    filter_node_name: Option<&str>,
     top: Arc<Node>,
     base: Arc<Node>,
     speed: i64,
     on_error: BlockdevOnError,
     flags: u32,
 ) -> Result<Arc<Job>> {
-    let granularity = crate::bitmap::named::default_granularity(&base);
+    let granularity = dirty_bitmap::default_granularity(&base);
     let buf_size = DEFAULT_BUF_SIZE.div_ceil(granularity) * granularity;
     let params = Params {
         granularity,
@@ -541,13 +623,14 @@ pub(crate) fn start_active_commit(
     let start = Start {
         job_id,
         replaces: None,
-        device,
+        filter_node_name,
         speed,
         flags,
         write_blocking: false,
     };
     start_job(
-        ctx,
+        graph,
+        engine,
         top,
         base.clone(),
         JobType::Commit,

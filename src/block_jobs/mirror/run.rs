@@ -138,14 +138,13 @@ pub(super) fn run(m: &Arc<Mirror>, job: &Arc<Job>) -> Result<()> {
             Error::generic("Source and target image have different sizes").with_errno(libc::EINVAL),
         );
     }
-    let bitmap = m.source.bitmaps().add_internal(len, m.params.granularity)?;
-    let c = match Copier::new(m.clone(), job.clone(), bitmap.clone(), len) {
-        Ok(c) => c,
-        Err(e) => {
-            m.source.bitmaps().remove_internal(&bitmap);
-            return Err(e);
-        }
-    };
+    let bitmap = m
+        .top
+        .bitmap
+        .get()
+        .cloned()
+        .ok_or_else(|| Error::generic("mirror started without its bitmap"))?;
+    let c = Copier::new(m.clone(), job.clone(), bitmap, len)?;
     // Under `running`'s lock: a `block-job-change` either sees the run
     // (and installs the filter itself) or set the mode before this load.
     let write_blocking = {
@@ -154,11 +153,9 @@ pub(super) fn run(m: &Arc<Mirror>, job: &Arc<Job>) -> Result<()> {
         m.write_blocking.load(Ordering::SeqCst)
     };
     if write_blocking {
-        // A guest write that passed the source's filter check before the
-        // filter existed would land after the copy of its range and be
-        // marked nowhere (recording is off from here): let those finish
-        // first, as QEMU inserts its filter node in a drained section.
-        let section = m.graph.drained_begin(std::slice::from_ref(&m.source));
+        // Guest writes in flight on the filter finish first (and mark the
+        // bitmap); from here the filter hands them to active writes.
+        let section = m.graph.drained_begin(std::slice::from_ref(&m.filter));
         active::install(m, &c);
         m.graph.drained_end(section);
     }
@@ -166,13 +163,13 @@ pub(super) fn run(m: &Arc<Mirror>, job: &Arc<Job>) -> Result<()> {
     // Failed or cancelled: wait for what is in flight; done: nothing is.
     c.wait_all();
     {
-        // With the lock: a `block-job-change` cannot put the filter back.
+        // With the lock: a `block-job-change` cannot put active writes
+        // back.
         let mut r = m.running.lock();
         active::remove(m);
         *r = None;
     }
     c.shutdown();
-    m.source.bitmaps().remove_internal(&bitmap);
     r
 }
 

@@ -296,7 +296,7 @@ impl Engine {
             g.zombies.push((key, h));
         }
         let hooks: Vec<_> = st.job.on_free.lock().drain(..).collect();
-        for h in hooks {
+        for h in hooks.into_iter().rev() {
             h();
         }
         g.graveyard.push(st.job);

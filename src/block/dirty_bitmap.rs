@@ -1,4 +1,4 @@
-//! Named dirty bitmaps on nodes: QEMU's `block-dirty-bitmap-*` commands
+//! The dirty bitmaps of nodes: QEMU's `block-dirty-bitmap-*` commands
 //! with QEMU's arguments, defaults and error texts (recorded from
 //! qemu-storage-daemon 10; all errors are GenericError).
 //!
@@ -13,9 +13,9 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use serde::Serialize;
 
-use super::DirtyBitmap;
-use crate::block::Node;
-use crate::block::graph::Graph;
+use super::Node;
+use super::graph::Graph;
+use crate::bitmap::DirtyBitmap;
 use crate::error::{Error, Result};
 use crate::sync::{AtomicBool, Mutex, Ordering};
 
@@ -34,9 +34,6 @@ pub struct BdrvDirtyBitmap {
     /// In use by a job or an export. Relaxed: checked by commands that are
     /// serialised by the node's bitmap mutex.
     busy: AtomicBool,
-    /// A job's own bitmap (QEMU keeps it on the job's filter node): it
-    /// records writes but is not listed by queries.
-    internal: bool,
 }
 
 impl std::fmt::Debug for BdrvDirtyBitmap {
@@ -146,15 +143,20 @@ impl NodeBitmaps {
         self.list.load().as_ref().clone()
     }
 
-    /// Add a job's own, unnamed, unlisted bitmap: it records every write
-    /// to the node from now on. Remove it with [`Self::remove_internal`].
-    pub fn add_internal(&self, size: u64, granularity: u64) -> Result<Arc<BdrvDirtyBitmap>> {
+    /// Add an anonymous bitmap (a job's own, e.g. the mirror's on its
+    /// filter node, listed without a name as QEMU lists it). `recording`:
+    /// whether the node's writes mark it, or only its owner does.
+    pub fn add_anonymous(
+        &self,
+        size: u64,
+        granularity: u64,
+        recording: bool,
+    ) -> Result<Arc<BdrvDirtyBitmap>> {
         let b = Arc::new(BdrvDirtyBitmap {
             name: None,
             bits: DirtyBitmap::new(size, granularity)?,
-            recording: AtomicBool::new(true),
+            recording: AtomicBool::new(recording),
             busy: AtomicBool::new(false),
-            internal: true,
         });
         let _g = self.guard();
         let mut list = self.list();
@@ -163,8 +165,8 @@ impl NodeBitmaps {
         Ok(b)
     }
 
-    /// Remove a bitmap added with [`Self::add_internal`].
-    pub fn remove_internal(&self, b: &Arc<BdrvDirtyBitmap>) {
+    /// Remove a bitmap added with [`Self::add_anonymous`].
+    pub fn remove_anonymous(&self, b: &Arc<BdrvDirtyBitmap>) {
         let _g = self.guard();
         let list: Vec<_> = self
             .list()
@@ -178,7 +180,7 @@ impl NodeBitmaps {
         self.list
             .load()
             .iter()
-            .find(|b| !b.internal && b.name.as_deref() == Some(name))
+            .find(|b| b.name.as_deref() == Some(name))
             .cloned()
     }
 
@@ -253,7 +255,6 @@ pub fn add(
         bits: DirtyBitmap::new(n.len()?, granularity)?,
         recording: AtomicBool::new(disabled != Some(true)),
         busy: AtomicBool::new(false),
-        internal: false,
     });
     let mut list = bm.list();
     list.insert(0, b.clone());
@@ -351,10 +352,5 @@ pub fn set_busy(graph: &Graph, node: &str, name: &str, busy: bool) -> Result<()>
 /// The `dirty-bitmaps` of a node, newest first.
 pub fn query(graph: &Graph, node: &str) -> Result<Vec<BlockDirtyInfo>> {
     let n = lookup_node(graph, node)?;
-    Ok(n.bitmaps()
-        .list()
-        .iter()
-        .filter(|b| !b.internal)
-        .map(|b| b.info())
-        .collect())
+    Ok(n.bitmaps().list().iter().map(|b| b.info()).collect())
 }

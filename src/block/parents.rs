@@ -1,0 +1,149 @@
+//! Who uses a node besides the nodes above it: guest backends, and users
+//! the block layer knows only through [`NodeUser`] (jobs; QEMU's
+//! `BdrvChildClass` of a job's child, `child_job`).
+//!
+//! The block layer quiesces users in drained sections and reads their op
+//! blockers; it never knows what a job is. Users are attached with a
+//! [`UserKind`] and stay at their node when parents move (QEMU's
+//! `stay_at_node`): replacing a node or inserting a filter moves backends
+//! and node edges, never users.
+
+use std::sync::{Arc, Weak};
+
+use super::Node;
+use super::backend::BackendShared;
+use crate::error::{Error, Result};
+
+/// A user of nodes that the block layer can quiesce and that blocks other
+/// operations on the nodes it uses.
+pub trait NodeUser: Send + Sync {
+    /// Identity: users with equal ids are one user attached to several
+    /// nodes (a drain quiesces it once).
+    fn id(&self) -> usize;
+    /// Stop sending new requests (QEMU's `drained_begin`).
+    fn drained_begin(&self);
+    /// Wait until the requests it sent are done and it sends none
+    /// (QEMU's `drained_poll` loop).
+    fn drained_wait(&self);
+    /// Go on (QEMU's `drained_end`).
+    fn drained_end(&self);
+    /// The calling thread is the user's own: it drains its own nodes and
+    /// must not wait for itself.
+    fn is_current(&self) -> bool;
+    /// Why operations on its nodes are refused (QEMU's op blocker text,
+    /// e.g. `block device is in use by block job: mirror`).
+    fn blocker(&self) -> String;
+}
+
+/// The operations QEMU's op blockers guard (`BlockOpType`), for the ones
+/// our commands check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockOp {
+    /// The source of a mirror.
+    MirrorSource,
+    /// The target of a mirror.
+    MirrorTarget,
+    /// The node a mirror's `replaces` names.
+    Replace,
+    /// A layer a stream copies from or into.
+    Stream,
+    /// The device of a commit.
+    CommitSource,
+    /// A layer a commit merges, and the overlay it relinks.
+    CommitTarget,
+    /// `blockdev-del`.
+    DriveDel,
+}
+
+impl BlockOp {
+    /// Whether a node's being the backing node of another node blocks the
+    /// operation (QEMU's backing blocker leaves stream and commit free).
+    pub fn blocked_by_backing(self) -> bool {
+        !matches!(self, BlockOp::Stream | BlockOp::CommitTarget)
+    }
+}
+
+/// How a user uses a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UserKind {
+    /// It blocks other operations on the node (a job's own nodes, its
+    /// filter and source).
+    Blocker,
+    /// It also does I/O through a backend of its own on the node (a job's
+    /// target): `blockdev-del` says the node is in use.
+    Backend,
+}
+
+/// The non-node parents of one node.
+#[derive(Default)]
+pub(crate) struct Parents {
+    backends: Vec<Weak<BackendShared>>,
+    users: Vec<(Arc<dyn NodeUser>, UserKind)>,
+}
+
+impl Node {
+    pub(crate) fn attach_backend(&self, b: &Arc<BackendShared>) {
+        let mut p = self.parents.lock();
+        p.backends.retain(|w| w.strong_count() > 0);
+        p.backends.push(Arc::downgrade(b));
+    }
+
+    pub(crate) fn detach_backend(&self, b: &Arc<BackendShared>) {
+        self.parents
+            .lock()
+            .backends
+            .retain(|w| w.strong_count() > 0 && !std::ptr::eq(w.as_ptr(), Arc::as_ptr(b)));
+    }
+
+    /// The guest backends attached to this node.
+    pub(crate) fn parent_backends(&self) -> Vec<Arc<BackendShared>> {
+        let p = self.parents.lock();
+        p.backends.iter().filter_map(Weak::upgrade).collect()
+    }
+
+    /// Record that `user` uses this node (QEMU's `block_job_add_bdrv`):
+    /// drains quiesce it, and it blocks other operations on the node.
+    pub fn attach_user(&self, user: Arc<dyn NodeUser>, kind: UserKind) {
+        self.parents.lock().users.push((user, kind));
+    }
+
+    /// The user with this id no longer uses the node.
+    pub fn detach_user(&self, id: usize) {
+        self.parents.lock().users.retain(|(u, _)| u.id() != id);
+    }
+
+    /// The users of this node.
+    pub fn users(&self) -> Vec<Arc<dyn NodeUser>> {
+        self.parents
+            .lock()
+            .users
+            .iter()
+            .map(|(u, _)| u.clone())
+            .collect()
+    }
+
+    /// Some user does I/O on the node through a backend of its own
+    /// (QEMU's `bdrv_has_blk` for a job's target).
+    pub fn has_backend_user(&self) -> bool {
+        self.parents
+            .lock()
+            .users
+            .iter()
+            .any(|(_, k)| *k == UserKind::Backend)
+    }
+
+    /// The op blockers of this node's users (jobs block every operation):
+    /// refused while any user blocks it, with the first one's reason. See
+    /// [`super::graph::Graph::check_op`] for all of QEMU's blockers.
+    pub fn check_not_busy(&self) -> Result<()> {
+        let first = self.parents.lock().users.first().map(|(u, _)| u.clone());
+        match first {
+            Some(u) => Err(Error::generic(format!(
+                "Node '{}' is busy: {}",
+                self.name(),
+                u.blocker()
+            ))),
+            None => Ok(()),
+        }
+    }
+}

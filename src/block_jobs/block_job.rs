@@ -1,0 +1,129 @@
+//! What every block job shares (QEMU's `blockjob.c` on top of `job.c`):
+//! creating a job on a node, and the job as a user of nodes — the block
+//! layer quiesces it in drained sections and reads its op blocker through
+//! [`NodeUser`], without knowing what a job is.
+
+use std::sync::{Arc, Weak};
+
+use crate::block::graph::Graph;
+use crate::block::{Node, NodeUser, UserKind};
+use crate::engine::{
+    Engine, JOB_INTERNAL, JOB_MANUAL_DISMISS, JOB_MANUAL_FINALIZE, Job, JobDriver, JobOptions,
+    JobTxn,
+};
+use crate::error::Result;
+
+/// A job as a user of one of its nodes.
+struct JobUser(Weak<Job>);
+
+impl NodeUser for JobUser {
+    fn id(&self) -> usize {
+        // Every node of one job gets a user with the job's address.
+        self.0.as_ptr() as usize
+    }
+
+    fn drained_begin(&self) {
+        if let Some(j) = self.0.upgrade() {
+            j.engine().pause(&j);
+        }
+    }
+
+    fn drained_wait(&self) {
+        if let Some(j) = self.0.upgrade() {
+            j.engine().wait_quiescent(&j);
+        }
+    }
+
+    fn drained_end(&self) {
+        if let Some(j) = self.0.upgrade() {
+            j.engine().resume(&j);
+        }
+    }
+
+    fn is_current(&self) -> bool {
+        self.0
+            .upgrade()
+            .is_some_and(|j| j.engine().is_current_job(&j))
+    }
+
+    fn blocker(&self) -> String {
+        match self.0.upgrade() {
+            Some(j) => format!("block device is in use by block job: {}", j.job_type()),
+            None => "block device is in use by a block job".to_string(),
+        }
+    }
+}
+
+/// QEMU's `block_job_add_bdrv`: `job` uses `node` from now on until it is
+/// freed — drains of the node pause the job, and the job blocks other
+/// operations on it.
+pub fn add_node(job: &Arc<Job>, node: &Arc<Node>, kind: UserKind) {
+    let user = Arc::new(JobUser(Arc::downgrade(job)));
+    let id = user.id();
+    node.attach_user(user, kind);
+    let node = Arc::downgrade(node);
+    job.on_free(move || {
+        if let Some(n) = node.upgrade() {
+            n.detach_user(id);
+        }
+    });
+}
+
+/// Create a block job on `node` (QEMU's `block_job_create`): the id
+/// defaults to the node's device name; the node is the job's own (drains
+/// pause the job, the job blocks the node); `speed` is checked as QEMU
+/// checks it.
+#[allow(clippy::too_many_arguments)] // QEMU's argument list
+pub fn block_job_create(
+    graph: &Arc<Graph>,
+    engine: &Arc<Engine>,
+    id: Option<&str>,
+    node: Option<&Arc<Node>>,
+    driver: Box<dyn JobDriver>,
+    speed: i64,
+    flags: u32,
+    txn: Option<Arc<JobTxn>>,
+) -> Result<Arc<Job>> {
+    let id = match (id, node) {
+        (Some(id), _) => Some(id.to_string()),
+        (None, _) if flags & JOB_INTERNAL != 0 => None,
+        (None, Some(n)) => Some(graph.device_name(n)),
+        (None, None) => None,
+    };
+    let job = engine.create(
+        JobOptions {
+            id,
+            flags,
+            block: true,
+            speed,
+            txn,
+        },
+        driver,
+    )?;
+    // Registered first, so it runs last, after every node the job used
+    // was released: implicit nodes only the job still held (the layers a
+    // stream or commit cut out) leave the graph, as QEMU frees them with
+    // the job's last reference.
+    let g = Arc::downgrade(graph);
+    job.on_free(move || {
+        if let Some(g) = g.upgrade() {
+            g.drop_orphans();
+        }
+    });
+    if let Some(n) = node {
+        add_node(&job, n, UserKind::Blocker);
+    }
+    Ok(job)
+}
+
+/// `auto-finalize`/`auto-dismiss` as job flags.
+pub fn job_flags(auto_finalize: bool, auto_dismiss: bool) -> u32 {
+    let mut flags = 0;
+    if !auto_finalize {
+        flags |= JOB_MANUAL_FINALIZE;
+    }
+    if !auto_dismiss {
+        flags |= JOB_MANUAL_DISMISS;
+    }
+    flags
+}
