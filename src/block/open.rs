@@ -90,6 +90,9 @@ impl Graph {
         created: &mut Vec<Arc<Node>>,
     ) -> Result<Arc<Node>> {
         let discard = spec.discard_unmap.unwrap_or(inherited_discard);
+        // Where the node goes in `created` (opening order): after its
+        // children, unless the driver says otherwise.
+        let mut slot = usize::MAX;
         let drv: Box<dyn BlockDriver> = match &spec.driver {
             DriverSpec::File { filename } => Box::new(FileDriver::open(FileOptions {
                 filename: filename.clone(),
@@ -142,6 +145,9 @@ impl Graph {
             }
             DriverSpec::Qcow2 { file, backing } => {
                 let file = self.resolve_child(inner, file, (discard, spec.read_only), created)?;
+                // QEMU registers a format node after its file and before its
+                // backing chain: this node takes this place in the list.
+                slot = created.len();
                 let backing = match backing {
                     BackingSpec::None => None,
                     BackingSpec::Child(c) => {
@@ -181,7 +187,7 @@ impl Graph {
         };
         let node = Node::new(name, auto, spec.read_only, drv);
         node.set_write_options(spec.detect_zeroes, discard);
-        created.push(node.clone());
+        created.insert(slot.min(created.len()), node.clone());
         Ok(node)
     }
 

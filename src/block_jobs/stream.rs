@@ -275,6 +275,9 @@ pub fn block_stream(
             return Err(e);
         }
     };
+    // The job also reads through the filter with a backend of its own
+    // (QEMU's `s->blk`): `blockdev-del` finds the filter in use.
+    add_node(&job, &filter, UserKind::Backend);
     // The top and the layers that go (QEMU's "active node" and
     // "intermediate node"s).
     for n in &layers {

@@ -272,10 +272,20 @@ impl Engine {
     }
 
     /// QEMU's `job_do_dismiss` and the final unref: the job goes to `null`
-    /// and leaves the registry. Its `on_free` hooks run here (registry lock
-    /// held: they may only take leaf locks); the `Job` itself is dropped
+    /// and leaves the registry. Its `on_free` hooks run here, first
+    /// (registry lock held: they must not call the engine); the `Job` itself is dropped
     /// later, outside every lock, because dropping it may run host code.
     pub(super) fn do_dismiss(&self, g: &mut Registry, key: u64) {
+        // The hooks run before `null` is announced: whoever sees the event
+        // also sees what freeing the job released (QEMU frees the job's
+        // nodes in the same main-loop step that emits it).
+        let hooks: Vec<_> = match g.states.get(&key) {
+            Some(st) => st.job.on_free.lock().drain(..).collect(),
+            None => Vec::new(),
+        };
+        for h in hooks.into_iter().rev() {
+            h();
+        }
         if let Some(st) = g.states.get_mut(&key) {
             st.busy = false;
             st.paused = false;
@@ -294,10 +304,6 @@ impl Engine {
         });
         if let Some(h) = st.thread.take() {
             g.zombies.push((key, h));
-        }
-        let hooks: Vec<_> = st.job.on_free.lock().drain(..).collect();
-        for h in hooks.into_iter().rev() {
-            h();
         }
         g.graveyard.push(st.job);
         self.changed.notify_all();
