@@ -22,6 +22,7 @@ pub mod capi;
 pub mod context;
 pub mod engine;
 pub mod error;
+pub mod error_policy;
 pub mod events;
 pub mod qapi;
 pub mod qmp;

@@ -17,6 +17,7 @@ use super::Node;
 use super::drain::DrainSection;
 use super::graph::Graph;
 use crate::error::{Error, Result};
+use crate::error_policy;
 use crate::events::{EventBus, EventData};
 use crate::qapi::{BlockDeviceIoStatus, BlockErrorAction, BlockdevOnError, IoOperationType};
 
@@ -136,21 +137,6 @@ impl BackendShared {
         }
     }
 
-    fn policy(&self, is_read: bool) -> BlockdevOnError {
-        match (
-            is_read,
-            if is_read {
-                self.opts.rerror
-            } else {
-                self.opts.werror
-            },
-        ) {
-            (true, BlockdevOnError::Auto) => BlockdevOnError::Report,
-            (false, BlockdevOnError::Auto) => BlockdevOnError::Enospc,
-            (_, p) => p,
-        }
-    }
-
     /// One guest request: wait at the gate while drained, count it in
     /// flight, apply the policy to a failure (event included) before the
     /// request leaves the flight count.
@@ -179,11 +165,16 @@ impl BackendShared {
     /// QEMU's `blk_get_error_action` + `blk_error_action`.
     fn error_action(&self, node: &Node, is_read: bool, error: Error) -> GuestIoError {
         let errno = error.errno().unwrap_or(libc::EIO);
-        let action = self.policy(is_read).action_for(errno);
+        let policy = if is_read {
+            self.opts.rerror
+        } else {
+            self.opts.werror
+        };
+        let action = error_policy::device_action(policy, is_read, errno);
         if action == BlockErrorAction::Stop && self.opts.iostatus_enabled {
             let mut g = self.gate();
             if g.iostatus == BlockDeviceIoStatus::Ok {
-                g.iostatus = BlockDeviceIoStatus::for_errno(errno);
+                g.iostatus = error_policy::iostatus_for(errno);
             }
         }
         self.bus.emit(EventData::BlockIoError {

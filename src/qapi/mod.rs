@@ -246,36 +246,6 @@ qapi_enum! {
     }
 }
 
-impl BlockdevOnError {
-    /// QEMU's `block_job_error_action` mapping for jobs (and, with `auto`
-    /// resolved by the caller, for devices): which action an error gets.
-    pub fn action_for(self, errno: i32) -> BlockErrorAction {
-        match self {
-            BlockdevOnError::Enospc | BlockdevOnError::Auto => {
-                if errno == libc::ENOSPC {
-                    BlockErrorAction::Stop
-                } else {
-                    BlockErrorAction::Report
-                }
-            }
-            BlockdevOnError::Stop => BlockErrorAction::Stop,
-            BlockdevOnError::Report => BlockErrorAction::Report,
-            BlockdevOnError::Ignore => BlockErrorAction::Ignore,
-        }
-    }
-}
-
-impl BlockDeviceIoStatus {
-    /// The status a `stop` action leaves for this errno.
-    pub fn for_errno(errno: i32) -> Self {
-        if errno == libc::ENOSPC {
-            BlockDeviceIoStatus::Nospace
-        } else {
-            BlockDeviceIoStatus::Failed
-        }
-    }
-}
-
 impl IoOperationType {
     /// `read` for reads, `write` otherwise.
     pub fn from_is_read(is_read: bool) -> Self {
@@ -393,27 +363,6 @@ mod tests {
         assert_eq!(JobStatus::from_index(4), Some(JobStatus::Ready));
         assert_eq!(JobStatus::from_index(11), None);
         assert_eq!(JobStatus::from_index(-1), None);
-    }
-
-    #[test]
-    fn error_action_table_is_qemus() {
-        use BlockErrorAction as A;
-        use BlockdevOnError as P;
-        let cases = [
-            (P::Report, A::Report, A::Report),
-            (P::Ignore, A::Ignore, A::Ignore),
-            (P::Enospc, A::Stop, A::Report),
-            (P::Auto, A::Stop, A::Report),
-            (P::Stop, A::Stop, A::Stop),
-        ];
-        for (policy, on_enospc, on_eio) in cases {
-            assert_eq!(
-                policy.action_for(libc::ENOSPC),
-                on_enospc,
-                "{policy} ENOSPC"
-            );
-            assert_eq!(policy.action_for(libc::EIO), on_eio, "{policy} EIO");
-        }
     }
 
     #[test]

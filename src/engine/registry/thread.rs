@@ -159,7 +159,7 @@ impl Engine {
         is_read: bool,
         errno: i32,
     ) -> BlockErrorAction {
-        let action = on_err.action_for(errno);
+        let action = crate::error_policy::job_action(on_err, errno);
         let mut g = self.lock();
         if let Some(id) = &job.id {
             self.bus.emit(EventData::BlockJobError {
@@ -178,7 +178,7 @@ impl Engine {
             if let Some(st) = g.states.get_mut(&job.key)
                 && st.iostatus == BlockDeviceIoStatus::Ok
             {
-                st.iostatus = BlockDeviceIoStatus::for_errno(errno);
+                st.iostatus = crate::error_policy::iostatus_for(errno);
             }
         }
         self.unlock(g);
