@@ -1366,6 +1366,32 @@ bool bj_event_remove_handler(BjContext *ctx, uint64_t id, BjError **errp);
 bool bj_event_flush(BjContext *ctx, BjError **errp);
 
 /**
+ * A new reference to the live job with this id, or NULL.
+ */
+BjJob *bj_job_find(BjContext *ctx, const char *id);
+
+/**
+ * Take another reference; returns `job`.
+ */
+BjJob *bj_job_ref(BjJob *job);
+
+/**
+ * Drop a reference and set `*jobp` to NULL. The job itself lives on until
+ * it reaches `null`.
+ */
+void bj_job_unref(BjJob **jobp);
+
+/**
+ * Current status (`BJ_JOB_STATUS_*`); -1 for NULL.
+ */
+int32_t bj_job_get_status(BjJob *job);
+
+/**
+ * The job id as a new string (free with `bj_free`); NULL for internal jobs.
+ */
+char *bj_job_get_id(BjJob *job);
+
+/**
  * Create a block job (QEMU's `block_job_create`) with a host-defined
  * driver. `job_id` NULL: the id of `node_name`'s device (the job then
  * fails with `Invalid job ID ''` if the node has none), unless
@@ -1403,110 +1429,29 @@ BjJob *bj_job_create(BjContext *ctx,
 bool bj_block_job_add_bdrv(BjJob *job, BjNode *node, BjError **errp);
 
 /**
- * A new reference to the live job with this id, or NULL.
+ * Query a block job (QEMU's `block_job_query`).
  */
-BjJob *bj_job_find(BjContext *ctx, const char *id);
+BjBlockJobInfo *bj_block_job_query(BjJob *job, BjError **errp);
 
 /**
- * Take another reference; returns `job`.
+ * Free a `BjBlockJobInfo` and set `*infop` to NULL.
  */
-BjJob *bj_job_ref(BjJob *job);
+void bj_block_job_info_free(BjBlockJobInfo **infop);
 
 /**
- * Drop a reference and set `*jobp` to NULL. The job itself lives on until
- * it reaches `null`.
+ * `query-block-jobs` as QMP JSON (an array; free with `bj_free`).
  */
-void bj_job_unref(BjJob **jobp);
+char *bj_query_block_jobs(BjContext *ctx, BjError **errp);
 
 /**
- * Start the job's thread: `created` → `running`.
+ * `query-jobs` as QMP JSON (an array; free with `bj_free`).
  */
-bool bj_job_start(BjJob *job, BjError **errp);
+char *bj_query_jobs(BjContext *ctx, BjError **errp);
 
 /**
- * `job-pause`: `Job is already paused` if user-paused.
+ * One job's `query-block-jobs` entry as QMP JSON (free with `bj_free`).
  */
-bool bj_job_user_pause(BjJob *job, BjError **errp);
-
-/**
- * `job-resume`: `Can't resume a job that was not paused`; resets a
- * block job's I/O status.
- */
-bool bj_job_user_resume(BjJob *job, BjError **errp);
-
-/**
- * `job-complete`.
- */
-bool bj_job_complete(BjJob *job, BjError **errp);
-
-/**
- * `job-finalize`.
- */
-bool bj_job_finalize(BjJob *job, BjError **errp);
-
-/**
- * `job-dismiss`.
- */
-bool bj_job_dismiss(BjJob *job, BjError **errp);
-
-/**
- * QEMU's `job_user_cancel` (`job-cancel` passes force = true).
- */
-bool bj_job_user_cancel(BjJob *job, bool force, BjError **errp);
-
-/**
- * `block-job-cancel`: a soft cancel of a user-paused job is refused
- * (`The block job for device 'ID' is currently paused`).
- */
-bool bj_block_job_cancel(BjJob *job, bool force, BjError **errp);
-
-/**
- * `block-job-set-speed` (bytes/s, 0 = unlimited).
- */
-bool bj_block_job_set_speed(BjJob *job, int64_t speed, BjError **errp);
-
-/**
- * `block-job-change` for a mirror: `copy_mode` is a
- * `BJ_MIRROR_COPY_MODE_*`. Switching a running mirror to write-blocking
- * takes effect at once; QEMU's refusals otherwise (back to background,
- * a job type without change).
- */
-bool bj_block_job_change_copy_mode(BjJob *job, int32_t copy_mode, BjError **errp);
-
-/**
- * Cancel and wait until the job is completed (QEMU's `job_cancel_sync`).
- * Returns 0, or -errno of the job's result (-ECANCELED when cancelled).
- * Do not call from a job callback or event handler.
- */
-int32_t bj_job_cancel_sync(BjJob *job, bool force);
-
-/**
- * Complete and wait (QEMU's `job_complete_sync`). Returns 0 or -errno,
- * with `*errp` on failure.
- */
-int32_t bj_job_complete_sync(BjJob *job, BjError **errp);
-
-/**
- * Wait until the job is completed (`waiting` or later). Returns 0 or
- * -errno of its result.
- */
-int32_t bj_job_finish_sync(BjJob *job, BjError **errp);
-
-/**
- * Wait up to `timeout_ms` for the job to reach `status`
- * (`BJ_JOB_STATUS_*`). Returns true if it did.
- */
-bool bj_job_wait_status(BjJob *job, int32_t status, int64_t timeout_ms);
-
-/**
- * Current status (`BJ_JOB_STATUS_*`); -1 for NULL.
- */
-int32_t bj_job_get_status(BjJob *job);
-
-/**
- * The job id as a new string (free with `bj_free`); NULL for internal jobs.
- */
-char *bj_job_get_id(BjJob *job);
+char *bj_block_job_query_json(BjJob *job, BjError **errp);
 
 /**
  * Pause here if a pause was requested (QEMU's `job_pause_point`).
@@ -1600,31 +1545,6 @@ int32_t bj_block_job_error_action(BjJob *job,
 bool bj_block_job_iostatus_reset(BjJob *job, BjError **errp);
 
 /**
- * Query a block job (QEMU's `block_job_query`).
- */
-BjBlockJobInfo *bj_block_job_query(BjJob *job, BjError **errp);
-
-/**
- * Free a `BjBlockJobInfo` and set `*infop` to NULL.
- */
-void bj_block_job_info_free(BjBlockJobInfo **infop);
-
-/**
- * `query-block-jobs` as QMP JSON (an array; free with `bj_free`).
- */
-char *bj_query_block_jobs(BjContext *ctx, BjError **errp);
-
-/**
- * `query-jobs` as QMP JSON (an array; free with `bj_free`).
- */
-char *bj_query_jobs(BjContext *ctx, BjError **errp);
-
-/**
- * One job's `query-block-jobs` entry as QMP JSON (free with `bj_free`).
- */
-char *bj_block_job_query_json(BjJob *job, BjError **errp);
-
-/**
  * A new transaction (QEMU's `job_txn_new`): jobs created with it succeed
  * together or fail together.
  */
@@ -1634,6 +1554,86 @@ BjJobTxn *bj_job_txn_new(BjContext *ctx, BjError **errp);
  * Drop the creator's reference and set `*txnp` to NULL.
  */
 void bj_job_txn_unref(BjJobTxn **txnp);
+
+/**
+ * Start the job's thread: `created` → `running`.
+ */
+bool bj_job_start(BjJob *job, BjError **errp);
+
+/**
+ * `job-pause`: `Job is already paused` if user-paused.
+ */
+bool bj_job_user_pause(BjJob *job, BjError **errp);
+
+/**
+ * `job-resume`: `Can't resume a job that was not paused`; resets a
+ * block job's I/O status.
+ */
+bool bj_job_user_resume(BjJob *job, BjError **errp);
+
+/**
+ * `job-complete`.
+ */
+bool bj_job_complete(BjJob *job, BjError **errp);
+
+/**
+ * `job-finalize`.
+ */
+bool bj_job_finalize(BjJob *job, BjError **errp);
+
+/**
+ * `job-dismiss`.
+ */
+bool bj_job_dismiss(BjJob *job, BjError **errp);
+
+/**
+ * QEMU's `job_user_cancel` (`job-cancel` passes force = true).
+ */
+bool bj_job_user_cancel(BjJob *job, bool force, BjError **errp);
+
+/**
+ * `block-job-cancel`: a soft cancel of a user-paused job is refused
+ * (`The block job for device 'ID' is currently paused`).
+ */
+bool bj_block_job_cancel(BjJob *job, bool force, BjError **errp);
+
+/**
+ * `block-job-set-speed` (bytes/s, 0 = unlimited).
+ */
+bool bj_block_job_set_speed(BjJob *job, int64_t speed, BjError **errp);
+
+/**
+ * `block-job-change` for a mirror: `copy_mode` is a
+ * `BJ_MIRROR_COPY_MODE_*`. Switching a running mirror to write-blocking
+ * takes effect at once; QEMU's refusals otherwise (back to background,
+ * a job type without change).
+ */
+bool bj_block_job_change_copy_mode(BjJob *job, int32_t copy_mode, BjError **errp);
+
+/**
+ * Cancel and wait until the job is completed (QEMU's `job_cancel_sync`).
+ * Returns 0, or -errno of the job's result (-ECANCELED when cancelled).
+ * Do not call from a job callback or event handler.
+ */
+int32_t bj_job_cancel_sync(BjJob *job, bool force);
+
+/**
+ * Complete and wait (QEMU's `job_complete_sync`). Returns 0 or -errno,
+ * with `*errp` on failure.
+ */
+int32_t bj_job_complete_sync(BjJob *job, BjError **errp);
+
+/**
+ * Wait until the job is completed (`waiting` or later). Returns 0 or
+ * -errno of its result.
+ */
+int32_t bj_job_finish_sync(BjJob *job, BjError **errp);
+
+/**
+ * Wait up to `timeout_ms` for the job to reach `status`
+ * (`BJ_JOB_STATUS_*`). Returns true if it did.
+ */
+bool bj_job_wait_status(BjJob *job, int32_t status, int64_t timeout_ms);
 
 /**
  * `blockdev-mirror`: check the arguments as QEMU does, create the job,
