@@ -148,9 +148,9 @@ impl Commit {
     /// Take the filter out (the overlay's backing goes back to top when
     /// the chain did not change) and drop the layers nothing uses now.
     fn exit(&self) {
-        // SeqCst: prepare and abort run one after the other under the
-        // engine's control lock; this only makes the second a no-op.
-        if !self.exited.swap(true, Ordering::SeqCst) {
+        // Relaxed: prepare and abort run one after the other under the
+        // engine's control lock; the swap only makes the second a no-op.
+        if !self.exited.swap(true, Ordering::Relaxed) {
             self.graph.remove_filter(&self.filter);
             self.graph.drop_orphans();
         }

@@ -39,7 +39,8 @@ impl ActiveWrites {
     /// not cancelled, write-blocking mode).
     fn copy_to_target(&self) -> bool {
         self.copier.error().is_none()
-            && self.mirror.write_blocking.load(Ordering::SeqCst)
+            // Relaxed: it only goes up (see the field).
+            && self.mirror.write_blocking.load(Ordering::Relaxed)
             && !self.copier.job_cancelled()
     }
 
@@ -55,7 +56,8 @@ impl ActiveWrites {
         if !self.copy_to_target() || len == 0 {
             let r = to_source(node);
             // After the write, even a failed one (it may have written part).
-            self.mirror.actively_synced.store(false, Ordering::SeqCst);
+            // Relaxed: a report (see the field).
+            self.mirror.actively_synced.store(false, Ordering::Relaxed);
             bits.set_range(offset, len);
             return r;
         }
@@ -133,9 +135,9 @@ impl ActiveWrites {
 /// Hand guest writes to active writes from now on. Once per run: `run`
 /// and `block-job-change` may both get here; call with the filter drained.
 pub(super) fn install(m: &Arc<Mirror>, c: &Arc<Copier>) {
-    // SeqCst: pairs with the store in `remove`; both run under `running`'s
-    // lock or before the run's main loop, so this only dedupes.
-    if m.filter_on.swap(true, Ordering::SeqCst) {
+    // Relaxed: the swap's atomicity picks the one installer (see the
+    // field); `remove` runs on the run's thread after its own install.
+    if m.filter_on.swap(true, Ordering::Relaxed) {
         return;
     }
     m.top.active.store(Some(Arc::new(ActiveWrites {
@@ -147,5 +149,7 @@ pub(super) fn install(m: &Arc<Mirror>, c: &Arc<Copier>) {
 /// Back to background mode (the run is over).
 pub(super) fn remove(m: &Mirror) {
     m.top.active.store(None);
-    m.filter_on.store(false, Ordering::SeqCst);
+    // Relaxed: under `running`'s lock, which orders it before a later
+    // change's install (see the field).
+    m.filter_on.store(false, Ordering::Relaxed);
 }

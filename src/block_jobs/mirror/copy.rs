@@ -327,9 +327,10 @@ impl Copier {
     /// again when it releases it, under the lock, so that progress never
     /// counts the range both in flight and dirty (see [`Self::in_flight`]).
     pub fn policy(&self, is_read: bool, e: Error) {
+        // Relaxed: a report (see the field).
         self.mirror
             .actively_synced
-            .store(false, crate::sync::Ordering::SeqCst);
+            .store(false, crate::sync::Ordering::Relaxed);
         let p = &self.mirror.params;
         let policy = if is_read {
             p.on_source_error
@@ -434,6 +435,7 @@ impl Copier {
             // Both ends plain files: the kernel copies (copy_file_range).
             // Not possible, or failed: through the buffer, which also
             // tells a read error from a write error for the policies.
+            // Relaxed: a hint (see Mirror::offloading).
             Method::Copy
                 if m.copy_offload.load(Ordering::Relaxed)
                     && match self.offloaded(|| {

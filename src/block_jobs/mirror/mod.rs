@@ -176,11 +176,14 @@ pub(crate) struct Mirror {
     /// guest view.
     pub base: Option<Arc<Node>>,
     pub params: Params,
-    /// `copy-mode`: 0 background, 1 write-blocking (it can only go up:
-    /// `block-job-change`).
+    /// `copy-mode` is write-blocking (it can only go up:
+    /// `block-job-change`). Orderings: the change and the run's start meet
+    /// under `running`'s lock (see `change`), which orders the flag between
+    /// them; every other reader may see the switch one pass late.
     pub write_blocking: AtomicBool,
     /// Active writes are on the filter (they go in once, at start or at
-    /// the change, whichever sees the run first).
+    /// the change, whichever sees the run first). Only a swap's
+    /// atomicity matters: exactly one installer wins.
     pub filter_on: AtomicBool,
     /// Copy with `copy_file_range` (cleared when the nodes cannot).
     pub copy_offload: AtomicBool,
@@ -194,15 +197,20 @@ pub(crate) struct Mirror {
     pub replaces: Option<String>,
     /// The node `complete` found for `replaces`.
     pub to_replace: Mutex<Option<Arc<Node>>>,
-    /// `block-job-complete` was accepted.
+    /// `block-job-complete` was accepted. Ordered by the engine: the verb
+    /// stores it before kicking the job, and the kick and the job's
+    /// wake-up pass through the engine's registry lock.
     pub should_complete: AtomicBool,
-    /// The target is kept in sync by active writes (query field).
+    /// The target is kept in sync by active writes (query field): a report
+    /// of a moment, nothing is ordered by it.
     pub actively_synced: AtomicBool,
     /// The run in progress: its copy machinery (for pause and the filter).
     pub running: Mutex<Option<Arc<copy::Copier>>>,
     /// The drained section the job completed in, ended in `clean`.
     pub drained: Mutex<Option<DrainSection>>,
     /// The filter is out of the graph (QEMU's `mirror_exit_common` ran).
+    /// `prepare` and `abort` run one after the other under the engine's
+    /// control lock; the swap only makes the second a no-op.
     pub exited: AtomicBool,
 }
 
@@ -222,9 +230,8 @@ impl Mirror {
     /// parents (the guest) moving to what it filtered — the target after
     /// a pivot.
     fn exit(&self, pivot: bool) -> Result<()> {
-        // SeqCst: prepare and abort run one after the other under the
-        // engine's control lock; this only makes the second a no-op.
-        if self.exited.swap(true, Ordering::SeqCst) {
+        // Relaxed: see the field.
+        if self.exited.swap(true, Ordering::Relaxed) {
             return Ok(());
         }
         let mut r = Ok(());
@@ -296,9 +303,9 @@ impl JobDriver for Arc<Mirror> {
                 .ok_or_else(|| Error::generic(format!("Node name '{name}' not found")))?;
             *self.to_replace.lock() = Some(n);
         }
-        // SeqCst: read by the job thread after it is kicked; the kick's
-        // lock handover orders it anyway, this keeps the reasoning local.
-        self.should_complete.store(true, Ordering::SeqCst);
+        // Relaxed: the engine kicks the job after this returns (see the
+        // field).
+        self.should_complete.store(true, Ordering::Relaxed);
         Ok(())
     }
 
@@ -315,7 +322,9 @@ impl JobDriver for Arc<Mirror> {
             }
         };
         // QEMU's mirror_change, in its order.
-        if mode(self.write_blocking.load(Ordering::SeqCst)) == opts.copy_mode {
+        // Relaxed: only `change` (under the engine's control lock) writes
+        // the flag.
+        if mode(self.write_blocking.load(Ordering::Relaxed)) == opts.copy_mode {
             return Ok(());
         }
         if opts.copy_mode != MirrorCopyMode::WriteBlocking {
@@ -324,11 +333,14 @@ impl JobDriver for Arc<Mirror> {
                 opts.copy_mode
             )));
         }
-        // SeqCst: pairs with the load in `run` under `running`'s lock;
-        // whichever of the two sees the other's write installs the filter.
+        // Relaxed: `run` loads the flag holding `running`'s lock, and we
+        // take that lock below after this store: if `run` got the lock
+        // first, we find its copier there and install; if we did, its
+        // load is ordered after this store and it installs. Either way
+        // active writes go in (at most once: `filter_on`).
         if let Err(cur) =
             self.write_blocking
-                .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+                .compare_exchange(false, true, Ordering::Relaxed, Ordering::Relaxed)
         {
             return Err(Error::generic(format!(
                 "Expected current copy mode 'background', got '{}'",
@@ -353,7 +365,8 @@ impl JobDriver for Arc<Mirror> {
 
     fn prepare(&self, _job: &Job) -> Result<()> {
         // Success: pivot only for `complete`, not for a soft cancel.
-        self.exit(self.should_complete.load(Ordering::SeqCst))
+        // Relaxed: the job finished after `complete` (see the field).
+        self.exit(self.should_complete.load(Ordering::Relaxed))
     }
 
     fn abort(&self, _job: &Job) {
@@ -371,7 +384,8 @@ impl JobDriver for Arc<Mirror> {
 
     fn actively_synced(&self, _job: &Job) -> Option<bool> {
         // A member of QEMU's mirror job info only, not of active commit.
-        (self.job_type == JobType::Mirror).then(|| self.actively_synced.load(Ordering::SeqCst))
+        // Relaxed: a report (see the field).
+        (self.job_type == JobType::Mirror).then(|| self.actively_synced.load(Ordering::Relaxed))
     }
 }
 

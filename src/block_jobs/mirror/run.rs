@@ -150,7 +150,8 @@ pub(super) fn run(m: &Arc<Mirror>, job: &Arc<Job>) -> Result<()> {
     let write_blocking = {
         let mut r = m.running.lock();
         *r = Some(c.clone());
-        m.write_blocking.load(Ordering::SeqCst)
+        // Relaxed: ordered by this lock (see `Mirror::write_blocking`).
+        m.write_blocking.load(Ordering::Relaxed)
     };
     if write_blocking {
         // Guest writes in flight on the filter finish first (and mark the
@@ -177,8 +178,9 @@ fn main_loop(m: &Mirror, job: &Job, c: &Copier) -> Result<()> {
     if c.len == 0 {
         // Nothing to copy: ready at once, then wait for complete/cancel.
         job.transition_to_ready()?;
-        m.actively_synced.store(true, Ordering::SeqCst);
-        while !m.should_complete.load(Ordering::SeqCst) && !job.cancel_requested() {
+        // Relaxed: see the fields (a report; ordered by the kick).
+        m.actively_synced.store(true, Ordering::Relaxed);
+        while !m.should_complete.load(Ordering::Relaxed) && !job.cancel_requested() {
             job.yield_now();
         }
         return Ok(());
@@ -219,10 +221,12 @@ fn main_loop(m: &Mirror, job: &Job, c: &Copier) -> Result<()> {
                 // From here a soft cancel completes with a consistent target.
                 job.transition_to_ready()?;
             }
-            if m.write_blocking.load(Ordering::SeqCst) {
-                m.actively_synced.store(true, Ordering::SeqCst);
+            // Relaxed: see the fields (a switch seen a pass late is seen
+            // at the next; a report; ordered by the kick).
+            if m.write_blocking.load(Ordering::Relaxed) {
+                m.actively_synced.store(true, Ordering::Relaxed);
             }
-            should_complete = m.should_complete.load(Ordering::SeqCst) || job.cancel_requested();
+            should_complete = m.should_complete.load(Ordering::Relaxed) || job.cancel_requested();
             cnt = c.bitmap.bits().count();
         }
         if cnt == 0 && should_complete {
