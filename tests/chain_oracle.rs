@@ -11,8 +11,6 @@
 //! <- top.qcow2 (0x03 at 3 MiB, 512 KiB); header names are relative.
 //!
 //! Known, accepted differences (skipped or normalized where they occur):
-//! - `filter-node-name`: QEMU accepts it for both commit kinds, we refuse
-//!   it (we insert no filter node); not compared.
 //! - A base node opened with explicit options (blkdebug-wrapped) makes QEMU
 //!   write a `json:{...}` backing name; there only the chain length is
 //!   compared.
@@ -374,8 +372,17 @@ fn stream_and_commit_match_qemu() {
             json!({"top-node":"top","base-node":"mid"}),
         ),
         soft,
-        // filter-node-name: QEMU accepts it, we refuse it (no filter
-        // node); a known difference, not compared.
+        // With a named filter node (the graph itself is compared in
+        // tests/filter_oracle.rs).
+        stream("stream, filter-node-name", json!({"filter-node-name":"cor"})),
+        commit(
+            "intermediate commit, filter-node-name",
+            json!({"top-node":"mid","base-node":"base","filter-node-name":"ct"}),
+        ),
+        commit(
+            "active commit, filter-node-name",
+            json!({"base-node":"base","filter-node-name":"ac"}),
+        ),
     ]);
 }
 

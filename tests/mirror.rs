@@ -330,9 +330,9 @@ fn copies_keep_bitmaps_and_detect_zeroes() {
 }
 
 /// A guest write already in flight when a write-blocking mirror starts
-/// (it passed the source's filter check before there was a filter) still
-/// reaches the target: the job installs its filter in a drained section,
-/// as QEMU inserts its filter node, so the write finishes first.
+/// still reaches the target: the job puts its filter node in, and later
+/// its active writes, in drained sections, as QEMU inserts its filter
+/// node, so the write finishes first (and is marked dirty).
 #[test]
 fn write_in_flight_when_a_write_blocking_mirror_starts_is_not_lost() {
     use common::gated::{GatedMemory, Hold};

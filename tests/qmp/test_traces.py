@@ -16,8 +16,7 @@ Normalizations (QEMU's own results vary there from run to run):
 - a persistent error with `ignore` repeats BLOCK_JOB_ERROR until the
   forced cancel lands; the count of repeats is not compared.
 
-Known, accepted differences, not compared: `filter-node-name` for stream
-and commit (QEMU accepts it, we refuse it); QEMU writes a `json:{...}`
+Known, accepted difference, not compared: QEMU writes a `json:{...}`
 backing name into the overlay when the base was blkdebug-wrapped (the
 chain on disk is not compared here; tests/chain_oracle.rs compares it).
 """
