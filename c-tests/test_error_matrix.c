@@ -4,7 +4,7 @@
  * by blkdebug into a mirror-like copy job (util.h's CopyJob) between two
  * 4 MiB raw images. Each case checks the events, the actions, the I/O
  * status and job status at the pause, the resume behaviour, and the
- * target's content; then prints one JSON line that tests/qemu_oracle.rs
+ * target's content; then prints one JSON line that tests/error_matrix_oracle.rs
  * compares with what real qemu-storage-daemon does for the same case.
  */
 #include "util.h"
