@@ -25,10 +25,13 @@
 //!   socket down, closes the subscription and joins the forwarder.
 //! - Once the server stops taking commands, what a client sends is read
 //!   and dropped; its events keep flowing until the server closes it.
-//! - Server threads block SIGPIPE, so a write to a vanished client fails
-//!   with EPIPE instead of killing a host that did not ignore SIGPIPE.
+//! - A write to a vanished client fails with EPIPE and never raises
+//!   SIGPIPE, which would kill a C host that did not ignore it: std's
+//!   `UnixStream` sends with `MSG_NOSIGNAL` on Linux, and server threads
+//!   block SIGPIPE as well so that this holds whatever std does.
 
 use parking_lot::Mutex;
+use std::cell::Cell;
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
@@ -43,7 +46,8 @@ use super::server::Monitor;
 use super::{Session, greeting};
 use crate::events::Subscription;
 
-/// Block SIGPIPE in the calling thread (see the module doc).
+/// Block SIGPIPE in the calling thread (see the module doc; a blocked
+/// SIGPIPE stays pending on this thread and goes with it).
 pub(super) fn block_sigpipe() {
     let mut set = SigSet::empty();
     set.add(Signal::SIGPIPE);
@@ -193,10 +197,21 @@ impl Client {
     }
 }
 
+thread_local! {
+    /// On a reader thread: the address of its monitor.
+    static READER_OF: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Whether the calling thread is one of `mon`'s readers.
+pub(super) fn reader_of(mon: &Arc<Monitor>) -> bool {
+    READER_OF.with(|r| r.get()) == Arc::as_ptr(mon) as usize
+}
+
 /// The reader thread: greeting, then requests until the client goes away
 /// or the server closes it; then the client's own cleanup.
 pub(super) fn serve(mon: Arc<Monitor>, client: Arc<Client>) {
     block_sigpipe();
+    READER_OF.with(|r| r.set(Arc::as_ptr(&mon) as usize));
     // A panicking command must not skip the cleanup below.
     let _ = catch_unwind(AssertUnwindSafe(|| {
         if client.send(Some(&greeting())).is_ok() {

@@ -29,19 +29,25 @@ pub fn greeting() -> Value {
     json!({"QMP": {"version": version(), "capabilities": ["oob"]}})
 }
 
-/// `query-version`'s value.
+/// `query-version`'s value (members in the order QEMU writes them).
 pub fn version() -> Value {
     let (major, minor, micro) = VERSION;
-    json!({"qemu": {"major": major, "minor": minor, "micro": micro},
+    json!({"qemu": {"micro": micro, "minor": minor, "major": major},
         "package": concat!("blockjob ", env!("CARGO_PKG_VERSION"))})
 }
 
+/// An error reply; with an `id`, QEMU writes it first (its dictionary's
+/// order: `{"id": …, "error": …}`, while a `return` comes before the `id`).
 fn error_reply(e: &Error, id: Option<&Value>) -> Value {
-    let mut r = json!({"error": {"class": e.class().to_string(), "desc": e.message()}});
+    let mut r = Map::new();
     if let Some(id) = id {
-        r["id"] = id.clone();
+        r.insert("id".into(), id.clone());
     }
-    r
+    r.insert(
+        "error".into(),
+        json!({"class": e.class().to_string(), "desc": e.message()}),
+    );
+    Value::Object(r)
 }
 
 /// Whether a session has negotiated capabilities.

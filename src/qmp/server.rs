@@ -203,12 +203,38 @@ pub struct QmpServer {
 
 impl QmpServer {
     /// Serve `listener` (bound, listening) on `ctx`. Starts the acceptor
-    /// thread; each client gets QEMU's greeting.
+    /// thread; each client gets QEMU's greeting. On failure the socket
+    /// file, if handed over, is removed.
     pub fn start(
         ctx: Arc<Context>,
         listener: UnixListener,
-        opts: QmpServerOptions,
+        mut opts: QmpServerOptions,
     ) -> Result<QmpServer> {
+        let socket_file = opts.socket_file.take();
+        // Shared with the acceptor, so that on failure the file is
+        // removed while the listener is still open.
+        let listener = Arc::new(listener);
+        match Self::start_acceptor(ctx, listener.clone(), opts) {
+            Ok((mon, wake, acceptor)) => Ok(QmpServer {
+                mon,
+                wake,
+                acceptor: Some(acceptor),
+                socket_file,
+            }),
+            Err(e) => {
+                if let Some(f) = socket_file {
+                    f.remove();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn start_acceptor(
+        ctx: Arc<Context>,
+        listener: Arc<UnixListener>,
+        opts: QmpServerOptions,
+    ) -> Result<(Arc<Monitor>, Arc<EventFd>, JoinHandle<()>)> {
         let os = |what: &str, e: Errno| Error::from(e).prepend(what);
         listener
             .set_nonblocking(true)
@@ -220,7 +246,7 @@ impl QmpServer {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)
             .map_err(|e| os("Cannot create epoll: ", e))?;
         epoll
-            .add(&listener, EpollEvent::new(EpollFlags::EPOLLIN, LISTENER))
+            .add(&*listener, EpollEvent::new(EpollFlags::EPOLLIN, LISTENER))
             .and_then(|()| epoll.add(&*wake, EpollEvent::new(EpollFlags::EPOLLIN, WAKE)))
             .map_err(|e| os("Cannot watch the monitor socket: ", e))?;
         let mon = Arc::new(Monitor {
@@ -238,12 +264,7 @@ impl QmpServer {
             .name("bj-qmp-accept".into())
             .spawn(move || accept_loop(&m, &listener, &epoll))
             .map_err(|e| Error::from(e).prepend("Cannot start the monitor thread: "))?;
-        Ok(QmpServer {
-            mon,
-            wake,
-            acceptor: Some(acceptor),
-            socket_file: opts.socket_file,
-        })
+        Ok((mon, wake, acceptor))
     }
 
     /// Execute no command from now on (waits for those in progress);
@@ -285,11 +306,13 @@ impl QmpServer {
             c.join_forwarder();
         }
         let readers = std::mem::take(&mut self.mon.registry.lock().readers);
-        let me = thread::current().id();
+        // Only if the owner broke the rule and shuts down from `on_quit`,
+        // on one of our readers: that one ends by itself once this
+        // returns. (`thread::current()` only then: on a host's thread it
+        // would allocate a handle that is never freed.)
+        let me = client::reader_of(&self.mon).then(|| thread::current().id());
         for h in readers {
-            // Only if the owner broke the rule and shuts down from
-            // `on_quit`: that reader ends by itself once this returns.
-            if h.thread().id() != me {
+            if Some(h.thread().id()) != me {
                 let _ = h.join();
             }
         }

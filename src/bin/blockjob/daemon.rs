@@ -11,10 +11,10 @@
 //!
 //! SIGTERM, SIGINT and SIGHUP are blocked in every thread and taken by a
 //! `sigwait` thread; they, or `quit` on any monitor, wake the main thread,
-//! which stops every monitor from executing commands, cancels every job
-//! (forced) and waits for them, flushes every node, stops the monitors
-//! (their clients get the events queued until then), removes the sockets
-//! and the pid file and exits 0.
+//! which removes the sockets, stops every monitor from executing commands,
+//! cancels every job (forced) and waits for them, flushes every node,
+//! stops the monitors (their clients get the events queued until then),
+//! removes the pid file and exits 0.
 //!
 //! `--daemonize` re-executes the binary in a new process group with a
 //! pipe on its stdout instead of `fork()` (the crate has no unsafe code
@@ -195,10 +195,13 @@ pub fn run(args: Vec<OsString>) -> ! {
 
     // Wait for SIGTERM/SIGINT/SIGHUP or `quit`.
     let _ = stop_rx.recv();
-    stop(&ctx, servers);
+    // First, while every listener is still open (see SocketFile::remove):
+    // no one new connects from here on.
     for s in &sockets {
         s.remove();
     }
+    stop(&ctx, servers);
+    drop(chardevs);
     if let Some((path, _lock)) = pidfile {
         let _ = std::fs::remove_file(path);
     }
