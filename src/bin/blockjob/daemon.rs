@@ -212,17 +212,11 @@ pub fn run(args: Vec<OsString>) -> ! {
 /// every node; then close the monitors, whose clients get the events
 /// queued until then.
 fn stop(ctx: &Context, servers: Vec<QmpServer>) {
+    // stop_commands waits for commands in progress: no job starts after.
     for s in &servers {
         s.stop_commands();
     }
-    // A job whose command was in progress when the first round ran is
-    // cancelled by the next.
-    for _ in 0..3 {
-        ctx.shutdown();
-        if ctx.query_jobs().is_empty() {
-            break;
-        }
-    }
+    ctx.shutdown();
     for node in ctx.graph().nodes() {
         if let Err(e) = node.flush() {
             eprintln!("blockjob: Failed to flush node '{}': {e}", node.name());
