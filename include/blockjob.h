@@ -396,7 +396,8 @@
 typedef struct BjBlockBackend BjBlockBackend;
 
 /**
- * A context (opaque).
+ * A context (opaque). Its QMP servers share it: their threads use it
+ * until the server is freed.
  */
 typedef struct BjContext BjContext;
 
@@ -425,6 +426,11 @@ typedef struct BjJobTxn BjJobTxn;
  * alive even after blockdev-del).
  */
 typedef struct BjNode BjNode;
+
+/**
+ * A QMP server (opaque).
+ */
+typedef struct BjQmpServer BjQmpServer;
 
 /**
  * Options of `bj_blk_new`. Zero-initialise, set `size`, fill what you
@@ -948,6 +954,61 @@ typedef struct {
   void *reserved[8];
 } BjHostNodeOps;
 
+/**
+ * Told that a client executed `quit`.
+ */
+typedef void (*BjQmpQuitFn)(void *opaque);
+
+/**
+ * How `bj_qmp_server_new` serves. Zero-initialise, set `size` and
+ * `path`; zero means QEMU's default everywhere (compact output, nobody
+ * told about `quit`).
+ */
+typedef struct {
+  /**
+   * `sizeof(BjQmpServerOptions)`.
+   */
+  uint32_t size;
+  /**
+   * Path of the UNIX socket to listen on (required). It is created with
+   * mode 0600; a socket file already there is replaced (QEMU unlinks
+   * before binding), any other file makes the call fail with `Failed to
+   * bind socket to PATH: Address already in use`. `bj_qmp_server_free`
+   * removes it again if the path still names it, as QEMU unlinks its own
+   * socket when it closes. Copied: need not outlive the call.
+   */
+  const char *path;
+  /**
+   * QEMU's `pretty=on`: replies and events indented by four spaces.
+   */
+  bool pretty;
+  /**
+   * Called once a client executed `quit` (after its reply was sent),
+   * at most once per server; from then on the server executes no more
+   * commands, and the host is expected to shut down (or at least free
+   * the server). Runs on a library thread with no library lock held;
+   * it may call `bj_` functions except `bj_qmp_server_free` and
+   * `bj_context_free` (e.g. write to a pipe your main loop polls).
+   * NULL: nobody is told.
+   */
+  BjQmpQuitFn quit;
+  /**
+   * `quit`'s argument.
+   */
+  void *quit_opaque;
+  /**
+   * Called once with `quit_opaque` when `quit` can never run again:
+   * at `bj_qmp_server_free`, or before `bj_qmp_server_new` returns NULL
+   * (but not when `opts` is NULL or `opts->size` is wrong: such a
+   * struct cannot be trusted). May be NULL.
+   */
+  BjDestroyFn quit_free;
+  /**
+   * Reserved; must be zero.
+   */
+  uint64_t reserved[8];
+} BjQmpServerOptions;
+
 
 
 #ifdef __cplusplus
@@ -1198,7 +1259,9 @@ BjContext *bj_context_new(BjError **errp);
  * Free a context: force-cancel every job and wait for it, deliver the
  * remaining events to handlers, stop the event thread, close the queue's
  * eventfd, release every node. Sets `*ctxp` to NULL. Must not be called
- * from a job callback or an event handler.
+ * from a job callback or an event handler. Free the context's QMP
+ * servers (`bj_qmp_server_free`) first: a server still running keeps
+ * the context's memory alive and its clients keep using it.
  */
 void bj_context_free(BjContext **ctxp);
 
@@ -1741,6 +1804,28 @@ BjNode *bj_node_add_host(BjContext *ctx,
  * `bj_free`. NULL only for a NULL context or command (with `errp` set).
  */
 char *bj_qmp_execute(BjContext *ctx, const char *json, BjError **errp);
+
+/**
+ * Serve QEMU's monitor (QMP) on a UNIX socket at `opts->path`, over the
+ * context: any number of clients, each greeted and negotiated as QEMU
+ * does, events sent to every negotiated client, the events a command
+ * caused sent before its reply. Returns NULL with `*errp` set on failure
+ * (NULL `ctx`, `opts` or `opts->path`, a wrong `opts->size`, non-zero
+ * reserved words, a path that cannot be bound). Free with
+ * `bj_qmp_server_free` before freeing the context.
+ */
+BjQmpServer *bj_qmp_server_new(BjContext *ctx, const BjQmpServerOptions *opts, BjError **errp);
+
+/**
+ * Stop the server and free it: no new connection (the socket file is
+ * removed if the path still names it), no more commands, the events
+ * already queued are sent (for a second at most to a client that does not
+ * read), every client is disconnected and every thread joined; then the
+ * quit callback's `quit_free` runs. Jobs the clients started go on. Sets
+ * `*srvp` to NULL; NULL and `*srvp == NULL` are fine. Must not be called
+ * from the server's quit callback.
+ */
+void bj_qmp_server_free(BjQmpServer **srvp);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -380,6 +380,23 @@ impl Subscription {
         }
     }
 
+    /// Wait until an event is queued, without taking it: true when one
+    /// is, false once the subscription is closed and empty. For a reader
+    /// that pops under a lock of its own (a QMP client's output lock),
+    /// so that it never holds an event it has not written yet.
+    pub fn wait_queued(&self) -> bool {
+        let mut q = self.queue.lock();
+        loop {
+            if !q.events.is_empty() {
+                return true;
+            }
+            if q.closed {
+                return false;
+            }
+            self.queue.cv.wait(&mut q);
+        }
+    }
+
     /// Wait up to `timeout` for the next event.
     pub fn next_timeout(&self, timeout: Duration) -> Option<Arc<Event>> {
         let deadline = Instant::now() + timeout;
@@ -491,6 +508,24 @@ mod tests {
         drop(a);
         bus.emit(jsc("x", JobStatus::Created));
         assert!(bus.lock().sinks.is_empty());
+    }
+
+    #[test]
+    fn wait_queued_takes_nothing_and_ends_when_closed_and_empty() {
+        let bus = EventBus::new();
+        let s = Arc::new(bus.subscribe());
+        let waiter = {
+            let s = s.clone();
+            std::thread::spawn(move || s.wait_queued())
+        };
+        bus.emit(jsc("x", JobStatus::Created));
+        assert!(waiter.join().unwrap());
+        assert_eq!(s.len(), 1, "wait_queued must not pop");
+        s.close();
+        // Closed but not empty: still true until the queue is drained.
+        assert!(s.wait_queued());
+        assert!(s.try_next().is_some());
+        assert!(!s.wait_queued());
     }
 
     #[test]

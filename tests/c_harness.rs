@@ -50,6 +50,11 @@ fn c_test_qmp() {
 }
 
 #[test]
+fn c_test_qmp_server() {
+    run("test_qmp_server");
+}
+
+#[test]
 fn c_test_error_matrix() {
     run("test_error_matrix");
 }

@@ -4,14 +4,15 @@
 
 mod common;
 
-use std::collections::{BTreeSet, VecDeque};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::qmp::Qmp;
 use serde_json::{Value, json};
 
 const OURS: &str = env!("CARGO_BIN_EXE_blockjob");
@@ -137,111 +138,6 @@ impl Drop for Daemon {
     }
 }
 
-/// A raw QMP client.
-struct Client {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-    events: VecDeque<Value>,
-}
-
-impl Client {
-    /// Connect (retrying while the socket does not exist yet); the
-    /// greeting is left unread.
-    fn connect_raw(path: &Path) -> Client {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let stream = loop {
-            match UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(e) if Instant::now() > deadline => panic!("connect {}: {e}", path.display()),
-                Err(_) => std::thread::sleep(Duration::from_millis(10)),
-            }
-        };
-        stream
-            .set_read_timeout(Some(Duration::from_secs(15)))
-            .unwrap();
-        Client {
-            writer: stream.try_clone().unwrap(),
-            reader: BufReader::new(stream),
-            events: VecDeque::new(),
-        }
-    }
-
-    /// Connect, read the greeting, negotiate.
-    fn connect(path: &Path) -> Client {
-        let mut c = Client::connect_raw(path);
-        let g = c.recv().expect("greeting");
-        assert!(g.get("QMP").is_some(), "{g}");
-        assert_eq!(c.cmd("qmp_capabilities", json!({})), json!({"return": {}}));
-        c
-    }
-
-    /// The next message; None at EOF.
-    fn recv(&mut self) -> Option<Value> {
-        let mut line = String::new();
-        match self.reader.read_line(&mut line) {
-            Ok(0) => None,
-            Ok(_) => Some(serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))),
-            Err(e) => panic!("QMP read: {e}"),
-        }
-    }
-
-    fn send_raw(&mut self, bytes: &[u8]) {
-        self.writer.write_all(bytes).unwrap();
-    }
-
-    /// Run a command: its whole reply (events meanwhile are queued).
-    fn cmd(&mut self, name: &str, args: Value) -> Value {
-        let msg = json!({"execute": name, "arguments": args});
-        self.send_raw(format!("{msg}\n").as_bytes());
-        loop {
-            let v = self
-                .recv()
-                .unwrap_or_else(|| panic!("EOF waiting for {name}"));
-            if v.get("event").is_some() {
-                self.events.push_back(v);
-            } else {
-                return v;
-            }
-        }
-    }
-
-    /// `return` of a command that must succeed.
-    fn ok(&mut self, name: &str, args: Value) -> Value {
-        let r = self.cmd(name, args);
-        r.get("return")
-            .unwrap_or_else(|| panic!("{name}: {r}"))
-            .clone()
-    }
-
-    /// Wait for event `name`; every event up to it.
-    fn until_event(&mut self, name: &str) -> Vec<Value> {
-        let mut seen = Vec::new();
-        loop {
-            let ev = match self.events.pop_front() {
-                Some(e) => e,
-                None => self
-                    .recv()
-                    .unwrap_or_else(|| panic!("EOF waiting for {name}; saw {seen:?}")),
-            };
-            assert!(ev.get("event").is_some(), "not an event: {ev}");
-            let done = ev["event"] == name;
-            seen.push(ev);
-            if done {
-                return seen;
-            }
-        }
-    }
-
-    /// Everything until EOF.
-    fn drain(&mut self) -> Vec<Value> {
-        let mut all: Vec<Value> = self.events.drain(..).collect();
-        while let Some(v) = self.recv() {
-            all.push(v);
-        }
-        all
-    }
-}
-
 /// The structure of a JSON value: objects' keys and arrays' element
 /// shapes, leaves by type.
 fn shape(v: &Value) -> Value {
@@ -280,16 +176,16 @@ fn greeting_negotiation_two_monitors_and_socket_mode() {
     let _d = Daemon::start(false, &args, dir.path());
 
     // The greeting, as one CRLF-terminated line shaped like QEMU's.
-    let mut c = Client::connect_raw(&a);
-    let mut line = String::new();
-    c.reader.read_line(&mut line).unwrap();
+    let mut c = Qmp::connect_raw(&a);
+    let line = c.recv_line().expect("greeting");
     assert!(line.ends_with("}\r\n"), "{line:?}");
     let ours: Value = serde_json::from_str(&line).unwrap();
+    c.greeting = ours.clone();
     let qdir = tempfile::tempdir().unwrap();
     let qsock = qdir.path().join("q.sock");
     let _q = Daemon::start(true, &monitor_args(&qsock, "m"), qdir.path());
-    let mut q = Client::connect_raw(&qsock);
-    let theirs = q.recv().unwrap();
+    let mut q = Qmp::connect_raw(&qsock);
+    let theirs = q.read_greeting();
     assert_eq!(shape(&ours), shape(&theirs));
     assert_eq!(
         ours["QMP"]["version"]["qemu"],
@@ -298,14 +194,17 @@ fn greeting_negotiation_two_monitors_and_socket_mode() {
 
     // Negotiation first, once; the same answers as QEMU.
     for cl in [&mut c, &mut q] {
-        let r = cl.cmd("query-jobs", json!({}));
+        let r = cl.command("query-jobs", json!({}));
         assert_eq!(r["error"]["class"], "CommandNotFound", "{r}");
         assert_eq!(
             r["error"]["desc"],
             "Expecting capabilities negotiation with 'qmp_capabilities'"
         );
-        assert_eq!(cl.cmd("qmp_capabilities", json!({})), json!({"return": {}}));
-        let r = cl.cmd("qmp_capabilities", json!({}));
+        assert_eq!(
+            cl.command("qmp_capabilities", json!({})),
+            json!({"return": {}})
+        );
+        let r = cl.command("qmp_capabilities", json!({}));
         assert_eq!(r["error"]["class"], "CommandNotFound");
         assert_eq!(cl.ok("query-jobs", json!({})), json!([]));
     }
@@ -357,12 +256,29 @@ fn mirror_between_blockdev_nodes_completes_over_qmp() {
     ]);
     args.extend(monitor_args(&sock, "m"));
     let _d = Daemon::start(false, &args, dir.path());
-    let mut c = Client::connect(&sock);
-    c.ok(
-        "blockdev-mirror",
-        json!({"job-id":"m0","device":"src","target":"dst","sync":"full"}),
+    let mut c = Qmp::connect(&sock);
+    // The events the command caused come before its reply, as in QEMU.
+    c.send_raw(
+        format!(
+            "{}\n",
+            json!({"execute": "blockdev-mirror",
+                   "arguments": {"job-id":"m0","device":"src","target":"dst","sync":"full"}})
+        )
+        .as_bytes(),
     );
-    let evs = c.until_event("BLOCK_JOB_READY");
+    let mut evs = Vec::new();
+    let reply = loop {
+        let v = c.recv().expect("a reply");
+        if v.get("event").is_none() {
+            break v;
+        }
+        evs.push(v);
+    };
+    assert_eq!(reply, json!({"return": {}}));
+    assert!(evs.len() >= 2, "{evs:?}");
+    if evs.last().is_none_or(|e| e["event"] != "BLOCK_JOB_READY") {
+        evs.extend(c.until_event("BLOCK_JOB_READY"));
+    }
     let statuses: Vec<_> = evs
         .iter()
         .filter(|e| e["event"] == "JOB_STATUS_CHANGE")
@@ -397,8 +313,8 @@ fn clients_come_and_go_while_a_job_runs() {
     ]);
     args.extend(monitor_args(&sock, "m"));
     let _d = Daemon::start(false, &args, dir.path());
-    let mut a = Client::connect(&sock);
-    let mut b = Client::connect(&sock);
+    let mut a = Qmp::connect(&sock);
+    let mut b = Qmp::connect(&sock);
     a.ok(
         "blockdev-mirror",
         json!({"job-id":"j","device":"src","target":"dst","sync":"full","speed":33554432}),
@@ -406,13 +322,13 @@ fn clients_come_and_go_while_a_job_runs() {
 
     // One disconnects mid-line, one right after sending a command, one
     // before negotiating, one in the middle of reading the greeting.
-    let mut mid_line = Client::connect(&sock);
+    let mut mid_line = Qmp::connect(&sock);
     mid_line.send_raw(b"{\"execute\": \"query-block-");
     drop(mid_line);
-    let mut mid_cmd = Client::connect(&sock);
+    let mut mid_cmd = Qmp::connect(&sock);
     mid_cmd.send_raw(b"{\"execute\":\"query-named-block-nodes\"}\n{\"execute\":\"query-jobs\"}\n");
     drop(mid_cmd);
-    drop(Client::connect_raw(&sock));
+    drop(Qmp::connect_raw(&sock));
     let mut half = UnixStream::connect(&sock).unwrap();
     let mut one = [0u8; 1];
     half.read_exact(&mut one).unwrap();
@@ -429,7 +345,7 @@ fn clients_come_and_go_while_a_job_runs() {
         assert!(evs.last().unwrap()["data"].get("error").is_none());
     }
     // And a new client still works.
-    let mut c = Client::connect(&sock);
+    let mut c = Qmp::connect(&sock);
     assert_eq!(c.ok("query-version", json!({}))["qemu"]["major"], 10);
     assert_eq!(a.ok("query-jobs", json!({})), json!([]));
 }
@@ -449,7 +365,7 @@ fn sigterm_cancels_jobs_and_cleans_up() {
     ]);
     args.extend(monitor_args(&sock, "m"));
     let mut d = Daemon::start(false, &args, dir.path());
-    let mut c = Client::connect(&sock);
+    let mut c = Qmp::connect(&sock);
     let pid: u32 = std::fs::read_to_string(&pidfile)
         .unwrap()
         .trim()
@@ -474,13 +390,13 @@ fn sigterm_cancels_jobs_and_cleans_up() {
 
     // SIGINT and `quit` end it the same way.
     let mut d = Daemon::start(false, &args, dir.path());
-    Client::connect(&sock);
+    Qmp::connect(&sock);
     d.signal("-INT");
     assert_eq!(d.wait(Duration::from_secs(10)).code(), Some(0));
     assert!(!sock.exists() && !pidfile.exists());
     let mut d = Daemon::start(false, &args, dir.path());
-    let mut c = Client::connect(&sock);
-    assert_eq!(c.cmd("quit", json!({})), json!({"return": {}}));
+    let mut c = Qmp::connect(&sock);
+    assert_eq!(c.command("quit", json!({})), json!({"return": {}}));
     assert_eq!(d.wait(Duration::from_secs(10)).code(), Some(0));
     assert!(!sock.exists() && !pidfile.exists());
 }
@@ -527,10 +443,10 @@ fn daemonize_with_pidfile() {
         .parse()
         .unwrap();
     assert!(alive(pid));
-    let mut q = Client::connect(&sock);
+    let mut q = Qmp::connect(&sock);
     let nodes = q.ok("query-named-block-nodes", json!({}));
     assert_eq!(nodes[0]["node-name"], "n0");
-    assert_eq!(q.cmd("quit", json!({})), json!({"return": {}}));
+    assert_eq!(q.command("quit", json!({})), json!({"return": {}}));
     assert!(q.drain().is_empty());
     let deadline = Instant::now() + Duration::from_secs(10);
     while alive(pid) {
@@ -676,7 +592,7 @@ fn bad_command_lines_fail_like_qsd() {
 }
 
 /// `(node-name, drv, ro)` of the named nodes.
-fn named_nodes(c: &mut Client) -> BTreeSet<(String, String, bool)> {
+fn named_nodes(c: &mut Qmp) -> BTreeSet<(String, String, bool)> {
     c.ok("query-named-block-nodes", json!({}))
         .as_array()
         .unwrap()
@@ -741,9 +657,9 @@ fn blockdev_texts_accepted_by_qsd_are_accepted() {
         }
         args.extend(monitor_args(&sock, "m"));
         let mut daemon = Daemon::start(qsd, &args, dir.path());
-        let mut c = Client::connect(&sock);
+        let mut c = Qmp::connect(&sock);
         results.push(named_nodes(&mut c));
-        assert_eq!(c.cmd("quit", json!({})), json!({"return": {}}));
+        assert_eq!(c.command("quit", json!({})), json!({"return": {}}));
         assert_eq!(
             daemon.wait(Duration::from_secs(10)).code(),
             Some(0),

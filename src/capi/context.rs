@@ -27,9 +27,10 @@ pub(crate) struct HostQueue {
     pub(crate) fd: Arc<FdNotify>,
 }
 
-/// A context (opaque).
+/// A context (opaque). Its QMP servers share it: their threads use it
+/// until the server is freed.
 pub struct BjContext {
-    pub(crate) ctx: Context,
+    pub(crate) ctx: Arc<Context>,
     pub(crate) queue: Mutex<Option<HostQueue>>,
 }
 
@@ -51,7 +52,7 @@ pub(crate) unsafe fn ctx_arg<'a>(p: *const BjContext) -> Result<&'a BjContext> {
 pub unsafe extern "C" fn bj_context_new(errp: *mut *mut BjError) -> *mut BjContext {
     ffi(errp, std::ptr::null_mut(), || {
         Ok(Box::into_raw(Box::new(BjContext {
-            ctx: Context::new(),
+            ctx: Arc::new(Context::new()),
             queue: Mutex::new(None),
         })))
     })
@@ -60,7 +61,9 @@ pub unsafe extern "C" fn bj_context_new(errp: *mut *mut BjError) -> *mut BjConte
 /// Free a context: force-cancel every job and wait for it, deliver the
 /// remaining events to handlers, stop the event thread, close the queue's
 /// eventfd, release every node. Sets `*ctxp` to NULL. Must not be called
-/// from a job callback or an event handler.
+/// from a job callback or an event handler. Free the context's QMP
+/// servers (`bj_qmp_server_free`) first: a server still running keeps
+/// the context's memory alive and its clients keep using it.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn bj_context_free(ctxp: *mut *mut BjContext) {
     ffi_void((), || {

@@ -5,9 +5,16 @@
 //! per read, or one across reads), replies with the request's `id`, and
 //! QEMU's error classes and texts for malformed input. [`execute`] runs one
 //! command object without a session (the C ABI's `bj_qmp_execute`).
-//! Commands and their arguments are in [`commands`].
+//! Commands and their arguments are in [`commands`]. [`server`] serves
+//! sessions to the clients of a listening UNIX socket (the daemon's
+//! monitors, a C host's `bj_qmp_server_new`), bound with [`socket`].
 
+mod client;
 pub mod commands;
+pub mod server;
+pub mod socket;
+
+pub use server::{QmpServer, QmpServerOptions};
 
 use serde_json::{Map, Value, json};
 
@@ -22,19 +29,25 @@ pub fn greeting() -> Value {
     json!({"QMP": {"version": version(), "capabilities": ["oob"]}})
 }
 
-/// `query-version`'s value.
+/// `query-version`'s value (members in the order QEMU writes them).
 pub fn version() -> Value {
     let (major, minor, micro) = VERSION;
-    json!({"qemu": {"major": major, "minor": minor, "micro": micro},
+    json!({"qemu": {"micro": micro, "minor": minor, "major": major},
         "package": concat!("blockjob ", env!("CARGO_PKG_VERSION"))})
 }
 
+/// An error reply; with an `id`, QEMU writes it first (its dictionary's
+/// order: `{"id": …, "error": …}`, while a `return` comes before the `id`).
 fn error_reply(e: &Error, id: Option<&Value>) -> Value {
-    let mut r = json!({"error": {"class": e.class().to_string(), "desc": e.message()}});
+    let mut r = Map::new();
     if let Some(id) = id {
-        r["id"] = id.clone();
+        r.insert("id".into(), id.clone());
     }
-    r
+    r.insert(
+        "error".into(),
+        json!({"class": e.class().to_string(), "desc": e.message()}),
+    );
+    Value::Object(r)
 }
 
 /// Whether a session has negotiated capabilities.
@@ -79,57 +92,68 @@ impl<'a> Session<'a> {
     /// Take bytes from the client; the replies to every request they
     /// complete, in order.
     pub fn feed(&mut self, bytes: &[u8]) -> Vec<Value> {
+        self.push(bytes);
+        std::iter::from_fn(|| self.next_reply()).collect()
+    }
+
+    /// Take bytes from the client without executing anything yet (see
+    /// [`Session::next_reply`]).
+    pub fn push(&mut self, bytes: &[u8]) {
         self.pending.extend_from_slice(bytes);
-        let mut replies = Vec::new();
-        loop {
-            // Whitespace between requests is not a request.
-            let start = self
-                .pending
-                .iter()
-                .position(|b| !b.is_ascii_whitespace())
-                .unwrap_or(self.pending.len());
-            self.pending.drain(..start);
-            if self.pending.is_empty() {
-                break;
-            }
-            let mut it = serde_json::Deserializer::from_slice(&self.pending).into_iter::<Value>();
-            match it.next() {
-                Some(Ok(v)) => {
-                    let used = it.byte_offset();
-                    self.pending.drain(..used);
-                    replies.push(self.request(v));
-                }
-                // Not complete yet: wait for more bytes.
-                Some(Err(e)) if e.is_eof() => break,
-                Some(Err(e)) => {
-                    // QEMU's parser drops what it has and starts over right
-                    // after the bad token: drop through the byte the error
-                    // is at, so that a request after it is still answered.
-                    let mut cut = error_offset(&self.pending, &e).clamp(1, self.pending.len());
-                    if e.to_string().starts_with("recursion limit") {
-                        // Too deep: the rest of the line is that value.
-                        cut = self.pending[cut..]
-                            .iter()
-                            .position(|&b| b == b'\n')
-                            .map_or(self.pending.len(), |p| cut + p + 1);
-                    }
-                    // Closing brackets and separators that follow belong
-                    // to the same bad input: one error for the run.
-                    while cut < self.pending.len()
-                        && matches!(self.pending[cut], b']' | b'}' | b',' | b':' | b' ' | b'\t')
-                    {
-                        cut += 1;
-                    }
-                    self.pending.drain(..cut);
-                    replies.push(error_reply(
-                        &Error::generic(format!("JSON parse error, {}", json_error_text(&e))),
-                        None,
-                    ));
-                }
-                None => break,
-            }
+    }
+
+    /// Execute the next complete request taken so far (or answer the
+    /// next piece of malformed input): its reply, or `None` when what is
+    /// left is not a whole request yet. One request at a time, so that a
+    /// server can send the events a command caused before that command's
+    /// reply and before the next command runs.
+    pub fn next_reply(&mut self) -> Option<Value> {
+        // Whitespace between requests is not a request.
+        let start = self
+            .pending
+            .iter()
+            .position(|b| !b.is_ascii_whitespace())
+            .unwrap_or(self.pending.len());
+        self.pending.drain(..start);
+        if self.pending.is_empty() {
+            return None;
         }
-        replies
+        let mut it = serde_json::Deserializer::from_slice(&self.pending).into_iter::<Value>();
+        match it.next() {
+            Some(Ok(v)) => {
+                let used = it.byte_offset();
+                self.pending.drain(..used);
+                Some(self.request(v))
+            }
+            // Not complete yet: wait for more bytes.
+            Some(Err(e)) if e.is_eof() => None,
+            Some(Err(e)) => {
+                // QEMU's parser drops what it has and starts over right
+                // after the bad token: drop through the byte the error
+                // is at, so that a request after it is still answered.
+                let mut cut = error_offset(&self.pending, &e).clamp(1, self.pending.len());
+                if e.to_string().starts_with("recursion limit") {
+                    // Too deep: the rest of the line is that value.
+                    cut = self.pending[cut..]
+                        .iter()
+                        .position(|&b| b == b'\n')
+                        .map_or(self.pending.len(), |p| cut + p + 1);
+                }
+                // Closing brackets and separators that follow belong
+                // to the same bad input: one error for the run.
+                while cut < self.pending.len()
+                    && matches!(self.pending[cut], b']' | b'}' | b',' | b':' | b' ' | b'\t')
+                {
+                    cut += 1;
+                }
+                self.pending.drain(..cut);
+                Some(error_reply(
+                    &Error::generic(format!("JSON parse error, {}", json_error_text(&e))),
+                    None,
+                ))
+            }
+            None => None,
+        }
     }
 
     /// One parsed request.

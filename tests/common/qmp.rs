@@ -10,12 +10,18 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-/// A QMP connection.
+/// How long a read waits before the test fails (a deadline for failures
+/// only: nothing waits for it to pass).
+const READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A QMP connection (to QEMU's daemon or ours).
 pub struct Qmp {
     reader: BufReader<UnixStream>,
     writer: UnixStream,
+    /// Bytes of a line not complete yet (a read timed out in its middle).
+    partial: String,
     events: VecDeque<Value>,
-    /// The greeting QEMU sent.
+    /// The greeting the server sent (`Null` until read).
     pub greeting: Value,
 }
 
@@ -26,9 +32,17 @@ pub struct QmpError {
     pub desc: String,
 }
 
+/// What one read gave.
+enum Read {
+    Line(String),
+    Eof,
+    Timeout,
+}
+
 impl Qmp {
-    /// Connect (retrying until the socket exists) and negotiate.
-    pub fn connect(path: &Path) -> Qmp {
+    /// Connect (retrying until the socket exists, 10 s at most); nothing
+    /// is read yet.
+    pub fn connect_raw(path: &Path) -> Qmp {
         let deadline = Instant::now() + Duration::from_secs(10);
         let stream = loop {
             match UnixStream::connect(path) {
@@ -41,68 +55,140 @@ impl Qmp {
             }
         };
         let writer = stream.try_clone().unwrap();
-        let mut q = Qmp {
+        Qmp {
             reader: BufReader::new(stream),
             writer,
+            partial: String::new(),
             events: VecDeque::new(),
             greeting: Value::Null,
-        };
-        q.greeting = q.read_line(Duration::from_secs(10)).expect("greeting");
+        }
+    }
+
+    /// Connect, read the greeting, negotiate.
+    pub fn connect(path: &Path) -> Qmp {
+        let mut q = Qmp::connect_raw(path);
+        q.read_greeting();
         q.execute("qmp_capabilities", json!({}))
             .expect("qmp_capabilities");
         q
     }
 
-    fn read_line(&mut self, timeout: Duration) -> Option<Value> {
+    /// Read the greeting (also kept in `greeting`).
+    pub fn read_greeting(&mut self) -> Value {
+        let line = self
+            .recv_line()
+            .expect("the connection closed before the greeting");
+        let g: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+        assert!(g.get("QMP").is_some(), "not a greeting: {g}");
+        self.greeting = g.clone();
+        g
+    }
+
+    fn read(&mut self, timeout: Duration) -> Read {
         self.reader
             .get_ref()
             .set_read_timeout(Some(timeout.max(Duration::from_millis(1))))
             .unwrap();
-        let mut line = String::new();
-        match self.reader.read_line(&mut line) {
-            Ok(0) => panic!("QMP connection closed"),
-            Ok(_) => Some(serde_json::from_str(&line).expect("QMP sends JSON lines")),
+        match self.reader.read_line(&mut self.partial) {
+            Ok(0) if self.partial.is_empty() => Read::Eof,
+            Ok(_) if self.partial.ends_with('\n') => Read::Line(std::mem::take(&mut self.partial)),
+            Ok(_) => panic!("QMP connection closed mid-line: {:?}", self.partial),
             Err(e)
                 if matches!(
                     e.kind(),
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                 ) =>
             {
-                None
+                Read::Timeout
             }
             Err(e) => panic!("QMP read: {e}"),
         }
     }
 
-    /// Run a command; events arriving meanwhile are queued.
-    pub fn execute(&mut self, cmd: &str, args: Value) -> Result<Value, QmpError> {
+    /// The next line exactly as sent (CRLF included); None at EOF.
+    pub fn recv_line(&mut self) -> Option<String> {
+        match self.read(READ_TIMEOUT) {
+            Read::Line(l) => Some(l),
+            Read::Eof => None,
+            Read::Timeout => panic!("nothing from the QMP server within {READ_TIMEOUT:?}"),
+        }
+    }
+
+    /// One line as a message; None for a repeated greeting, which QEMU
+    /// sometimes sends to an early client (skipped, with a note).
+    fn parse(&self, line: &str) -> Option<Value> {
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+        if v.get("QMP").is_some() && !self.greeting.is_null() {
+            eprintln!("note: the QMP server sent its greeting again; skipped");
+            return None;
+        }
+        Some(v)
+    }
+
+    /// The next message (reply or event, queued events first); None at
+    /// EOF.
+    pub fn recv(&mut self) -> Option<Value> {
+        if let Some(e) = self.events.pop_front() {
+            return Some(e);
+        }
+        loop {
+            let line = self.recv_line()?;
+            if let Some(v) = self.parse(&line) {
+                return Some(v);
+            }
+        }
+    }
+
+    /// Send bytes as they are.
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        if let Err(e) = self.writer.write_all(bytes) {
+            panic!("QMP write: {e} (did the daemon exit?)");
+        }
+    }
+
+    /// Run a command: its whole reply object (events meanwhile are
+    /// queued).
+    pub fn command(&mut self, cmd: &str, args: Value) -> Value {
         let msg = if args.as_object().is_some_and(|o| o.is_empty()) {
             json!({"execute": cmd})
         } else {
             json!({"execute": cmd, "arguments": args})
         };
-        if let Err(e) = writeln!(self.writer, "{msg}") {
-            panic!("QMP write of {cmd}: {e} (did the daemon exit?)");
-        }
+        self.send_raw(format!("{msg}\n").as_bytes());
         loop {
-            let v = self
-                .read_line(Duration::from_secs(30))
-                .unwrap_or_else(|| panic!("no reply to {cmd}"));
+            let line = self
+                .recv_line()
+                .unwrap_or_else(|| panic!("EOF waiting for the reply to {cmd}"));
+            let Some(v) = self.parse(&line) else {
+                continue;
+            };
             if v.get("event").is_some() {
                 self.events.push_back(v);
                 continue;
             }
-            if let Some(r) = v.get("return") {
-                return Ok(r.clone());
-            }
-            if let Some(e) = v.get("error") {
-                return Err(QmpError {
-                    class: e["class"].as_str().unwrap_or("").into(),
-                    desc: e["desc"].as_str().unwrap_or("").into(),
-                });
+            if v.get("return").is_some() || v.get("error").is_some() {
+                return v;
             }
             panic!("unexpected QMP message {v}");
         }
+    }
+
+    /// Run a command: its `return`, or its error.
+    pub fn execute(&mut self, cmd: &str, args: Value) -> Result<Value, QmpError> {
+        let r = self.command(cmd, args);
+        if let Some(e) = r.get("error") {
+            return Err(QmpError {
+                class: e["class"].as_str().unwrap_or("").into(),
+                desc: e["desc"].as_str().unwrap_or("").into(),
+            });
+        }
+        Ok(r["return"].clone())
+    }
+
+    /// The `return` of a command that must succeed.
+    pub fn ok(&mut self, cmd: &str, args: Value) -> Value {
+        self.execute(cmd, args.clone())
+            .unwrap_or_else(|e| panic!("{cmd} {args}: {e:?}"))
     }
 
     /// The next event, waiting up to `timeout`.
@@ -116,11 +202,39 @@ impl Qmp {
             if left.is_zero() {
                 return None;
             }
-            let v = self.read_line(left)?;
-            if v.get("event").is_some() {
-                return Some(v);
+            match self.read(left) {
+                Read::Line(l) => {
+                    if let Some(v) = self.parse(&l)
+                        && v.get("event").is_some()
+                    {
+                        return Some(v);
+                    }
+                }
+                Read::Eof => panic!("QMP connection closed"),
+                Read::Timeout => return None,
             }
         }
+    }
+
+    /// Wait for event `name`: every event up to it (included).
+    pub fn until_event(&mut self, name: &str) -> Vec<Value> {
+        let mut seen = Vec::new();
+        loop {
+            let ev = self
+                .recv()
+                .unwrap_or_else(|| panic!("EOF waiting for {name}; saw {seen:?}"));
+            assert!(ev.get("event").is_some(), "not an event: {ev}");
+            let done = ev["event"] == name;
+            seen.push(ev);
+            if done {
+                return seen;
+            }
+        }
+    }
+
+    /// Every message until EOF (queued events first).
+    pub fn drain(&mut self) -> Vec<Value> {
+        std::iter::from_fn(|| self.recv()).collect()
     }
 }
 
