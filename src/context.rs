@@ -2,7 +2,7 @@
 //! guest backends, the job engine and the event stream. No globals: a
 //! process may run several contexts side by side.
 
-use parking_lot::{Condvar, Mutex};
+use crate::locks::{Condvar, Mutex};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -304,7 +304,7 @@ impl Context {
         self.bus.subscribe()
     }
 
-    fn lock_dispatcher(&self) -> parking_lot::MutexGuard<'_, Dispatcher> {
+    fn lock_dispatcher(&self) -> crate::locks::MutexGuard<'_, Dispatcher> {
         self.dispatcher.lock()
     }
 
@@ -352,7 +352,7 @@ impl Context {
             let (m, cv) = &*state;
             let mut g = m.lock();
             while g.running {
-                cv.wait(&mut g);
+                g = cv.wait(g);
             }
         }
         Ok(())
@@ -377,7 +377,7 @@ impl Context {
         let (m, cv) = &*state;
         let mut g = m.lock();
         while g.delivered < target {
-            cv.wait(&mut g);
+            g = cv.wait(g);
         }
         Ok(())
     }

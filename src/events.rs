@@ -13,7 +13,7 @@
 //!   is safe under any other library lock (the job engine emits with its
 //!   state lock held, which is what keeps events in state-change order).
 
-use parking_lot::{Condvar, Mutex, MutexGuard};
+use crate::locks::{Condvar, Mutex, MutexGuard};
 use serde::Serialize;
 use serde_json::{Value, json};
 use std::collections::VecDeque;
@@ -293,7 +293,7 @@ impl EventBus {
         Arc::new(Self::default())
     }
 
-    fn lock(&self) -> parking_lot::MutexGuard<'_, BusInner> {
+    fn lock(&self) -> crate::locks::MutexGuard<'_, BusInner> {
         self.inner.lock()
     }
 
@@ -376,7 +376,7 @@ impl Subscription {
             if q.closed {
                 return None;
             }
-            self.queue.cv.wait(&mut q);
+            q = self.queue.cv.wait(q);
         }
     }
 
@@ -393,7 +393,7 @@ impl Subscription {
             if q.closed {
                 return false;
             }
-            self.queue.cv.wait(&mut q);
+            q = self.queue.cv.wait(q);
         }
     }
 
@@ -409,7 +409,7 @@ impl Subscription {
             if q.closed || now >= deadline {
                 return None;
             }
-            self.queue.cv.wait_for(&mut q, deadline - now);
+            q = self.queue.cv.wait_timeout(q, deadline - now);
         }
     }
 

@@ -24,6 +24,7 @@ pub mod engine;
 pub mod error;
 pub mod error_policy;
 pub mod events;
+pub mod locks;
 pub mod qapi;
 pub mod qmp;
 pub mod sync;

@@ -1,25 +1,21 @@
-//! Atomics and the one mutex kind of the lock-free code, from std and
-//! parking_lot or from loom under `--cfg loom`, so the lock-free parts can
-//! be model-checked with one flag.
-//!
-//! Locks elsewhere in the crate are `parking_lot`'s: they do not poison,
-//! so a panic on one thread (caught at the C boundary or in a job) never
-//! turns every later `lock()` into an error. Every piece of state behind
-//! them is updated so that it stays consistent at each point a panic could
-//! unwind from.
+//! Atomics and the mutex of the lock-free code, from std (and
+//! [`crate::locks`]) or from loom under `--cfg loom`, so the lock-free
+//! parts can be model-checked with one flag. Locks elsewhere in the crate
+//! come from [`crate::locks`].
 
+#[cfg(not(loom))]
+pub use crate::locks::Mutex;
 #[cfg(loom)]
 pub use loom::sync::atomic::{
     AtomicBool, AtomicI64, AtomicU8, AtomicU64, AtomicUsize, Ordering, fence,
 };
 #[cfg(not(loom))]
-pub use parking_lot::Mutex;
-#[cfg(not(loom))]
 pub use std::sync::atomic::{
     AtomicBool, AtomicI64, AtomicU8, AtomicU64, AtomicUsize, Ordering, fence,
 };
 
-/// loom's mutex with parking_lot's API (`lock()` returns the guard).
+/// loom's mutex with [`crate::locks::Mutex`]'s API (`lock()` returns the
+/// guard).
 #[cfg(loom)]
 #[derive(Debug, Default)]
 pub struct Mutex<T>(loom::sync::Mutex<T>);

@@ -374,7 +374,10 @@ fn stream_and_commit_match_qemu() {
         soft,
         // With a named filter node (the graph itself is compared in
         // tests/filter_oracle.rs).
-        stream("stream, filter-node-name", json!({"filter-node-name":"cor"})),
+        stream(
+            "stream, filter-node-name",
+            json!({"filter-node-name":"cor"}),
+        ),
         commit(
             "intermediate commit, filter-node-name",
             json!({"top-node":"mid","base-node":"base","filter-node-name":"ct"}),

@@ -10,7 +10,7 @@
 //! The host stops its VM on `stop`, keeps the request and retries it after
 //! resuming (as QEMU's devices do).
 
-use parking_lot::{Condvar, Mutex, MutexGuard, RwLock};
+use crate::locks::{Condvar, Mutex, MutexGuard, RwLock};
 use std::sync::Arc;
 
 use super::Node;
@@ -133,7 +133,7 @@ impl BackendShared {
     pub(crate) fn wait_idle(&self) {
         let mut g = self.gate();
         while g.in_flight > 0 {
-            self.changed.wait(&mut g);
+            g = self.changed.wait(g);
         }
     }
 
@@ -148,7 +148,7 @@ impl BackendShared {
         {
             let mut g = self.gate();
             while g.quiesced > 0 {
-                self.changed.wait(&mut g);
+                g = self.changed.wait(g);
             }
             g.in_flight += 1;
         }

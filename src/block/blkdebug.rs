@@ -12,7 +12,7 @@
 //! the generic layer (`pwritev`, `pwritev_zero`, `pwritev_done`,
 //! `flush_to_os`, `flush_to_disk`); `none` fires once when the node opens.
 
-use parking_lot::Mutex;
+use crate::locks::Mutex;
 use std::sync::Arc;
 
 use super::child::ChildEdge;
@@ -270,7 +270,7 @@ impl BlkdebugDriver {
         self.image.get()
     }
 
-    fn lock(&self) -> parking_lot::MutexGuard<'_, Rules> {
+    fn lock(&self) -> crate::locks::MutexGuard<'_, Rules> {
         self.rules.lock()
     }
 

@@ -2,7 +2,7 @@
 //! in use (QEMU's `BdrvChild` as `bdrv_replace_node` sees it): a mirror's
 //! `replaces` moves the parents of the node it replaces onto its target.
 
-use parking_lot::RwLock;
+use crate::locks::RwLock;
 use std::sync::Arc;
 
 use super::Node;

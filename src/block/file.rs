@@ -2,7 +2,7 @@
 //! `pread`/`pwrite`, holes found with `SEEK_DATA`/`SEEK_HOLE`, zeroes and
 //! discards with `fallocate`.
 
-use parking_lot::Mutex;
+use crate::locks::Mutex;
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
@@ -103,7 +103,7 @@ impl FileDriver {
         self.file.as_raw_fd()
     }
 
-    fn cache(&self) -> parking_lot::MutexGuard<'_, DataCache> {
+    fn cache(&self) -> crate::locks::MutexGuard<'_, DataCache> {
         self.data_cache.lock()
     }
 

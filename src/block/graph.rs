@@ -5,7 +5,7 @@
 //! [`super::open`], drained sections in [`super::drain`], moving parents
 //! and filters in [`super::replace`].
 
-use parking_lot::{Mutex, MutexGuard};
+use crate::locks::{Mutex, MutexGuard};
 use std::sync::{Arc, Weak};
 use std::time::{SystemTime, UNIX_EPOCH};
 

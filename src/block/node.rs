@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use parking_lot::{Condvar, Mutex};
+use crate::locks::{Condvar, Mutex};
 
 use super::dirty_bitmap::NodeBitmaps;
 use super::parents::Parents;
@@ -158,7 +158,7 @@ impl Node {
         self.drv.filename()
     }
 
-    fn lock_in_flight(&self) -> parking_lot::MutexGuard<'_, u64> {
+    fn lock_in_flight(&self) -> crate::locks::MutexGuard<'_, u64> {
         self.in_flight.lock()
     }
 
@@ -176,7 +176,7 @@ impl Node {
     pub fn wait_idle(&self) {
         let mut n = self.lock_in_flight();
         while *n > 0 {
-            self.idle.wait(&mut n);
+            n = self.idle.wait(n);
         }
     }
 

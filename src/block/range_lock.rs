@@ -2,7 +2,7 @@
 //! until the range is free (QEMU serialises copy-on-read requests against
 //! overlapping writes the same way, with its tracked requests).
 
-use parking_lot::{Condvar, Mutex};
+use crate::locks::{Condvar, Mutex};
 
 /// Ranges in use, waited on until free.
 #[derive(Default)]
@@ -17,7 +17,7 @@ impl RangeLock {
     pub fn lock(&self, start: u64, end: u64) -> RangeGuard<'_> {
         let mut h = self.held.lock();
         while h.iter().any(|&(s, e)| s < end && start < e) {
-            self.freed.wait(&mut h);
+            h = self.freed.wait(h);
         }
         h.push((start, end));
         RangeGuard {

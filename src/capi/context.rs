@@ -1,6 +1,6 @@
 //! `BjContext`: the C handle of a [`Context`], plus the host's event queue.
 
-use parking_lot::Mutex;
+use crate::locks::Mutex;
 use std::sync::Arc;
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
@@ -35,7 +35,7 @@ pub struct BjContext {
 }
 
 impl BjContext {
-    pub(crate) fn queue(&self) -> parking_lot::MutexGuard<'_, Option<HostQueue>> {
+    pub(crate) fn queue(&self) -> crate::locks::MutexGuard<'_, Option<HostQueue>> {
         self.queue.lock()
     }
 }

@@ -29,7 +29,7 @@ pub mod tables;
 
 mod registry;
 
-use parking_lot::Condvar;
+use crate::locks::Condvar;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -173,11 +173,11 @@ pub struct Job {
     /// The job thread waits here while sleeping, yielding or paused; paired
     /// with the engine's registry mutex.
     wake: Condvar,
-    progress: parking_lot::Mutex<Progress>,
+    progress: crate::locks::Mutex<Progress>,
     /// Called once when the job reaches `null` (block layer detaches here).
-    on_free: parking_lot::Mutex<Vec<Box<dyn FnOnce() + Send>>>,
+    on_free: crate::locks::Mutex<Vec<Box<dyn FnOnce() + Send>>>,
     /// The result, kept when the job leaves the registry at `null`.
-    outcome: parking_lot::Mutex<Option<Outcome>>,
+    outcome: crate::locks::Mutex<Option<Outcome>>,
 }
 
 /// How a job ended: what QEMU's `job_finish_sync` reads after the fact.

@@ -1,7 +1,7 @@
 //! Engine tests with a Rust driver modelled on QEMU's test-blockjob.c jobs:
 //! loop until completed or cancelled, optionally converge to READY.
 
-use parking_lot::Mutex;
+use crate::locks::Mutex;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;

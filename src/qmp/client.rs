@@ -30,7 +30,7 @@
 //!   `UnixStream` sends with `MSG_NOSIGNAL` on Linux, and server threads
 //!   block SIGPIPE as well so that this holds whatever std does.
 
-use parking_lot::Mutex;
+use crate::locks::Mutex;
 use std::cell::Cell;
 use std::io::{self, Read, Write};
 use std::net::Shutdown;

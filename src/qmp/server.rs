@@ -24,7 +24,7 @@
 //! - A client going away ends its own threads only; its reader's handle
 //!   is reaped by the acceptor at the next connection, or by `shutdown`.
 
-use parking_lot::{Condvar, Mutex, RwLock};
+use crate::locks::{Condvar, Mutex, RwLock};
 use std::collections::HashMap;
 use std::io;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -143,13 +143,11 @@ impl Monitor {
     fn wait_forwarders(&self, deadline: Instant) {
         let mut n = self.forwarders.lock();
         while *n > 0 {
-            if self
-                .forwarders_done
-                .wait_until(&mut n, deadline)
-                .timed_out()
-            {
+            let now = Instant::now();
+            if now >= deadline {
                 return;
             }
+            n = self.forwarders_done.wait_timeout(n, deadline - now);
         }
     }
 
@@ -325,14 +323,11 @@ impl QmpServer {
         let deadline = Instant::now() + timeout;
         let mut reg = self.mon.registry.lock();
         while reg.clients.len() != n {
-            if self
-                .mon
-                .clients_changed
-                .wait_until(&mut reg, deadline)
-                .timed_out()
-            {
+            let now = Instant::now();
+            if now >= deadline {
                 return false;
             }
+            reg = self.mon.clients_changed.wait_timeout(reg, deadline - now);
         }
         true
     }

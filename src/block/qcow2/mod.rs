@@ -17,7 +17,7 @@
 pub mod header;
 pub mod storage;
 
-use parking_lot::{RwLock, RwLockReadGuard};
+use crate::locks::{RwLock, RwLockReadGuard};
 use std::sync::Arc;
 
 use imago::qcow2::Qcow2;

@@ -7,7 +7,7 @@
 //! signalled on one condvar: an operation ended, a buffer came back, a
 //! granule range was released.
 
-use parking_lot::{Condvar, Mutex, MutexGuard};
+use crate::locks::{Condvar, Mutex, MutexGuard};
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -148,7 +148,7 @@ impl Copier {
     }
 
     fn wait<'a>(&self, mut g: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
-        self.changed.wait(&mut g);
+        g = self.changed.wait(g);
         g
     }
 
@@ -359,7 +359,7 @@ impl Copier {
                     if s.stop {
                         return;
                     }
-                    self.work.wait(&mut s);
+                    s = self.work.wait(s);
                 }
             };
             // A panic here (a bug) must not leave the operation counted
@@ -404,7 +404,7 @@ impl Copier {
         let limit = super::offload_slots();
         let mut n = self.offloading.lock();
         while *n >= limit {
-            self.offload_free.wait(&mut n);
+            n = self.offload_free.wait(n);
         }
         *n += 1;
         drop(n);

@@ -28,7 +28,7 @@ mod copy;
 mod filter;
 mod run;
 
-use parking_lot::Mutex;
+use crate::locks::Mutex;
 use std::sync::Arc;
 
 use self::filter::{MirrorTop, TopShared};

@@ -56,9 +56,9 @@ impl Engine {
             driver,
             engine: self.clone(),
             wake: Condvar::new(),
-            progress: parking_lot::Mutex::new(Progress::default()),
-            on_free: parking_lot::Mutex::new(Vec::new()),
-            outcome: parking_lot::Mutex::new(None),
+            progress: crate::locks::Mutex::new(Progress::default()),
+            on_free: crate::locks::Mutex::new(Vec::new()),
+            outcome: crate::locks::Mutex::new(None),
         });
         let txn = match &opts.txn {
             Some(t) => t.key,

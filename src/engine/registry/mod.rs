@@ -13,7 +13,7 @@ mod query;
 mod thread;
 mod verbs;
 
-use parking_lot::{Condvar, Mutex, MutexGuard};
+use crate::locks::{Condvar, Mutex, MutexGuard};
 use std::collections::HashMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
@@ -160,12 +160,12 @@ impl Engine {
     }
 
     fn wait<'a>(&self, cv: &Condvar, mut g: Guard<'a>) -> Guard<'a> {
-        cv.wait(&mut g);
+        g = cv.wait(g);
         g
     }
 
     fn wait_timeout<'a>(&self, cv: &Condvar, mut g: Guard<'a>, d: Duration) -> Guard<'a> {
-        cv.wait_for(&mut g, d);
+        g = cv.wait_timeout(g, d);
         g
     }
 
