@@ -2,6 +2,7 @@
 //! `--stats` output, exit status and one-line errors, and that a failed
 //! command leaves no target it created behind.
 
+#[path = "../../tests/common/mod.rs"]
 mod common;
 
 use std::os::unix::fs::{FileExt, MetadataExt};

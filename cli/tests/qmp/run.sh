@@ -2,17 +2,18 @@
 # The Python QMP tests: the same scenarios against qemu-storage-daemon and
 # `blockjob daemon` (traces compared), fuzzing, load. Run from anywhere:
 #
-#   bash tests/qmp/run.sh [pytest args]      e.g. -k mirror -x
-#   bash tests/qmp/run.sh --setup-only       only create the environment
+#   bash cli/tests/qmp/run.sh [pytest args]      e.g. -k mirror -x
+#   bash cli/tests/qmp/run.sh --setup-only       only create the environment
 #
 # Creates (or reuses) a virtual environment (QMP_VENV, default
 # target/qmp-venv) with the pinned requirements.txt, then runs pytest on
-# tests/qmp with our binary in BLOCKJOB_BIN (default target/debug/blockjob;
+# cli/tests/qmp with our binary in BLOCKJOB_BIN (default target/debug/blockjob;
 # `cargo build` first, or run it through `cargo test --test qmp_python`).
 # Needs qemu-storage-daemon, qemu-img and qemu-io (qemu-utils).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-root="$(cd "$here/../.." && pwd)"
+# The workspace root (its target/ holds the binary and the venv).
+root="$(cd "$here/../../.." && pwd)"
 venv="${QMP_VENV:-$root/target/qmp-venv}"
 py="${PYTHON:-python3}"
 export BLOCKJOB_BIN="${BLOCKJOB_BIN:-$root/target/debug/blockjob}"

@@ -1,9 +1,9 @@
-//! The Python QMP suite in `tests/qmp/` (pytest with the `qemu.qmp`
-//! package, in a virtual environment `tests/qmp/run.sh` creates under
+//! The Python QMP suite in `cli/tests/qmp/` (pytest with the `qemu.qmp`
+//! package, in a virtual environment `cli/tests/qmp/run.sh` creates under
 //! `target/qmp-venv`): the same scenarios against `qemu-storage-daemon`
 //! and `blockjob daemon` with traces compared, fuzzing and load against
 //! ours. Run here so that `cargo test` covers it; on its own:
-//! `bash tests/qmp/run.sh [pytest args]`.
+//! `bash cli/tests/qmp/run.sh [pytest args]`.
 
 use std::process::Command;
 

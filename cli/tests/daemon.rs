@@ -2,6 +2,7 @@
 //! sockets, checked against real `qemu-storage-daemon` where the two
 //! should agree (greeting shape, accepted `--blockdev` texts, error lines).
 
+#[path = "../../tests/common/mod.rs"]
 mod common;
 
 use std::collections::BTreeSet;
