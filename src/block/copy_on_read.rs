@@ -138,6 +138,10 @@ impl BlockDriver for CopyOnRead {
         self.file().accepts_discard()
     }
 
+    fn can_grow(&self) -> bool {
+        self.file().driver().can_grow()
+    }
+
     fn flush(&self) -> Result<()> {
         self.file().flush()
     }

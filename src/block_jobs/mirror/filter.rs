@@ -100,6 +100,10 @@ impl BlockDriver for MirrorTop {
         self.0.child().accepts_discard()
     }
 
+    fn can_grow(&self) -> bool {
+        self.0.child().driver().can_grow()
+    }
+
     fn flush(&self) -> Result<()> {
         self.0.child().flush()
     }
