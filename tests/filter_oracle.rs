@@ -26,65 +26,23 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
+use common::chain::{chain, s, tool};
 use common::oracle::{Ours, Side, canonical};
 use common::qmp::Daemon;
 use serde_json::{Value, json};
 
-fn run(dir: &Path, cmd: &str, args: &[&str]) {
-    common::require_tool(cmd);
-    let out = std::process::Command::new(cmd)
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// A raw source of 64 MiB (data throughout) and an empty target: a
 /// mirror limited to 1 byte/s copies its first burst and then waits.
 fn raw_pair(dir: &Path) {
-    run(
-        dir,
-        "qemu-img",
-        &["create", "-q", "-f", "raw", "src.img", "64M"],
-    );
-    run(
-        dir,
-        "qemu-io",
-        &["-f", "raw", "-c", "write -P 7 0 64M", "src.img"],
-    );
-    run(
-        dir,
-        "qemu-img",
-        &["create", "-q", "-f", "raw", "tgt.img", "64M"],
-    );
+    let (src, tgt) = (dir.join("src.img"), dir.join("tgt.img"));
+    tool("qemu-img", &["create", "-q", "-f", "raw", s(&src), "64M"]);
+    tool("qemu-io", &["-f", "raw", "-c", "write -P 7 0 64M", s(&src)]);
+    tool("qemu-img", &["create", "-q", "-f", "raw", s(&tgt), "64M"]);
 }
 
-/// base.qcow2 <- mid.qcow2 <- top.qcow2, 4 MiB, data in every layer.
-fn chain(dir: &Path) {
-    run(
-        dir,
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", "base.qcow2", "4M"],
-    );
-    run(dir, "qemu-io", &["-c", "write -P 1 0 4M", "base.qcow2"]);
-    for (img, back, w) in [
-        ("mid.qcow2", "base.qcow2", "write -P 2 0 2M"),
-        ("top.qcow2", "mid.qcow2", "write -P 3 0 512k"),
-    ] {
-        run(
-            dir,
-            "qemu-img",
-            &[
-                "create", "-q", "-f", "qcow2", "-b", back, "-F", "qcow2", img,
-            ],
-        );
-        run(dir, "qemu-io", &["-c", w, img]);
-    }
+/// base.qcow2 <- mid.qcow2 <- top.qcow2 (tests/common/chain.rs).
+fn qcow2_chain(dir: &Path) {
+    chain(dir);
 }
 
 fn file_node(name: &str, dir: &Path, file: &str, driver: &str) -> Value {
@@ -328,7 +286,7 @@ fn on_chain(label: &'static str, cmd: &'static str, args: Value, complete: bool)
     }
     Scenario {
         label,
-        setup: chain,
+        setup: qcow2_chain,
         nodes: chain_nodes,
         cmd,
         args: a,

@@ -218,26 +218,27 @@ impl Graph {
                 )));
             }
         };
-        let spec = NodeSpec {
-            node_name: None,
+        let file = ChildRef::New(Box::new(implicit_spec(
+            DriverSpec::File {
+                filename: path.clone(),
+            },
             read_only,
-            discard_unmap: None,
-            cache_direct: false,
-            cache_no_flush: false,
-            detect_zeroes: Default::default(),
-            driver: if driver == "raw" {
+        )));
+        let spec = implicit_spec(
+            if driver == "raw" {
                 DriverSpec::Raw {
-                    file: ChildRef::New(Box::new(file_spec(&path, read_only))),
+                    file,
                     offset: None,
                     size: None,
                 }
             } else {
                 DriverSpec::Qcow2 {
-                    file: ChildRef::New(Box::new(file_spec(&path, read_only))),
+                    file,
                     backing: BackingSpec::FromHeader,
                 }
             },
-        };
+            read_only,
+        );
         self.open_spec(inner, &spec, false, created)
             .map(Some)
             .map_err(|e| e.prepend("Could not open backing file: "))
@@ -268,7 +269,8 @@ fn probe_format(path: &str) -> String {
     if is_qcow2 { "qcow2" } else { "raw" }.to_string()
 }
 
-fn file_spec(path: &str, read_only: bool) -> NodeSpec {
+/// A node opened implicitly (no name, default options).
+fn implicit_spec(driver: DriverSpec, read_only: bool) -> NodeSpec {
     NodeSpec {
         node_name: None,
         read_only,
@@ -276,8 +278,6 @@ fn file_spec(path: &str, read_only: bool) -> NodeSpec {
         cache_direct: false,
         cache_no_flush: false,
         detect_zeroes: Default::default(),
-        driver: DriverSpec::File {
-            filename: path.to_string(),
-        },
+        driver,
     }
 }
