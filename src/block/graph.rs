@@ -232,11 +232,16 @@ impl Graph {
     /// while the node is the backing node of another (`node is used as
     /// backing hd of 'P'`).
     pub fn check_op(&self, node: &Arc<Node>, op: BlockOp) -> Result<()> {
+        Self::check_op_locked(&self.lock(), node, op)
+    }
+
+    fn check_op_locked(inner: &GraphInner, node: &Arc<Node>, op: BlockOp) -> Result<()> {
         node.check_not_busy()?;
         if op.blocked_by_backing()
-            && let Some(p) = self
-                .parent_nodes(node)
-                .into_iter()
+            && let Some(p) = inner
+                .nodes
+                .iter()
+                .map(|e| &e.node)
                 .find(|p| p.driver().backing().is_some_and(|b| Arc::ptr_eq(&b, node)))
         {
             return Err(Error::generic(format!(
@@ -268,7 +273,9 @@ impl Graph {
 
     /// blockdev-del, with QEMU's checks in QEMU's order.
     pub fn blockdev_del(&self, name: &str) -> Result<()> {
-        let inner = self.lock();
+        // Closed (their drivers dropped) after the graph lock is released.
+        let mut gone = Vec::new();
+        let mut inner = self.lock();
         let Some(pos) = inner.nodes.iter().position(|e| e.node.name() == name) else {
             return Err(Error::generic(format!(
                 "Failed to find node with node-name='{name}'"
@@ -278,14 +285,7 @@ impl Graph {
         if !node.parent_backends().is_empty() || node.has_backend_user() {
             return Err(Error::generic(format!("Node {name} is in use")));
         }
-        drop(inner);
-        self.check_op(&node, BlockOp::DriveDel)?;
-        let mut inner = self.lock();
-        let Some(pos) = inner.nodes.iter().position(|e| Arc::ptr_eq(&e.node, &node)) else {
-            return Err(Error::generic(format!(
-                "Failed to find node with node-name='{name}'"
-            )));
-        };
+        Self::check_op_locked(&inner, &node, BlockOp::DriveDel)?;
         if !inner.nodes[pos].monitor_owned {
             return Err(Error::generic(format!(
                 "Node {name} is not owned by the monitor"
@@ -294,7 +294,7 @@ impl Graph {
         if Self::is_child_of_any(&inner, &node) {
             return Err(Error::generic(format!("Block device {name} is in use")));
         }
-        inner.nodes.remove(pos);
+        gone.push(inner.nodes.remove(pos));
         // Inline children go with their parent unless something else still
         // uses them.
         let mut stack: Vec<Arc<Node>> = node.children().into_iter().map(|c| c.node).collect();
@@ -309,9 +309,11 @@ impl Graph {
             if !c.parent_backends().is_empty() || !c.users().is_empty() {
                 continue;
             }
-            inner.nodes.remove(p);
+            gone.push(inner.nodes.remove(p));
             stack.extend(c.children().into_iter().map(|x| x.node));
         }
+        drop(inner);
+        drop(gone);
         Ok(())
     }
 

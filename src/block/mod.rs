@@ -30,7 +30,10 @@
 //!    the list without it.
 //!
 //! Edges (`ChildEdge`) and a backend's node pointer are read-write locks
-//! held only to clone an `Arc`; they move only inside drained sections.
+//! held only to clone an `Arc`; they move only inside drained sections. A
+//! driver's own locks (qcow2's layer) are taken under the graph's registry
+//! lock when it asks a node for its children; a driver never takes a graph
+//! or parents lock while holding its own.
 
 pub mod backend;
 pub mod blkdebug;
