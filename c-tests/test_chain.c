@@ -242,8 +242,52 @@ static void bad_input(void)
     /* base is looked up below top, so top itself is not found. */
     snprintf(msg, sizeof(msg), "Can't find '%s' in the backing chain", top_path);
     CHECK_ERR(err, BJ_ERROR_CLASS_GENERIC_ERROR, msg);
+    /* Filter names QEMU refuses, with its texts (a stream's with its
+     * bdrv_insert_node prefix). */
+    s = stream_defaults();
+    s.filter_node_name = "top";
+    CHECK(bj_block_stream(ctx, &s, &err) == NULL);
+    CHECK_ERR(err, BJ_ERROR_CLASS_GENERIC_ERROR,
+              "Could not create node: Duplicate nodes with node-name='top'");
+    c = commit_defaults();
+    c.filter_node_name = "bad name";
+    CHECK(bj_block_commit(ctx, &c, &err) == NULL);
+    CHECK_ERR(err, BJ_ERROR_CLASS_GENERIC_ERROR, "Invalid node-name: 'bad name'");
     bj_context_free(&ctx);
     CHECK_INT(chain_length(), 3);
+}
+
+/* A named filter while the job runs: a stream's copy-on-read node above
+ * the top, gone when the job is. */
+static void stream_filter_node_name(void)
+{
+    BjContext *ctx = setup(NULL, 0);
+    BjStreamOptions o = stream_defaults();
+    BjError *err = NULL;
+    Trace t = {0};
+    const char *query = "{\"execute\":\"query-named-block-nodes\","
+                        "\"arguments\":{\"flat\":true}}";
+    char *r;
+    BjJob *job;
+
+    o.filter_node_name = "cor";
+    o.speed = 1; /* the first chunk, then it waits */
+    job = bj_block_stream(ctx, &o, &err);
+    CHECK_NO_ERR(err);
+    r = bj_qmp_execute(ctx, query, &err);
+    CHECK_NO_ERR(err);
+    CHECK(strstr(r, "\"node-name\":\"cor\",\"drv\":\"copy-on-read\""));
+    bj_free(r);
+    CHECK(bj_block_job_set_speed(job, 0, &err));
+    CHECK_NO_ERR(err);
+    trace_until_null(ctx, &t);
+    r = bj_qmp_execute(ctx, query, &err);
+    CHECK_NO_ERR(err);
+    CHECK(!strstr(r, "copy-on-read"));
+    bj_free(r);
+    bj_job_unref(&job);
+    bj_context_free(&ctx);
+    CHECK_INT(chain_length(), 1);
 }
 
 int main(void)
@@ -254,5 +298,6 @@ int main(void)
     RUN(active_commit_completes_at_ready);
     RUN(intermediate_commit_relinks_top);
     RUN(bad_input);
+    RUN(stream_filter_node_name);
     return 0;
 }

@@ -340,6 +340,43 @@ typedef struct {
     unsigned seed;
 } Guest;
 
+/* The job's filter node: named by filter_node_name, shown by
+ * query-named-block-nodes while the job runs, gone after; QEMU's
+ * refusals of names it cannot take. */
+static void filter_node_name_names_mirror_top(void)
+{
+    BjContext *ctx = setup(NULL, NULL, 0, 0);
+    BjMirrorOptions o = defaults();
+    BjError *err = NULL;
+    BjJob *job;
+    Trace t = { "", 0 };
+    const char *query = "{\"execute\":\"query-named-block-nodes\","
+                        "\"arguments\":{\"flat\":true}}";
+    char *r;
+
+    o.filter_node_name = "tgt";
+    refused(ctx, &o, "Duplicate nodes with node-name='tgt'");
+    o.filter_node_name = "bad name";
+    refused(ctx, &o, "Invalid node-name: 'bad name'");
+    o.filter_node_name = "mf";
+    o.speed = 1; /* the first burst, then it waits */
+    job = start(ctx, &o);
+    r = bj_qmp_execute(ctx, query, &err);
+    CHECK_NO_ERR(err);
+    CHECK(strstr(r, "\"node-name\":\"mf\""));
+    CHECK(strstr(r, "\"drv\":\"mirror_top\""));
+    bj_free(r);
+    CHECK(bj_job_user_cancel(job, true, &err));
+    CHECK_NO_ERR(err);
+    trace_until_null(ctx, &t);
+    r = bj_qmp_execute(ctx, query, &err);
+    CHECK_NO_ERR(err);
+    CHECK(!strstr(r, "mirror_top"));
+    bj_free(r);
+    bj_job_unref(&job);
+    bj_context_free(&ctx);
+}
+
 static void *guest_thread(void *arg)
 {
     Guest *g = arg;
@@ -436,6 +473,7 @@ int main(void)
     RUN(source_read_error_reported);
     RUN(target_enospc_stops_and_resume_retries);
     RUN(bad_arguments);
+    RUN(filter_node_name_names_mirror_top);
     RUN(write_blocking_with_guest_writes);
     RUN(switch_to_write_blocking_with_guest_writes);
     unlink(src_path);

@@ -533,9 +533,15 @@ typedef struct {
    */
   bool manual_dismiss;
   /**
+   * `filter-node-name`: the name of the job's filter node (NULL:
+   * automatic). Took the first reserved word, so callers built before it
+   * pass NULL.
+   */
+  const char *filter_node_name;
+  /**
    * Reserved; must be zero.
    */
-  uint64_t reserved[8];
+  uint64_t reserved[7];
 } BjStreamOptions;
 
 /**
@@ -593,9 +599,15 @@ typedef struct {
    */
   bool manual_dismiss;
   /**
+   * `filter-node-name`: the name of the job's filter node (NULL:
+   * automatic). Took the first reserved word, so callers built before it
+   * pass NULL.
+   */
+  const char *filter_node_name;
+  /**
    * Reserved; must be zero.
    */
-  uint64_t reserved[8];
+  uint64_t reserved[7];
 } BjCommitOptions;
 
 /**
@@ -900,9 +912,14 @@ typedef struct {
    */
   const char *replaces;
   /**
+   * `filter-node-name`: the name of the job's `mirror_top` filter node
+   * (NULL: automatic). Took the next reserved word.
+   */
+  const char *filter_node_name;
+  /**
    * Reserved; must be zero.
    */
-  uint64_t reserved[7];
+  uint64_t reserved[6];
 } BjMirrorOptions;
 
 /**

@@ -38,8 +38,12 @@ pub struct BjStreamOptions {
     pub manual_finalize: bool,
     /// Set `auto-dismiss: false`.
     pub manual_dismiss: bool,
+    /// `filter-node-name`: the name of the job's filter node (NULL:
+    /// automatic). Took the first reserved word, so callers built before it
+    /// pass NULL.
+    pub filter_node_name: *const c_char,
     /// Reserved; must be zero.
-    pub reserved: [u64; 8],
+    pub reserved: [u64; 7],
 }
 
 // SAFETY: repr(C), `size: u32` first.
@@ -76,8 +80,12 @@ pub struct BjCommitOptions {
     pub manual_finalize: bool,
     /// Set `auto-dismiss: false`.
     pub manual_dismiss: bool,
+    /// `filter-node-name`: the name of the job's filter node (NULL:
+    /// automatic). Took the first reserved word, so callers built before it
+    /// pass NULL.
+    pub filter_node_name: *const c_char,
     /// Reserved; must be zero.
-    pub reserved: [u64; 8],
+    pub reserved: [u64; 7],
 }
 
 // SAFETY: repr(C), `size: u32` first.
@@ -115,6 +123,7 @@ pub unsafe extern "C" fn bj_block_stream(
         s.base_node = unsafe { opt(o.base_node, "opts->base_node") }?;
         s.bottom = unsafe { opt(o.bottom, "opts->bottom") }?;
         s.backing_file = unsafe { opt(o.backing_file, "opts->backing_file") }?;
+        s.filter_node_name = unsafe { opt(o.filter_node_name, "opts->filter_node_name") }?;
         s.speed = o.speed;
         s.on_error = enum_arg(o.on_error, "opts->on_error", BlockdevOnError::from_index)?;
         s.auto_finalize = !o.manual_finalize;
@@ -147,6 +156,7 @@ pub unsafe extern "C" fn bj_block_commit(
         m.base = unsafe { opt(o.base, "opts->base") }?;
         m.base_node = unsafe { opt(o.base_node, "opts->base_node") }?;
         m.backing_file = unsafe { opt(o.backing_file, "opts->backing_file") }?;
+        m.filter_node_name = unsafe { opt(o.filter_node_name, "opts->filter_node_name") }?;
         m.speed = o.speed;
         m.on_error = enum_arg(o.on_error, "opts->on_error", BlockdevOnError::from_index)?;
         m.auto_finalize = !o.manual_finalize;

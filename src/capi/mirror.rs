@@ -48,8 +48,11 @@ pub struct BjMirrorOptions {
     /// completion (NULL: the source). Took the first reserved word, so
     /// callers built before it pass NULL.
     pub replaces: *const c_char,
+    /// `filter-node-name`: the name of the job's `mirror_top` filter node
+    /// (NULL: automatic). Took the next reserved word.
+    pub filter_node_name: *const c_char,
     /// Reserved; must be zero.
-    pub reserved: [u64; 7],
+    pub reserved: [u64; 6],
 }
 
 pub(super) fn enum_arg<T>(v: i32, what: &str, f: impl Fn(i32) -> Option<T>) -> Result<T> {
@@ -107,6 +110,9 @@ pub unsafe extern "C" fn bj_blockdev_mirror(
         m.unmap = !o.no_unmap;
         // SAFETY: NULL or a NUL-terminated string.
         m.replaces = unsafe { arg_opt_str(o.replaces, "opts->replaces") }?.map(String::from);
+        // SAFETY: as above.
+        m.filter_node_name =
+            unsafe { arg_opt_str(o.filter_node_name, "opts->filter_node_name") }?.map(String::from);
         let job: Arc<Job> = c.ctx.blockdev_mirror(m)?;
         Ok(Arc::into_raw(job) as *mut super::job::BjJob)
     })
