@@ -16,6 +16,7 @@ use std::sync::Arc;
 use super::Node;
 use super::drain::DrainSection;
 use super::graph::Graph;
+use super::parents::DrainParent;
 use crate::error::{Error, Result};
 use crate::error_policy;
 use crate::events::{EventBus, EventData};
@@ -118,25 +119,6 @@ impl BackendShared {
         new.attach_backend(self);
     }
 
-    pub(crate) fn quiesce(&self) {
-        self.gate().quiesced += 1;
-    }
-
-    pub(crate) fn unquiesce(&self) {
-        let mut g = self.gate();
-        g.quiesced = g.quiesced.saturating_sub(1);
-        if g.quiesced == 0 {
-            self.changed.notify_all();
-        }
-    }
-
-    pub(crate) fn wait_idle(&self) {
-        let mut g = self.gate();
-        while g.in_flight > 0 {
-            g = self.changed.wait(g);
-        }
-    }
-
     /// One guest request: wait at the gate while drained, count it in
     /// flight, apply the policy to a failure (event included) before the
     /// request leaves the flight count.
@@ -187,6 +169,33 @@ impl BackendShared {
             reason: crate::error::strerror(errno),
         });
         GuestIoError { error, action }
+    }
+}
+
+/// A drain holds the device's new requests at its gate and waits for those
+/// in flight.
+impl DrainParent for BackendShared {
+    fn id(&self) -> usize {
+        self as *const BackendShared as usize
+    }
+
+    fn drained_begin(&self) {
+        self.gate().quiesced += 1;
+    }
+
+    fn drained_wait(&self) {
+        let mut g = self.gate();
+        while g.in_flight > 0 {
+            g = self.changed.wait(g);
+        }
+    }
+
+    fn drained_end(&self) {
+        let mut g = self.gate();
+        g.quiesced = g.quiesced.saturating_sub(1);
+        if g.quiesced == 0 {
+            self.changed.notify_all();
+        }
     }
 }
 

@@ -8,15 +8,13 @@
 use std::sync::Arc;
 
 use super::Node;
-use super::backend::BackendShared;
 use super::graph::Graph;
-use super::parents::NodeUser;
+use super::parents::DrainParent;
 use crate::error::{Error, Result};
 
 /// What one drained section quiesced, so that its end undoes exactly that.
 pub struct DrainSection {
-    users: Vec<Arc<dyn NodeUser>>,
-    backends: Vec<Arc<BackendShared>>,
+    parents: Vec<Arc<dyn DrainParent>>,
 }
 
 impl Graph {
@@ -60,48 +58,35 @@ impl Graph {
         } else {
             self.closure(roots)
         };
-        let mut users: Vec<Arc<dyn NodeUser>> = Vec::new();
-        let mut backends: Vec<Arc<BackendShared>> = Vec::new();
+        let mut parents: Vec<Arc<dyn DrainParent>> = Vec::new();
         for n in &nodes {
-            for u in n.users() {
+            for p in n.drain_parents() {
                 // A job draining its own nodes (mirror before completing)
                 // is not quiesced by it: it would wait for itself.
-                if u.is_current() || users.iter().any(|x| x.id() == u.id()) {
+                if p.is_current() || parents.iter().any(|x| x.id() == p.id()) {
                     continue;
                 }
-                users.push(u);
-            }
-            for b in n.parent_backends() {
-                if !backends.iter().any(|x| Arc::ptr_eq(x, &b)) {
-                    backends.push(b);
-                }
+                parents.push(p);
             }
         }
-        for b in &backends {
-            b.quiesce();
+        // All stop first, then wait for each: one that waits for another's
+        // requests (a job for its guest's writes) finds it stopped already.
+        for p in &parents {
+            p.drained_begin();
         }
-        for u in &users {
-            u.drained_begin();
-        }
-        for b in &backends {
-            b.wait_idle();
-        }
-        for u in &users {
-            u.drained_wait();
+        for p in &parents {
+            p.drained_wait();
         }
         for n in &nodes {
             n.wait_idle();
         }
-        DrainSection { users, backends }
+        DrainSection { parents }
     }
 
     /// End a drained section.
     pub fn drained_end(&self, s: DrainSection) {
-        for b in &s.backends {
-            b.unquiesce();
-        }
-        for u in &s.users {
-            u.drained_end();
+        for p in &s.parents {
+            p.drained_end();
         }
     }
 

@@ -2,8 +2,8 @@
 //! the block layer knows only through [`NodeUser`] (jobs; QEMU's
 //! `BdrvChildClass` of a job's child, `child_job`).
 //!
-//! The block layer quiesces users in drained sections and reads their op
-//! blockers; it never knows what a job is. Users are attached with a
+//! Drained sections quiesce both through [`DrainParent`]; the block layer
+//! reads users' op blockers and never knows what a job is. Users are attached with a
 //! [`UserKind`] and stay at their node when parents move (QEMU's
 //! `stay_at_node`): replacing a node or inserting a filter moves backends
 //! and node edges, never users.
@@ -14,10 +14,10 @@ use super::Node;
 use super::backend::BackendShared;
 use crate::error::{Error, Result};
 
-/// A user of nodes that the block layer can quiesce and that blocks other
-/// operations on the nodes it uses.
-pub trait NodeUser: Send + Sync {
-    /// Identity: users with equal ids are one user attached to several
+/// A parent a drained section quiesces (QEMU's `BdrvChildClass`
+/// `drained_begin`/`drained_poll`/`drained_end`): guest backends and users.
+pub trait DrainParent: Send + Sync {
+    /// Identity: parents with equal ids are one parent attached to several
     /// nodes (a drain quiesces it once).
     fn id(&self) -> usize;
     /// Stop sending new requests (QEMU's `drained_begin`).
@@ -27,9 +27,16 @@ pub trait NodeUser: Send + Sync {
     fn drained_wait(&self);
     /// Go on (QEMU's `drained_end`).
     fn drained_end(&self);
-    /// The calling thread is the user's own: it drains its own nodes and
+    /// The calling thread is the parent's own: it drains its own nodes and
     /// must not wait for itself.
-    fn is_current(&self) -> bool;
+    fn is_current(&self) -> bool {
+        false
+    }
+}
+
+/// A user of nodes (a job) that the block layer quiesces and that blocks
+/// other operations on the nodes it uses.
+pub trait NodeUser: DrainParent {
     /// Why operations on its nodes are refused (QEMU's op blocker text,
     /// e.g. `block device is in use by block job: mirror`).
     fn blocker(&self) -> String;
@@ -110,6 +117,21 @@ impl Node {
     /// The user with this id no longer uses the node.
     pub fn detach_user(&self, id: usize) {
         self.parents.lock().users.retain(|(u, _)| u.id() != id);
+    }
+
+    /// Everything a drain of this node quiesces: its backends and users.
+    pub(crate) fn drain_parents(&self) -> Vec<Arc<dyn DrainParent>> {
+        let p = self.parents.lock();
+        let backends = p
+            .backends
+            .iter()
+            .filter_map(Weak::upgrade)
+            .map(|b| b as Arc<dyn DrainParent>);
+        let users = p
+            .users
+            .iter()
+            .map(|(u, _)| u.clone() as Arc<dyn DrainParent>);
+        backends.chain(users).collect()
     }
 
     /// The users of this node.

@@ -6,6 +6,7 @@
 use std::sync::{Arc, Weak};
 
 use crate::block::graph::Graph;
+use crate::block::parents::DrainParent;
 use crate::block::{Node, NodeUser, UserKind};
 use crate::engine::{
     Engine, JOB_INTERNAL, JOB_MANUAL_DISMISS, JOB_MANUAL_FINALIZE, Job, JobDriver, JobOptions,
@@ -16,7 +17,7 @@ use crate::error::Result;
 /// A job as a user of one of its nodes.
 struct JobUser(Weak<Job>);
 
-impl NodeUser for JobUser {
+impl DrainParent for JobUser {
     fn id(&self) -> usize {
         // Every node of one job gets a user with the job's address.
         self.0.as_ptr() as usize
@@ -45,7 +46,9 @@ impl NodeUser for JobUser {
             .upgrade()
             .is_some_and(|j| j.engine().is_current_job(&j))
     }
+}
 
+impl NodeUser for JobUser {
     fn blocker(&self) -> String {
         match self.0.upgrade() {
             Some(j) => format!("block device is in use by block job: {}", j.job_type()),
