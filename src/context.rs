@@ -12,7 +12,7 @@ use crate::block::backend::{BackendOptions, BlockBackend};
 use crate::block::dirty_bitmap::{self as named, BdrvDirtyBitmap, BitmapRef, BlockDirtyInfo};
 use crate::block::graph::Graph;
 use crate::block::host::HostIo;
-use crate::block::{Node, UserKind};
+use crate::block::Node;
 use crate::block_jobs::block_job;
 use crate::engine::{Engine, Job, JobDriver, JobOptions, JobTxn};
 use crate::error::{Error, Result};
@@ -235,13 +235,6 @@ impl Context {
             flags,
             txn,
         )
-    }
-
-    /// A block job also uses `node` from now on (QEMU's
-    /// `block_job_add_bdrv`): drains of it pause the job, the job blocks
-    /// it, and `blockdev-del` finds it in use.
-    pub fn block_job_add_node(&self, job: &Arc<Job>, node: &Arc<Node>) {
-        block_job::add_node(job, node, UserKind::Backend);
     }
 
     /// `blockdev-mirror`: create and start a mirror job.
