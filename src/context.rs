@@ -8,11 +8,11 @@ use std::thread::JoinHandle;
 
 use serde_json::Value;
 
+use crate::block::Node;
 use crate::block::backend::{BackendOptions, BlockBackend};
 use crate::block::dirty_bitmap::{self as named, BdrvDirtyBitmap, BitmapRef, BlockDirtyInfo};
 use crate::block::graph::Graph;
 use crate::block::host::HostIo;
-use crate::block::Node;
 use crate::block_jobs::block_job;
 use crate::engine::{Engine, Job, JobDriver, JobOptions, JobTxn};
 use crate::error::{Error, Result};

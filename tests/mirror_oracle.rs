@@ -203,6 +203,16 @@ fn lifecycle_matches_qemu() {
         ),
         ("replaces the source", "complete", json!({"replaces":"src"})),
         ("soft cancel, sync none", "cancel", json!({"sync":"none"})),
+        (
+            "named filter node",
+            "complete",
+            json!({"filter-node-name":"mf"}),
+        ),
+        (
+            "named filter node, manual finalize",
+            "complete",
+            json!({"filter-node-name":"mf","auto-finalize":false,"auto-dismiss":false}),
+        ),
     ] {
         let sc = Scenario {
             src_inject: None,
