@@ -245,6 +245,14 @@ impl Context {
         crate::block_jobs::mirror::blockdev_mirror(&self.graph, &self.engine, opts)
     }
 
+    /// `blockdev-backup`: create and start a backup job.
+    pub fn blockdev_backup(
+        &self,
+        opts: crate::block_jobs::backup::BackupOptions,
+    ) -> Result<Arc<Job>> {
+        crate::block_jobs::backup::blockdev_backup(&self.graph, &self.engine, opts, None)
+    }
+
     /// `block-commit`: create and start a commit job.
     pub fn block_commit(&self, opts: crate::block_jobs::commit::CommitOptions) -> Result<Arc<Job>> {
         crate::block_jobs::commit::block_commit(&self.graph, &self.engine, opts)

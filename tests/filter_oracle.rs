@@ -27,7 +27,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::chain::{chain, s, tool};
-use common::oracle::{Ours, Side, canonical};
+use common::nodes::{graph, result, wait_event};
+use common::oracle::{Ours, Side};
 use common::qmp::Daemon;
 use serde_json::{Value, json};
 
@@ -48,113 +49,6 @@ fn qcow2_chain(dir: &Path) {
 fn file_node(name: &str, dir: &Path, file: &str, driver: &str) -> Value {
     json!({"driver": driver, "node-name": name,
         "file": {"driver": "file", "filename": dir.join(file)}})
-}
-
-/// One node of `query-named-block-nodes`, normalized (see the module doc).
-fn norm_node(n: &Value, dir: &str, running: bool) -> Value {
-    let name = n["node-name"].as_str().unwrap_or("");
-    let auto = name.starts_with("#block");
-    let filter = matches!(
-        n["drv"].as_str(),
-        Some("mirror_top" | "copy-on-read" | "commit_top")
-    );
-    let mut v = json!({
-        "node-name": if auto { "#auto" } else { name },
-        "drv": n["drv"],
-        "file": n["file"].as_str().unwrap_or("").replace(dir, ""),
-        "backing_file": n["backing_file"].as_str().map(|s| s.replace(dir, "")),
-        "backing_file_depth": n["backing_file_depth"],
-        "image": norm_image(&n["image"], dir),
-    });
-    if running && n["drv"] == "file" {
-        // A growing image file's size is how far the job got.
-        v["image"]["virtual-size"] = Value::Null;
-    }
-    if filter {
-        v["ro"] = n["ro"].clone();
-    }
-    if let Some(bitmaps) = n["dirty-bitmaps"].as_array() {
-        v["dirty-bitmaps"] = bitmaps
-            .iter()
-            .map(|b| {
-                let mut b = b.clone();
-                if running {
-                    b.as_object_mut().unwrap().remove("count");
-                }
-                b
-            })
-            .collect();
-    }
-    v
-}
-
-fn norm_image(i: &Value, dir: &str) -> Value {
-    if i.is_null() {
-        return Value::Null;
-    }
-    let mut v = json!({
-        "filename": i["filename"].as_str().unwrap_or("").replace(dir, ""),
-        "format": i["format"],
-        "virtual-size": i["virtual-size"],
-        "cluster-size": i["cluster-size"],
-        "backing-filename": i["backing-filename"].as_str().map(|s| s.replace(dir, "")),
-    });
-    if !i["backing-image"].is_null() {
-        v["backing-image"] = norm_image(&i["backing-image"], dir);
-    }
-    v
-}
-
-/// The graph as one comparable line per node (sorted), plus the first
-/// listed node.
-fn graph(side: &mut dyn Side, dir: &Path, label: &str, running: bool, out: &mut Vec<String>) {
-    let d = format!("{}/", dir.display());
-    for flat in [false, true] {
-        let nodes = side
-            .cmd("query-named-block-nodes", json!({"flat": flat}))
-            .unwrap();
-        let nodes = nodes.as_array().unwrap();
-        let mut lines: Vec<String> = nodes
-            .iter()
-            .map(|n| canonical(&norm_node(n, &d, running)))
-            .collect();
-        let first = lines.first().cloned().unwrap_or_default();
-        lines.sort();
-        out.push(format!("{label} (flat {flat}): first {first}"));
-        for l in lines {
-            out.push(format!("{label} (flat {flat}):   {l}"));
-        }
-    }
-}
-
-/// Wait for `event` (other events are skipped); its name or `none`.
-fn wait_event(side: &mut dyn Side, event: &str) -> String {
-    while let Some(ev) = side.event_within(Duration::from_secs(30)) {
-        if ev["event"] == event {
-            return event.to_string();
-        }
-    }
-    format!("no {event}")
-}
-
-fn result(r: Result<Value, String>) -> String {
-    match r {
-        Ok(_) => "ok".into(),
-        Err(e) => auto_names(&e),
-    }
-}
-
-/// `#block` + digits → `#auto` in a message.
-fn auto_names(text: &str) -> String {
-    let mut out = String::new();
-    let mut rest = text;
-    while let Some(i) = rest.find("#block") {
-        out.push_str(&rest[..i]);
-        out.push_str("#auto");
-        rest = rest[i + 6..].trim_start_matches(|c: char| c.is_ascii_digit());
-    }
-    out.push_str(rest);
-    out
 }
 
 /// How a scenario's job is started and ended.

@@ -34,6 +34,14 @@ pub struct BdrvDirtyBitmap {
     /// In use by a job or an export. Relaxed: checked by commands that are
     /// serialised by the node's bitmap mutex.
     busy: AtomicBool,
+    /// Frozen by a backup (QEMU's bitmap with a successor): it records
+    /// nothing, its successor takes the writes until the backup ends.
+    successor: crate::locks::Mutex<Option<Arc<BdrvDirtyBitmap>>>,
+    /// `successor` is set, read without its lock on every write. Relaxed:
+    /// set before the successor starts recording in the same drained
+    /// section the backup starts in; a write racing with the freeze lands
+    /// in one of the two.
+    frozen_flag: AtomicBool,
 }
 
 impl std::fmt::Debug for BdrvDirtyBitmap {
@@ -85,14 +93,37 @@ impl BdrvDirtyBitmap {
         self.recording.store(on, Ordering::Relaxed);
     }
 
-    /// In use by a job or an export.
+    /// In use by a job or an export, or frozen by a backup.
     pub fn is_busy(&self) -> bool {
-        self.busy.load(Ordering::Relaxed)
+        self.busy.load(Ordering::Relaxed) || self.is_frozen()
+    }
+
+    /// A backup froze it (it has a successor).
+    pub fn is_frozen(&self) -> bool {
+        self.frozen_fast()
+    }
+
+    fn frozen_fast(&self) -> bool {
+        // Relaxed: see the field.
+        self.frozen_flag.load(Ordering::Relaxed)
     }
 
     /// Mark in use (QEMU's `bdrv_dirty_bitmap_set_busy`).
     pub fn set_busy(&self, busy: bool) {
         self.busy.store(busy, Ordering::Relaxed);
+    }
+
+    /// An anonymous bitmap on no node (yet), recording nothing: a job's
+    /// own, listed on a node with [`NodeBitmaps::attach`].
+    pub fn detached(size: u64, granularity: u64) -> Result<Arc<BdrvDirtyBitmap>> {
+        Ok(Arc::new(BdrvDirtyBitmap {
+            name: None,
+            bits: DirtyBitmap::new(size, granularity)?,
+            recording: AtomicBool::new(false),
+            busy: AtomicBool::new(false),
+            successor: Default::default(),
+            frozen_flag: AtomicBool::new(false),
+        }))
     }
 
     /// The query entry.
@@ -107,7 +138,7 @@ impl BdrvDirtyBitmap {
         }
     }
 
-    fn check_usable(&self) -> Result<()> {
+    pub(crate) fn check_usable(&self) -> Result<()> {
         if self.is_busy() {
             return Err(Error::generic(format!(
                 "Bitmap '{}' is currently in use by another operation and cannot be used",
@@ -128,14 +159,52 @@ pub struct NodeBitmaps {
 }
 
 impl NodeBitmaps {
-    /// Mark `[offset, offset + len)` dirty in every recording bitmap.
+    /// Mark `[offset, offset + len)` dirty in every recording bitmap (a
+    /// frozen one's successor records for it).
     pub fn set_dirty(&self, offset: u64, len: u64) {
         let list = self.list.load();
         for b in list.iter() {
-            if b.is_recording() {
+            // Relaxed: see the field. A frozen bitmap is not recording
+            // (its flag is only what queries show).
+            if b.recording.load(Ordering::Relaxed) && !b.frozen_fast() {
                 b.bits.set_range(offset, len);
             }
         }
+    }
+
+    /// Freeze `b` for a backup (QEMU's `bdrv_dirty_bitmap_create_successor`):
+    /// an anonymous bitmap, recording as `b` did, takes its writes from
+    /// now on; `b` keeps its bits, shows as busy and refuses commands.
+    pub fn create_successor(&self, b: &Arc<BdrvDirtyBitmap>) -> Result<Arc<BdrvDirtyBitmap>> {
+        b.check_usable()?;
+        let s = self.add_anonymous(b.bits.size(), b.bits.granularity(), b.is_recording())?;
+        *b.successor.lock() = Some(s.clone());
+        b.frozen_flag.store(true, Ordering::Relaxed);
+        Ok(s)
+    }
+
+    /// End the freeze keeping what the backup leaves (QEMU's
+    /// `bdrv_dirty_bitmap_abdicate`): `b` becomes its successor.
+    pub fn abdicate(&self, b: &Arc<BdrvDirtyBitmap>) {
+        self.end_freeze(b, true);
+    }
+
+    /// End the freeze keeping everything (QEMU's
+    /// `bdrv_reclaim_dirty_bitmap`): the successor's bits join `b`'s.
+    pub fn reclaim(&self, b: &Arc<BdrvDirtyBitmap>) {
+        self.end_freeze(b, false);
+    }
+
+    fn end_freeze(&self, b: &Arc<BdrvDirtyBitmap>, replace: bool) {
+        let Some(s) = b.successor.lock().take() else {
+            return;
+        };
+        if replace {
+            b.bits.clear();
+        }
+        b.bits.merge_from(&s.bits);
+        self.remove_anonymous(&s);
+        b.frozen_flag.store(false, Ordering::Relaxed);
     }
 
     /// All bitmaps, newest first.
@@ -157,6 +226,8 @@ impl NodeBitmaps {
             bits: DirtyBitmap::new(size, granularity)?,
             recording: AtomicBool::new(recording),
             busy: AtomicBool::new(false),
+            successor: Default::default(),
+            frozen_flag: AtomicBool::new(false),
         });
         let _g = self.guard();
         let mut list = self.list();
@@ -165,7 +236,16 @@ impl NodeBitmaps {
         Ok(b)
     }
 
-    /// Remove a bitmap added with [`Self::add_anonymous`].
+    /// List an anonymous bitmap made elsewhere (newest first).
+    pub fn attach(&self, b: Arc<BdrvDirtyBitmap>) {
+        let _g = self.guard();
+        let mut list = self.list();
+        list.insert(0, b);
+        self.list.store(Arc::new(list));
+    }
+
+    /// Remove a bitmap added with [`Self::add_anonymous`] or
+    /// [`Self::attach`].
     pub fn remove_anonymous(&self, b: &Arc<BdrvDirtyBitmap>) {
         let _g = self.guard();
         let list: Vec<_> = self
@@ -176,7 +256,7 @@ impl NodeBitmaps {
         self.list.store(Arc::new(list));
     }
 
-    fn find(&self, name: &str) -> Option<Arc<BdrvDirtyBitmap>> {
+    pub(crate) fn find(&self, name: &str) -> Option<Arc<BdrvDirtyBitmap>> {
         self.list
             .load()
             .iter()
@@ -255,6 +335,8 @@ pub fn add(
         bits: DirtyBitmap::new(n.len()?, granularity)?,
         recording: AtomicBool::new(disabled != Some(true)),
         busy: AtomicBool::new(false),
+        successor: Default::default(),
+        frozen_flag: AtomicBool::new(false),
     });
     let mut list = bm.list();
     list.insert(0, b.clone());

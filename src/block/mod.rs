@@ -37,8 +37,10 @@
 
 pub mod backend;
 pub mod blkdebug;
+pub mod block_copy;
 pub mod chain;
 pub mod child;
+pub mod copy_before_write;
 pub mod copy_on_read;
 pub mod copy_range;
 pub mod dirty_bitmap;

@@ -60,13 +60,21 @@ pub enum BlockOp {
     CommitTarget,
     /// `blockdev-del`.
     DriveDel,
+    /// The source of a backup.
+    BackupSource,
+    /// The target of a backup.
+    BackupTarget,
 }
 
 impl BlockOp {
     /// Whether a node's being the backing node of another node blocks the
-    /// operation (QEMU's backing blocker leaves stream and commit free).
+    /// operation (QEMU's backing blocker leaves stream, commit and a
+    /// backup's target free).
     pub fn blocked_by_backing(self) -> bool {
-        !matches!(self, BlockOp::Stream | BlockOp::CommitTarget)
+        !matches!(
+            self,
+            BlockOp::Stream | BlockOp::CommitTarget | BlockOp::BackupTarget
+        )
     }
 }
 

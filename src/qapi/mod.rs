@@ -237,6 +237,18 @@ qapi_enum! {
 }
 
 qapi_enum! {
+    /// What a backup leaves in its bitmap (QEMU's `BitmapSyncMode`).
+    pub enum BitmapSyncMode {
+        /// Cleared of what was copied if the job succeeds.
+        OnSuccess = "on-success",
+        /// Left as it was (plus new writes).
+        Never = "never",
+        /// Cleared of what was copied, whether the job succeeds or not.
+        Always = "always",
+    }
+}
+
+qapi_enum! {
     /// How a mirror treats guest writes.
     pub enum MirrorCopyMode {
         /// Guest writes only dirty the bitmap.

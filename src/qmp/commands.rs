@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 use crate::block::Node;
 use crate::block::dirty_bitmap::{self as named, BitmapRef};
 use crate::block::graph::Graph;
+use crate::block_jobs::backup::{BackupOptions, BackupPerf};
 use crate::block_jobs::commit::CommitOptions;
 use crate::block_jobs::mirror::MirrorOptions;
 use crate::block_jobs::stream::StreamOptions;
@@ -17,7 +18,7 @@ use crate::context::Context;
 use crate::engine::{Job, JobChange};
 use crate::error::{Error, ErrorClass, Result};
 use crate::qapi::visitor::{Obj, type_err};
-use crate::qapi::{BlockdevOnError, JobType, MirrorCopyMode, MirrorSyncMode};
+use crate::qapi::{BitmapSyncMode, BlockdevOnError, JobType, MirrorCopyMode, MirrorSyncMode};
 
 /// Every command, as `query-commands` lists them.
 pub const COMMANDS: &[&str] = &[
@@ -29,6 +30,7 @@ pub const COMMANDS: &[&str] = &[
     "blockdev-del",
     "query-named-block-nodes",
     "blockdev-mirror",
+    "blockdev-backup",
     "block-stream",
     "block-commit",
     "block-job-set-speed",
@@ -161,6 +163,7 @@ pub fn dispatch(ctx: &Context, name: &str, args: &Value) -> Result<Value> {
             ok(ctx.blockdev_del(&name))
         }
         "blockdev-mirror" => ok(blockdev_mirror(ctx, o)),
+        "blockdev-backup" => ok(blockdev_backup(o).and_then(|b| ctx.blockdev_backup(b))),
         "block-stream" => ok(block_stream(ctx, o)),
         "block-commit" => ok(block_commit(ctx, o)),
         "block-job-set-speed" => {
@@ -289,6 +292,47 @@ fn blockdev_mirror(ctx: &Context, o: &mut Obj<'_>) -> Result<Arc<Job>> {
     (m.auto_finalize, m.auto_dismiss) = auto_flags(o)?;
     o.finish_ref()?;
     ctx.blockdev_mirror(m)
+}
+
+/// `blockdev-backup`'s arguments, in QEMU's order (`BackupCommon`, then
+/// `target`).
+pub(crate) fn blockdev_backup(o: &mut Obj<'_>) -> Result<BackupOptions> {
+    let job_id = o.opt_str("job-id")?;
+    let device = o.req_str("device")?;
+    let sync = opt_wire(o, "sync", MirrorSyncMode::from_wire)?.ok_or_else(|| o.missing("sync"))?;
+    let mut b = BackupOptions::new(&device, "", sync);
+    b.job_id = job_id;
+    b.speed = o.opt_int("speed")?.unwrap_or(0);
+    b.bitmap = o.opt_str("bitmap")?;
+    b.bitmap_mode = opt_wire(o, "bitmap-mode", BitmapSyncMode::from_wire)?;
+    b.compress = o.opt_bool("compress")?.unwrap_or(false);
+    b.on_source_error = on_error(o, "on-source-error")?;
+    b.on_target_error = on_error(o, "on-target-error")?;
+    (b.auto_finalize, b.auto_dismiss) = auto_flags(o)?;
+    b.filter_node_name = o.opt_str("filter-node-name")?;
+    b.discard_source = o.opt_bool("discard-source")?.unwrap_or(false);
+    if let Some(mut p) = o.opt_obj("x-perf")? {
+        let d = BackupPerf::default();
+        b.perf = BackupPerf {
+            use_copy_range: p.opt_bool("use-copy-range")?.unwrap_or(d.use_copy_range),
+            max_workers: p.opt_int("max-workers")?.unwrap_or(d.max_workers),
+            max_chunk: p.opt_int("max-chunk")?.unwrap_or(d.max_chunk),
+            min_cluster_size: opt_u64(&mut p, "min-cluster-size")?.unwrap_or(0),
+        };
+        p.finish()?;
+    }
+    b.target = o.req_str("target")?;
+    o.finish_ref()?;
+    Ok(b)
+}
+
+/// An optional `uint64` or `size` member.
+fn opt_u64(o: &mut Obj<'_>, key: &'static str) -> Result<Option<u64>> {
+    match o.get(key) {
+        None => Ok(None),
+        Some(Value::Number(n)) if n.is_u64() => Ok(n.as_u64()),
+        Some(_) => Err(type_err(&o.name(key), "uint64")),
+    }
 }
 
 /// `block-job-change`'s arguments: `id`, and QEMU's union on `type`
