@@ -31,6 +31,11 @@
 #define MAX_GRANULARITY (1 << 31)
 
 /**
+ * QEMU's largest copy request without copy offload (`BLOCK_COPY_MAX_BUFFER`).
+ */
+#define MAX_BUFFER (1 << 20)
+
+/**
  * QEMU's longest bitmap name.
  */
 #define BITMAP_NAME_MAX 1023
@@ -326,6 +331,41 @@
 #define BJ_MIRROR_COPY_MODE_WRITE_BLOCKING 1
 
 /**
+ * `on-success`
+ */
+#define BJ_BITMAP_SYNC_MODE_ON_SUCCESS 0
+
+/**
+ * `never`
+ */
+#define BJ_BITMAP_SYNC_MODE_NEVER 1
+
+/**
+ * `always`
+ */
+#define BJ_BITMAP_SYNC_MODE_ALWAYS 2
+
+/**
+ * `individual`
+ */
+#define BJ_ACTION_COMPLETION_MODE_INDIVIDUAL 0
+
+/**
+ * `grouped`
+ */
+#define BJ_ACTION_COMPLETION_MODE_GROUPED 1
+
+/**
+ * `existing`
+ */
+#define BJ_NEW_IMAGE_MODE_EXISTING 0
+
+/**
+ * `absolute-paths`
+ */
+#define BJ_NEW_IMAGE_MODE_ABSOLUTE_PATHS 1
+
+/**
  * `JOB_STATUS_CHANGE`
  */
 #define BJ_EVENT_JOB_STATUS_CHANGE 0
@@ -389,6 +429,11 @@
  * Job creation flag: wait for dismiss (`auto-dismiss: false`).
  */
 #define BJ_JOB_MANUAL_DISMISS 4
+
+/**
+ * A list of transaction actions (opaque; free with `bj_actions_free`).
+ */
+typedef struct BjActions BjActions;
 
 /**
  * A guest backend (opaque).
@@ -466,6 +511,98 @@ typedef struct {
    */
   uint64_t reserved[8];
 } BjBlockBackendOptions;
+
+/**
+ * `blockdev-backup` arguments. Zero-initialise, set `size`, `device`,
+ * `target` and `sync`; zero means QEMU's default everywhere (report,
+ * auto-finalize and auto-dismiss on, 64 workers). `bitmap_mode` counts
+ * only with a `bitmap` (zero: `on-success`, the mode of incremental
+ * backups).
+ */
+typedef struct {
+  /**
+   * `sizeof(BjBackupOptions)`.
+   */
+  uint32_t size;
+  /**
+   * `job-id` (NULL: the source's device name).
+   */
+  const char *job_id;
+  /**
+   * `device`: source node or device name.
+   */
+  const char *device;
+  /**
+   * `target`: target node name.
+   */
+  const char *target;
+  /**
+   * `sync`: `BJ_MIRROR_SYNC_MODE_*` (0 is `top`: `full` for a source
+   * without a backing file).
+   */
+  int32_t sync;
+  /**
+   * `speed` in bytes/s; 0 = unlimited.
+   */
+  int64_t speed;
+  /**
+   * `bitmap`: a dirty bitmap of the source (NULL: none).
+   */
+  const char *bitmap;
+  /**
+   * `bitmap-mode`: `BJ_BITMAP_SYNC_MODE_*` (with a bitmap only).
+   */
+  int32_t bitmap_mode;
+  /**
+   * `compress`.
+   */
+  bool compress;
+  /**
+   * `on-source-error`: `BJ_BLOCKDEV_ON_ERROR_*`.
+   */
+  int32_t on_source_error;
+  /**
+   * `on-target-error`: `BJ_BLOCKDEV_ON_ERROR_*`.
+   */
+  int32_t on_target_error;
+  /**
+   * Set `auto-finalize: false`.
+   */
+  bool manual_finalize;
+  /**
+   * Set `auto-dismiss: false`.
+   */
+  bool manual_dismiss;
+  /**
+   * `filter-node-name`: the `copy-before-write` node's name (NULL:
+   * automatic).
+   */
+  const char *filter_node_name;
+  /**
+   * `discard-source`.
+   */
+  bool discard_source;
+  /**
+   * `x-perf.max-workers` (0: 64).
+   */
+  int64_t max_workers;
+  /**
+   * `x-perf.max-chunk` (0: no limit).
+   */
+  int64_t max_chunk;
+  /**
+   * `x-perf.min-cluster-size` (0: none).
+   */
+  uint64_t min_cluster_size;
+  /**
+   * A job transaction to join (NULL: the job completes on its own).
+   */
+  BjJobTxn *txn;
+  /**
+   * Reserved; must be zero.
+   */
+  uint64_t reserved[6];
+} BjBackupOptions;
 
 /**
  * A source of `bj_block_dirty_bitmap_merge`: `node` NULL means the
@@ -1130,6 +1267,13 @@ bool bj_blk_drain_begin(BjBlockBackend *blk, BjError **errp);
  * End the innermost drained section begun with `bj_blk_drain_begin`.
  */
 bool bj_blk_drain_end(BjBlockBackend *blk, BjError **errp);
+
+/**
+ * `blockdev-backup`: check the arguments as QEMU does, put the
+ * `copy-before-write` filter above the source, create the job, start it,
+ * and return a new reference to it.
+ */
+BjJob *bj_blockdev_backup(BjContext *ctx, const BjBackupOptions *opts, BjError **errp);
 
 /**
  * `block-dirty-bitmap-add`. `granularity` 0 means the node's default
@@ -1843,6 +1987,92 @@ BjQmpServer *bj_qmp_server_new(BjContext *ctx, const BjQmpServerOptions *opts, B
  * from the server's quit callback.
  */
 void bj_qmp_server_free(BjQmpServer **srvp);
+
+/**
+ * An empty list of actions.
+ */
+BjActions *bj_actions_new(void);
+
+/**
+ * Free a list and set `*actionsp` to NULL.
+ */
+void bj_actions_free(BjActions **actionsp);
+
+/**
+ * Add an `abort` action: the transaction fails when it gets there.
+ */
+int32_t bj_actions_abort(BjActions *actions, BjError **errp);
+
+/**
+ * Add `block-dirty-bitmap-add` (`granularity` 0: the node's default).
+ */
+int32_t bj_actions_bitmap_add(BjActions *actions,
+                              const char *node,
+                              const char *name,
+                              uint32_t granularity,
+                              bool persistent,
+                              bool disabled,
+                              BjError **errp);
+
+/**
+ * Add `block-dirty-bitmap-<verb>`: `verb` is `remove`, `clear`, `enable`
+ * or `disable`.
+ */
+int32_t bj_actions_bitmap(BjActions *actions,
+                          const char *verb,
+                          const char *node,
+                          const char *name,
+                          BjError **errp);
+
+/**
+ * Add `block-dirty-bitmap-merge`: the `n` bitmaps named in `bitmaps` (of
+ * `node`) are merged into `target`.
+ */
+int32_t bj_actions_bitmap_merge(BjActions *actions,
+                                const char *node,
+                                const char *target,
+                                const char *const *bitmaps,
+                                size_t n,
+                                BjError **errp);
+
+/**
+ * Add `blockdev-backup` (`opts->txn` must be NULL: the transaction's
+ * completion mode decides).
+ */
+int32_t bj_actions_backup(BjActions *actions, const BjBackupOptions *opts, BjError **errp);
+
+/**
+ * Add `blockdev-snapshot`: `overlay` (opened with no backing layer) goes
+ * above `node`.
+ */
+int32_t bj_actions_snapshot(BjActions *actions,
+                            const char *node,
+                            const char *overlay,
+                            BjError **errp);
+
+/**
+ * Add `blockdev-snapshot-sync`: a qcow2 image at `file` over `node`
+ * (created, or opened with `mode` `BJ_NEW_IMAGE_MODE_EXISTING`), opened
+ * as `snapshot_node_name` and put above `node`. `format` NULL: qcow2.
+ */
+int32_t bj_actions_snapshot_sync(BjActions *actions,
+                                 const char *node,
+                                 const char *file,
+                                 const char *snapshot_node_name,
+                                 const char *format,
+                                 int32_t mode,
+                                 BjError **errp);
+
+/**
+ * QMP `transaction`: run the actions as one (`completion_mode`:
+ * `BJ_ACTION_COMPLETION_MODE_*`). On failure nothing any action did
+ * remains and `*errp` holds the first failing action's error. The list is
+ * not consumed.
+ */
+bool bj_transaction(BjContext *ctx,
+                    const BjActions *actions,
+                    int32_t completion_mode,
+                    BjError **errp);
 
 #ifdef __cplusplus
 }  // extern "C"

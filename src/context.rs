@@ -253,6 +253,22 @@ impl Context {
         crate::block_jobs::backup::blockdev_backup(&self.graph, &self.engine, opts, None)
     }
 
+    /// `transaction`: `actions` as one, all or nothing (see
+    /// [`crate::transaction`]).
+    pub fn transaction(
+        &self,
+        actions: Vec<crate::transaction::Action>,
+        mode: crate::transaction::ActionCompletionMode,
+    ) -> Result<()> {
+        crate::transaction::transaction(&self.graph, &self.engine, actions, mode)
+    }
+
+    /// One transaction action as a command of its own (e.g.
+    /// `blockdev-snapshot`).
+    pub fn run_action(&self, action: crate::transaction::Action) -> Result<()> {
+        crate::transaction::single(&self.graph, &self.engine, action)
+    }
+
     /// `block-commit`: create and start a commit job.
     pub fn block_commit(&self, opts: crate::block_jobs::commit::CommitOptions) -> Result<Arc<Job>> {
         crate::block_jobs::commit::block_commit(&self.graph, &self.engine, opts)

@@ -28,6 +28,7 @@ pub mod locks;
 pub mod qapi;
 pub mod qmp;
 pub mod sync;
+pub mod transaction;
 
 pub use context::Context;
 pub use error::{Error, ErrorClass, Result};

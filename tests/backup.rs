@@ -446,3 +446,110 @@ fn bad_arguments_get_qemu_texts_and_leave_nothing_behind() {
     let job = ctx.blockdev_backup(opts(MirrorSyncMode::Full)).unwrap();
     wait_end(&job);
 }
+
+/// src (8 MiB, MiB i filled with i + 1), tmp, and a fleecing setup over
+/// them: `cbw` (the guest writes through it) and `acc` (the view).
+fn fleecing(dir: &std::path::Path) -> (Context, Vec<u8>) {
+    let (src, tmp) = (dir.join("src.img"), dir.join("tmp.img"));
+    let before = patterned(&src, 8);
+    std::fs::write(&tmp, vec![0u8; 8 * MIB as usize]).unwrap();
+    let ctx = Context::new();
+    file_node(&ctx, "src", &src);
+    file_node(&ctx, "tmp", &tmp);
+    ctx.blockdev_add(&json!({"driver":"copy-before-write","node-name":"cbw",
+        "file":"src","target":"tmp"}))
+        .unwrap();
+    // discard=unmap: otherwise the block layer drops discards of the view
+    // before they reach it (QEMU's BDRV_O_UNMAP).
+    ctx.blockdev_add(
+        &json!({"driver":"snapshot-access","node-name":"acc","file":"cbw",
+        "discard":"unmap"}),
+    )
+    .unwrap();
+    (ctx, before)
+}
+
+#[test]
+fn snapshot_readers_racing_guest_writers_see_the_old_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ctx, before) = fleecing(dir.path());
+    let blk = Arc::new(ctx.blk_new("cbw", BackendOptions::default()).unwrap());
+    let acc = ctx.graph().find_node("acc").unwrap();
+    std::thread::scope(|sc| {
+        for w in 0..3u64 {
+            let blk = blk.clone();
+            sc.spawn(move || {
+                let mut x = w + 11;
+                for _ in 0..300 {
+                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+                    let off = (x >> 20) % (8 * MIB - 4096);
+                    blk.pwrite(off, &[0xf0; 4096]).unwrap();
+                }
+            });
+        }
+        for r in 0..2u64 {
+            let acc = acc.clone();
+            let before = &before;
+            sc.spawn(move || {
+                let mut x = r + 5;
+                let mut buf = vec![0u8; 96 << 10];
+                for _ in 0..300 {
+                    x = x.wrapping_mul(6364136223846793005).wrapping_add(3);
+                    let off = (x >> 20) % (8 * MIB - buf.len() as u64);
+                    acc.pread(off, &mut buf).unwrap();
+                    let o = off as usize;
+                    assert!(buf[..] == before[o..o + buf.len()], "view changed at {off}");
+                }
+            });
+        }
+    });
+}
+
+#[test]
+fn discarding_the_view_gives_clusters_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ctx, _) = fleecing(dir.path());
+    let blk = ctx.blk_new("cbw", BackendOptions::default()).unwrap();
+    let acc = ctx.graph().find_node("acc").unwrap();
+    let counts = || -> Vec<u64> {
+        ctx.query_dirty_bitmaps("cbw")
+            .unwrap()
+            .iter()
+            .map(|b| b.count)
+            .collect()
+    };
+    // access, done, copy
+    assert_eq!(counts(), vec![8 * MIB, 0, 8 * MIB]);
+    // Unaligned: only the whole clusters inside [1 MiB + 1, 2 MiB + 65535).
+    acc.pdiscard(MIB + 1, MIB + 65534).unwrap();
+    assert_eq!(counts(), vec![7 * MIB + 64 * 1024, 0, 7 * MIB + 64 * 1024]);
+    let mut b = vec![0u8; 4096];
+    let e = acc.pread(MIB + (64 << 10), &mut b).unwrap_err();
+    assert_eq!(e.errno(), Some(libc::EACCES));
+    // A guest write there copies nothing any more; elsewhere it does.
+    blk.pwrite(MIB + (128 << 10), &[1; 512]).unwrap();
+    assert_eq!(counts()[1], 0);
+    blk.pwrite(4 * MIB, &[1; 512]).unwrap();
+    assert_eq!(counts()[1], 64 << 10);
+    acc.pread(4 * MIB, &mut b).unwrap();
+    assert!(b.iter().all(|x| *x == 5), "the view lost its old data");
+    // The view is read-only.
+    assert_eq!(
+        acc.pwrite(0, &[0; 512]).unwrap_err().errno(),
+        Some(libc::ENOTSUP)
+    );
+    // blockdev-del: the filter is in use by the guest, then by the view
+    // (QEMU's two texts).
+    assert_eq!(
+        ctx.blockdev_del("cbw").unwrap_err().message(),
+        "Node cbw is in use"
+    );
+    drop(blk);
+    assert_eq!(
+        ctx.blockdev_del("cbw").unwrap_err().message(),
+        "Block device cbw is in use"
+    );
+    drop(acc);
+    ctx.blockdev_del("acc").unwrap();
+    ctx.blockdev_del("cbw").unwrap();
+}

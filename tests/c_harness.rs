@@ -39,6 +39,11 @@ fn c_test_mirror() {
 }
 
 #[test]
+fn c_test_backup() {
+    run("test_backup");
+}
+
+#[test]
 fn c_test_chain() {
     common::require_tool("qemu-img");
     run("test_chain");

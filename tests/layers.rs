@@ -1,5 +1,5 @@
 //! The library's layers point one way (`../shared/DESIGN.md`): C face /
-//! QMP → context → block jobs → job engine; block jobs → block layer →
+//! QMP → context → transactions → block jobs → job engine; block jobs → block layer →
 //! bitmaps; everything may use events, QAPI types, errors and `sync`. This
 //! test reads every `crate::…` path in the code of `src/` (comments
 //! skipped) and fails on an import the list below does not allow, naming
@@ -17,6 +17,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
         &[
             "qmp",
             "context",
+            "transaction",
             "block_jobs",
             "engine",
             "block",
@@ -34,6 +35,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
         "qmp",
         &[
             "context",
+            "transaction",
             "block_jobs",
             "engine",
             "block",
@@ -48,6 +50,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     (
         "context",
         &[
+            "transaction",
             "block_jobs",
             "engine",
             "block",
@@ -55,6 +58,19 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "qapi",
             "error",
             "locks",
+            "sync",
+        ],
+    ),
+    // Transactions: actions on bitmaps, backups and snapshots as one.
+    (
+        "transaction",
+        &[
+            "block_jobs",
+            "engine",
+            "block",
+            "bitmap",
+            "qapi",
+            "error",
             "sync",
         ],
     ),

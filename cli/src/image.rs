@@ -103,6 +103,22 @@ pub fn create_if_missing(path: &Path, size: u64) -> Result<bool> {
     }
 }
 
+/// Format the empty file `path` as a qcow2 image of `size` bytes whose
+/// header names `backing` (file name, format).
+pub fn create_qcow2(
+    ctx: &blockjob::Context,
+    path: &Path,
+    size: u64,
+    backing: Option<(&str, &str)>,
+) -> Result<()> {
+    const NODE: &str = "new-image-file";
+    let file = ctx.blockdev_add(&json!({"driver": "file", "node-name": NODE, "filename": path}))?;
+    let r = blockjob::block::qcow2::create(&file, size, backing, None);
+    drop(file);
+    ctx.blockdev_del(NODE)?;
+    r.map_err(|e| e.prepend(format!("Could not create '{}': ", path.display())))
+}
+
 /// The format to name in a qcow2 header for `node` as backing file.
 pub fn backing_format(node: &Node) -> &'static str {
     match node.driver_name() {

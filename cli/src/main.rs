@@ -6,6 +6,9 @@
 //!   command with a progress bar.
 //! - `blockjob stream IMAGE`: QEMU's block-stream (pull the backing
 //!   files' data into IMAGE, shorten its chain).
+//! - `blockjob backup SRC DST`: QEMU's blockdev-backup (full or
+//!   incremental from a persistent bitmap, into a new qcow2 backed by the
+//!   previous backup).
 //! - `blockjob commit IMAGE`: QEMU's block-commit (merge layers down into
 //!   a backing file; active commit completes at READY).
 //! - `blockjob daemon [options]`: a QMP daemon taking qemu-storage-daemon's
@@ -15,6 +18,7 @@
 //! Exit status: 0 on success, 1 when the job or its setup fails (one line
 //! on stderr with QEMU's text), 2 for bad usage.
 
+mod backup_cmd;
 mod chardev;
 mod commit_cmd;
 mod daemon;
@@ -53,6 +57,10 @@ enum Cmd {
     /// Merge layers of IMAGE's chain down into a backing file (QEMU's
     /// block-commit); an active commit completes at READY.
     Commit(Box<commit_cmd::CommitArgs>),
+    /// Back SRC up to DST (QEMU's blockdev-backup): full, or incremental
+    /// from a persistent bitmap (`blockjob backup --help` shows the
+    /// nightly routine).
+    Backup(Box<backup_cmd::BackupArgs>),
     /// Serve QMP like qemu-storage-daemon, with its command line
     /// (`blockjob daemon --help`).
     #[command(disable_help_flag = true)]
@@ -76,6 +84,7 @@ fn main() {
         Some(Cmd::Mirror(a)) => mirror_cmd::run(&a).map(|_| ()),
         Some(Cmd::Stream(a)) => stream_cmd::run(&a),
         Some(Cmd::Commit(a)) => commit_cmd::run(&a),
+        Some(Cmd::Backup(a)) => backup_cmd::run(&a),
         Some(Cmd::Daemon { args }) => daemon::run(args),
     };
     if let Err(e) = r {

@@ -223,20 +223,15 @@ fn run_inner(a: &MirrorArgs, created: &mut Option<PathBuf>) -> Result<Outcome> {
 }
 
 /// Format the empty file `path` as a qcow2 image of `size` bytes over
-/// `backing` (its file name and format go into the header).
+/// `backing` (its absolute file name and format go into the header, as
+/// drive-mirror's absolute-paths mode writes them: DST may be in another
+/// directory than the source).
 fn create_qcow2(ctx: &Context, path: &Path, size: u64, backing: Option<&Arc<Node>>) -> Result<()> {
-    const NODE: &str = "target-file";
-    let file = ctx.blockdev_add(&json!({"driver": "file", "node-name": NODE, "filename": path}))?;
-    // Absolute, as drive-mirror's absolute-paths mode writes it: DST may
-    // be in another directory than the source.
     let link = backing.map(|b| (absolute(&b.filename()), backing_format(b)));
-    let r = blockjob::block::qcow2::create(
-        &file,
+    crate::image::create_qcow2(
+        ctx,
+        path,
         size,
         link.as_ref().map(|(n, f)| (n.as_str(), *f)),
-        None,
-    );
-    drop(file);
-    ctx.blockdev_del(NODE)?;
-    r.map_err(|e| e.prepend(format!("Could not create '{}': ", path.display())))
+    )
 }

@@ -293,7 +293,10 @@ impl BlockCopy {
             is_read: true,
         })?;
         let r = if buf.iter().all(|b| *b == 0) {
-            self.target.pwrite_zeroes(offset, len, true)
+            // Without unmap, as QEMU's block-copy: a target over a backing
+            // file (an incremental backup's qcow2) must read these as zeroes,
+            // not fall through to the older backup.
+            self.target.pwrite_zeroes(offset, len, false)
         } else {
             self.target.pwrite(offset, &buf)
         };

@@ -12,13 +12,26 @@
 //!
 //! When a copy fails, `on-cbw-error` decides: `break-guest-write` (the
 //! default) fails the guest's write, `break-snapshot` lets it through and
-//! gives up the point-in-time view.
+//! gives up the point-in-time view. `cbw-timeout` (seconds, 0: none)
+//! makes a copy that took longer count as failed; unlike QEMU's, our
+//! guest write still waits for the copy (a thread cannot abandon a
+//! request it is in), so the timeout only decides what happens after.
+//!
+//! The frozen view is readable through a `snapshot-access` node over the
+//! filter ([`super::snapshot_access`]): image fleecing. A cluster reads
+//! from the target once the filter copied it there, from the source until
+//! then; a guest write to a cluster waits for snapshot reads of it to end
+//! before it changes the source. Discarding through the view gives
+//! clusters up: they are no longer copied, and reading them fails.
 
 use std::sync::Arc;
+
+use std::time::{Duration, Instant};
 
 use super::block_copy::{BlockCopy, CopyError};
 use super::child::ChildEdge;
 use super::dirty_bitmap::BdrvDirtyBitmap;
+use super::range_lock::RangeLock;
 use super::{BlockDriver, BlockStatus, Node, NodeChild};
 use crate::error::{Error, Result};
 use crate::locks::Mutex;
@@ -44,8 +57,13 @@ pub struct CbwShared {
     /// Clusters the frozen view may be read from (all, until broken).
     access: Arc<BdrvDirtyBitmap>,
     on_cbw_error: OnCbwError,
+    /// A copy slower than this failed (`cbw-timeout`).
+    timeout: Option<Duration>,
     /// The copy error that broke the snapshot (`break-snapshot`).
     snapshot_error: Mutex<Option<Error>>,
+    /// Snapshot reads of the source hold their range: a guest write waits
+    /// for them before it changes the source.
+    reads: RangeLock,
 }
 
 impl CbwShared {
@@ -74,20 +92,117 @@ impl CbwShared {
             // Broken already: nothing is copied any more.
             return Ok(());
         }
-        let r = self.bcs.copy_before_write(offset, len, |o, l| {
+        let started = Instant::now();
+        let mut r = self.bcs.copy_before_write(offset, len, |o, l| {
             self.done.bits().set_range(o, l);
         });
+        if r.is_ok()
+            && let Some(t) = self.timeout
+            && started.elapsed() > t
+        {
+            r = Err(CopyError {
+                error: Error::from_errno(libc::ETIMEDOUT),
+                is_read: false,
+            });
+        }
+        // Snapshot reads that found these clusters not yet copied read
+        // the source: let them finish before the guest changes it.
+        let (start, end) = self.cluster_range(offset, len);
+        drop(self.reads.lock(start, end));
         match r {
             Ok(()) => Ok(()),
             Err(CopyError { error, .. }) => match self.on_cbw_error {
                 OnCbwError::BreakGuestWrite => Err(error),
                 OnCbwError::BreakSnapshot => {
-                    self.access.bits().clear();
+                    // The view refuses every read from now on (its bitmaps
+                    // stay as they are, as QEMU's do).
                     self.snapshot_error.lock().get_or_insert(error);
                     Ok(())
                 }
             },
         }
+    }
+
+    /// `[offset, offset + len)` widened to whole clusters (within the
+    /// source).
+    fn cluster_range(&self, offset: u64, len: u64) -> (u64, u64) {
+        let c = self.bcs.cluster_size();
+        let start = offset / c * c;
+        let end = (offset + len)
+            .div_ceil(c)
+            .saturating_mul(c)
+            .min(self.bcs.len());
+        (start, end.max(start))
+    }
+
+    /// A read of the frozen view (QEMU's `cbw_co_preadv_snapshot`): each
+    /// cluster from the target if this filter copied it there, else from
+    /// the source; `Permission denied` for clusters outside the view.
+    pub fn snapshot_read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let (start, end) = self.cluster_range(offset, buf.len() as u64);
+        let _held = self.reads.lock(start, end);
+        if self.snapshot_error.lock().is_some() {
+            return Err(Error::from_errno(libc::EACCES));
+        }
+        let c = self.bcs.cluster_size();
+        let mut pos = offset;
+        let end = offset + buf.len() as u64;
+        while pos < end {
+            let next = ((pos / c + 1) * c).min(end);
+            let cl = pos / c * c;
+            if !self.access.bits().test(cl) {
+                return Err(Error::from_errno(libc::EACCES));
+            }
+            // Runs of clusters with the same source of data in one request.
+            let from_target = self.done.bits().test(cl);
+            let mut run_end = next;
+            while run_end < end
+                && self.access.bits().test(run_end)
+                && self.done.bits().test(run_end) == from_target
+            {
+                run_end = (run_end + c).min(end);
+            }
+            let b = &mut buf[(pos - offset) as usize..(run_end - offset) as usize];
+            if from_target {
+                self.target.pread(pos, b)?;
+            } else {
+                self.source().pread(pos, b)?;
+            }
+            pos = run_end;
+        }
+        Ok(())
+    }
+
+    /// The frozen view's block status: what the source says for clusters
+    /// not copied, data for those on the target.
+    pub fn snapshot_block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
+        let c = self.bcs.cluster_size();
+        let cl = offset / c * c;
+        let run = ((cl + c).min(self.bcs.len()) - offset).min(len).max(1);
+        if self.done.bits().test(cl) {
+            return Ok(BlockStatus::data(run));
+        }
+        let mut st = self.source().block_status(offset, run)?;
+        st.len = st.len.min(run);
+        Ok(st)
+    }
+
+    /// Give clusters of the view up (QEMU's `cbw_co_pdiscard_snapshot`):
+    /// whole clusters inside the range are no longer copied nor readable,
+    /// and what the target holds of them is discarded.
+    pub fn snapshot_discard(&self, offset: u64, len: u64) -> Result<()> {
+        let c = self.bcs.cluster_size();
+        let start = offset.div_ceil(c) * c;
+        let end = ((offset + len) / c * c).min(self.bcs.len());
+        if start >= end {
+            return Ok(());
+        }
+        let _held = self.reads.lock(start, end);
+        self.access.bits().reset_range(start, end - start);
+        self.bcs.bitmap().bits().reset_range(start, end - start);
+        // A hint: the target may keep the data.
+        let _ = self.target.pdiscard(start, end - start);
+        Ok(())
     }
 }
 
@@ -105,6 +220,10 @@ pub struct CbwOptions {
     pub on_cbw_error: OnCbwError,
     /// `discard-source`.
     pub discard_source: bool,
+    /// `bitmap`: copy only what it marks (None: everything).
+    pub bitmap: Option<Arc<BdrvDirtyBitmap>>,
+    /// `cbw-timeout` (None: none).
+    pub timeout: Option<Duration>,
 }
 
 /// QEMU's block-copy cluster size: 64 KiB, or the target's cluster size
@@ -139,6 +258,13 @@ impl CopyBeforeWrite {
             Ok(b)
         };
         let copy = anon(true)?;
+        if let Some(b) = &o.bitmap {
+            copy.bits().clear();
+            copy.bits().merge_from(b.bits());
+        }
+        // What may be read of the view: what is to be copied.
+        let access = anon(false)?;
+        access.bits().merge_from(copy.bits());
         let bcs = BlockCopy::new(file.clone(), o.target.clone(), copy, o.cluster, o.max_chunk)?;
         bcs.set_discard_source(o.discard_source);
         let shared = Arc::new(CbwShared {
@@ -146,11 +272,18 @@ impl CopyBeforeWrite {
             target: o.target,
             bcs,
             done: anon(false)?,
-            access: anon(true)?,
+            access,
             on_cbw_error: o.on_cbw_error,
+            timeout: o.timeout,
             snapshot_error: Mutex::new(None),
+            reads: RangeLock::default(),
         });
         Ok((CopyBeforeWrite(shared.clone()), shared))
+    }
+
+    /// What the filter shares (with a `snapshot-access` node over it).
+    pub fn shared(&self) -> Arc<CbwShared> {
+        self.0.clone()
     }
 
     /// List the three bitmaps on the filter node as QEMU does (newest

@@ -58,6 +58,8 @@ pub mod qcow2;
 pub mod range_lock;
 pub mod raw;
 pub mod replace;
+pub mod snapshot;
+pub mod snapshot_access;
 mod writeback;
 
 pub use blkdebug::BlkdebugEvent;

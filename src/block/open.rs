@@ -6,14 +6,19 @@
 use std::sync::{Arc, Weak};
 
 use super::blkdebug::BlkdebugDriver;
+use super::copy_before_write::{self, CbwOptions, CopyBeforeWrite, OnCbwError};
 use super::file::{FileDriver, FileOptions};
 use super::graph::{Graph, GraphInner};
 use super::null::{NULL_DEFAULT_SIZE, NullDriver};
 use super::options::{BackingSpec, ChildRef, DriverSpec, NodeSpec};
 use super::qcow2::Qcow2Driver;
 use super::raw::RawDriver;
+use super::snapshot_access::SnapshotAccess;
 use super::{BlockDriver, Node};
 use crate::error::{Error, Result};
+
+/// Work on a node once it exists.
+type AfterOpen = Box<dyn FnOnce(&Arc<Node>)>;
 
 impl Graph {
     pub(super) fn check_names(
@@ -28,6 +33,8 @@ impl Graph {
         let children = match &spec.driver {
             DriverSpec::Raw { file, .. } => vec![file],
             DriverSpec::Blkdebug { image, .. } => vec![image],
+            DriverSpec::CopyBeforeWrite { file, target, .. } => vec![file, target],
+            DriverSpec::SnapshotAccess { file } => vec![file],
             DriverSpec::Qcow2 { file, backing } => match backing {
                 BackingSpec::Child(b) => vec![file, b],
                 BackingSpec::None | BackingSpec::FromHeader => vec![file],
@@ -93,6 +100,9 @@ impl Graph {
         // Where the node goes in `created` (opening order): after its
         // children, unless the driver says otherwise.
         let mut slot = usize::MAX;
+        // Work on the new node once it exists (a filter listing its
+        // bitmaps on it).
+        let mut after: Option<AfterOpen> = None;
         let drv: Box<dyn BlockDriver> = match &spec.driver {
             DriverSpec::File { filename } => Box::new(FileDriver::open(FileOptions {
                 filename: filename.clone(),
@@ -180,6 +190,44 @@ impl Graph {
                         .with_align(*align),
                 )
             }
+            DriverSpec::CopyBeforeWrite {
+                file,
+                target,
+                bitmap,
+                on_cbw_error,
+                cbw_timeout,
+                min_cluster_size,
+            } => {
+                let file = self.resolve_child(inner, file, (discard, spec.read_only), created)?;
+                let target = self.resolve_child(inner, target, (discard, false), created)?;
+                let bitmap = match bitmap {
+                    None => None,
+                    Some((node, name)) => Some(Self::find_bitmap(inner, node, name)?),
+                };
+                let cluster = copy_before_write::cluster_size(&target, *min_cluster_size)?;
+                let (drv, shared) = CopyBeforeWrite::new(CbwOptions {
+                    file,
+                    target,
+                    cluster,
+                    max_chunk: 0,
+                    on_cbw_error: match on_cbw_error.as_deref() {
+                        Some("break-snapshot") => OnCbwError::BreakSnapshot,
+                        _ => OnCbwError::BreakGuestWrite,
+                    },
+                    discard_source: false,
+                    bitmap,
+                    timeout: (*cbw_timeout > 0)
+                        .then(|| std::time::Duration::from_secs(u64::from(*cbw_timeout))),
+                })?;
+                after = Some(Box::new(move |n| {
+                    CopyBeforeWrite::attach_bitmaps(&shared, n)
+                }));
+                Box::new(drv)
+            }
+            DriverSpec::SnapshotAccess { file } => {
+                let file = self.resolve_child(inner, file, (discard, spec.read_only), created)?;
+                Box::new(SnapshotAccess::new(file))
+            }
         };
         let (name, auto) = match &spec.node_name {
             Some(n) => (n.clone(), false),
@@ -187,8 +235,29 @@ impl Graph {
         };
         let node = Node::new(name, auto, spec.read_only, drv);
         node.set_write_options(spec.detect_zeroes, discard);
+        if let Some(f) = after {
+            f(&node);
+        }
         created.insert(slot.min(created.len()), node.clone());
         Ok(node)
+    }
+
+    /// A named dirty bitmap of an existing node (a `copy-before-write`
+    /// node's `bitmap`), with QEMU's texts.
+    fn find_bitmap(
+        inner: &GraphInner,
+        node: &str,
+        name: &str,
+    ) -> Result<Arc<super::dirty_bitmap::BdrvDirtyBitmap>> {
+        let n = inner
+            .nodes
+            .iter()
+            .find(|e| e.node.name() == node)
+            .map(|e| e.node.clone())
+            .ok_or_else(|| Error::generic(format!("Node '{node}' not found")))?;
+        n.bitmaps()
+            .find(name)
+            .ok_or_else(|| Error::generic(format!("Dirty bitmap '{name}' not found")))
     }
 
     /// Open the backing file a qcow2 header names (QEMU's implicit

@@ -87,6 +87,26 @@ pub enum DriverSpec {
         /// `set-state`
         set_state: Vec<SetState>,
     },
+    /// `copy-before-write`.
+    CopyBeforeWrite {
+        /// `file`: the node whose old data is copied.
+        file: ChildRef,
+        /// `target`: where it goes.
+        target: ChildRef,
+        /// `bitmap`: `(node, name)`; copy only what it marks.
+        bitmap: Option<(String, String)>,
+        /// `on-cbw-error`.
+        on_cbw_error: Option<String>,
+        /// `cbw-timeout` in seconds (0: none).
+        cbw_timeout: u32,
+        /// `min-cluster-size`.
+        min_cluster_size: u64,
+    },
+    /// `snapshot-access`.
+    SnapshotAccess {
+        /// `file`: the `copy-before-write` node.
+        file: ChildRef,
+    },
 }
 
 /// One node to open.
@@ -328,6 +348,34 @@ fn parse_at(v: &Value, name: &str) -> Result<NodeSpec> {
                 set_state,
             }
         }
+        "copy-before-write" => {
+            let file = req_child(&mut o, "file")?;
+            let target = req_child(&mut o, "target")?;
+            let bitmap = match o.opt_obj("bitmap")? {
+                None => None,
+                Some(mut b) => {
+                    let node = b.req_str("node")?;
+                    let name = b.req_str("name")?;
+                    b.finish()?;
+                    Some((node, name))
+                }
+            };
+            let on_cbw_error =
+                o.opt_enum("on-cbw-error", &["break-guest-write", "break-snapshot"])?;
+            let cbw_timeout = o.opt_u32("cbw-timeout")?.unwrap_or(0);
+            let min_cluster_size = o.opt_u64("min-cluster-size")?.unwrap_or(0);
+            DriverSpec::CopyBeforeWrite {
+                file,
+                target,
+                bitmap,
+                on_cbw_error,
+                cbw_timeout,
+                min_cluster_size,
+            }
+        }
+        "snapshot-access" => DriverSpec::SnapshotAccess {
+            file: req_child(&mut o, "file")?,
+        },
         other => {
             return Err(Error::generic(format!(
                 "Driver '{other}' is not supported by blockjob"

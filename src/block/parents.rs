@@ -64,6 +64,8 @@ pub enum BlockOp {
     BackupSource,
     /// The target of a backup.
     BackupTarget,
+    /// The node an external snapshot goes above.
+    ExternalSnapshot,
 }
 
 impl BlockOp {

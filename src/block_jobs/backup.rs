@@ -289,44 +289,55 @@ impl Backup {
     /// The copy rounds (not for `sync=none`).
     fn copy_all(&self, job: &Job, bcs: &BlockCopy, pool: &Pool) -> Result<()> {
         let mut cursor = 0;
+        let mut failure_seen = false;
         loop {
             job.ratelimit_sleep();
             if job.is_cancelled() {
                 pool.drain();
                 return Ok(());
             }
-            if pool.failed() {
-                if let Some(e) = pool.drain() {
-                    let policy = if e.is_read {
-                        self.on_source_error
-                    } else {
-                        self.on_target_error
-                    };
-                    let errno = e.error.errno().unwrap_or(libc::EIO);
-                    if job.error_action(policy, e.is_read, errno) == BlockErrorAction::Report {
-                        return Err(e.error);
-                    }
-                    // `stop` paused the job (the next pause point waits
-                    // for the resume); both retry what failed.
-                    cursor = 0;
-                }
+            // QEMU's block-copy starts tasks while its pool has room and
+            // sees how they went only when it waits for one (pool full, or
+            // the pass over): a failure is noticed after a wait, never
+            // between two starts.
+            if !failure_seen
+                && pool.outstanding() < self.max_workers
+                && let Some((o, l)) = bcs.claim(cursor, bcs.max_chunk())
+            {
+                pool.push(o, l);
+                cursor = o + l;
+                job.ratelimit_processed(l);
                 continue;
             }
-            if pool.outstanding() >= self.max_workers {
+            if !failure_seen && pool.outstanding() > 0 {
                 pool.wait_change();
+                failure_seen = pool.failed();
                 continue;
             }
-            match bcs.claim(cursor, bcs.max_chunk()) {
-                Some((o, l)) => {
-                    pool.push(o, l);
-                    cursor = o + l;
-                    job.ratelimit_processed(l);
+            // A failure was seen, or the pass is over: let the started
+            // copies finish.
+            failure_seen = false;
+            if let Some(e) = pool.drain() {
+                let policy = if e.is_read {
+                    self.on_source_error
+                } else {
+                    self.on_target_error
+                };
+                let errno = e.error.errno().unwrap_or(libc::EIO);
+                if job.error_action(policy, e.is_read, errno) == BlockErrorAction::Report {
+                    return Err(e.error);
                 }
-                // What failed earlier in the bitmap is dirty again.
-                None if cursor > 0 => cursor = 0,
-                None if pool.outstanding() > 0 => pool.wait_change(),
-                None => return Ok(()),
+                // `stop` paused the job (the next pause point waits for
+                // the resume); both retry what failed.
+                cursor = 0;
+                continue;
             }
+            // A failed copy before a guest write made its clusters dirty
+            // again behind the cursor: one more pass finds them.
+            if cursor == 0 {
+                return Ok(());
+            }
+            cursor = 0;
         }
     }
 
@@ -387,11 +398,28 @@ impl JobDriver for Arc<Backup> {
     fn clean(&self, _job: &Job) {
         self.exit();
     }
+
+    fn finalize_drains(&self) -> bool {
+        true
+    }
 }
 
-/// `blockdev-backup`: QEMU's checks in QEMU's order (`do_backup_common`,
-/// `backup_job_create`), then the filter, the job and the start.
+/// `blockdev-backup`: create the job ([`backup_create`]) and start it.
 pub fn blockdev_backup(
+    graph: &Arc<Graph>,
+    engine: &Arc<Engine>,
+    o: BackupOptions,
+    txn: Option<Arc<JobTxn>>,
+) -> Result<Arc<Job>> {
+    let job = backup_create(graph, engine, o, txn)?;
+    job.start()?;
+    Ok(job)
+}
+
+/// A backup job, created but not started (a transaction starts it when
+/// it commits, or cancels it): QEMU's checks in QEMU's order
+/// (`do_backup_common`, `backup_job_create`), then the filter and the job.
+pub fn backup_create(
     graph: &Arc<Graph>,
     engine: &Arc<Engine>,
     o: BackupOptions,
@@ -489,6 +517,8 @@ pub fn blockdev_backup(
         max_chunk: o.perf.max_chunk as u64,
         on_cbw_error: OnCbwError::BreakGuestWrite,
         discard_source: o.discard_source,
+        bitmap: None,
+        timeout: None,
     })?;
     // What the job copies, before the filter copies anything.
     let bcs = cbw.block_copy().clone();
@@ -563,7 +593,6 @@ pub fn blockdev_backup(
             j.progress_update(n);
         }
     })));
-    job.start()?;
     Ok(job)
 }
 

@@ -127,6 +127,23 @@ pub const BJ_MIRROR_SYNC_MODE_BITMAP: i32 = 4;
 pub const BJ_MIRROR_COPY_MODE_BACKGROUND: i32 = 0;
 /// `write-blocking`
 pub const BJ_MIRROR_COPY_MODE_WRITE_BLOCKING: i32 = 1;
+// ---- BitmapSyncMode ----
+/// `on-success`
+pub const BJ_BITMAP_SYNC_MODE_ON_SUCCESS: i32 = 0;
+/// `never`
+pub const BJ_BITMAP_SYNC_MODE_NEVER: i32 = 1;
+/// `always`
+pub const BJ_BITMAP_SYNC_MODE_ALWAYS: i32 = 2;
+// ---- ActionCompletionMode ----
+/// `individual`
+pub const BJ_ACTION_COMPLETION_MODE_INDIVIDUAL: i32 = 0;
+/// `grouped`
+pub const BJ_ACTION_COMPLETION_MODE_GROUPED: i32 = 1;
+// ---- NewImageMode ----
+/// `existing`
+pub const BJ_NEW_IMAGE_MODE_EXISTING: i32 = 0;
+/// `absolute-paths`
+pub const BJ_NEW_IMAGE_MODE_ABSOLUTE_PATHS: i32 = 1;
 // ---- (event kind) ----
 /// `JOB_STATUS_CHANGE`
 pub const BJ_EVENT_JOB_STATUS_CHANGE: i32 = 0;
@@ -284,6 +301,38 @@ mod tests {
             assert_eq!(MirrorCopyMode::from_index(v).unwrap().as_str(), name);
         }
         assert_eq!(MirrorCopyMode::ALL.len(), copy.len());
+    }
+
+    #[test]
+    fn backup_and_transaction_constants_match_the_rust_enums() {
+        use crate::block::snapshot::NewImageMode;
+        use crate::qapi::BitmapSyncMode;
+        use crate::transaction::ActionCompletionMode;
+        let bitmap = [
+            (BJ_BITMAP_SYNC_MODE_ON_SUCCESS, "on-success"),
+            (BJ_BITMAP_SYNC_MODE_NEVER, "never"),
+            (BJ_BITMAP_SYNC_MODE_ALWAYS, "always"),
+        ];
+        for (v, name) in bitmap {
+            assert_eq!(BitmapSyncMode::from_index(v).unwrap().as_str(), name);
+        }
+        assert_eq!(BitmapSyncMode::ALL.len(), bitmap.len());
+        let mode = [
+            (BJ_ACTION_COMPLETION_MODE_INDIVIDUAL, "individual"),
+            (BJ_ACTION_COMPLETION_MODE_GROUPED, "grouped"),
+        ];
+        for (v, name) in mode {
+            assert_eq!(ActionCompletionMode::from_index(v).unwrap().as_str(), name);
+        }
+        assert_eq!(ActionCompletionMode::ALL.len(), mode.len());
+        let image = [
+            (BJ_NEW_IMAGE_MODE_EXISTING, "existing"),
+            (BJ_NEW_IMAGE_MODE_ABSOLUTE_PATHS, "absolute-paths"),
+        ];
+        for (v, name) in image {
+            assert_eq!(NewImageMode::from_index(v).unwrap().as_str(), name);
+        }
+        assert_eq!(NewImageMode::ALL.len(), image.len());
     }
 
     #[test]

@@ -12,6 +12,7 @@
 #![allow(clippy::missing_safety_doc)]
 
 pub mod backend;
+pub mod backup;
 pub mod bitmap;
 pub mod chain;
 pub mod context;
@@ -22,6 +23,7 @@ pub mod job;
 pub mod mirror;
 pub mod node;
 pub mod qmp;
+pub mod transaction;
 
 use std::ffi::{CStr, c_char, c_void};
 use std::panic::{AssertUnwindSafe, catch_unwind};

@@ -109,6 +109,15 @@ pub trait JobDriver: Send + Sync + 'static {
     /// The speed changed (block jobs).
     fn set_speed(&self, _job: &Job, _speed: u64) {}
 
+    /// Whether QEMU drains nodes while it finalizes this job (a backup
+    /// takes its filter out in its cleanup). That drain lets the other,
+    /// cancelled members of a failing transaction finish first, so their
+    /// `aborting` comes before this job's completion event; the engine
+    /// waits for them to match.
+    fn finalize_drains(&self) -> bool {
+        false
+    }
+
     /// `block-job-change`, after the verb was admitted. The default is
     /// that of a driver without `.change`.
     fn change(&self, _job: &Job, _opts: &JobChange) -> Result<()> {

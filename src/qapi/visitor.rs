@@ -106,6 +106,32 @@ impl<'a> Obj<'a> {
         }
     }
 
+    /// An optional `uint32` member (QEMU's visitor: a number, else
+    /// `Parameter 'x' expects uint64`; out of range: `... expects
+    /// uint32_t`, negative numbers included, taken as uint64 first).
+    pub(crate) fn opt_u32(&mut self, key: &'a str) -> Result<Option<u32>> {
+        let name = self.name(key);
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Number(n)) if n.is_u64() || n.is_i64() => n
+                .as_u64()
+                .and_then(|v| u32::try_from(v).ok())
+                .map(Some)
+                .ok_or_else(|| Error::generic(format!("Parameter '{name}' expects uint32_t"))),
+            Some(_) => Err(Error::generic(format!("Parameter '{name}' expects uint64"))),
+        }
+    }
+
+    /// An optional `uint64` or `size` member.
+    pub(crate) fn opt_u64(&mut self, key: &'a str) -> Result<Option<u64>> {
+        let name = self.name(key);
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Number(n)) if n.is_u64() => Ok(n.as_u64()),
+            Some(_) => Err(type_err(&name, "uint64")),
+        }
+    }
+
     pub(crate) fn opt_list(&mut self, key: &'a str) -> Result<Option<&'a Vec<Value>>> {
         match self.get(key) {
             None => Ok(None),

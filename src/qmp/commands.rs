@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 use crate::block::Node;
 use crate::block::dirty_bitmap::{self as named, BitmapRef};
 use crate::block::graph::Graph;
+use crate::block::snapshot::{NewImageMode, SnapshotSync};
 use crate::block_jobs::backup::{BackupOptions, BackupPerf};
 use crate::block_jobs::commit::CommitOptions;
 use crate::block_jobs::mirror::MirrorOptions;
@@ -19,6 +20,7 @@ use crate::engine::{Job, JobChange};
 use crate::error::{Error, ErrorClass, Result};
 use crate::qapi::visitor::{Obj, type_err};
 use crate::qapi::{BitmapSyncMode, BlockdevOnError, JobType, MirrorCopyMode, MirrorSyncMode};
+use crate::transaction::{Action, ActionCompletionMode};
 
 /// Every command, as `query-commands` lists them.
 pub const COMMANDS: &[&str] = &[
@@ -31,6 +33,9 @@ pub const COMMANDS: &[&str] = &[
     "query-named-block-nodes",
     "blockdev-mirror",
     "blockdev-backup",
+    "blockdev-snapshot",
+    "blockdev-snapshot-sync",
+    "transaction",
     "block-stream",
     "block-commit",
     "block-job-set-speed",
@@ -92,22 +97,6 @@ fn opt_wire<T>(
         Some(s) => parse(&s).map(Some).ok_or_else(|| {
             Error::generic(format!("Parameter '{key}' does not accept value '{s}'"))
         }),
-    }
-}
-
-/// An optional `uint32` member (QEMU's visitor: a number, else
-/// `Parameter 'x' expects uint64`; too large: `... expects uint32_t`).
-fn opt_u32(o: &mut Obj<'_>, key: &'static str) -> Result<Option<u32>> {
-    match o.get(key) {
-        None => Ok(None),
-        // Integers: in range or "uint32_t" (negative ones too: QEMU takes
-        // them as uint64 first); anything else is not a uint64.
-        Some(Value::Number(n)) if n.is_u64() || n.is_i64() => n
-            .as_u64()
-            .and_then(|v| u32::try_from(v).ok())
-            .map(Some)
-            .ok_or_else(|| Error::generic(format!("Parameter '{key}' expects uint32_t"))),
-        Some(_) => Err(Error::generic(format!("Parameter '{key}' expects uint64"))),
     }
 }
 
@@ -194,48 +183,21 @@ pub fn dispatch(ctx: &Context, name: &str, args: &Value) -> Result<Value> {
         "job-complete" => job(o).and_then(|j| ok(j.complete())),
         "job-finalize" => job(o).and_then(|j| ok(j.finalize())),
         "job-dismiss" => job(o).and_then(|j| ok(j.dismiss())),
-        "block-dirty-bitmap-add" => {
-            let node = o.req_str("node")?;
-            let bname = o.req_str("name")?;
-            let granularity = opt_u32(o, "granularity")?;
-            let persistent = o.opt_bool("persistent")?;
-            let disabled = o.opt_bool("disabled")?;
-            o.finish_ref()?;
-            ok(named::add(
-                ctx.graph(),
-                &node,
-                &bname,
-                granularity,
-                persistent,
-                disabled,
-            ))
-        }
-        "block-dirty-bitmap-remove"
+        "block-dirty-bitmap-add"
+        | "block-dirty-bitmap-remove"
         | "block-dirty-bitmap-clear"
         | "block-dirty-bitmap-enable"
-        | "block-dirty-bitmap-disable" => {
-            let node = o.req_str("node")?;
-            let bname = o.req_str("name")?;
+        | "block-dirty-bitmap-disable"
+        | "block-dirty-bitmap-merge"
+        | "blockdev-snapshot"
+        | "blockdev-snapshot-sync" => {
+            let a = action(name, o)?;
             o.finish_ref()?;
-            let g = ctx.graph();
-            ok(match name {
-                "block-dirty-bitmap-remove" => named::remove(g, &node, &bname),
-                "block-dirty-bitmap-clear" => named::clear(g, &node, &bname),
-                "block-dirty-bitmap-enable" => named::set_recording(g, &node, &bname, true),
-                _ => named::set_recording(g, &node, &bname, false),
-            })
+            ok(ctx.run_action(a))
         }
-        "block-dirty-bitmap-merge" => {
-            let node = o.req_str("node")?;
-            let target = o.req_str("target")?;
-            let list = o.opt_list("bitmaps")?.ok_or_else(|| o.missing("bitmaps"))?;
-            let refs = list
-                .iter()
-                .enumerate()
-                .map(|(i, v)| bitmap_ref(v, i))
-                .collect::<Result<Vec<_>>>()?;
-            o.finish_ref()?;
-            ok(named::merge(ctx.graph(), &node, &target, &refs))
+        "transaction" => {
+            let (actions, mode) = transaction(o)?;
+            ok(ctx.transaction(actions, mode))
         }
         _ => {
             return Err(Error::with_class(
@@ -246,6 +208,107 @@ pub fn dispatch(ctx: &Context, name: &str, args: &Value) -> Result<Value> {
     }?;
     o.finish_ref()?;
     Ok(r)
+}
+
+/// `transaction`'s arguments: the actions (each `{"type", "data"}`, the
+/// data visited as its command's arguments under `actions[i].data`) and
+/// `properties.completion-mode`.
+fn transaction(o: &mut Obj<'_>) -> Result<(Vec<Action>, ActionCompletionMode)> {
+    let list = o.opt_list("actions")?.ok_or_else(|| o.missing("actions"))?;
+    let mut actions = Vec::with_capacity(list.len());
+    for (i, v) in list.iter().enumerate() {
+        let mut a = Obj::new(v, &format!("actions[{i}]"))?;
+        let kind = a.req_str("type")?;
+        if !ACTIONS.contains(&kind.as_str()) {
+            return Err(Error::generic(format!(
+                "Parameter 'type' does not accept value '{kind}'"
+            )));
+        }
+        let mut data = a.opt_obj("data")?.ok_or_else(|| a.missing("data"))?;
+        actions.push(action(&kind, &mut data)?);
+        data.finish()?;
+        a.finish()?;
+    }
+    let mut mode = ActionCompletionMode::Individual;
+    if let Some(mut p) = o.opt_obj("properties")? {
+        if let Some(m) = opt_wire(&mut p, "completion-mode", ActionCompletionMode::from_wire)? {
+            mode = m;
+        }
+        p.finish()?;
+    }
+    o.finish_ref()?;
+    Ok((actions, mode))
+}
+
+/// QEMU 10's `TransactionActionKind`s we run.
+const ACTIONS: &[&str] = &[
+    "abort",
+    "block-dirty-bitmap-add",
+    "block-dirty-bitmap-remove",
+    "block-dirty-bitmap-clear",
+    "block-dirty-bitmap-enable",
+    "block-dirty-bitmap-disable",
+    "block-dirty-bitmap-merge",
+    "blockdev-backup",
+    "blockdev-snapshot",
+    "blockdev-snapshot-sync",
+];
+
+/// The arguments of an action (or of its command), in QEMU's member order.
+fn action(kind: &str, o: &mut Obj<'_>) -> Result<Action> {
+    Ok(match kind {
+        "abort" => Action::Abort,
+        "block-dirty-bitmap-add" => Action::BitmapAdd {
+            node: o.req_str("node")?,
+            name: o.req_str("name")?,
+            granularity: o.opt_u32("granularity")?,
+            persistent: o.opt_bool("persistent")?,
+            disabled: o.opt_bool("disabled")?,
+        },
+        "block-dirty-bitmap-merge" => {
+            let node = o.req_str("node")?;
+            let target = o.req_str("target")?;
+            let list = o.opt_list("bitmaps")?.ok_or_else(|| o.missing("bitmaps"))?;
+            let bitmaps = list
+                .iter()
+                .enumerate()
+                .map(|(i, v)| bitmap_ref(v, i))
+                .collect::<Result<Vec<_>>>()?;
+            Action::BitmapMerge {
+                node,
+                target,
+                bitmaps,
+            }
+        }
+        "blockdev-backup" => Action::BlockdevBackup(blockdev_backup(o)?),
+        "blockdev-snapshot" => Action::BlockdevSnapshot {
+            node: o.req_str("node")?,
+            overlay: o.req_str("overlay")?,
+        },
+        "blockdev-snapshot-sync" => Action::BlockdevSnapshotSync(SnapshotSync {
+            device: o.opt_str("device")?,
+            node_name: o.opt_str("node-name")?,
+            snapshot_file: o.req_str("snapshot-file")?,
+            snapshot_node_name: o.opt_str("snapshot-node-name")?,
+            format: o.opt_str("format")?,
+            mode: opt_wire(o, "mode", NewImageMode::from_wire)?
+                .unwrap_or(NewImageMode::AbsolutePaths),
+        }),
+        // The four that name one bitmap.
+        _ => {
+            let node = o.req_str("node")?;
+            let name = o.req_str("name")?;
+            match kind {
+                "block-dirty-bitmap-remove" => Action::BitmapRemove { node, name },
+                "block-dirty-bitmap-clear" => Action::BitmapClear { node, name },
+                _ => Action::BitmapRecording {
+                    node,
+                    name,
+                    enable: kind == "block-dirty-bitmap-enable",
+                },
+            }
+        }
+    })
 }
 
 fn bitmap_ref(v: &Value, i: usize) -> Result<BitmapRef> {
@@ -282,7 +345,7 @@ fn blockdev_mirror(ctx: &Context, o: &mut Obj<'_>) -> Result<Arc<Job>> {
     m.job_id = job_id;
     m.replaces = replaces;
     m.speed = o.opt_int("speed")?.unwrap_or(0);
-    m.granularity = opt_u32(o, "granularity")?.unwrap_or(0) as u64;
+    m.granularity = o.opt_u32("granularity")?.unwrap_or(0) as u64;
     m.buf_size = o.opt_int("buf-size")?.unwrap_or(0);
     m.on_source_error = on_error(o, "on-source-error")?;
     m.on_target_error = on_error(o, "on-target-error")?;
@@ -317,22 +380,13 @@ pub(crate) fn blockdev_backup(o: &mut Obj<'_>) -> Result<BackupOptions> {
             use_copy_range: p.opt_bool("use-copy-range")?.unwrap_or(d.use_copy_range),
             max_workers: p.opt_int("max-workers")?.unwrap_or(d.max_workers),
             max_chunk: p.opt_int("max-chunk")?.unwrap_or(d.max_chunk),
-            min_cluster_size: opt_u64(&mut p, "min-cluster-size")?.unwrap_or(0),
+            min_cluster_size: p.opt_u64("min-cluster-size")?.unwrap_or(0),
         };
         p.finish()?;
     }
     b.target = o.req_str("target")?;
     o.finish_ref()?;
     Ok(b)
-}
-
-/// An optional `uint64` or `size` member.
-fn opt_u64(o: &mut Obj<'_>, key: &'static str) -> Result<Option<u64>> {
-    match o.get(key) {
-        None => Ok(None),
-        Some(Value::Number(n)) if n.is_u64() => Ok(n.as_u64()),
-        Some(_) => Err(type_err(&o.name(key), "uint64")),
-    }
 }
 
 /// `block-job-change`'s arguments: `id`, and QEMU's union on `type`
@@ -450,6 +504,13 @@ fn image_info(n: &Arc<Node>) -> Value {
     }
     if let Some(b) = n.backing() {
         image["backing-filename"] = json!(b.filename());
+    } else if let Some((name, _)) = (n.driver() as &dyn std::any::Any)
+        .downcast_ref::<crate::block::qcow2::Qcow2Driver>()
+        .and_then(|q| q.header_backing())
+    {
+        // Opened without its backing layer (`"backing": null`): QEMU shows
+        // what the header names.
+        image["backing-filename"] = json!(name);
     }
     if let Some(cs) = n.cluster_size() {
         image["cluster-size"] = json!(cs);

@@ -81,6 +81,10 @@ fn execute(name: &str) -> String {
             "--errors-for-leak-kinds=definite,possible",
             "--quiet",
         ])
+        .arg(format!(
+            "--suppressions={}",
+            c_dir().join("valgrind.supp").display()
+        ))
         .arg(&exe);
         c
     } else {

@@ -52,8 +52,9 @@ pub struct Qcow2Driver {
     /// The file child is a blkdebug node (the only driver blkdebug events
     /// reach): only then do reads look up their mapping to fire one.
     file_is_blkdebug: bool,
-    /// What the header said when the image was opened: `(name, format)`.
-    header_backing: Option<(String, Option<String>)>,
+    /// What the header says: `(name, format)` (read at open, rewritten by
+    /// [`change_backing`]).
+    header_backing: crate::locks::Mutex<Option<(String, Option<String>)>>,
 }
 
 /// imago's view of a backing node: `raw` over the edge to it.
@@ -107,13 +108,15 @@ impl Qcow2Driver {
                 access: Arc::new(access),
                 backing,
             }),
-            header_backing: hdr.backing_file.map(|name| (name, hdr.backing_format)),
+            header_backing: crate::locks::Mutex::new(
+                hdr.backing_file.map(|name| (name, hdr.backing_format)),
+            ),
         })
     }
 
-    /// The backing link the header held at open: `(file name, format)`.
-    pub fn header_backing(&self) -> Option<&(String, Option<String>)> {
-        self.header_backing.as_ref()
+    /// The backing link the header holds: `(file name, format)`.
+    pub fn header_backing(&self) -> Option<(String, Option<String>)> {
+        self.header_backing.lock().clone()
     }
 
     fn layer(&self) -> RwLockReadGuard<'_, Layer> {
@@ -179,6 +182,7 @@ pub fn change_backing(
             e.prepend(format!("Could not change the backing file to '{name}': "))
         },
     )?;
+    *drv.header_backing.lock() = link.map(|(n, fmt)| (n, Some(fmt.to_string())));
     drv.relink(backing.cloned())
 }
 

@@ -229,6 +229,17 @@ impl Engine {
             if !is_completed(Self::status_of(&g, other)) {
                 g = self.wait_completed_locked(g, other);
             }
+            // See `JobDriver::finalize_drains`.
+            if g.states
+                .get(&other)
+                .is_some_and(|s| s.job.driver().finalize_drains())
+            {
+                for m in Self::txn_members(&g, other) {
+                    if !is_completed(Self::status_of(&g, m)) {
+                        g = self.wait_completed_locked(g, m);
+                    }
+                }
+            }
             g = self.finalize_single(g, other);
             // finalize_single always removes `other` from the transaction,
             // so this loop ends.
