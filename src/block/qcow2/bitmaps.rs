@@ -124,17 +124,23 @@ fn be64(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
-/// The bitmaps extension of `hdr`, checked as QEMU's
-/// `qcow2_read_extensions` checks it, with its texts.
+/// The bitmaps extension of `hdr` (the header parser checked it already,
+/// in QEMU's order among the other extensions).
 pub fn parse_extension(hdr: &Qcow2Header) -> Result<Extension> {
     // As QEMU, the last one counts if there are several.
-    let Some((_, data)) = hdr.extensions.iter().rev().find(|(t, _)| *t == EXT_BITMAPS) else {
-        return Ok(Extension::Absent);
-    };
+    match hdr.extensions.iter().rev().find(|(t, _)| *t == EXT_BITMAPS) {
+        None => Ok(Extension::Absent),
+        Some((_, data)) => check_extension(data, hdr.autoclear_features, hdr.cluster_size),
+    }
+}
+
+/// The data of a bitmaps extension, checked as QEMU's
+/// `qcow2_read_extensions` checks it, with its texts.
+pub fn check_extension(data: &[u8], autoclear: u64, cluster_size: u64) -> Result<Extension> {
     if data.len() != EXT_SIZE {
         return Err(Error::generic("bitmaps_ext: Invalid extension length"));
     }
-    if hdr.autoclear_features & AUTOCLEAR_BITMAPS == 0 {
+    if autoclear & AUTOCLEAR_BITMAPS == 0 {
         return Ok(Extension::Stale);
     }
     let ext = BitmapsExt {
@@ -154,7 +160,7 @@ pub fn parse_extension(hdr: &Qcow2Header) -> Result<Extension> {
     if ext.nb_bitmaps == 0 {
         return Err(Error::generic("found bitmaps extension with zero bitmaps"));
     }
-    if !ext.dir_offset.is_multiple_of(hdr.cluster_size) {
+    if !ext.dir_offset.is_multiple_of(cluster_size) {
         return Err(Error::generic(
             "bitmaps_ext: invalid bitmap directory offset",
         ));

@@ -305,6 +305,12 @@ fn parse_from(read_start: impl Fn(&mut [u8]) -> Result<()>) -> Result<Parsed> {
         let data = &cluster[pos..pos + len];
         match kind {
             EXT_END => break,
+            // QEMU checks it where it finds it: its errors come before
+            // those of extensions after it.
+            super::bitmaps::EXT_BITMAPS => {
+                super::bitmaps::check_extension(data, autoclear, cluster_size as u64)?;
+                others.push((kind, data.to_vec()));
+            }
             EXT_BACKING_FORMAT => {
                 if len > MAX_BACKING_FORMAT {
                     return Err(Error::generic(format!(
