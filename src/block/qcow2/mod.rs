@@ -80,6 +80,26 @@ fn backing_view(edge: &Arc<ChildEdge>) -> Result<Arc<Access>> {
     Ok(Arc::new(FormatAccess::new(raw)))
 }
 
+/// Run `f` on a thread of ours and wait for it. imago's write path (in
+/// debug builds) asks std for the current thread's handle; on a C host's
+/// main thread std allocates that handle once and never frees it, which
+/// valgrind reports as possibly lost. So imago's writes outside I/O
+/// requests (opening an image writable rewrites its header when it has
+/// autoclear bits, as every image with bitmaps has; flushing; closing) go
+/// through here. (`thread::scope` would ask for the current thread's
+/// handle too.)
+fn on_imago_thread<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .map_err(Error::from)?
+        .join()
+        .unwrap_or_else(|_| Err(Error::generic(format!("internal error: {name} panicked"))))
+}
+
 /// Open the image in imago; `keep_autoclear`: the autoclear bits imago
 /// must leave set (see [`storage`]).
 fn open_image(
@@ -88,13 +108,17 @@ fn open_image(
     backing: Option<&Arc<ChildEdge>>,
     keep_autoclear: u64,
 ) -> Result<Access> {
-    let backing = backing.map(backing_view).transpose()?;
-    let image = Image::builder(NodeStorage::new(file.clone()).keeping_autoclear(keep_autoclear))
-        .write(writable)
-        .backing(backing)
-        .open(DenyImplicitOpenGate::default())
-        .map_err(|e| open_error(&file.get(), e))?;
-    Ok(FormatAccess::new(image))
+    let (file, backing) = (file.clone(), backing.cloned());
+    on_imago_thread("qcow2-open", move || {
+        let backing = backing.as_ref().map(backing_view).transpose()?;
+        let storage = NodeStorage::new(file.clone()).keeping_autoclear(keep_autoclear);
+        let image = Image::builder(storage)
+            .write(writable)
+            .backing(backing)
+            .open(DenyImplicitOpenGate::default())
+            .map_err(|e| open_error(&file.get(), e))?;
+        Ok(FormatAccess::new(image))
+    })
 }
 
 /// QEMU's texts for images imago refuses.
@@ -169,7 +193,8 @@ impl Qcow2Driver {
     /// refcounts `f` may have changed. Call with the persist lock held.
     fn with_imago_quiesced(&self, f: impl FnOnce() -> Result<()>) -> Result<()> {
         let mut l = self.layer.write();
-        l.access.flush().map_err(from_io)?;
+        let access = l.access.clone();
+        on_imago_thread("qcow2-flush", move || access.flush().map_err(from_io))?;
         let r = f();
         let reopened = open_image(
             &self.file,
@@ -242,36 +267,25 @@ pub fn change_backing(
 
 impl Drop for Qcow2Driver {
     fn drop(&mut self) {
-        // imago writes its cached metadata back when dropped, and its write
-        // path asks std for the current thread's handle. On a C host's
-        // main thread std allocates that handle once and never frees it
-        // (valgrind reports it as possibly lost), so write back from a
-        // thread of ours; imago's own drop then finds nothing to write.
+        // imago writes its cached metadata back when dropped: written back
+        // on a thread of ours first (see `on_imago_thread`), so imago's own
+        // drop finds nothing to write.
         let access = self.layer.get_mut().access.clone();
         let persist = self.persist.clone();
-        // (`thread::scope` would ask for the current thread's handle too.)
-        let writer = std::thread::Builder::new()
-            .name("qcow2-close".into())
-            .spawn(move || {
-                access.flush()?;
-                // After imago's last write: it will not allocate again.
-                let mut st = persist.lock();
-                if let Err(e) = persist.store(&mut st, true) {
-                    // Nobody to return it to; QEMU reports it so too.
-                    eprintln!(
-                        "blockjob: Lost persistent bitmaps during inactivation of node '{}': {}",
-                        st.node_name(),
-                        e.message()
-                    );
-                }
-                Ok(())
-            });
-        let r = match writer {
-            Ok(h) => h
-                .join()
-                .unwrap_or_else(|_| Err(std::io::Error::other("panicked"))),
-            Err(e) => Err(e),
-        };
+        let r = on_imago_thread("qcow2-close", move || {
+            access.flush().map_err(from_io)?;
+            // After imago's last write: it will not allocate again.
+            let mut st = persist.lock();
+            if let Err(e) = persist.store(&mut st, true) {
+                // Nobody to return it to; QEMU reports it so too.
+                eprintln!(
+                    "blockjob: Lost persistent bitmaps during inactivation of node '{}': {}",
+                    st.node_name(),
+                    e.message()
+                );
+            }
+            Ok(())
+        });
         if let Err(e) = r {
             // Nobody to return it to: the node is going away.
             eprintln!("blockjob: qcow2 flush at close failed: {e}");
