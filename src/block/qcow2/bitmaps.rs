@@ -193,7 +193,8 @@ pub struct DirEntry {
     pub table_offset: u64,
     /// Entries of the bitmap table.
     pub table_size: u32,
-    /// [`FLAG_IN_USE`], [`FLAG_AUTO`].
+    /// Bit 0: in-use (not saved since last used); bit 1: auto (records
+    /// writes).
     pub flags: u32,
     /// Granularity is `1 << granularity_bits` bytes.
     pub granularity_bits: u32,
