@@ -373,7 +373,7 @@ pub fn add(
         let Some(store) = n.driver().persistent_bitmaps() else {
             return Err(Error::generic(format!(
                 "Can't store persistent bitmaps to {}: Operation not supported",
-                n.name()
+                device_or_node_name(graph, &n)
             )));
         };
         if bm.find(name).is_some() {

@@ -204,8 +204,10 @@ impl Qcow2Driver {
         );
         match reopened {
             Ok(access) => l.access = Arc::new(access),
-            // The old instance must not allocate again from its stale
-            // refcounts; nothing better is left than to say so.
+            // The old instance stays, with a stale view of the refcounts:
+            // an allocation of its could take a cluster of ours. Opening
+            // the image it has open fails only on I/O errors, and then the
+            // image is in trouble anyway; say so.
             Err(e) => {
                 return Err(e.prepend("Could not reopen the image after updating its bitmaps: "));
             }
