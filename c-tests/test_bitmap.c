@@ -1,10 +1,13 @@
 /*
  * Dirty bitmaps through the C ABI: QEMU's block-dirty-bitmap-* commands
  * with QEMU's messages (recorded from qemu-storage-daemon 10), guest
- * writes marking bitmaps, busy bitmaps, merge, and bitmap handles for a
- * host job that consumes a bitmap while the guest writes.
+ * writes marking bitmaps, busy bitmaps, merge, bitmap handles for a host
+ * job that consumes a bitmap while the guest writes, and persistent
+ * bitmaps in a qcow2 image made by qemu-img (stored when the context is
+ * freed; left in-use, so inconsistent, when a process dies holding them).
  */
 #include <pthread.h>
+#include <sys/wait.h>
 
 #include "util.h"
 
@@ -409,8 +412,149 @@ static void bitmaps_go_with_their_node(void)
     CHECK_NO_ERR(err);
 }
 
-int main(void)
+/* ---- persistent bitmaps ------------------------------------------------ */
+
+static char self_exe[1024];
+
+static void sh(const char *fmt, ...)
 {
+    char cmd[4096];
+    va_list ap;
+    va_start(ap, fmt);
+    if (vsnprintf(cmd, sizeof(cmd), fmt, ap) >= (int)sizeof(cmd)) {
+        FAIL("command too long");
+    }
+    va_end(ap);
+    if (system(cmd) != 0) {
+        FAIL("failed: %s", cmd);
+    }
+}
+
+/* What `qemu-img info` says of `path` (JSON, -U: it may be open). */
+static void image_info(const char *path, char *out, size_t len)
+{
+    char cmd[2048];
+    size_t n;
+    FILE *p;
+    (void)!snprintf(cmd, sizeof(cmd), "qemu-img info -U --output=json %s", path);
+    p = popen(cmd, "r");
+    CHECK(p);
+    n = fread(out, 1, len - 1, p);
+    out[n] = 0;
+    CHECK(pclose(p) == 0);
+}
+
+static BjContext *open_qcow2(const char *node, const char *path)
+{
+    BjError *err = NULL;
+    char json[2048];
+    BjContext *c = new_ctx();
+    (void)!snprintf(json, sizeof(json),
+                    "{\"driver\":\"qcow2\",\"node-name\":\"%s\",\"file\":"
+                    "{\"driver\":\"file\",\"filename\":\"%s\"}}",
+                    node, path);
+    CHECK(bj_blockdev_add(c, json, &err));
+    CHECK_NO_ERR(err);
+    return c;
+}
+
+/* The child of persistent_bitmaps_in_qcow2: open the image, write, and
+ * die without closing anything, as a killed process would. */
+static int crash_child(const char *path)
+{
+    BjError *err = NULL;
+    BjContext *c = open_qcow2("pq", path);
+    BjBlockBackend *blk = bj_blk_new(c, "pq", NULL, &err);
+    char buf[4096];
+    CHECK_NO_ERR(err);
+    memset(buf, 7, sizeof(buf));
+    CHECK(bj_blk_pwrite(blk, 1 << 20, buf, sizeof(buf), NULL, &err) == 0);
+    CHECK_NO_ERR(err);
+    _exit(0);
+}
+
+static void check_qmp(BjContext *c, const char *cmd, const char *want)
+{
+    BjError *err = NULL;
+    char *r = bj_qmp_execute(c, cmd, &err);
+    CHECK_NO_ERR(err);
+    CHECK_STR(r, want);
+    bj_free(r);
+}
+
+static void persistent_bitmaps_in_qcow2(void)
+{
+    BjError *err = NULL;
+    BjContext *c;
+    char path[1024], info[16384];
+    (void)!snprintf(path, sizeof(path), "%s/pb.qcow2", tmpdir());
+    sh("qemu-img create -q -f qcow2 %s 4M && qemu-img bitmap --add %s from-qemu && "
+       "qemu-io -c 'write 0 64k' %s >/dev/null",
+       path, path, path);
+
+    /* Loaded on open, bits and all (the hash QEMU gives: bit 0 set). */
+    c = open_qcow2("pq", path);
+    {
+        char *q = bj_block_dirty_bitmap_query(c, "pq", &err);
+        CHECK_NO_ERR(err);
+        CHECK_STR(q, "[{\"name\":\"from-qemu\",\"recording\":true,\"persistent\":true,"
+                     "\"busy\":false,\"granularity\":65536,\"count\":65536}]");
+        bj_free(q);
+    }
+    check_qmp(c,
+              "{\"execute\":\"x-debug-block-dirty-bitmap-sha256\","
+              "\"arguments\":{\"node\":\"pq\",\"name\":\"from-qemu\"}}",
+              "{\"return\":{\"sha256\":"
+              "\"7c9fa136d4413fa6173637e883b6998d32e1d675f88cddff9dcbcf331820f4b8\"}}");
+    /* In use on disk while open. */
+    image_info(path, info, sizeof(info));
+    CHECK(strstr(info, "in-use"));
+
+    CHECK(bj_block_dirty_bitmap_add(c, "pq", "mine", 512, true, true, &err));
+    CHECK_NO_ERR(err);
+    CHECK(!bj_block_dirty_bitmap_add(ctx, "n0", "mine", 0, true, false, &err));
+    CHECK_ERR(err, G, "Can't store persistent bitmaps to n0: Operation not supported");
+    /* Freeing the context closes the node: both are stored, not in use. */
+    bj_context_free(&c);
+    image_info(path, info, sizeof(info));
+    CHECK(strstr(info, "\"name\": \"mine\""));
+    CHECK(strstr(info, "\"name\": \"from-qemu\""));
+    CHECK(!strstr(info, "in-use"));
+
+    /* A process that dies with the image open leaves them in use. */
+    sh("%s crash-child %s", self_exe, path);
+    image_info(path, info, sizeof(info));
+    CHECK(strstr(info, "in-use"));
+    c = open_qcow2("pq", path);
+    {
+        char *q = bj_block_dirty_bitmap_query(c, "pq", &err);
+        CHECK_NO_ERR(err);
+        CHECK_STR(q, "[{\"name\":\"mine\",\"recording\":false,\"persistent\":true,"
+                     "\"busy\":false,\"granularity\":512,\"count\":0,\"inconsistent\":true},"
+                     "{\"name\":\"from-qemu\",\"recording\":false,\"persistent\":true,"
+                     "\"busy\":false,\"granularity\":65536,\"count\":0,\"inconsistent\":true}]");
+        bj_free(q);
+    }
+    CHECK(!bj_block_dirty_bitmap_clear(c, "pq", "mine", &err));
+    CHECK_ERR(err, G, "Bitmap 'mine' is inconsistent and cannot be used");
+    /* Removing one takes it out of the image at once. */
+    CHECK(bj_block_dirty_bitmap_remove(c, "pq", "mine", &err));
+    CHECK_NO_ERR(err);
+    image_info(path, info, sizeof(info));
+    CHECK(!strstr(info, "\"mine\""));
+    bj_context_free(&c);
+    sh("qemu-img check -q %s", path);
+}
+
+int main(int argc, char **argv)
+{
+    ssize_t n;
+    if (argc == 3 && strcmp(argv[1], "crash-child") == 0) {
+        return crash_child(argv[2]);
+    }
+    n = readlink("/proc/self/exe", self_exe, sizeof(self_exe) - 1);
+    CHECK(n > 0);
+    self_exe[n] = 0;
     setup();
     RUN(add_and_query);
     RUN(add_errors);
@@ -420,6 +564,7 @@ int main(void)
     RUN(merge);
     RUN(consumer_takes_while_guest_writes);
     RUN(bitmaps_go_with_their_node);
+    RUN(persistent_bitmaps_in_qcow2);
     bj_context_free(&ctx);
     return 0;
 }

@@ -209,6 +209,21 @@ impl Context {
         named::query(&self.graph, node)
     }
 
+    /// `x-debug-block-dirty-bitmap-sha256`: QEMU's SHA-256 of a bitmap's
+    /// bits, in hex (equal for equal bits, size and granularity).
+    pub fn x_debug_block_dirty_bitmap_sha256(&self, node: &str, name: &str) -> Result<String> {
+        named::sha256(&self.graph, node, name)
+    }
+
+    /// Write every node's persistent dirty bitmaps back to their images
+    /// and release them from the nodes, as QEMU does when it closes or
+    /// inactivates a node. Dropping the context (closing the nodes) does
+    /// this too; a process that ends without dropping it calls this once
+    /// no more writes come (the nodes track no persistent bitmap after).
+    pub fn store_persistent_dirty_bitmaps(&self) -> Result<()> {
+        named::store_persistent(&self.graph)
+    }
+
     // ---- jobs ----------------------------------------------------------------
 
     /// Create a block job on `node` (QEMU's `block_job_create`): the id

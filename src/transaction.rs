@@ -18,7 +18,7 @@
 use std::sync::Arc;
 
 use crate::bitmap::DirtyBitmap;
-use crate::block::dirty_bitmap::{self as named, BdrvDirtyBitmap, BitmapRef};
+use crate::block::dirty_bitmap::{self as named, BdrvDirtyBitmap, BitmapCheck, BitmapRef};
 use crate::block::graph::Graph;
 use crate::block::snapshot::{self, SnapshotSync};
 use crate::block_jobs::backup::{self, BackupOptions};
@@ -194,14 +194,14 @@ fn prepare(
         }
         Action::BitmapRemove { node, name } => {
             let (_, b) = named::lookup(graph, &node, &name)?;
-            b.check_usable()?;
+            b.check(BitmapCheck::Remove)?;
             // Hidden from the other actions and commands until the end.
             b.set_busy(true);
             Prepared::Remove(graph.clone(), node, name, b)
         }
         Action::BitmapClear { node, name } => {
             let (_, b) = named::lookup(graph, &node, &name)?;
-            b.check_usable()?;
+            b.check(BitmapCheck::Default)?;
             let saved = saved_bits(&b)?;
             named::clear(graph, &node, &name)?;
             restore_bits(b, saved)

@@ -30,6 +30,7 @@ fn c_test_backend() {
 
 #[test]
 fn c_test_bitmap() {
+    common::require_tool("qemu-img");
     run("test_bitmap");
 }
 

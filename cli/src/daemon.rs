@@ -222,6 +222,12 @@ fn stop(ctx: &Context, servers: Vec<QmpServer>) {
             eprintln!("blockjob: Failed to flush node '{}': {e}", node.name());
         }
     }
+    // The process exits without closing its nodes: store the persistent
+    // bitmaps as closing them would (else they stay in-use on disk, and
+    // the next open finds them inconsistent).
+    if let Err(e) = ctx.store_persistent_dirty_bitmaps() {
+        eprintln!("blockjob: {e}");
+    }
     for mut s in servers {
         s.shutdown();
     }

@@ -673,3 +673,83 @@ fn blockdev_texts_accepted_by_qsd_are_accepted() {
     assert_eq!(results[1], results[0]);
     assert!(results[0].iter().any(|(n, _, _)| n == "n4"));
 }
+
+/// What `qemu-img info` lists under `bitmaps` for `img`.
+fn image_bitmaps(img: &Path) -> Value {
+    let out = Command::new("qemu-img")
+        .args(["info", "-U", "--output=json", img.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["format-specific"]["data"]["bitmaps"].clone()
+}
+
+#[test]
+fn persistent_bitmaps_are_stored_at_exit_like_qsd() {
+    common::require_tool("qemu-img");
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("qmp.sock");
+    let mut listed = Vec::new();
+    for qsd in [true, false] {
+        let img = dir.path().join(format!("{qsd}.qcow2"));
+        let st = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "16M"])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let mut args = s(&[
+            "--blockdev",
+            &format!(
+                "driver=qcow2,node-name=n,file.driver=file,file.filename={}",
+                img.display()
+            ),
+        ]);
+        args.extend(monitor_args(&sock, "m"));
+
+        // quit closes the image: the bitmap is stored, not in use.
+        let mut d = Daemon::start(qsd, &args, dir.path());
+        let mut c = Qmp::connect(&sock);
+        c.ok(
+            "block-dirty-bitmap-add",
+            json!({"node": "n", "name": "b", "persistent": true, "granularity": 4096}),
+        );
+        c.ok(
+            "block-dirty-bitmap-add",
+            json!({"node": "n", "name": "off", "persistent": true, "disabled": true}),
+        );
+        assert_eq!(c.command("quit", json!({})), json!({"return": {}}));
+        assert_eq!(
+            d.wait(Duration::from_secs(10)).code(),
+            Some(0),
+            "{}",
+            d.stderr()
+        );
+        let stored = image_bitmaps(&img);
+
+        // Killed with the image open: what it had loaded stays in use.
+        let mut d = Daemon::start(qsd, &args, dir.path());
+        let mut c = Qmp::connect(&sock);
+        let nodes = c.ok("query-named-block-nodes", json!({}));
+        let n = nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["node-name"] == "n");
+        let loaded = n.unwrap()["dirty-bitmaps"].clone();
+        d.signal("-KILL");
+        d.wait(Duration::from_secs(10));
+        let _ = std::fs::remove_file(&sock);
+        listed.push((stored, loaded, image_bitmaps(&img)));
+    }
+    assert_eq!(listed[0], listed[1]);
+    let (stored, loaded, crashed) = &listed[0];
+    // New bitmaps go to the directory newest first.
+    assert_eq!(
+        *stored,
+        json!([{"flags": [], "name": "off", "granularity": 65536},
+               {"flags": ["auto"], "name": "b", "granularity": 4096}])
+    );
+    assert_eq!(loaded.as_array().unwrap().len(), 2);
+    assert_eq!(crashed[1]["flags"], json!(["in-use", "auto"]));
+}

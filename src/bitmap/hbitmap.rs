@@ -495,6 +495,78 @@ impl DirtyBitmap {
         }
     }
 
+    /// Number of 64-bit words holding the bits (at least one, as in
+    /// QEMU's HBitmap): word `i` holds bits `64 i .. 64 i + 63`.
+    pub fn words(&self) -> usize {
+        self.levels[0].len()
+    }
+
+    /// Words `first_word ..` as little-endian bytes into `out` (QEMU's
+    /// serialization, and the qcow2 bitmap data layout: bit `i` is bit
+    /// `i % 8` of byte `i / 8`). Words past the end read as zero; a
+    /// trailing partial word is cut. Each word is read atomically, so a
+    /// concurrent setter's bits are either in the copy or not.
+    pub fn serialize_words(&self, first_word: usize, out: &mut [u8]) {
+        for (i, chunk) in out.chunks_mut(8).enumerate() {
+            let v = self.levels[0].get(first_word + i).map_or(0, |w| w.load(SC));
+            chunk.copy_from_slice(&v.to_le_bytes()[..chunk.len()]);
+        }
+    }
+
+    /// True when any of words `first_word .. first_word + n` has a bit set.
+    pub fn any_in_words(&self, first_word: usize, n: usize) -> bool {
+        let end = (first_word + n).min(self.levels[0].len());
+        (first_word.min(end)..end).any(|w| self.levels[0][w].load(SC) != 0)
+    }
+
+    /// Set the bits that are set in `data` (little-endian words from
+    /// `first_word` on, as [`serialize_words`](Self::serialize_words)
+    /// writes them); bits past the bitmap's last bit are ignored. Adds
+    /// bits only, so it is a setter like any other (lock-free).
+    pub fn deserialize_words_or(&self, first_word: usize, data: &[u8]) {
+        let mut added = 0i64;
+        for (i, chunk) in data.chunks(8).enumerate() {
+            let w = first_word + i;
+            let base = w as u64 * 64;
+            if w >= self.levels[0].len() || base >= self.nbits {
+                break;
+            }
+            let mut bytes = [0u8; 8];
+            bytes[..chunk.len()].copy_from_slice(chunk);
+            let mut v = u64::from_le_bytes(bytes);
+            if self.nbits - base < 64 {
+                v &= (1u64 << (self.nbits - base)) - 1;
+            }
+            if v == 0 {
+                continue;
+            }
+            // SeqCst: a set like any other (see `mark_up`).
+            let old = self.levels[0][w].fetch_or(v, SC);
+            added += (v & !old).count_ones() as i64;
+            self.mark_up(0, w);
+        }
+        if added != 0 {
+            self.count.fetch_add(added, Ordering::Relaxed);
+        }
+    }
+
+    /// QEMU's `hbitmap_sha256`: SHA-256 of the bit level as it lies in
+    /// QEMU's memory (its words as little-endian 64-bit integers, all of
+    /// them, at least one), in lowercase hex. Equal hashes mean equal bits
+    /// for bitmaps of the same size and granularity.
+    pub fn sha256_hex(&self) -> String {
+        let mut h = super::sha256::Sha256::new();
+        let mut buf = vec![0u8; 8 * 1024];
+        let mut w = 0;
+        while w < self.words() {
+            let n = (self.words() - w).min(1024);
+            self.serialize_words(w, &mut buf[..n * 8]);
+            h.update(&buf[..n * 8]);
+            w += n;
+        }
+        h.finish_hex()
+    }
+
     /// Tests and models: every summary bit over a non-zero word is set.
     #[cfg(test)]
     pub(crate) fn summaries_cover_leaves(&self) -> bool {

@@ -4,6 +4,7 @@
 //! (`block::dirty_bitmap`).
 
 pub mod hbitmap;
+pub mod sha256;
 
 pub use hbitmap::DirtyBitmap;
 

@@ -357,3 +357,57 @@ fn concurrent_sets_are_never_lost() {
         .count();
     assert_eq!(phantom, 0);
 }
+
+#[test]
+fn word_serialization_round_trips_and_masks_the_tail() {
+    // 100 bits: two words, the second one partly used.
+    let b = DirtyBitmap::new(100 * 512, 512).unwrap();
+    assert_eq!(b.words(), 2);
+    b.set_range(0, 512);
+    b.set_range(63 * 512, 2 * 512);
+    b.set_range(99 * 512, 512);
+    let mut out = [0u8; 16];
+    b.serialize_words(0, &mut out);
+    assert_eq!(
+        u64::from_le_bytes(out[..8].try_into().unwrap()),
+        1 | 1 << 63
+    );
+    assert_eq!(
+        u64::from_le_bytes(out[8..].try_into().unwrap()),
+        1 | 1 << 35
+    );
+    // Past the end: zeroes; a partial word: cut.
+    let mut more = [0xffu8; 20];
+    b.serialize_words(1, &mut more);
+    assert_eq!(&more[..8], &out[8..]);
+    assert_eq!(&more[8..], &[0; 12]);
+    assert!(b.any_in_words(1, 5));
+    assert!(!b.any_in_words(2, 5));
+
+    // Loading: bits past the last one are dropped, the count is exact.
+    let c = DirtyBitmap::new(100 * 512, 512).unwrap();
+    c.deserialize_words_or(0, &[0xff; 16]);
+    assert_eq!(c.count_bits(), 100);
+    assert!(c.summaries_cover_leaves());
+    let d = DirtyBitmap::new(100 * 512, 512).unwrap();
+    d.deserialize_words_or(0, &out);
+    assert_eq!(d.count_bits(), b.count_bits());
+    assert_eq!(d.sha256_hex(), b.sha256_hex());
+}
+
+#[test]
+fn sha256_is_qemus_hash_of_the_bit_level() {
+    // Recorded from qemu-storage-daemon 10: a 64 MiB node, granularity
+    // 64 KiB, bits 0-15 and 160 set; and the same bitmap empty.
+    let b = DirtyBitmap::new(64 * M, 64 * K).unwrap();
+    assert_eq!(
+        b.sha256_hex(),
+        "38723a2e5e8a17aa7950dc008209944e898f69a7bd10a23c839d341e935fd5ca"
+    );
+    b.set_range(0, M);
+    b.set_range(10 * M, 64 * K);
+    assert_eq!(
+        b.sha256_hex(),
+        "4afe3bc620c9bc81b6d6fc6f09e13de9d8e6b3ec725f337ddfd643678aef4822"
+    );
+}

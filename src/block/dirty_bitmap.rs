@@ -7,6 +7,21 @@
 //! bitmap after the write (also after a failed one, as QEMU does: it may
 //! have written part). Changes to the list are serialised by a mutex and
 //! publish a new list.
+//!
+//! Persistent bitmaps live in the node's image as well: a driver that can
+//! keep them (qcow2) implements [`PersistentBitmaps`]. It hands over the
+//! bitmaps it found in the image when the node is created, is asked
+//! before a new persistent bitmap is added, removes one from the image
+//! when the bitmap is removed, and writes them all back when the node
+//! closes (or on [`store_persistent`]). Invariant: a node's persistent
+//! bitmaps are exactly the ones its driver holds, in the same order.
+//!
+//! QEMU's states that forbid commands are kept per bitmap: busy (a job or
+//! export uses it), readonly (loaded from an image the node cannot write)
+//! and inconsistent (found `in-use` in the image: not saved after its
+//! last use, so its bits are unknown; it records nothing and only
+//! remove accepts it). Which command refuses which state is QEMU's
+//! `bdrv_dirty_bitmap_check` flags, recorded from qemu-storage-daemon 10.
 
 use std::sync::Arc;
 
@@ -42,6 +57,14 @@ pub struct BdrvDirtyBitmap {
     /// section the backup starts in; a write racing with the freeze lands
     /// in one of the two.
     frozen_flag: AtomicBool,
+    /// Kept in the node's image (written back when the node closes).
+    persistent: bool,
+    /// Loaded from an image the node cannot write: commands that change
+    /// the bits refuse it (QEMU's readonly bitmap).
+    readonly: bool,
+    /// Found `in-use` in the image: its bits are lost (QEMU's
+    /// inconsistent bitmap). Never recording.
+    inconsistent: bool,
 }
 
 impl std::fmt::Debug for BdrvDirtyBitmap {
@@ -62,7 +85,7 @@ pub struct BlockDirtyInfo {
     pub name: Option<String>,
     /// Enabled: records writes.
     pub recording: bool,
-    /// Stored in the image (never, for the drivers we have).
+    /// Stored in the image (qcow2).
     pub persistent: bool,
     /// In use by a job or an export.
     pub busy: bool,
@@ -70,6 +93,47 @@ pub struct BlockDirtyInfo {
     pub granularity: u64,
     /// Dirty bits × granularity.
     pub count: u64,
+    /// Present (true) only for a bitmap found `in-use` in its image, as
+    /// in QEMU.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub inconsistent: bool,
+}
+
+/// Which states a command refuses (QEMU's `BDRV_BITMAP_*` check flags).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BitmapCheck {
+    /// Busy, readonly or inconsistent: clear, merge into.
+    Default,
+    /// Busy or inconsistent: enable, disable, merge from.
+    AllowReadonly,
+    /// Busy or readonly: remove (an inconsistent bitmap can be removed).
+    Remove,
+}
+
+/// A format that keeps bitmaps in its image (qcow2): QEMU's driver
+/// callbacks for persistent bitmaps. Every method but
+/// [`loaded`](Self::loaded) is called under the node's bitmap lock.
+pub trait PersistentBitmaps: Send + Sync {
+    /// The bitmaps found in the image at open, in the node's order
+    /// (newest first), handed over once when the node `node_name` is
+    /// created.
+    fn loaded(&self, node_name: &str) -> Vec<Arc<BdrvDirtyBitmap>>;
+
+    /// Can a new persistent bitmap `name` of `granularity` be stored?
+    /// (QEMU's `bdrv_co_can_store_new_dirty_bitmap`, without its
+    /// `Can't make bitmap … persistent in …: ` prefix.)
+    fn can_store_new(&self, name: &str, granularity: u64) -> Result<()>;
+
+    /// Keep a new persistent bitmap (stored when the node closes).
+    fn register(&self, bitmap: &Arc<BdrvDirtyBitmap>);
+
+    /// Remove a persistent bitmap from the image, and forget it.
+    fn remove(&self, bitmap: &Arc<BdrvDirtyBitmap>) -> Result<()>;
+
+    /// Write every persistent bitmap back to the image and forget them
+    /// all (QEMU's store with release, as when it inactivates a node). On
+    /// failure nothing is forgotten.
+    fn store_and_release(&self) -> Result<()>;
 }
 
 impl BdrvDirtyBitmap {
@@ -123,7 +187,48 @@ impl BdrvDirtyBitmap {
             busy: AtomicBool::new(false),
             successor: Default::default(),
             frozen_flag: AtomicBool::new(false),
+            persistent: false,
+            readonly: false,
+            inconsistent: false,
         }))
+    }
+
+    /// Kept in the node's image.
+    pub fn is_persistent(&self) -> bool {
+        self.persistent
+    }
+
+    /// Loaded from an image the node cannot write.
+    pub fn is_readonly(&self) -> bool {
+        self.readonly
+    }
+
+    /// Found `in-use` in its image: the bits are lost.
+    pub fn is_inconsistent(&self) -> bool {
+        self.inconsistent
+    }
+
+    /// A named persistent bitmap as a format loads it from its image:
+    /// `recording` as the image says (an inconsistent bitmap never
+    /// records), `readonly` when the node cannot write the image.
+    pub fn loaded(
+        name: String,
+        bits: DirtyBitmap,
+        recording: bool,
+        readonly: bool,
+        inconsistent: bool,
+    ) -> Arc<BdrvDirtyBitmap> {
+        Arc::new(BdrvDirtyBitmap {
+            name: Some(name),
+            bits,
+            recording: AtomicBool::new(recording && !inconsistent),
+            busy: AtomicBool::new(false),
+            persistent: true,
+            readonly,
+            inconsistent,
+            successor: Default::default(),
+            frozen_flag: AtomicBool::new(false),
+        })
     }
 
     /// The query entry.
@@ -131,18 +236,36 @@ impl BdrvDirtyBitmap {
         BlockDirtyInfo {
             name: self.name.clone(),
             recording: self.is_recording(),
-            persistent: false,
+            persistent: self.persistent,
             busy: self.is_busy(),
             granularity: self.bits.granularity(),
             count: self.bits.count(),
+            inconsistent: self.inconsistent,
         }
     }
 
-    pub(crate) fn check_usable(&self) -> Result<()> {
+    /// QEMU's `bdrv_dirty_bitmap_check`: the first state `check` refuses,
+    /// in QEMU's order (busy, readonly, inconsistent), with its text.
+    pub fn check(&self, check: BitmapCheck) -> Result<()> {
+        let name = self.name.as_deref().unwrap_or("");
+        let (readonly, inconsistent) = match check {
+            BitmapCheck::Default => (true, true),
+            BitmapCheck::AllowReadonly => (false, true),
+            BitmapCheck::Remove => (true, false),
+        };
         if self.is_busy() {
             return Err(Error::generic(format!(
-                "Bitmap '{}' is currently in use by another operation and cannot be used",
-                self.name.as_deref().unwrap_or("")
+                "Bitmap '{name}' is currently in use by another operation and cannot be used"
+            )));
+        }
+        if readonly && self.readonly {
+            return Err(Error::generic(format!(
+                "Bitmap '{name}' is readonly and cannot be modified"
+            )));
+        }
+        if inconsistent && self.inconsistent {
+            return Err(Error::generic(format!(
+                "Bitmap '{name}' is inconsistent and cannot be used"
             )));
         }
         Ok(())
@@ -159,6 +282,15 @@ pub struct NodeBitmaps {
 }
 
 impl NodeBitmaps {
+    /// The bitmaps of a node whose driver found persistent bitmaps in its
+    /// image (newest first).
+    pub fn with_loaded(bitmaps: Vec<Arc<BdrvDirtyBitmap>>) -> Self {
+        NodeBitmaps {
+            list: ArcSwap::from_pointee(bitmaps),
+            lock: Mutex::new(()),
+        }
+    }
+
     /// Mark `[offset, offset + len)` dirty in every recording bitmap (a
     /// frozen one's successor records for it).
     pub fn set_dirty(&self, offset: u64, len: u64) {
@@ -176,7 +308,11 @@ impl NodeBitmaps {
     /// an anonymous bitmap, recording as `b` did, takes its writes from
     /// now on; `b` keeps its bits, shows as busy and refuses commands.
     pub fn create_successor(&self, b: &Arc<BdrvDirtyBitmap>) -> Result<Arc<BdrvDirtyBitmap>> {
-        b.check_usable()?;
+        if b.is_busy() {
+            return Err(Error::generic(
+                "Cannot create a successor for a bitmap that is in-use by an operation",
+            ));
+        }
         let s = self.add_anonymous(b.bits.size(), b.bits.granularity(), b.is_recording())?;
         *b.successor.lock() = Some(s.clone());
         b.frozen_flag.store(true, Ordering::Relaxed);
@@ -228,6 +364,9 @@ impl NodeBitmaps {
             busy: AtomicBool::new(false),
             successor: Default::default(),
             frozen_flag: AtomicBool::new(false),
+            persistent: false,
+            readonly: false,
+            inconsistent: false,
         });
         let _g = self.guard();
         let mut list = self.list();
@@ -315,14 +454,27 @@ pub fn add(
         Some(g) => u64::from(g),
         None => default_granularity(&n),
     };
-    if persistent == Some(true) {
-        return Err(Error::generic(format!(
-            "Can't store persistent bitmaps to {}: Operation not supported",
-            n.name()
-        )));
-    }
     let bm = n.bitmaps();
     let _g = bm.guard();
+    let persistent = persistent == Some(true);
+    if persistent {
+        // QEMU's bdrv_can_store_new_dirty_bitmap.
+        let Some(store) = n.driver().persistent_bitmaps() else {
+            return Err(Error::generic(format!(
+                "Can't store persistent bitmaps to {}: Operation not supported",
+                device_or_node_name(graph, &n)
+            )));
+        };
+        if bm.find(name).is_some() {
+            return Err(Error::generic(format!("Bitmap already exists: {name}")));
+        }
+        store.can_store_new(name, granularity).map_err(|e| {
+            e.prepend(format!(
+                "Can't make bitmap '{name}' persistent in '{}': ",
+                device_or_node_name(graph, &n)
+            ))
+        })?;
+    }
     if bm.find(name).is_some() {
         return Err(Error::generic(format!("Bitmap already exists: {name}")));
     }
@@ -337,19 +489,40 @@ pub fn add(
         busy: AtomicBool::new(false),
         successor: Default::default(),
         frozen_flag: AtomicBool::new(false),
+        persistent,
+        readonly: false,
+        inconsistent: false,
     });
+    if persistent && let Some(store) = n.driver().persistent_bitmaps() {
+        store.register(&b);
+    }
     let mut list = bm.list();
     list.insert(0, b.clone());
     bm.list.store(Arc::new(list));
     Ok(b)
 }
 
-/// `block-dirty-bitmap-remove`.
+/// QEMU's `bdrv_get_device_or_node_name`.
+fn device_or_node_name(graph: &Graph, n: &Arc<Node>) -> String {
+    let dev = graph.device_name(n);
+    if dev.is_empty() {
+        n.name().to_string()
+    } else {
+        dev
+    }
+}
+
+/// `block-dirty-bitmap-remove`: a persistent bitmap leaves the image too.
 pub fn remove(graph: &Graph, node: &str, name: &str) -> Result<()> {
     let (n, b) = lookup(graph, node, name)?;
     let bm = n.bitmaps();
     let _g = bm.guard();
-    b.check_usable()?;
+    b.check(BitmapCheck::Remove)?;
+    if b.persistent
+        && let Some(store) = n.driver().persistent_bitmaps()
+    {
+        store.remove(&b)?;
+    }
     let list: Vec<_> = bm
         .list()
         .into_iter()
@@ -363,7 +536,7 @@ pub fn remove(graph: &Graph, node: &str, name: &str) -> Result<()> {
 pub fn clear(graph: &Graph, node: &str, name: &str) -> Result<()> {
     let (n, b) = lookup(graph, node, name)?;
     let _g = n.bitmaps().guard();
-    b.check_usable()?;
+    b.check(BitmapCheck::Default)?;
     b.bits.clear();
     Ok(())
 }
@@ -372,7 +545,7 @@ pub fn clear(graph: &Graph, node: &str, name: &str) -> Result<()> {
 pub fn set_recording(graph: &Graph, node: &str, name: &str, recording: bool) -> Result<()> {
     let (n, b) = lookup(graph, node, name)?;
     let _g = n.bitmaps().guard();
-    b.check_usable()?;
+    b.check(BitmapCheck::AllowReadonly)?;
     b.recording.store(recording, Ordering::Relaxed);
     Ok(())
 }
@@ -397,14 +570,14 @@ pub enum BitmapRef {
 /// list merges nothing (QEMU 10.0 crashes on it).
 pub fn merge(graph: &Graph, node: &str, target: &str, bitmaps: &[BitmapRef]) -> Result<()> {
     let (n, dst) = lookup(graph, node, target)?;
-    dst.check_usable()?;
+    dst.check(BitmapCheck::Default)?;
     let mut sources = Vec::with_capacity(bitmaps.len());
     for r in bitmaps {
         let src = match r {
             BitmapRef::Name(name) => lookup(graph, node, name)?.1,
             BitmapRef::Node { node, name } => lookup(graph, node, name)?.1,
         };
-        src.check_usable()?;
+        src.check(BitmapCheck::AllowReadonly)?;
         if src.bits.size() != dst.bits.size() {
             return Err(Error::generic(format!(
                 "Bitmaps are of different sizes (destination size is {}, source size is {}) and can't be merged",
@@ -435,4 +608,45 @@ pub fn set_busy(graph: &Graph, node: &str, name: &str, busy: bool) -> Result<()>
 pub fn query(graph: &Graph, node: &str) -> Result<Vec<BlockDirtyInfo>> {
     let n = lookup_node(graph, node)?;
     Ok(n.bitmaps().list().iter().map(|b| b.info()).collect())
+}
+
+/// `x-debug-block-dirty-bitmap-sha256`: QEMU's hash of the bits (see
+/// [`DirtyBitmap::sha256_hex`]); no state is refused, as in QEMU.
+pub fn sha256(graph: &Graph, node: &str, name: &str) -> Result<String> {
+    let (_, b) = lookup(graph, node, name)?;
+    Ok(b.bits.sha256_hex())
+}
+
+/// Write the persistent bitmaps of every node back to their images and
+/// release them from the nodes (QEMU stores them so when it closes or
+/// inactivates a node). For a process about to end without dropping its
+/// nodes: afterwards the nodes track no persistent bitmap, so call it
+/// when no more writes come. Every node is tried; the first error is
+/// returned.
+pub fn store_persistent(graph: &Graph) -> Result<()> {
+    let mut first = Ok(());
+    for n in graph.nodes() {
+        let Some(store) = n.driver().persistent_bitmaps() else {
+            continue;
+        };
+        let bm = n.bitmaps();
+        let _g = bm.guard();
+        let r = store.store_and_release();
+        if r.is_ok() {
+            let list: Vec<_> = bm.list().into_iter().filter(|b| !b.persistent).collect();
+            bm.list.store(Arc::new(list));
+        }
+        // On failure the bitmaps stay (in the node and, in-use, in the
+        // image): closing the node tries again.
+        if let Err(e) = r {
+            let e = e.prepend(format!(
+                "Lost persistent bitmaps during inactivation of node '{}': ",
+                device_or_node_name(graph, &n)
+            ));
+            if first.is_ok() {
+                first = Err(e);
+            }
+        }
+    }
+    first
 }

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use super::copy_range;
+use super::dirty_bitmap::PersistentBitmaps;
 use super::{BlkdebugEvent, Node};
 use crate::error::Result;
 
@@ -154,6 +155,12 @@ pub trait BlockDriver: std::any::Any + Send + Sync + 'static {
 
     /// Cluster size, for drivers that have one.
     fn cluster_size(&self) -> Option<u64> {
+        None
+    }
+
+    /// Formats that keep dirty bitmaps in their image (qcow2): how the
+    /// generic bitmap layer reaches them. The default keeps none.
+    fn persistent_bitmaps(&self) -> Option<&dyn PersistentBitmaps> {
         None
     }
 

@@ -66,6 +66,12 @@ impl Node {
         read_only: bool,
         drv: Box<dyn BlockDriver>,
     ) -> Arc<Node> {
+        // Bitmaps the format found in its image are the node's from the
+        // start, before any write can miss them.
+        let loaded = drv
+            .persistent_bitmaps()
+            .map(|p| p.loaded(&name))
+            .unwrap_or_default();
         Arc::new(Node {
             name,
             auto_named,
@@ -78,7 +84,7 @@ impl Node {
             parents: Mutex::new(Parents::default()),
             detect_zeroes: AtomicU8::new(0),
             discard: AtomicBool::new(false),
-            bitmaps: NodeBitmaps::default(),
+            bitmaps: NodeBitmaps::with_loaded(loaded),
         })
     }
 

@@ -24,7 +24,7 @@ use std::thread::JoinHandle;
 use super::block_job::{add_node, block_job_create, job_flags};
 use crate::block::block_copy::{BlockCopy, CopyError};
 use crate::block::copy_before_write::{self, CbwOptions, CbwShared, CopyBeforeWrite, OnCbwError};
-use crate::block::dirty_bitmap::BdrvDirtyBitmap;
+use crate::block::dirty_bitmap::{BdrvDirtyBitmap, BitmapCheck};
 use crate::block::graph::Graph;
 use crate::block::{BlockOp, Node, UserKind, chain};
 use crate::engine::{Engine, Job, JobDriver, JobTxn};
@@ -454,7 +454,7 @@ pub fn backup_create(
                 "Bitmap sync mode must be given when providing a bitmap",
             ));
         };
-        b.check_usable()?;
+        b.check(BitmapCheck::AllowReadonly)?;
         if sync == MirrorSyncMode::None {
             return Err(Error::generic(
                 "sync mode 'none' does not produce meaningful bitmap outputs",
@@ -500,7 +500,7 @@ pub fn backup_create(
     if let Some((b, mode)) = &sync_bitmap
         && *mode != BitmapSyncMode::Never
     {
-        b.check_usable()?;
+        b.check(BitmapCheck::Default)?;
     }
     if bs.len()? != target.len()? {
         return Err(Error::generic(

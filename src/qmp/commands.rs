@@ -60,6 +60,7 @@ pub const COMMANDS: &[&str] = &[
     "block-dirty-bitmap-enable",
     "block-dirty-bitmap-disable",
     "block-dirty-bitmap-merge",
+    "x-debug-block-dirty-bitmap-sha256",
 ];
 
 /// `qmp_capabilities`' arguments: `enable`, a list of capabilities.
@@ -198,6 +199,12 @@ pub fn dispatch(ctx: &Context, name: &str, args: &Value) -> Result<Value> {
         "transaction" => {
             let (actions, mode) = transaction(o)?;
             ok(ctx.transaction(actions, mode))
+        }
+        "x-debug-block-dirty-bitmap-sha256" => {
+            let node = o.req_str("node")?;
+            let bname = o.req_str("name")?;
+            o.finish_ref()?;
+            named::sha256(ctx.graph(), &node, &bname).map(|h| json!({ "sha256": h }))
         }
         _ => {
             return Err(Error::with_class(

@@ -1,9 +1,14 @@
-//! The qcow2 header fields imago does not let us change: the backing link.
+//! The qcow2 header fields imago does not let us change: the backing link,
+//! the autoclear bits and the bitmaps extension.
 //!
 //! imago keeps its header private and changes the backing file only in
 //! memory, so when a stream or commit job finishes we patch cluster 0
 //! ourselves, laid out as QEMU's `qcow2_update_header` does. Close the image
-//! in imago first, call [`set_backing`], then reopen it.
+//! in imago first, call [`set_backing`], then reopen it. The persistent
+//! bitmaps ([`super::bitmaps`]) rewrite their extension and autoclear bit
+//! with [`update_node_header`] and [`write_autoclear`]; imago writes the
+//! header only when it opens an image (and then only the fields it owns
+//! after that), so these patches stay.
 //!
 //! Errors carry QEMU's words (`qcow2_do_open`, `qcow2_read_extensions`,
 //! `qcow2_change_backing_file`), so messages match what `qemu-img` prints
@@ -54,7 +59,19 @@ pub struct Qcow2Header {
     pub compatible_features: u64,
     /// Feature bits a writer that does not know them must clear; 0 for v2.
     pub autoclear_features: u64,
+    /// Refcount width is `1 << refcount_order` bits; 4 for v2.
+    pub refcount_order: u32,
+    /// Where the refcount table starts.
+    pub refcount_table_offset: u64,
+    /// Clusters the refcount table occupies.
+    pub refcount_table_clusters: u32,
+    /// Every header extension but the backing format and the end marker,
+    /// in order: `(type, data)`.
+    pub extensions: Vec<(u32, Vec<u8>)>,
 }
+
+/// Byte offset of `autoclear_features` in a v3 header.
+pub(crate) const AUTOCLEAR_OFFSET: u64 = 88;
 
 /// Reads and checks the header of the qcow2 image `f`.
 pub fn read_header(f: &File) -> Result<Qcow2Header> {
@@ -94,9 +111,35 @@ pub fn set_backing(f: &File, backing: Option<(&str, Option<&str>)>) -> Result<()
         }
     }
 
+    let buf = rebuild(
+        &parsed,
+        &parsed.others,
+        backing,
+        parsed.header.autoclear_features,
+    )?;
+    f.write_all_at(&buf, 0)?;
+    f.sync_data()?;
+    Ok(())
+}
+
+/// Cluster 0 as it would be with the extensions `others` (backing format
+/// and end marker aside), the backing link `backing` and `autoclear`:
+/// what to write at offset 0, including zeroes over whatever the old
+/// extensions and name used past the new end (QEMU zeroes the whole
+/// cluster). `ENOSPC` when it would outgrow cluster 0.
+fn rebuild(
+    parsed: &Parsed,
+    others: &[(u32, Vec<u8>)],
+    backing: Option<(&str, Option<&str>)>,
+    autoclear: u64,
+) -> Result<Vec<u8>> {
     // Build the whole new header area in memory before writing anything.
-    let mut buf = parsed.fixed;
-    for (kind, data) in &parsed.others {
+    let mut buf = parsed.fixed.clone();
+    if parsed.header.version >= 3 {
+        let at = AUTOCLEAR_OFFSET as usize;
+        buf[at..at + 8].copy_from_slice(&autoclear.to_be_bytes());
+    }
+    for (kind, data) in others {
         push_extension(&mut buf, *kind, data);
     }
     if let Some((_, Some(fmt))) = backing {
@@ -126,10 +169,36 @@ pub fn set_backing(f: &File, backing: Option<(&str, Option<&str>)>) -> Result<()
     if buf.len() < parsed.used_end {
         buf.resize(parsed.used_end, 0);
     }
+    Ok(buf)
+}
 
-    f.write_all_at(&buf, 0)?;
-    f.sync_data()?;
-    Ok(())
+/// Rewrites cluster 0 of the image in `node` with its extensions and
+/// autoclear bits changed by `change` (the backing link is kept), then
+/// flushes the node. For v3 images only (v2 has no autoclear field).
+pub fn update_node_header(
+    node: &crate::block::Node,
+    change: impl FnOnce(&mut Vec<(u32, Vec<u8>)>, &mut u64),
+) -> Result<()> {
+    let parsed = parse_node(node)?;
+    let mut others = parsed.others.clone();
+    let mut autoclear = parsed.header.autoclear_features;
+    change(&mut others, &mut autoclear);
+    let backing = parsed
+        .header
+        .backing_file
+        .as_deref()
+        .map(|n| (n, parsed.header.backing_format.as_deref()));
+    let buf = rebuild(&parsed, &others, backing, autoclear)?;
+    node.pwrite(0, &buf)?;
+    node.flush()
+}
+
+/// Writes the autoclear bits of the v3 image in `node` in place and
+/// flushes the node: QEMU's way to say "the bitmaps extension is being
+/// rewritten" (bit clear) and "it is valid again" (bit set).
+pub fn write_autoclear(node: &crate::block::Node, autoclear: u64) -> Result<()> {
+    node.pwrite(AUTOCLEAR_OFFSET, &autoclear.to_be_bytes())?;
+    node.flush()
 }
 
 /// A parsed header and what [`set_backing`] needs to rebuild cluster 0.
@@ -153,14 +222,17 @@ fn parse(f: &File) -> Result<Parsed> {
 /// The header of the image in `node`, read through the node (so a
 /// blkdebug node under a qcow2 sees the read, as in QEMU).
 pub fn read_node_header(node: &crate::block::Node) -> Result<Qcow2Header> {
-    Ok(parse_from(|buf| {
+    Ok(parse_node(node)?.header)
+}
+
+fn parse_node(node: &crate::block::Node) -> Result<Parsed> {
+    parse_from(|buf| {
         // Past the end reads as zeroes, as in read_zero_filled.
         let n = (buf.len() as u64).min(node.len()?) as usize;
         node.pread(0, &mut buf[..n])?;
         buf[n..].fill(0);
         Ok(())
-    })?
-    .header)
+    })
 }
 
 /// [`parse`] over any way to read the start of the image into a buffer.
@@ -183,8 +255,8 @@ fn parse_from(read_start: impl Fn(&mut [u8]) -> Result<()>) -> Result<Parsed> {
         )));
     }
     let cluster_size = 1usize << cluster_bits;
-    let (header_length, incompatible, compatible, autoclear) = if version == 2 {
-        (V2_HEADER_LENGTH, 0, 0, 0)
+    let (header_length, incompatible, compatible, autoclear, refcount_order) = if version == 2 {
+        (V2_HEADER_LENGTH, 0, 0, 0, 4)
     } else {
         let header_length = be32(&fixed, 100);
         if header_length < V3_MIN_HEADER_LENGTH {
@@ -195,6 +267,7 @@ fn parse_from(read_start: impl Fn(&mut [u8]) -> Result<()>) -> Result<Parsed> {
             be64(&fixed, 72),
             be64(&fixed, 80),
             be64(&fixed, 88),
+            be32(&fixed, 96),
         )
     };
     if header_length as usize > cluster_size {
@@ -232,6 +305,12 @@ fn parse_from(read_start: impl Fn(&mut [u8]) -> Result<()>) -> Result<Parsed> {
         let data = &cluster[pos..pos + len];
         match kind {
             EXT_END => break,
+            // QEMU checks it where it finds it: its errors come before
+            // those of extensions after it.
+            super::bitmaps::EXT_BITMAPS => {
+                super::bitmaps::check_extension(data, autoclear, cluster_size as u64)?;
+                others.push((kind, data.to_vec()));
+            }
             EXT_BACKING_FORMAT => {
                 if len > MAX_BACKING_FORMAT {
                     return Err(Error::generic(format!(
@@ -273,6 +352,10 @@ fn parse_from(read_start: impl Fn(&mut [u8]) -> Result<()>) -> Result<Parsed> {
             incompatible_features: incompatible,
             compatible_features: compatible,
             autoclear_features: autoclear,
+            refcount_order,
+            refcount_table_offset: be64(&fixed, 48),
+            refcount_table_clusters: be32(&fixed, 56),
+            extensions: others.clone(),
         },
         fixed: cluster[..header_length as usize].to_vec(),
         others,

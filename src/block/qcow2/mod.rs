@@ -13,8 +13,18 @@
 //! happens in drained sections: the driver reopens its imago image with
 //! the new backing layer, after the header's backing link was rewritten
 //! on disk ([`header`]).
+//!
+//! Persistent dirty bitmaps ([`persistent`], in the format of
+//! [`bitmaps`]) are ours too: imago neither reads nor keeps them. Their
+//! clusters are allocated by [`refcount`] while imago is quiescent (its
+//! caches written back under the layer's write lock), and imago reopens
+//! the image afterwards to see the new refcounts; at close they are
+//! stored after imago's last flush.
 
+pub mod bitmaps;
 pub mod header;
+pub mod persistent;
+pub mod refcount;
 pub mod storage;
 
 use crate::locks::{RwLock, RwLockReadGuard};
@@ -26,8 +36,10 @@ use imago::{
     DenyImplicitOpenGate, FormatAccess, FormatCreateBuilder, FormatDriverBuilder, ShallowMapping,
 };
 
+use self::persistent::Persist;
 use self::storage::{NodeStorage, from_io};
 use super::child::ChildEdge;
+use super::dirty_bitmap::{BdrvDirtyBitmap, PersistentBitmaps};
 use super::{BlkdebugEvent, BlockDriver, BlockStatus, Node, NodeChild};
 use crate::error::{Error, Result};
 
@@ -55,6 +67,9 @@ pub struct Qcow2Driver {
     /// What the header says: `(name, format)` (read at open, rewritten by
     /// [`change_backing`]).
     header_backing: crate::locks::Mutex<Option<(String, Option<String>)>>,
+    /// The persistent bitmaps. Its lock also serialises our rewrites of
+    /// the header (bitmaps, backing link); taken before `layer`.
+    persist: Arc<Persist>,
 }
 
 /// imago's view of a backing node: `raw` over the edge to it.
@@ -66,18 +81,45 @@ fn backing_view(edge: &Arc<ChildEdge>) -> Result<Arc<Access>> {
     Ok(Arc::new(FormatAccess::new(raw)))
 }
 
+/// Run `f` on a thread of ours and wait for it. imago's write path (in
+/// debug builds) asks std for the current thread's handle; on a C host's
+/// main thread std allocates that handle once and never frees it, which
+/// valgrind reports as possibly lost. So imago's writes outside I/O
+/// requests (opening an image writable rewrites its header when it has
+/// autoclear bits, as every image with bitmaps has; flushing; closing) go
+/// through here. (`thread::scope` would ask for the current thread's
+/// handle too.)
+fn on_imago_thread<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .map_err(Error::from)?
+        .join()
+        .unwrap_or_else(|_| Err(Error::generic(format!("internal error: {name} panicked"))))
+}
+
+/// Open the image in imago; `keep_autoclear`: the autoclear bits imago
+/// must leave set (see [`storage`]).
 fn open_image(
     file: &Arc<ChildEdge>,
     writable: bool,
     backing: Option<&Arc<ChildEdge>>,
+    keep_autoclear: u64,
 ) -> Result<Access> {
-    let backing = backing.map(backing_view).transpose()?;
-    let image = Image::builder(NodeStorage::new(file.clone()))
-        .write(writable)
-        .backing(backing)
-        .open(DenyImplicitOpenGate::default())
-        .map_err(|e| open_error(&file.get(), e))?;
-    Ok(FormatAccess::new(image))
+    let (file, backing) = (file.clone(), backing.cloned());
+    on_imago_thread("qcow2-open", move || {
+        let backing = backing.as_ref().map(backing_view).transpose()?;
+        let storage = NodeStorage::new(file.clone()).keeping_autoclear(keep_autoclear);
+        let image = Image::builder(storage)
+            .write(writable)
+            .backing(backing)
+            .open(DenyImplicitOpenGate::default())
+            .map_err(|e| open_error(&file.get(), e))?;
+        Ok(FormatAccess::new(image))
+    })
 }
 
 /// QEMU's texts for images imago refuses.
@@ -93,13 +135,22 @@ impl Qcow2Driver {
     /// Open the image in `file`. `backing`: the backing node, or `None`
     /// for no backing layer (the header's link is then not followed; see
     /// [`Qcow2Driver::header_backing`] for what it says).
+    ///
+    /// The image's persistent bitmaps are read first (an image whose
+    /// bitmaps QEMU refuses is refused before anything is written); opened
+    /// writable, they are then marked in-use on disk, as QEMU does.
     pub fn open(file: Arc<Node>, writable: bool, backing: Option<Arc<Node>>) -> Result<Self> {
         let hdr = header::read_node_header(&file)?;
         let file_is_blkdebug = file.driver_name() == "blkdebug";
         let file = Arc::new(ChildEdge::new(file));
+        let persist = Arc::new(Persist::load(file.clone(), &hdr, writable)?);
         let backing = backing.map(|b| Arc::new(ChildEdge::new(b)));
-        let access = open_image(&file, writable, backing.as_ref())?;
+        let access = open_image(&file, writable, backing.as_ref(), persist.keep_autoclear())?;
+        if writable {
+            persist.activate()?;
+        }
         Ok(Qcow2Driver {
+            persist,
             file_is_blkdebug,
             file,
             writable,
@@ -130,9 +181,41 @@ impl Qcow2Driver {
         let mut l = self.layer.write();
         l.access.flush().map_err(from_io)?;
         let backing = backing.map(|b| Arc::new(ChildEdge::new(b)));
-        let access = Arc::new(open_image(&self.file, self.writable, backing.as_ref())?);
+        let access = Arc::new(open_image(
+            &self.file,
+            self.writable,
+            backing.as_ref(),
+            self.persist.keep_autoclear(),
+        )?);
         *l = Layer { access, backing };
         Ok(())
+    }
+
+    /// Run `f` with imago quiescent (its caches written back, no request
+    /// in flight), then reopen the image in imago so that it reads the
+    /// refcounts `f` may have changed. Call with the persist lock held.
+    fn with_imago_quiesced(&self, f: impl FnOnce() -> Result<()>) -> Result<()> {
+        let mut l = self.layer.write();
+        let access = l.access.clone();
+        on_imago_thread("qcow2-flush", move || access.flush().map_err(from_io))?;
+        let r = f();
+        let reopened = open_image(
+            &self.file,
+            self.writable,
+            l.backing.as_ref(),
+            self.persist.keep_autoclear(),
+        );
+        match reopened {
+            Ok(access) => l.access = Arc::new(access),
+            // The old instance stays, with a stale view of the refcounts:
+            // an allocation of its could take a cluster of ours. Opening
+            // the image it has open fails only on I/O errors, and then the
+            // image is in trouble anyway; say so.
+            Err(e) => {
+                return Err(e.prepend("Could not reopen the image after updating its bitmaps: "));
+            }
+        }
+        r
     }
 
     /// The `file` child.
@@ -173,6 +256,8 @@ pub fn change_backing(
         .write(true)
         .open(&path)
         .map_err(|e| Error::from(e).prepend(format!("Could not open '{path}': ")))?;
+    // Our header rewrites one at a time (the bitmaps rewrite it too).
+    let _header = drv.persist.lock();
     // imago keeps metadata in its caches: written out before the header
     // changes under it, and the image reopened after.
     drv.layer().access.flush().map_err(from_io)?;
@@ -188,22 +273,25 @@ pub fn change_backing(
 
 impl Drop for Qcow2Driver {
     fn drop(&mut self) {
-        // imago writes its cached metadata back when dropped, and its write
-        // path asks std for the current thread's handle. On a C host's
-        // main thread std allocates that handle once and never frees it
-        // (valgrind reports it as possibly lost), so write back from a
-        // thread of ours; imago's own drop then finds nothing to write.
+        // imago writes its cached metadata back when dropped: written back
+        // on a thread of ours first (see `on_imago_thread`), so imago's own
+        // drop finds nothing to write.
         let access = self.layer.get_mut().access.clone();
-        // (`thread::scope` would ask for the current thread's handle too.)
-        let writer = std::thread::Builder::new()
-            .name("qcow2-close".into())
-            .spawn(move || access.flush());
-        let r = match writer {
-            Ok(h) => h
-                .join()
-                .unwrap_or_else(|_| Err(std::io::Error::other("panicked"))),
-            Err(e) => Err(e),
-        };
+        let persist = self.persist.clone();
+        let r = on_imago_thread("qcow2-close", move || {
+            access.flush().map_err(from_io)?;
+            // After imago's last write: it will not allocate again.
+            let mut st = persist.lock();
+            if let Err(e) = persist.store(&mut st, true) {
+                // Nobody to return it to; QEMU reports it so too.
+                eprintln!(
+                    "blockjob: Lost persistent bitmaps during inactivation of node '{}': {}",
+                    st.node_name(),
+                    e.message()
+                );
+            }
+            Ok(())
+        });
         if let Err(e) = r {
             // Nobody to return it to: the node is going away.
             eprintln!("blockjob: qcow2 flush at close failed: {e}");
@@ -375,6 +463,10 @@ impl BlockDriver for Qcow2Driver {
         Some(self.cluster_size)
     }
 
+    fn persistent_bitmaps(&self) -> Option<&dyn PersistentBitmaps> {
+        Some(self)
+    }
+
     fn filename(&self) -> String {
         self.file().filename()
     }
@@ -383,5 +475,37 @@ impl BlockDriver for Qcow2Driver {
         // A backing link other than the header's would need a `backing`
         // member; the jobs' filters sit above images opened plainly.
         Some(serde_json::json!({"driver": "qcow2", "file": self.file().driver().open_options()?}))
+    }
+}
+
+impl PersistentBitmaps for Qcow2Driver {
+    fn loaded(&self, node_name: &str) -> Vec<Arc<BdrvDirtyBitmap>> {
+        self.persist.lock().hand_over(node_name)
+    }
+
+    fn can_store_new(&self, name: &str, granularity: u64) -> Result<()> {
+        self.persist.can_store_new(name, granularity)
+    }
+
+    fn register(&self, bitmap: &Arc<BdrvDirtyBitmap>) {
+        self.persist.lock().register(bitmap);
+    }
+
+    fn remove(&self, bitmap: &Arc<BdrvDirtyBitmap>) -> Result<()> {
+        let mut st = self.persist.lock();
+        let name = bitmap.name().unwrap_or_default();
+        if self.writable {
+            self.with_imago_quiesced(|| self.persist.remove_from_image(&mut st, name))?;
+        }
+        st.forget(bitmap);
+        Ok(())
+    }
+
+    fn store_and_release(&self) -> Result<()> {
+        let mut st = self.persist.lock();
+        if st.is_empty() {
+            return Ok(());
+        }
+        self.with_imago_quiesced(|| self.persist.store(&mut st, true))
     }
 }

@@ -4,6 +4,12 @@
 //! storage reads the node through the qcow2 node's edge, so moving the
 //! edge (a filter put above the file or the backing node) moves imago's
 //! I/O with it, without reopening the image.
+//!
+//! imago clears every autoclear bit of the header when it opens an image
+//! for writing (it knows none of the features they vouch for). A storage
+//! made [`NodeStorage::keeping_autoclear`] puts the bits we do maintain
+//! back into that header write, so the bitmaps extension never looks
+//! invalid on disk, not even for a moment.
 
 use std::fmt;
 use std::io;
@@ -22,7 +28,12 @@ use crate::error::Error;
 pub struct NodeStorage {
     edge: Arc<ChildEdge>,
     helper: CommonStorageHelper,
+    /// Autoclear bits to keep set in writes of the header.
+    keep_autoclear: u64,
 }
+
+/// Where the autoclear bits are in a v3 header.
+const AUTOCLEAR: std::ops::Range<u64> = 88..96;
 
 impl NodeStorage {
     /// Storage on whatever node `edge` points at.
@@ -30,7 +41,16 @@ impl NodeStorage {
         NodeStorage {
             edge,
             helper: CommonStorageHelper::default(),
+            keep_autoclear: 0,
         }
+    }
+
+    /// Keep the autoclear bits `bits` set whenever imago writes the
+    /// header (it rewrites the header only when it opens the image, and
+    /// then with every autoclear bit clear).
+    pub fn keeping_autoclear(mut self, bits: u64) -> Self {
+        self.keep_autoclear = bits;
+        self
     }
 
     /// Storage on `node` alone (no edge anyone else can move).
@@ -119,6 +139,19 @@ impl Storage for NodeStorage {
     }
 
     unsafe fn pure_writev(&self, bufv: IoVector<'_>, offset: u64) -> io::Result<()> {
+        let len = bufv.len();
+        if self.keep_autoclear != 0 && offset <= AUTOCLEAR.start && offset + len >= AUTOCLEAR.end {
+            // A header write: gather it, and set the bits to keep.
+            let mut buf = Vec::with_capacity(len as usize);
+            for slice in bufv.into_inner() {
+                buf.extend_from_slice(&slice);
+            }
+            let at = (AUTOCLEAR.start - offset) as usize;
+            let field: [u8; 8] = buf[at..at + 8].try_into().expect("8 bytes");
+            let bits = u64::from_be_bytes(field) | self.keep_autoclear;
+            buf[at..at + 8].copy_from_slice(&bits.to_be_bytes());
+            return self.node().pwrite(offset, &buf).map_err(to_io);
+        }
         let mut off = offset;
         for slice in bufv.into_inner() {
             let b: &[u8] = &slice;
