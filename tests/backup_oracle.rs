@@ -27,21 +27,32 @@ const MIB: u64 = 1 << 20;
 /// once through blkdebug), a bitmap `b0` on src, the guest attached, and
 /// 16 fragmented 64 KiB guest writes (b0 counts 1 MiB).
 fn setup(side: &mut dyn Guest, dir: &Path, fail_sector: Option<u64>) {
+    setup_failing(side, dir, fail_sector.map(|s| ("tgt", s, libc::EIO)));
+}
+
+/// [`setup`] with one error, once: on `tgt` (`write_aio`) or on `src`
+/// (`read_aio`, src then raw over blkdebug), at `sector`, with `errno`.
+fn setup_failing(side: &mut dyn Guest, dir: &Path, fail: Option<(&str, u64, i32)>) {
     img(dir, "src.img", Some(7));
     img(dir, "tgt.img", None);
-    side.cmd(
-        "blockdev-add",
-        json!({"driver": "file", "node-name": "src", "filename": dir.join("src.img")}),
-    )
-    .unwrap();
-    let file = json!({"driver": "file", "filename": dir.join("tgt.img")});
-    let tgt = match fail_sector {
-        None => json!({"driver": "raw", "node-name": "tgt", "file": file}),
-        Some(sector) => json!({"driver": "raw", "node-name": "tgt", "file": {
-            "driver": "blkdebug", "image": file,
-            "inject-error": [{"event": "write_aio", "errno": 5, "sector": sector, "once": true}]}}),
+    let node = |name: &str, f: &str, event: &str| {
+        let file = json!({"driver": "file", "filename": dir.join(f)});
+        match fail {
+            Some((n, sector, errno)) if n == name => {
+                json!({"driver": "raw", "node-name": name, "file": {
+                    "driver": "blkdebug", "image": file, "inject-error":
+                    [{"event": event, "errno": errno, "sector": sector, "once": true}]}})
+            }
+            _ if name == "src" => {
+                json!({"driver": "file", "node-name": "src", "filename": dir.join(f)})
+            }
+            _ => json!({"driver": "raw", "node-name": name, "file": file}),
+        }
     };
-    side.cmd("blockdev-add", tgt).unwrap();
+    side.cmd("blockdev-add", node("src", "src.img", "read_aio"))
+        .unwrap();
+    side.cmd("blockdev-add", node("tgt", "tgt.img", "write_aio"))
+        .unwrap();
     side.cmd(
         "block-dirty-bitmap-add",
         json!({"node": "src", "name": "b0"}),
@@ -176,22 +187,39 @@ fn sync_none_and_top_match_qemu() {
 }
 
 #[test]
-fn target_errors_follow_the_policy_as_in_qemu() {
-    for policy in ["report", "stop", "ignore", "enospc"] {
+fn errors_follow_the_policies_as_in_qemu() {
+    // Each policy × a source read or a target write × EIO or ENOSPC.
+    let mut cases = Vec::new();
+    for node in ["tgt", "src"] {
+        for errno in [libc::EIO, libc::ENOSPC] {
+            for policy in ["report", "stop", "ignore", "enospc"] {
+                cases.push((node, errno, policy));
+            }
+        }
+    }
+    for (node, errno, policy) in cases {
         let play = |side: &mut dyn Guest, dir: &Path| {
             let mut out = Vec::new();
-            setup(side, dir, Some(20 * MIB / 512));
+            setup_failing(side, dir, Some((node, 20 * MIB / 512, errno)));
+            let key = if node == "src" {
+                "on-source-error"
+            } else {
+                "on-target-error"
+            };
             let r = side.cmd(
                 "blockdev-backup",
                 json!({"job-id": "j", "device": "src", "target": "tgt", "sync": "bitmap",
-                    "bitmap": "b0", "bitmap-mode": "always", "on-target-error": policy,
+                    "bitmap": "b0", "bitmap-mode": "always", key: policy,
                     "x-perf": {"max-workers": 1}}),
             );
             out.push(format!("backup: {}", result(r)));
             // Events up to the end, or to the stop (then resume).
             let mut evs = Vec::new();
             while let Some(ev) = side.event_within(Duration::from_secs(30)) {
-                let s = summarize(&ev);
+                let mut s = summarize(&ev);
+                if ev["event"] == "BLOCK_JOB_COMPLETED" {
+                    s = format!("{s} {}/{}", ev["data"]["offset"], ev["data"]["len"]);
+                }
                 let null = s == "JSC:null";
                 let paused = s == "JSC:paused" && evs.iter().any(|e: &String| e.starts_with("ERR"));
                 evs.push(s);
@@ -209,7 +237,7 @@ fn target_errors_follow_the_policy_as_in_qemu() {
             out.push(bitmaps(side, "src"));
             out
         };
-        compare(&format!("target error {policy}"), &play);
+        compare(&format!("{node} errno {errno} {policy}"), &play);
     }
 }
 

@@ -19,7 +19,7 @@ mod common;
 
 use std::path::Path;
 
-use common::guest::{Guest, compare, img, same_files};
+use common::guest::{Guest, bitmaps, compare, img, same_files};
 use common::nodes::result;
 use serde_json::{Value, json};
 
@@ -45,40 +45,6 @@ fn setup(side: &mut dyn Guest, dir: &Path, failing: bool) {
     side.cmd("blockdev-add", tmp).unwrap();
     side.cmd("blockdev-add", file(dir, "out", "out.img"))
         .unwrap();
-}
-
-/// Name, count, recording of each bitmap of `node`.
-fn bitmaps(side: &mut dyn Guest, node: &str) -> String {
-    let nodes = side
-        .cmd("query-named-block-nodes", json!({"flat": true}))
-        .unwrap();
-    let n = nodes
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["node-name"] == node)
-        .cloned()
-        .unwrap_or_default();
-    let list: Vec<String> = n["dirty-bitmaps"]
-        .as_array()
-        .map(|l| {
-            l.iter()
-                .map(|b| {
-                    format!(
-                        "{}:{}:{}",
-                        b["name"].as_str().unwrap_or("anon"),
-                        b["count"],
-                        b["recording"]
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    format!(
-        "{node} {} {}",
-        n["drv"].as_str().unwrap_or("?"),
-        list.join(" ")
-    )
 }
 
 fn cbw(extra: Value) -> Value {

@@ -276,6 +276,14 @@ impl BlockCopy {
     /// are files).
     fn copy(&self, offset: u64, len: u64) -> Result<(), CopyError> {
         let source = self.source.get();
+        // Zeroes are written as zeroes, without reading them (QEMU's
+        // block-copy asks for the block status first too).
+        if source
+            .block_status(offset, len)
+            .is_ok_and(|st| st.zero && st.len >= len)
+        {
+            return self.write_zeroes(offset, len);
+        }
         // Relaxed: a hint; a copy that cannot go through the kernel goes
         // through a buffer.
         if self.offload.load(Ordering::Relaxed) {
@@ -292,17 +300,24 @@ impl BlockCopy {
             error,
             is_read: true,
         })?;
-        let r = if buf.iter().all(|b| *b == 0) {
-            // Without unmap, as QEMU's block-copy: a target over a backing
-            // file (an incremental backup's qcow2) must read these as zeroes,
-            // not fall through to the older backup.
-            self.target.pwrite_zeroes(offset, len, false)
-        } else {
-            self.target.pwrite(offset, &buf)
-        };
-        r.map_err(|error| CopyError {
+        if buf.iter().all(|b| *b == 0) {
+            return self.write_zeroes(offset, len);
+        }
+        self.target.pwrite(offset, &buf).map_err(|error| CopyError {
             error,
             is_read: false,
         })
+    }
+
+    /// Zeroes on the target, without unmap, as QEMU's block-copy writes
+    /// them: a target over a backing file (an incremental backup's qcow2)
+    /// must read them as zeroes, not fall through to the older backup.
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), CopyError> {
+        self.target
+            .pwrite_zeroes(offset, len, false)
+            .map_err(|error| CopyError {
+                error,
+                is_read: false,
+            })
     }
 }

@@ -357,21 +357,9 @@ impl NodeBitmaps {
         granularity: u64,
         recording: bool,
     ) -> Result<Arc<BdrvDirtyBitmap>> {
-        let b = Arc::new(BdrvDirtyBitmap {
-            name: None,
-            bits: DirtyBitmap::new(size, granularity)?,
-            recording: AtomicBool::new(recording),
-            busy: AtomicBool::new(false),
-            successor: Default::default(),
-            frozen_flag: AtomicBool::new(false),
-            persistent: false,
-            readonly: false,
-            inconsistent: false,
-        });
-        let _g = self.guard();
-        let mut list = self.list();
-        list.insert(0, b.clone());
-        self.list.store(Arc::new(list));
+        let b = BdrvDirtyBitmap::detached(size, granularity)?;
+        b.set_recording(recording);
+        self.attach(b.clone());
         Ok(b)
     }
 

@@ -226,7 +226,7 @@ fn transaction(o: &mut Obj<'_>) -> Result<(Vec<Action>, ActionCompletionMode)> {
     for (i, v) in list.iter().enumerate() {
         let mut a = Obj::new(v, &format!("actions[{i}]"))?;
         let kind = a.req_str("type")?;
-        if !ACTIONS.contains(&kind.as_str()) {
+        if !is_action(&kind) {
             return Err(Error::generic(format!(
                 "Parameter 'type' does not accept value '{kind}'"
             )));
@@ -247,19 +247,16 @@ fn transaction(o: &mut Obj<'_>) -> Result<(Vec<Action>, ActionCompletionMode)> {
     Ok((actions, mode))
 }
 
-/// QEMU 10's `TransactionActionKind`s we run.
-const ACTIONS: &[&str] = &[
-    "abort",
-    "block-dirty-bitmap-add",
-    "block-dirty-bitmap-remove",
-    "block-dirty-bitmap-clear",
-    "block-dirty-bitmap-enable",
-    "block-dirty-bitmap-disable",
-    "block-dirty-bitmap-merge",
-    "blockdev-backup",
-    "blockdev-snapshot",
-    "blockdev-snapshot-sync",
-];
+/// QEMU 10's `TransactionActionKind`s we run: `abort` and the commands
+/// of the same names.
+fn is_action(kind: &str) -> bool {
+    kind == "abort"
+        || (kind.starts_with("block-dirty-bitmap-") && COMMANDS.contains(&kind))
+        || matches!(
+            kind,
+            "blockdev-backup" | "blockdev-snapshot" | "blockdev-snapshot-sync"
+        )
+}
 
 /// The arguments of an action (or of its command), in QEMU's member order.
 fn action(kind: &str, o: &mut Obj<'_>) -> Result<Action> {
