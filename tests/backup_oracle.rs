@@ -139,6 +139,15 @@ fn bitmap_modes_match_qemu() {
                     .unwrap();
                 events_until_null(side, &mut out);
                 out.push(bitmaps(side, "src"));
+                // Not only as many bits: the same ones.
+                let h = side.cmd(
+                    "x-debug-block-dirty-bitmap-sha256",
+                    json!({"node": "src", "name": "b0"}),
+                );
+                out.push(format!(
+                    "sha256: {}",
+                    h.map(|v| v["sha256"].clone()).unwrap_or_default()
+                ));
                 out
             };
             let label = format!("bitmap {mode} {}", if fail { "failing" } else { "ok" });

@@ -194,6 +194,44 @@ fn nightly_full_and_incrementals_restore_every_night() {
 }
 
 #[test]
+fn incrementals_from_a_bitmap_qemu_img_made() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = disk(dir.path());
+    // QEMU's tool adds the bitmap; the full backup is taken at that point.
+    tool("qemu-img", &["bitmap", "--add", s(&d), "qb"]);
+    ok(&blockjob_in(
+        dir.path(),
+        &["backup", "disk.qcow2", "full.qcow2", "-q"],
+    ));
+    qemu_io(&d, "write -P 5 6M 128k");
+    let night1 = view(&d);
+    ok(&blockjob_in(
+        dir.path(),
+        &[
+            "backup",
+            "disk.qcow2",
+            "inc.qcow2",
+            "--sync",
+            "incremental",
+            "--bitmap",
+            "qb",
+            "--backing",
+            "full.qcow2",
+            "-q",
+        ],
+    ));
+    assert!(view(&dir.path().join("inc.qcow2")) == night1);
+    // Synced, and stored back where QEMU reads it: clean, still `auto`.
+    let info: Value =
+        serde_json::from_str(&tool("qemu-img", &["info", "-U", "--output=json", s(&d)])).unwrap();
+    assert_eq!(
+        image_bitmaps(&d),
+        vec![("qb".to_string(), vec!["auto".to_string()])]
+    );
+    assert!(info["format-specific"]["data"]["corrupt"] == false);
+}
+
+#[test]
 fn errors_are_one_line_and_leave_no_target() {
     let dir = tempfile::tempdir().unwrap();
     disk(dir.path());
