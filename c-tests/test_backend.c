@@ -218,6 +218,7 @@ typedef struct {
     char *data;
     long long size;
     int delay_ms;
+    int entered;
     int reads;
     int freed;
 } SlowDisk;
@@ -230,6 +231,7 @@ static int64_t sd_len(void *opaque)
 static int sd_read(void *opaque, int64_t off, void *buf, int64_t n)
 {
     SlowDisk *d = opaque;
+    __atomic_add_fetch(&d->entered, 1, __ATOMIC_SEQ_CST);
     sleep_ms(d->delay_ms);
     memcpy(buf, d->data + off, (size_t)n);
     __atomic_add_fetch(&d->reads, 1, __ATOMIC_SEQ_CST);
@@ -291,12 +293,15 @@ static void drain_waits_for_requests(void)
     r1.blk = blk;
     r1.done = 0;
     CHECK(pthread_create(&t1, NULL, reader_thread, &r1) == 0);
-    sleep_ms(50); /* r1 is inside the slow read */
+    /* Wait until r1 is inside the slow read (no fixed sleep: CI is loaded). */
+    while (!__atomic_load_n(&d.entered, __ATOMIC_SEQ_CST)) {
+        sleep_ms(1);
+    }
     CHECK(bj_blk_drain_begin(blk, &err));
     CHECK_NO_ERR(err);
-    /* Drain returned only after the request in flight finished. */
-    CHECK(__atomic_load_n(&r1.done, __ATOMIC_SEQ_CST));
-    CHECK_INT(r1.ret, 0);
+    /* Drain returned only after the request in flight finished in the
+     * driver (the reader thread itself may not have returned yet). */
+    CHECK_INT(__atomic_load_n(&d.reads, __ATOMIC_SEQ_CST), 1);
     /* A new guest request waits at the gate until the section ends. */
     d.delay_ms = 0;
     r2.blk = blk;
@@ -309,6 +314,7 @@ static void drain_waits_for_requests(void)
     CHECK(pthread_join(t2, NULL) == 0);
     CHECK(r2.done && r2.ret == 0);
     CHECK(pthread_join(t1, NULL) == 0);
+    CHECK(r1.done && r1.ret == 0);
     bj_blk_free(&blk);
     bj_node_unref(&node);
     CHECK_INT(d.freed, 0);
