@@ -25,6 +25,7 @@ pub mod error;
 pub mod error_policy;
 pub mod events;
 pub mod locks;
+pub mod nbd;
 pub mod qapi;
 pub mod qmp;
 pub mod sync;

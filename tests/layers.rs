@@ -91,6 +91,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
         "block",
         &[
             "bitmap",
+            "nbd",
             "events",
             "qapi",
             "error",
@@ -99,6 +100,9 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "sync",
         ],
     ),
+    // The NBD wire protocol and its sockets: shared by the client driver
+    // (block) and the server (export); knows nothing of nodes.
+    ("nbd", &["error", "sync"]),
     // The lock-free bitmap is a leaf.
     ("bitmap", &["error", "sync"]),
     // What a failed request gets: pure, on QAPI types.

@@ -1,0 +1,7 @@
+//! NBD, the wire half: the protocol's messages ([`proto`]) and the byte
+//! streams it runs over ([`transport`]). The client is a block driver
+//! (`block::nbd`); the server is an export (`export`). Both use this
+//! module and nothing here knows about nodes.
+
+pub mod proto;
+pub mod transport;

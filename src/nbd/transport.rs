@@ -1,0 +1,236 @@
+//! The byte streams NBD runs over: UNIX and TCP sockets (QAPI's
+//! `SocketAddress`), and, after `NBD_OPT_STARTTLS`, a TLS session over
+//! one. Negotiation reads and writes one [`Stream`]; transmission splits
+//! it into a [`Transport`] so one thread reads replies (or requests) while
+//! others write, and a [`Closer`] that any thread may use to end the
+//! connection (which unblocks both halves).
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Where a server listens or a client connects (QAPI `SocketAddress`, the
+/// `unix` and `inet` kinds).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SocketAddress {
+    /// A UNIX socket path.
+    Unix {
+        /// The socket's path.
+        path: PathBuf,
+    },
+    /// A TCP host and port (QAPI keeps the port a string: a number or a
+    /// service name).
+    Inet {
+        /// Host name or address.
+        host: String,
+        /// Port number or service name.
+        port: String,
+    },
+}
+
+impl std::fmt::Display for SocketAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SocketAddress::Unix { path } => write!(f, "{}", path.display()),
+            SocketAddress::Inet { host, port } if host.contains(':') => {
+                write!(f, "[{host}]:{port}")
+            }
+            SocketAddress::Inet { host, port } => write!(f, "{host}:{port}"),
+        }
+    }
+}
+
+/// A connected socket of either kind.
+#[derive(Debug)]
+pub enum Socket {
+    /// UNIX domain.
+    Unix(UnixStream),
+    /// TCP (with `TCP_NODELAY`: NBD headers are small and latency-bound).
+    Tcp(TcpStream),
+}
+
+impl Socket {
+    /// Connects to `addr`; `timeout` bounds each TCP connection attempt.
+    pub fn connect(addr: &SocketAddress, timeout: Option<Duration>) -> io::Result<Socket> {
+        match addr {
+            SocketAddress::Unix { path } => Ok(Socket::Unix(UnixStream::connect(path)?)),
+            SocketAddress::Inet { host, port } => {
+                let port: u16 = port.parse().map_err(|_| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!("Port '{port}' is not a number"),
+                    )
+                })?;
+                let mut last = io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("address resolution failed for {host}:{port}"),
+                );
+                for a in (host.as_str(), port).to_socket_addrs()? {
+                    let s = match timeout {
+                        Some(t) => TcpStream::connect_timeout(&a, t),
+                        None => TcpStream::connect(a),
+                    };
+                    match s {
+                        Ok(s) => {
+                            s.set_nodelay(true)?;
+                            return Ok(Socket::Tcp(s));
+                        }
+                        Err(e) => last = e,
+                    }
+                }
+                Err(last)
+            }
+        }
+    }
+
+    /// A second handle on the same connection.
+    pub fn try_clone(&self) -> io::Result<Socket> {
+        Ok(match self {
+            Socket::Unix(s) => Socket::Unix(s.try_clone()?),
+            Socket::Tcp(s) => Socket::Tcp(s.try_clone()?),
+        })
+    }
+
+    /// Shuts both directions down: blocked reads and writes on every
+    /// handle of the connection return.
+    pub fn shutdown(&self) {
+        let _ = match self {
+            Socket::Unix(s) => s.shutdown(Shutdown::Both),
+            Socket::Tcp(s) => s.shutdown(Shutdown::Both),
+        };
+    }
+
+    /// Bounds every read (`None`: block forever); used for the handshake
+    /// deadline and the client's open timeout.
+    pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Socket::Unix(s) => s.set_read_timeout(t),
+            Socket::Tcp(s) => s.set_read_timeout(t),
+        }
+    }
+
+    /// Bounds every write.
+    pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Socket::Unix(s) => s.set_write_timeout(t),
+            Socket::Tcp(s) => s.set_write_timeout(t),
+        }
+    }
+}
+
+impl Read for Socket {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Socket::Unix(s) => s.read(buf),
+            Socket::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Socket {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Socket::Unix(s) => s.write(buf),
+            Socket::Tcp(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Ends a connection from any thread.
+#[derive(Debug)]
+pub struct Closer(Socket);
+
+impl Closer {
+    /// Shuts the connection down (idempotent).
+    pub fn close(&self) {
+        self.0.shutdown();
+    }
+}
+
+/// A connection in the transmission phase, split for concurrent use.
+pub struct Transport {
+    /// The reading half (one reader thread).
+    pub reader: Box<dyn Read + Send>,
+    /// The writing half (callers serialise whole messages on it).
+    pub writer: Box<dyn Write + Send>,
+    /// Ends the connection.
+    pub closer: Closer,
+}
+
+/// A connection during negotiation: read and written by one thread, and
+/// turned into a [`Transport`] once negotiation ends. Plain sockets and
+/// TLS sessions implement it.
+pub trait Stream: Read + Write + Send {
+    /// The socket underneath (for timeouts and shutdown).
+    fn socket(&self) -> &Socket;
+    /// Splits it for transmission.
+    fn into_transport(self: Box<Self>) -> io::Result<Transport>;
+}
+
+impl Stream for Socket {
+    fn socket(&self) -> &Socket {
+        self
+    }
+    fn into_transport(self: Box<Self>) -> io::Result<Transport> {
+        let reader = Box::new(io::BufReader::with_capacity(256 << 10, self.try_clone()?));
+        let closer = Closer(self.try_clone()?);
+        Ok(Transport {
+            reader,
+            writer: self,
+            closer,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transport_halves_work_concurrently_and_close_unblocks_the_reader() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let t = Box::new(Socket::Unix(a)).into_transport().unwrap();
+        let mut peer = Socket::Unix(b);
+        let Transport {
+            mut reader,
+            mut writer,
+            closer,
+        } = t;
+        let h = std::thread::spawn(move || {
+            let mut got = [0u8; 4];
+            reader.read_exact(&mut got).unwrap();
+            // Blocks until the closer shuts the socket down.
+            let mut more = [0u8; 1];
+            (got, reader.read(&mut more).unwrap())
+        });
+        writer.write_all(b"ping").unwrap();
+        let mut buf = [0u8; 4];
+        peer.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"ping");
+        peer.write_all(b"pong").unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        closer.close();
+        let (got, n) = h.join().unwrap();
+        assert_eq!(&got, b"pong");
+        assert_eq!(n, 0);
+    }
+
+    #[test]
+    fn inet_needs_a_numeric_port_and_addresses_print_as_qemu() {
+        let a = SocketAddress::Inet {
+            host: "localhost".into(),
+            port: "nbd".into(),
+        };
+        assert!(Socket::connect(&a, None).is_err());
+        let v6 = SocketAddress::Inet {
+            host: "::1".into(),
+            port: "10809".into(),
+        };
+        assert_eq!(v6.to_string(), "[::1]:10809");
+    }
+}
