@@ -44,6 +44,8 @@ pub struct FileDriver {
     /// `FALLOC_FL_ZERO_RANGE` failed as unsupported once: do not try again
     /// (QEMU's `has_write_zeroes`; tmpfs has no ZERO_RANGE).
     no_zero_range: AtomicBool,
+    /// Punching a hole and allocating it again is not supported here.
+    no_punch_alloc: AtomicBool,
 }
 
 /// The last data extent `SEEK_DATA`/`SEEK_HOLE` found (QEMU's block-status
@@ -96,6 +98,7 @@ impl FileDriver {
             size: AtomicU64::new(size),
             data_cache: Mutex::default(),
             no_zero_range: AtomicBool::new(false),
+            no_punch_alloc: AtomicBool::new(false),
         })
     }
 
@@ -175,6 +178,27 @@ impl FileDriver {
                 Err(Errno::EOPNOTSUPP) => self.no_zero_range.store(true, Ordering::Relaxed),
                 Err(Errno::EINVAL) => {}
                 Err(e) => return Err(e.into()),
+            }
+        }
+        // Without ZERO_RANGE (tmpfs), QEMU punches a hole and allocates it
+        // again: zeroed by the kernel, still allocated, no buffers copied.
+        // Relaxed: a hint, as above.
+        if !self.block_device && !self.no_punch_alloc.load(Ordering::Relaxed) {
+            let r = self.punch_hole(offset, len).and_then(|()| {
+                fallocate(
+                    self.fd(),
+                    FallocateFlags::empty(),
+                    offset as i64,
+                    len as i64,
+                )
+                .map_err(Error::from)
+            });
+            match r {
+                Ok(()) => return Ok(true),
+                Err(e) if e.errno() == Some(Errno::EOPNOTSUPP as i32) => {
+                    self.no_punch_alloc.store(true, Ordering::Relaxed)
+                }
+                Err(e) => return Err(e),
             }
         }
         // No cheap way: write zero buffers.
