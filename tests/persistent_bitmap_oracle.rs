@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 use blockjob::block::backend::{BackendOptions, BlockBackend};
-use common::chain::{s, tool};
+use common::chain::{overlay, s, tool};
 use common::oracle::{Ours, Side};
 use common::qmp::{Daemon, Qmp};
 use serde_json::{Value, json};
@@ -849,20 +849,7 @@ fn backing_layers_and_streams_keep_their_bitmaps() {
     tool("qemu-img", &["bitmap", "--add", s(&base), "b"]);
     tool("qemu-io", &["-c", "write -P 1 0 1M", s(&base)]);
     let top = d.join("top.qcow2");
-    tool(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            s(&base),
-            "-F",
-            "qcow2",
-            s(&top),
-        ],
-    );
+    overlay(&top, &base, "qcow2");
     tool("qemu-img", &["bitmap", "--add", s(&top), "t"]);
     tool("qemu-io", &["-c", "write -P 2 2M 64k", s(&top)]);
     let base_listed = info_bitmaps(&base);
@@ -870,20 +857,7 @@ fn backing_layers_and_streams_keep_their_bitmaps() {
 
     // The implicit backing layer has its bitmap, with QEMU's view of it.
     let (qbase, qtop) = (copy(&base, "qbase.qcow2"), d.join("qtop.qcow2"));
-    tool(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            s(&qbase),
-            "-F",
-            "qcow2",
-            s(&qtop),
-        ],
-    );
+    overlay(&qtop, &qbase, "qcow2");
     tool("qemu-img", &["bitmap", "--add", s(&qtop), "t"]);
     tool("qemu-io", &["-c", "write -P 2 2M 64k", s(&qtop)]);
     let mut q = Daemon::start();

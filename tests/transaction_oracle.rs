@@ -453,20 +453,7 @@ fn external_snapshots_match_qemu() {
         let mut out = Vec::new();
         setup(side, dir);
         let ov = dir.join("ov.qcow2");
-        common::chain::tool(
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-b",
-                &dir.join("src.img").display().to_string(),
-                "-F",
-                "file",
-                ov.to_str().unwrap(),
-            ],
-        );
+        common::chain::overlay(&ov, &dir.join("src.img"), "file");
         side.cmd(
             "blockdev-add",
             json!({"driver": "qcow2", "node-name": "ov", "backing": null,

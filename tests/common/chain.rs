@@ -22,26 +22,33 @@ pub fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// `qemu-img create -f qcow2 -b BACKING -F BACKING_FMT OVERLAY`: an empty
+/// overlay, made by QEMU.
+#[allow(dead_code)]
+pub fn overlay(overlay: &Path, backing: &Path, backing_fmt: &str) {
+    tool(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            s(backing),
+            "-F",
+            backing_fmt,
+            s(overlay),
+        ],
+    );
+}
+
 /// base (4 MiB of 0x01) <- mid (0x02 at 1 MiB, 1 MiB) <- top (0x03 at
 /// 3 MiB, 512 KiB): qcow2 with absolute backing names, made by QEMU.
 pub fn chain(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let [base, mid, top] = ["base", "mid", "top"].map(|n| dir.join(format!("{n}.qcow2")));
     tool("qemu-img", &["create", "-q", "-f", "qcow2", s(&base), "4M"]);
     for (img, back) in [(&mid, &base), (&top, &mid)] {
-        tool(
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-b",
-                s(back),
-                "-F",
-                "qcow2",
-                s(img),
-            ],
-        );
+        overlay(img, back, "qcow2");
     }
     for (img, cmd) in [
         (&base, "write -P 1 0 4M"),
