@@ -64,6 +64,18 @@ def allocated(path: Path) -> int:
     return os.stat(path).st_blocks * 512
 
 
+def fdatasync_path(path: Path) -> float:
+    """fdatasync() a file by its path (the page cache is shared, so this
+    writes back what another process left dirty); seconds taken."""
+    t0 = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    return time.perf_counter() - t0
+
+
 def fs_type(path: Path) -> str:
     best, typ = "", "?"
     try:
@@ -93,15 +105,19 @@ LIVE_DAEMONS: list[subprocess.Popen] = []
 
 
 class QemuDaemon:
-    """qemu-storage-daemon with a QMP monitor on a unix socket."""
+    """qemu-storage-daemon with a QMP monitor on a unix socket. `binary`
+    may also be an argv prefix, e.g. ["target/release/blockjob", "daemon"]
+    (our drop-in takes the same options)."""
 
-    def __init__(self, binary: str, sockdir: Path, name: str, timeout: float):
+    def __init__(self, binary: str | list[str], sockdir: Path, name: str, timeout: float):
         self.timeout = timeout
         self.sock_path = sockdir / f"{name}.qmp"
         self.log_path = sockdir / f"{name}.log"
         self.logf = open(self.log_path, "wb")
+        argv = [binary] if isinstance(binary, str) else list(binary)
+        self.prog = " ".join([Path(argv[0]).name] + argv[1:])
         self.proc = subprocess.Popen(
-            [binary,
+            [*argv,
              "--chardev", f"socket,path={self.sock_path},server=on,wait=off,id=qmp0",
              "--monitor", "chardev=qmp0"],
             stdin=subprocess.DEVNULL, stdout=self.logf, stderr=subprocess.STDOUT)
@@ -126,7 +142,7 @@ class QemuDaemon:
         deadline = time.monotonic() + 10
         while True:
             if self.proc.poll() is not None:
-                raise QMPError(f"qemu-storage-daemon exited with {self.proc.returncode}: "
+                raise QMPError(f"{self.prog} exited with {self.proc.returncode}: "
                                f"{self._daemon_log()}")
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
@@ -152,7 +168,7 @@ class QemuDaemon:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise QMPError(f"timed out after {self.timeout:g} s waiting for {what} "
-                               f"(qemu-storage-daemon pid {self.pid})")
+                               f"({self.prog} pid {self.pid})")
             self.sock.settimeout(left)
             try:
                 data = self.sock.recv(65536)

@@ -123,10 +123,13 @@ class WriteSeq:
         return (r % self.blocks) * self.io_size, (r >> 56) | 1
 
 
-def check_sequence_matches(size: int, io_size: int, seed: int) -> None:
+def check_sequence_matches(size: int, io_size: int, seed: int,
+                           example: list[str] | None = None) -> None:
+    """Check that the Rust example (argv prefix `example`, default
+    mirror_under_writes) draws the same write sequence as WriteSeq."""
     n = 1000
     out = subprocess.run(
-        [EXAMPLE, "--print-offsets", str(n), "--size", str(size),
+        [*(example or [EXAMPLE]), "--print-offsets", str(n), "--size", str(size),
          "--io-size", str(io_size), "--seed", str(seed)],
         check=True, capture_output=True, text=True,
     ).stdout.split("\n")
@@ -327,6 +330,7 @@ class PacedWriter(threading.Thread):
         self.io_size = io_size
         self.interval = io_size / (rate_mib * MIB)
         self.phase = 0  # 0..2 = PHASES, 3 = stop
+        self.issued = 0  # writes started (write i is draw i of the sequence)
         self.samples: list[list[int]] = [[], [], []]
         self.error: BaseException | None = None
         self.trace_slow_ns = None if trace_slow_us is None else trace_slow_us * 1000
@@ -347,6 +351,7 @@ class PacedWriter(threading.Thread):
                     break
                 off, b = self.seq.next()
                 data = bytes((b,)) * self.io_size
+                self.issued += 1
                 t0 = perf_ns()
                 self.write(off, data)
                 lat = perf_ns() - t0
@@ -372,6 +377,24 @@ def rchar(pid: int) -> int | None:
     except OSError:
         pass
     return None
+
+
+def export_via_filter(graph: dict, node: str) -> bool | None:
+    """Is the writing BlockBackend (the NBD export's) above a filter over
+    `node` (True), right on it (False), or nowhere (None)? `graph`: the
+    return of x-debug-query-block-graph."""
+    via_filter = None
+    nodes = {n["id"]: n for n in graph["nodes"]}
+    src_id = next(n["id"] for n in graph["nodes"] if n["name"] == node)
+    for e in graph["edges"]:
+        if nodes[e["parent"]]["type"] == "block-backend" and "write" in e["perm"]:
+            child = nodes[e["child"]]
+            if e["child"] == src_id:
+                via_filter = False
+            elif any(x["parent"] == child["id"] and x["child"] == src_id
+                     for x in graph["edges"]):
+                via_filter = True
+    return via_filter
 
 
 def diff(b, a):
@@ -424,19 +447,7 @@ def run_qemu(a, rate: float, mode: str, src: str, dst: str, work: str, size: int
         qmp.cmd("blockdev-mirror", args)
         if a.trace_slow_us is not None:
             log(f"job started: t={t_job - writer.t_begin:.6f}s")
-        # Is the export's BlockBackend now above the mirror filter?
-        via_filter = None
-        graph = qmp.cmd("x-debug-query-block-graph")
-        nodes = {n["id"]: n for n in graph["nodes"]}
-        src_id = next(n["id"] for n in graph["nodes"] if n["name"] == "src")
-        for e in graph["edges"]:
-            if nodes[e["parent"]]["type"] == "block-backend" and "write" in e["perm"]:
-                child = nodes[e["child"]]
-                if e["child"] == src_id:
-                    via_filter = False
-                elif any(x["parent"] == child["id"] and x["child"] == src_id
-                         for x in graph["edges"]):
-                    via_filter = True
+        via_filter = export_via_filter(qmp.cmd("x-debug-query-block-graph"), "src")
 
         ev = qmp.event({"BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"},
                        a.timeout - (time.perf_counter() - t_job))

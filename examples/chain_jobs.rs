@@ -30,6 +30,8 @@
 //! target/release/examples/chain_jobs commit-active top.qcow2 --base base.qcow2
 //! ```
 
+mod common;
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -40,6 +42,7 @@ use blockjob::block_jobs::stream::StreamOptions;
 use blockjob::events::EventData;
 use blockjob::qapi::JobStatus;
 use clap::{Parser, ValueEnum};
+use common::cpu_time;
 use serde_json::{Value, json};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -87,14 +90,6 @@ struct Args {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 600.0)]
     timeout_secs: f64,
-}
-
-fn cpu_time() -> f64 {
-    use nix::sys::resource::{UsageWho, getrusage};
-    getrusage(UsageWho::RUSAGE_SELF).map_or(0.0, |u| {
-        let t = |tv: nix::sys::time::TimeVal| tv.tv_sec() as f64 + tv.tv_usec() as f64 * 1e-6;
-        t(u.user_time()) + t(u.system_time())
-    })
 }
 
 fn qcow2(name: &str, path: &std::path::Path, backing: Option<&str>) -> Value {

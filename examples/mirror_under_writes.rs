@@ -17,19 +17,24 @@
 //!     --io-size 65536 --copy-mode background --seed 1 --baseline-secs 3 --timeout-secs 60
 //! ```
 
+mod common;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use blockjob::Context;
-use blockjob::block::backend::{BackendOptions, BlockBackend};
+use blockjob::block::backend::BackendOptions;
 use blockjob::block_jobs::mirror::MirrorOptions;
 use blockjob::events::EventData;
 use blockjob::qapi::{JobStatus, MirrorCopyMode, MirrorSyncMode};
 use clap::Parser;
+use common::{STOP, WriterOptions, phase_stats, raw, start_writer};
 use serde_json::{Value, json};
+
+const PHASES: [&str; 3] = ["baseline", "job", "after_ready"];
 
 #[derive(Parser, Debug)]
 #[command(about = "Mirror SRC to DST under a paced guest writer; prints one JSON line")]
@@ -84,118 +89,6 @@ struct Args {
     size: u64,
 }
 
-/// The write sequence, shared with the Python side: splitmix64; each draw
-/// `r` gives offset `(r % (size / io_size)) * io_size` and fill byte
-/// `(r >> 56) | 1` (never zero, so no write is a zero write).
-struct WriteSeq {
-    state: u64,
-    blocks: u64,
-    io_size: u64,
-}
-
-impl WriteSeq {
-    fn new(seed: u64, size: u64, io_size: u64) -> Self {
-        WriteSeq {
-            state: seed,
-            blocks: size / io_size,
-            io_size,
-        }
-    }
-
-    fn next(&mut self) -> (u64, u8) {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        let r = z ^ (z >> 31);
-        ((r % self.blocks) * self.io_size, ((r >> 56) as u8) | 1)
-    }
-}
-
-const PHASES: [&str; 3] = ["baseline", "job", "after_ready"];
-const STOP: usize = 3;
-
-struct Writer {
-    phase: Arc<AtomicUsize>,
-    handle: std::thread::JoinHandle<Result<Vec<Vec<u64>>, String>>,
-}
-
-/// Start the paced writer: write i is issued at `start + i * interval`
-/// (immediately if late), each timed on its own; samples (ns) per phase.
-fn start_writer(blk: Arc<BlockBackend>, a: &Args, size: u64) -> Writer {
-    let phase = Arc::new(AtomicUsize::new(0));
-    let ph = phase.clone();
-    let mut seq = WriteSeq::new(a.seed, size, a.io_size);
-    let io_size = a.io_size as usize;
-    let trace_slow = a.trace_slow_us.map(Duration::from_micros);
-    let interval = Duration::from_secs_f64(a.io_size as f64 / (a.rate_mib * (1 << 20) as f64));
-    let handle = std::thread::Builder::new()
-        .name("guest-writer".into())
-        .spawn(move || {
-            let mut samples = vec![Vec::new(), Vec::new(), Vec::new()];
-            let mut buf = vec![0u8; io_size];
-            let start = Instant::now();
-            let mut i: u32 = 0;
-            loop {
-                let next = start + interval * i;
-                let now = Instant::now();
-                if next > now {
-                    std::thread::sleep(next - now);
-                }
-                // The phase at issue time (the stop may have come while
-                // sleeping).
-                let p = ph.load(Ordering::SeqCst);
-                if p >= STOP {
-                    break;
-                }
-                let (off, byte) = seq.next();
-                buf.fill(byte);
-                let t0 = Instant::now();
-                blk.pwrite(off, &buf)
-                    .map_err(|e| format!("guest write at {off}: {e:?}"))?;
-                let lat = t0.elapsed();
-                samples[p].push(lat.as_nanos() as u64);
-                if trace_slow.is_some_and(|t| lat > t) {
-                    eprintln!(
-                        "slow write: t={:.6}s phase={} offset={off} lat={}us",
-                        (t0 - start).as_secs_f64(),
-                        PHASES[p],
-                        lat.as_micros()
-                    );
-                }
-                i += 1;
-            }
-            Ok(samples)
-        })
-        .expect("spawn writer");
-    Writer { phase, handle }
-}
-
-/// Nearest-rank percentile of sorted samples, in µs.
-fn pct_us(sorted: &[u64], p: f64) -> Value {
-    if sorted.is_empty() {
-        return Value::Null;
-    }
-    let rank = ((p / 100.0 * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    json!((sorted[rank - 1] as f64 / 100.0).round() / 10.0)
-}
-
-fn phase_stats(mut s: Vec<u64>, secs: f64, io_size: u64) -> Value {
-    s.sort_unstable();
-    json!({
-        "p50": pct_us(&s, 50.0),
-        "p99": pct_us(&s, 99.0),
-        "max": pct_us(&s, 100.0),
-        "n": s.len(),
-        "secs": (secs * 1000.0).round() / 1000.0,
-        "mib_s": if secs > 0.0 {
-            json!(((s.len() as u64 * io_size) as f64 / (1 << 20) as f64 / secs * 10.0).round() / 10.0)
-        } else {
-            Value::Null
-        },
-    })
-}
-
 fn files_identical(a: &Path, b: &Path) -> std::io::Result<bool> {
     let (mut fa, mut fb) = (std::fs::File::open(a)?, std::fs::File::open(b)?);
     if fa.metadata()?.len() != fb.metadata()?.len() {
@@ -224,18 +117,10 @@ fn rchar() -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-fn raw(name: &str, path: &Path) -> Value {
-    json!({"driver":"raw","node-name":name,"file":{"driver":"file","filename":path}})
-}
-
 fn main() {
     let a = Args::parse();
     if let Some(n) = a.print_offsets {
-        let mut seq = WriteSeq::new(a.seed, a.size, a.io_size);
-        for _ in 0..n {
-            let (off, b) = seq.next();
-            println!("{off} {b}");
-        }
+        common::print_offsets(n, a.seed, a.size, a.io_size);
         return;
     }
     if let Err(e) = run(&a) {
@@ -263,7 +148,17 @@ fn run(a: &Args) -> Result<(), Box<dyn std::error::Error>> {
 
     let rchar_start = rchar();
     let t_start = Instant::now();
-    let writer = start_writer(blk.clone(), a, size);
+    let writer = start_writer(
+        blk.clone(),
+        WriterOptions {
+            seed: a.seed,
+            io_size: a.io_size,
+            rate_mib: a.rate_mib,
+            trace_slow: a.trace_slow_us.map(Duration::from_micros),
+            phases: PHASES,
+        },
+        size,
+    );
     std::thread::sleep(Duration::from_secs_f64(a.baseline_secs));
 
     let mut o = MirrorOptions::new("src", "dst", MirrorSyncMode::Full);
