@@ -431,4 +431,34 @@ mod tests {
         let st = d.block_status(4 << 20, 1 << 20).unwrap();
         assert!(st.zero && !st.data, "{st:?}");
     }
+    /// A zero write that may not unmap keeps the range allocated, on
+    /// tmpfs (no ZERO_RANGE: punch and allocate again) and on the root
+    /// filesystem of the temporary directory (ZERO_RANGE on ext4), and
+    /// reads back zeroes.
+    #[test]
+    fn zero_writes_without_unmap_stay_allocated() {
+        let shm = std::path::Path::new("/dev/shm");
+        let dirs = [
+            tempfile::tempdir_in(shm).unwrap(),
+            tempfile::tempdir().unwrap(),
+        ];
+        for dir in &dirs {
+            let p = dir.path().join("z.raw");
+            std::fs::File::create(&p).unwrap().set_len(4 << 20).unwrap();
+            let d = open(&p, true);
+            d.write(0, &vec![9u8; 2 << 20]).unwrap();
+            let blocks = |p: &std::path::Path| {
+                use std::os::unix::fs::MetadataExt;
+                std::fs::metadata(p).unwrap().blocks() * 512
+            };
+            let before = blocks(&p);
+            assert!(before >= 2 << 20, "{before}");
+            // Inside the data, and past it into the hole.
+            d.write_zeroes(1 << 20, 2 << 20, false).unwrap();
+            let mut buf = vec![1u8; 2 << 20];
+            d.read(1 << 20, &mut buf).unwrap();
+            assert!(buf.iter().all(|b| *b == 0), "{}", p.display());
+            assert!(blocks(&p) >= 3 << 20, "{}: {}", p.display(), blocks(&p));
+        }
+    }
 }
