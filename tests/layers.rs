@@ -17,6 +17,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
         &[
             "qmp",
             "context",
+            "export",
+            "nbd",
             "transaction",
             "block_jobs",
             "engine",
@@ -35,6 +37,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
         "qmp",
         &[
             "context",
+            "export",
+            "nbd",
             "transaction",
             "block_jobs",
             "engine",
@@ -50,6 +54,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     (
         "context",
         &[
+            "export",
             "transaction",
             "block_jobs",
             "engine",
@@ -99,6 +104,12 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "locks",
             "sync",
         ],
+    ),
+    // Block exports: nodes served to clients outside (the NBD server),
+    // through guest-style backends.
+    (
+        "export",
+        &["block", "nbd", "events", "qapi", "error", "locks", "sync"],
     ),
     // The NBD wire protocol and its sockets: shared by the client driver
     // (block) and the server (export); knows nothing of nodes.

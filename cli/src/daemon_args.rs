@@ -18,6 +18,10 @@ pub enum Opt {
     Chardev(String),
     /// `--monitor TEXT`.
     Monitor(String),
+    /// `--nbd-server TEXT` (keyval: `addr.type=unix,addr.path=P`, …).
+    NbdServer(String),
+    /// `--export TEXT` (keyval: `type=nbd,id=E,node-name=N,…`).
+    Export(String),
 }
 
 /// A parsed command line.
@@ -67,9 +71,20 @@ QEMU storage daemon (blockjob)
   --monitor [chardev=]name[,mode=control][,pretty=on|off]
                          configure a QMP monitor
 
+  --export [type=]nbd,id=<id>,node-name=<node-name>[,name=<export-name>]
+           [,writable=on|off][,bitmap=<name>]
+                         export the specified block node over NBD
+                         (requires --nbd-server)
+
+  --nbd-server addr.type=inet,addr.host=<host>,addr.port=<port>
+               [,tls-creds=<id>][,tls-authz=<id>][,max-connections=<n>]
+  --nbd-server addr.type=unix,addr.path=<path>
+               [,tls-creds=<id>][,tls-authz=<id>][,max-connections=<n>]
+                         start an NBD server for exporting block nodes
+
   --pidfile <path>       write process ID to a file after startup
 
-Not supported: --export, --nbd-server, --object, -T/--trace.
+Not supported: --object, -T/--trace.
 ";
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -133,6 +148,8 @@ pub fn parse_args(args: &[String]) -> Result<Parsed, String> {
                 "blockdev" => out.opts.push(Opt::Blockdev(value)),
                 "chardev" => out.opts.push(Opt::Chardev(value)),
                 "monitor" => out.opts.push(Opt::Monitor(value)),
+                "nbd-server" => out.opts.push(Opt::NbdServer(value)),
+                "export" => out.opts.push(Opt::Export(value)),
                 "daemonize" => out.daemonize = true,
                 "pidfile" => out.pidfile = Some(value),
                 other => {
@@ -237,9 +254,19 @@ mod tests {
             Err("option '--daemonize' doesn't allow an argument".to_string())
         );
         assert!(
-            args(&["--export", "x"])
+            args(&["--object", "x"])
                 .unwrap_err()
                 .contains("not supported")
+        );
+        assert_eq!(
+            args(&["--export", "type=nbd", "--nbd-server=addr.type=unix"]),
+            Ok(Parsed::Run(DaemonArgs {
+                opts: vec![
+                    Opt::Export("type=nbd".into()),
+                    Opt::NbdServer("addr.type=unix".into())
+                ],
+                ..Default::default()
+            }))
         );
     }
 }
