@@ -102,7 +102,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ),
     // The NBD wire protocol and its sockets: shared by the client driver
     // (block) and the server (export); knows nothing of nodes.
-    ("nbd", &["error", "sync"]),
+    ("nbd", &["error", "locks", "sync"]),
     // The lock-free bitmap is a leaf.
     ("bitmap", &["error", "sync"]),
     // What a failed request gets: pure, on QAPI types.

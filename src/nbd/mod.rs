@@ -4,4 +4,6 @@
 //! module and nothing here knows about nodes.
 
 pub mod proto;
+pub mod tls;
+pub mod tls_creds;
 pub mod transport;
