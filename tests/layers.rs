@@ -30,11 +30,13 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "sync",
         ],
     ),
-    // The monitor: commands on the context.
+    // The monitor: commands on the context (and object-add's TLS
+    // credentials, which live with NBD).
     (
         "qmp",
         &[
             "context",
+            "nbd",
             "transaction",
             "block_jobs",
             "engine",
@@ -46,10 +48,11 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "sync",
         ],
     ),
-    // A host's or a test's world: graph, engine, jobs, events.
+    // A host's or a test's world: graph, engine, jobs, events, objects.
     (
         "context",
         &[
+            "nbd",
             "transaction",
             "block_jobs",
             "engine",

@@ -18,12 +18,14 @@ pub enum Opt {
     Chardev(String),
     /// `--monitor TEXT`.
     Monitor(String),
+    /// `--object TEXT`.
+    Object(String),
 }
 
 /// A parsed command line.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct DaemonArgs {
-    /// `--blockdev`, `--chardev`, `--monitor` in order.
+    /// `--blockdev`, `--chardev`, `--monitor`, `--object` in order.
     pub opts: Vec<Opt>,
     /// `--pidfile`.
     pub pidfile: Option<String>,
@@ -67,9 +69,14 @@ QEMU storage daemon (blockjob)
   --monitor [chardev=]name[,mode=control][,pretty=on|off]
                          configure a QMP monitor
 
+  --object tls-creds-x509,id=<id>,dir=<dir>[,endpoint=server|client]
+           [,verify-peer=on|off][,sanity-check=on|off][,priority=<p>]
+                         create a new object (or a JSON object); only
+                         tls-creds-x509 (see the README's TLS section)
+
   --pidfile <path>       write process ID to a file after startup
 
-Not supported: --export, --nbd-server, --object, -T/--trace.
+Not supported: --export, --nbd-server, -T/--trace.
 ";
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -133,6 +140,7 @@ pub fn parse_args(args: &[String]) -> Result<Parsed, String> {
                 "blockdev" => out.opts.push(Opt::Blockdev(value)),
                 "chardev" => out.opts.push(Opt::Chardev(value)),
                 "monitor" => out.opts.push(Opt::Monitor(value)),
+                "object" => out.opts.push(Opt::Object(value)),
                 "daemonize" => out.daemonize = true,
                 "pidfile" => out.pidfile = Some(value),
                 other => {
@@ -235,6 +243,13 @@ mod tests {
         assert_eq!(
             args(&["--daemonize=1"]),
             Err("option '--daemonize' doesn't allow an argument".to_string())
+        );
+        assert_eq!(
+            args(&["--obj", "tls-creds-x509,id=t"]),
+            Ok(Parsed::Run(DaemonArgs {
+                opts: vec![Opt::Object("tls-creds-x509,id=t".into())],
+                ..Default::default()
+            }))
         );
         assert!(
             args(&["--export", "x"])

@@ -61,6 +61,8 @@ pub const COMMANDS: &[&str] = &[
     "block-dirty-bitmap-disable",
     "block-dirty-bitmap-merge",
     "x-debug-block-dirty-bitmap-sha256",
+    "object-add",
+    "object-del",
 ];
 
 /// `qmp_capabilities`' arguments: `enable`, a list of capabilities.
@@ -127,6 +129,12 @@ pub fn dispatch(ctx: &Context, name: &str, args: &Value) -> Result<Value> {
     // blockdev-add takes the whole object as node options.
     if name == "blockdev-add" {
         return ok(ctx.blockdev_add(args));
+    }
+    // So does object-add (QEMU 10's flat ObjectOptions).
+    match name {
+        "object-add" => return ok(super::object::object_add(ctx, args, false)),
+        "object-del" => return ok(super::object::object_del(ctx, args)),
+        _ => {}
     }
     let mut o = Obj::new(args, "")?;
     let o = &mut o;
