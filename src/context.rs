@@ -18,6 +18,7 @@ use crate::engine::{Engine, Job, JobDriver, JobOptions, JobTxn};
 use crate::error::{Error, Result};
 use crate::events::{Event, EventBus, Subscription};
 use crate::export::Exports;
+use crate::nbd::objects::Objects;
 use crate::qapi::{BlockJobInfo, JobInfo};
 
 /// An event handler run on the context's event thread.
@@ -93,6 +94,12 @@ impl Context {
     /// The node graph.
     pub fn graph(&self) -> &Arc<Graph> {
         &self.graph
+    }
+
+    /// The user-created objects (`object-add`: TLS credentials); the same
+    /// container the graph's drivers resolve ids in.
+    pub fn objects(&self) -> &Arc<Objects> {
+        self.graph.objects()
     }
 
     // ---- nodes and backends ----------------------------------------------------

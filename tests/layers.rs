@@ -32,7 +32,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "sync",
         ],
     ),
-    // The monitor: commands on the context.
+    // The monitor: commands on the context (and object-add's TLS
+    // credentials, which live with NBD).
     (
         "qmp",
         &[
@@ -50,11 +51,12 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "sync",
         ],
     ),
-    // A host's or a test's world: graph, engine, jobs, events.
+    // A host's or a test's world: graph, engine, jobs, events, objects.
     (
         "context",
         &[
             "export",
+            "nbd",
             "transaction",
             "block_jobs",
             "engine",
@@ -113,7 +115,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ),
     // The NBD wire protocol and its sockets: shared by the client driver
     // (block) and the server (export); knows nothing of nodes.
-    ("nbd", &["error", "sync"]),
+    ("nbd", &["error", "locks", "sync"]),
     // The lock-free bitmap is a leaf.
     ("bitmap", &["error", "sync"]),
     // What a failed request gets: pure, on QAPI types.

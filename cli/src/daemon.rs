@@ -131,6 +131,11 @@ pub fn run(args: Vec<OsString>) -> ! {
                     startup_fail(&sockets, format!("--export {text}: {e}"));
                 }
             }
+            Opt::Object(text) => {
+                if let Err(e) = blockjob::qmp::object::object_add_cmdline(&ctx, text) {
+                    startup_fail(&sockets, format!("--object {text}: {}", e.message()));
+                }
+            }
             Opt::Chardev(text) => {
                 let r = chardev::parse_chardev(text).and_then(|c| {
                     if chardevs.contains_key(&c.id) {

@@ -22,12 +22,14 @@ pub enum Opt {
     NbdServer(String),
     /// `--export TEXT` (keyval: `type=nbd,id=E,node-name=N,…`).
     Export(String),
+    /// `--object TEXT`.
+    Object(String),
 }
 
 /// A parsed command line.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct DaemonArgs {
-    /// `--blockdev`, `--chardev`, `--monitor` in order.
+    /// `--blockdev`, `--chardev`, `--monitor`, `--object` in order.
     pub opts: Vec<Opt>,
     /// `--pidfile`.
     pub pidfile: Option<String>,
@@ -71,6 +73,11 @@ QEMU storage daemon (blockjob)
   --monitor [chardev=]name[,mode=control][,pretty=on|off]
                          configure a QMP monitor
 
+  --object tls-creds-x509,id=<id>,dir=<dir>[,endpoint=server|client]
+           [,verify-peer=on|off][,sanity-check=on|off][,priority=<p>]
+                         create a new object (or a JSON object); only
+                         tls-creds-x509 (see the README's TLS section)
+
   --export [type=]nbd,id=<id>,node-name=<node-name>[,name=<export-name>]
            [,writable=on|off][,bitmap=<name>]
                          export the specified block node over NBD
@@ -84,7 +91,7 @@ QEMU storage daemon (blockjob)
 
   --pidfile <path>       write process ID to a file after startup
 
-Not supported: --object, -T/--trace.
+Not supported: -T/--trace.
 ";
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -150,6 +157,7 @@ pub fn parse_args(args: &[String]) -> Result<Parsed, String> {
                 "monitor" => out.opts.push(Opt::Monitor(value)),
                 "nbd-server" => out.opts.push(Opt::NbdServer(value)),
                 "export" => out.opts.push(Opt::Export(value)),
+                "object" => out.opts.push(Opt::Object(value)),
                 "daemonize" => out.daemonize = true,
                 "pidfile" => out.pidfile = Some(value),
                 other => {
@@ -252,6 +260,13 @@ mod tests {
         assert_eq!(
             args(&["--daemonize=1"]),
             Err("option '--daemonize' doesn't allow an argument".to_string())
+        );
+        assert_eq!(
+            args(&["--obj", "tls-creds-x509,id=t"]),
+            Ok(Parsed::Run(DaemonArgs {
+                opts: vec![Opt::Object("tls-creds-x509,id=t".into())],
+                ..Default::default()
+            }))
         );
         assert!(
             args(&["--object", "x"])

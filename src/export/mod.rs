@@ -37,9 +37,22 @@ use crate::error::{Error, Result};
 use crate::events::{EventBus, EventData};
 use crate::locks::{Mutex, RwLock};
 use crate::nbd::proto::{self, tflag};
+use crate::nbd::tls_creds::{Endpoint, TlsCreds};
 use crate::qapi::ids::id_wellformed;
 
 pub use nbd_server::{NbdServerOptions, TlsHook};
+
+/// TLS for the server from a credentials object.
+struct ServerTls(Arc<TlsCreds>);
+
+impl TlsHook for ServerTls {
+    fn upgrade(
+        &self,
+        plain: Box<dyn crate::nbd::transport::Stream>,
+    ) -> std::io::Result<Box<dyn crate::nbd::transport::Stream>> {
+        crate::nbd::tls::server_upgrade(plain, &self.0)
+    }
+}
 
 /// `block-export-del`'s `mode` (QAPI `BlockExportRemoveMode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -221,10 +234,16 @@ impl Exports {
     }
 
     /// `nbd-server-start`.
-    pub fn nbd_server_start(&self, opts: NbdServerOptions) -> Result<()> {
+    pub fn nbd_server_start(&self, mut opts: NbdServerOptions) -> Result<()> {
         let mut inner = self.inner.lock();
         if inner.server.is_some() {
             return Err(Error::generic("NBD server already running"));
+        }
+        // `tls-creds` names a tls-creds-x509 object of this context; the
+        // server keeps its own reference (QEMU lets object-del go on).
+        if let (Some(id), None) = (&opts.tls_creds, &opts.tls) {
+            let creds = self.graph.objects().tls_creds(id, Endpoint::Server)?;
+            opts.tls = Some(Arc::new(ServerTls(creds)));
         }
         inner.server = Some(nbd_server::NbdServer::start(opts, self.table.clone())?);
         Ok(())

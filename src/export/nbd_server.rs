@@ -43,9 +43,8 @@ pub trait TlsHook: Send + Sync {
 pub struct NbdServerOptions {
     /// Where to listen.
     pub addr: SocketAddress,
-    /// `tls-creds`: the id of a TLS credentials object. We have no object
-    /// registry: any id is refused with QEMU's text for an unknown one
-    /// unless [`NbdServerOptions::tls`] provides the session.
+    /// `tls-creds`: the id of a `tls-creds-x509` object (server endpoint);
+    /// `Exports::nbd_server_start` turns it into [`NbdServerOptions::tls`].
     pub tls_creds: Option<String>,
     /// `tls-authz`: accepted and unused, as QEMU does without `tls-creds`.
     pub tls_authz: Option<String>,

@@ -3,5 +3,8 @@
 //! (`block::nbd`); the server is an export (`export`). Both use this
 //! module and nothing here knows about nodes.
 
+pub mod objects;
 pub mod proto;
+pub mod tls;
+pub mod tls_creds;
 pub mod transport;

@@ -146,6 +146,12 @@ impl Write for Socket {
 pub struct Closer(Socket);
 
 impl Closer {
+    /// A closer for the connection `socket` is a handle of (TLS sessions
+    /// build their transport themselves).
+    pub fn new(socket: Socket) -> Closer {
+        Closer(socket)
+    }
+
     /// Shuts the connection down (idempotent).
     pub fn close(&self) {
         self.0.shutdown();

@@ -70,6 +70,8 @@ pub const COMMANDS: &[&str] = &[
     "block-export-add",
     "block-export-del",
     "query-block-exports",
+    "object-add",
+    "object-del",
 ];
 
 /// `qmp_capabilities`' arguments: `enable`, a list of capabilities.
@@ -136,6 +138,12 @@ pub fn dispatch(ctx: &Context, name: &str, args: &Value) -> Result<Value> {
     // blockdev-add takes the whole object as node options.
     if name == "blockdev-add" {
         return ok(ctx.blockdev_add(args));
+    }
+    // So does object-add (QEMU 10's flat ObjectOptions).
+    match name {
+        "object-add" => return ok(super::object::object_add(ctx, args, false)),
+        "object-del" => return ok(super::object::object_del(ctx, args)),
+        _ => {}
     }
     let mut o = Obj::new(args, "")?;
     let o = &mut o;

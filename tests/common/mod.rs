@@ -9,6 +9,7 @@ pub mod guest;
 pub mod nodes;
 pub mod oracle;
 pub mod qmp;
+pub mod tls;
 
 use std::path::PathBuf;
 use std::process::Command;
