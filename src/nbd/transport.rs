@@ -93,6 +93,12 @@ impl Socket {
         })
     }
 
+    /// A [`Closer`] for this connection: lets another thread end a
+    /// connection that is still being negotiated.
+    pub fn closer(&self) -> io::Result<Closer> {
+        Ok(Closer(self.try_clone()?))
+    }
+
     /// Shuts both directions down: blocked reads and writes on every
     /// handle of the connection return.
     pub fn shutdown(&self) {
