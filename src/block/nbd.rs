@@ -26,7 +26,9 @@
 //! violation (bad magic, unknown cookie, a chunk out of its request's
 //! range, an oversized length, a reply stalled in its middle for
 //! [`STALL_TIMEOUT`]) ends the node's connection for good (QEMU's
-//! `NBD_CLIENT_QUIT`): every request fails with EIO. Dropping the driver
+//! `NBD_CLIENT_QUIT`): every request fails with EIO. Requests in flight
+//! without any reply for [`IDLE_TIMEOUT`] count as a broken connection
+//! (QEMU waits forever). Dropping the driver
 //! (blockdev-del) shuts the socket down, joins the manager and closes the
 //! fd.
 
@@ -54,6 +56,11 @@ pub const MAX_IN_FLIGHT: usize = 16;
 /// is declared broken. A server that is merely slow to *start* a reply is
 /// waited for, as in QEMU.
 pub const STALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long requests in flight may go without any reply before the
+/// connection counts as broken (then reconnected, the requests replayed
+/// under `reconnect-delay`). QEMU waits forever; a hung server would hang
+/// the node's users. Generous, for servers flushing slow disks.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Bound of one TCP connection attempt.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The largest block status payload accepted (extents of one request with
@@ -591,14 +598,14 @@ fn protocol(msg: impl Into<String>) -> End {
     End::Protocol(msg.into())
 }
 
-/// Fills `buf` from `r`. `idle_ok`: timeouts before the first byte are
-/// waited out (a server slow to start a reply); any other timeout is a
-/// stall (one socket timeout is [`STALL_TIMEOUT`] without a byte).
+/// Fills `buf` from `r`. `idle`: timeouts before the first byte are
+/// asked about (a server slow to start a reply is waited for while `idle`
+/// says `None`); any other timeout is a stall (one socket timeout is
+/// [`STALL_TIMEOUT`] without a byte).
 fn read_full(
     r: &mut dyn Read,
     buf: &mut [u8],
-    idle_ok: bool,
-    closing: &dyn Fn() -> bool,
+    idle: Option<&dyn Fn() -> Option<End>>,
 ) -> Result<(), End> {
     let mut n = 0;
     while n < buf.len() {
@@ -612,13 +619,17 @@ fn read_full(
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                 ) =>
             {
-                if closing() {
-                    return Err(End::Io);
-                }
-                if !(idle_ok && n == 0) {
-                    return Err(protocol(format!(
-                        "reply stalled for {STALL_TIMEOUT:?} in its middle"
-                    )));
+                match idle {
+                    Some(f) if n == 0 => {
+                        if let Some(end) = f() {
+                            return Err(end);
+                        }
+                    }
+                    _ => {
+                        return Err(protocol(format!(
+                            "reply stalled for {STALL_TIMEOUT:?} in its middle"
+                        )));
+                    }
                 }
             }
             Err(_) => return Err(End::Io),
@@ -716,21 +727,36 @@ impl Conn {
 
     /// Reads replies until the connection ends.
     fn read_loop(&self, r: &mut dyn Read, closing: &dyn Fn() -> bool) -> End {
+        // When the last reply (or the last idle moment) was.
+        let last = std::cell::Cell::new(Instant::now());
+        let idle = || {
+            if closing() {
+                return Some(End::Io);
+            }
+            if self.table.lock().entries.is_empty() {
+                last.set(Instant::now());
+                return None;
+            }
+            // Requests wait and nothing came for a long time: a server
+            // that hangs is treated as gone (reconnect, replay).
+            (last.get().elapsed() >= IDLE_TIMEOUT).then_some(End::Io)
+        };
         loop {
-            if let Err(e) = self.read_one(r, closing) {
+            if let Err(e) = self.read_one(r, &idle) {
                 return e;
             }
+            last.set(Instant::now());
         }
     }
 
-    fn read_one(&self, r: &mut dyn Read, closing: &dyn Fn() -> bool) -> Result<(), End> {
+    fn read_one(&self, r: &mut dyn Read, idle: &dyn Fn() -> Option<End>) -> Result<(), End> {
         let ext = self.neg.extended;
         let mut hdr = [0u8; 32];
-        read_full(r, &mut hdr[..4], true, closing)?;
+        read_full(r, &mut hdr[..4], Some(idle))?;
         let magic = u32::from_be_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
         let hlen = ReplyHeader::len_for_magic(magic, ext)
             .ok_or_else(|| protocol(format!("bad reply magic {magic:#x}")))?;
-        read_full(r, &mut hdr[4..hlen], false, closing)?;
+        read_full(r, &mut hdr[4..hlen], None)?;
         let h = ReplyHeader::read(&mut &hdr[..hlen], ext)?;
         let cookie = h.cookie();
         // The request it answers; the reader alone touches an entry's
@@ -754,7 +780,7 @@ impl Conn {
                     if self.neg.structured {
                         return Err(protocol("simple reply to a read with structured replies"));
                     }
-                    read_full(r, &mut data, false, closing)?;
+                    read_full(r, &mut data, None)?;
                 }
                 true
             }
@@ -774,18 +800,18 @@ impl Conn {
                             return Err(protocol(format!("data chunk of {length} bytes")));
                         }
                         let mut o = [0u8; 8];
-                        read_full(r, &mut o, false, closing)?;
+                        read_full(r, &mut o, None)?;
                         let at = u64::from_be_bytes(o);
                         let n = length - 8;
                         if at < offset || at - offset > len - n {
                             return Err(protocol("data chunk outside its request"));
                         }
                         let rel = (at - offset) as usize;
-                        read_full(r, &mut data[rel..rel + n as usize], false, closing)?;
+                        read_full(r, &mut data[rel..rel + n as usize], None)?;
                     }
                     chunk::OFFSET_HOLE if kind == cmd::READ && length == 12 => {
                         let mut p = [0u8; 12];
-                        read_full(r, &mut p, false, closing)?;
+                        read_full(r, &mut p, None)?;
                         let (at, n) = proto::parse_offset_hole(&p)?;
                         let n = u64::from(n);
                         if at < offset || n > len || at - offset > len - n {
@@ -797,7 +823,7 @@ impl Conn {
                     chunk::BLOCK_STATUS | chunk::BLOCK_STATUS_EXT
                         if kind == cmd::BLOCK_STATUS && (ck == chunk::BLOCK_STATUS_EXT) == ext =>
                     {
-                        let p = payload(r, length, MAX_STATUS_PAYLOAD, closing)?;
+                        let p = payload(r, length, MAX_STATUS_PAYLOAD)?;
                         let (id, ex) = proto::parse_block_status(ck, &p)?;
                         if Some(id) != self.neg.meta {
                             return Err(protocol(format!("block status for context {id}")));
@@ -805,7 +831,7 @@ impl Conn {
                         extents = ex;
                     }
                     k if k & chunk::FLAG_ERROR != 0 => {
-                        let p = payload(r, length, MAX_ERROR_PAYLOAD, closing)?;
+                        let p = payload(r, length, MAX_ERROR_PAYLOAD)?;
                         let e = match k {
                             chunk::ERROR | chunk::ERROR_OFFSET => {
                                 proto::parse_error_chunk(k, &p)?.0
@@ -846,17 +872,12 @@ impl Conn {
 }
 
 /// A chunk payload of at most `max` bytes.
-fn payload(
-    r: &mut dyn Read,
-    length: u64,
-    max: u64,
-    closing: &dyn Fn() -> bool,
-) -> Result<Vec<u8>, End> {
+fn payload(r: &mut dyn Read, length: u64, max: u64) -> Result<Vec<u8>, End> {
     if length > max {
         return Err(protocol(format!("chunk of {length} bytes exceeds {max}")));
     }
     let mut v = vec![0; length as usize];
-    read_full(r, &mut v, false, closing)?;
+    read_full(r, &mut v, None)?;
     Ok(v)
 }
 

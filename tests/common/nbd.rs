@@ -43,6 +43,16 @@ impl Listen {
     }
 }
 
+/// nbdkit reports every injected error and every readiness probe on
+/// stderr: the tests check the effects instead.
+fn stderr_of(prog: &str) -> Stdio {
+    if prog == "nbdkit" {
+        Stdio::null()
+    } else {
+        Stdio::inherit()
+    }
+}
+
 /// A TCP port nothing listens on right now.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -98,7 +108,7 @@ impl Server {
             .args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(stderr_of(prog))
             .spawn()
             .unwrap_or_else(|e| panic!("start {prog}: {e}"));
         let mut s = Server {
@@ -183,7 +193,7 @@ impl Server {
             .args(&self.cmd.1)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(stderr_of(&self.cmd.0))
             .spawn()
             .unwrap();
         self.wait_ready();
