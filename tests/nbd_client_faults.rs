@@ -518,3 +518,136 @@ fn server_restart_under_a_mirror_as_in_qemu() {
     }
     assert!(diffs.is_empty(), "{}", diffs.join("\n"));
 }
+
+// ---- reconnect-delay and open-timeout ------------------------------------------
+
+#[test]
+fn reconnect_delay_waits_then_fails_at_once_until_the_server_returns() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("r.raw");
+    std::fs::write(&img, vec![0x42u8; MIB as usize]).unwrap();
+    let listen = Listen::Unix(d.path().join("r.sock"));
+    let mut server = Server::qemu_nbd(&img, "raw", "disk", listen.clone());
+    let ours = Ours::new();
+    ours.ctx
+        .blockdev_add(&nbd_node(
+            "r",
+            &listen,
+            "disk",
+            json!({"reconnect-delay": 2}),
+        ))
+        .unwrap();
+    let n = ours.ctx.lookup("r").unwrap();
+    let mut b = vec![0; 4096];
+    n.pread(0, &mut b).unwrap();
+    server.kill();
+    // Within the delay the request waits for a server, then fails.
+    let t = Instant::now();
+    assert_eq!(n.pread(0, &mut b).unwrap_err().errno(), Some(libc::EIO));
+    let waited = t.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1500) && waited < Duration::from_secs(10),
+        "waited {waited:?}"
+    );
+    // After the delay: at once.
+    let t = Instant::now();
+    assert_eq!(n.pread(0, &mut b).unwrap_err().errno(), Some(libc::EIO));
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        t.elapsed()
+    );
+    // The server returns: the node reconnects by itself.
+    server.restart();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while n.pread(0, &mut b).is_err() {
+        assert!(Instant::now() < deadline, "no reconnection");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(b.iter().all(|x| *x == 0x42));
+}
+
+#[test]
+fn open_timeout_retries_the_first_connection() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("o.raw");
+    std::fs::write(&img, vec![7u8; MIB as usize]).unwrap();
+    let listen = Listen::Unix(d.path().join("o.sock"));
+    // Without open-timeout: QEMU's error at once.
+    let ours = std::sync::Arc::new(Ours::new());
+    let e = ours
+        .ctx
+        .blockdev_add(&nbd_node("o", &listen, "disk", json!({})))
+        .unwrap_err();
+    assert!(e.message().starts_with("Failed to connect to '"), "{e:?}");
+    // With it, the server may come later.
+    let (tx, rx) = mpsc::channel();
+    let o2 = ours.clone();
+    let l2 = listen.clone();
+    std::thread::spawn(move || {
+        let r = o2
+            .ctx
+            .blockdev_add(&nbd_node("o", &l2, "disk", json!({"open-timeout": 20})));
+        let _ = tx.send(r.map(|_| ()));
+    });
+    // Still trying (not failed) while there is no server.
+    assert!(rx.recv_timeout(Duration::from_millis(500)).is_err());
+    let _server = Server::qemu_nbd(&img, "raw", "disk", listen);
+    rx.recv_timeout(Duration::from_secs(20))
+        .expect("blockdev-add returned")
+        .unwrap();
+    let mut b = vec![0; 512];
+    ours.ctx.lookup("o").unwrap().pread(0, &mut b).unwrap();
+    assert_eq!(b, vec![7; 512]);
+}
+
+/// A server that wants 4 KiB-aligned requests of at most 64 KiB (nbdkit's
+/// blocksize-policy refuses anything else with EINVAL): unaligned reads
+/// and writes of any size still work.
+#[test]
+fn server_block_size_constraints_are_honoured() {
+    let d = tempfile::tempdir().unwrap();
+    let listen = Listen::Unix(d.path().join("bs.sock"));
+    let _server = Server::nbdkit(
+        &[
+            "--filter=blocksize-policy",
+            "memory",
+            "size=4M",
+            "blocksize-minimum=4096",
+            "blocksize-preferred=4096",
+            "blocksize-maximum=65536",
+            "blocksize-error-policy=error",
+        ],
+        listen.clone(),
+    );
+    let ours = Ours::new();
+    ours.ctx
+        .blockdev_add(&nbd_node("b", &listen, "", json!({})))
+        .unwrap();
+    let n = ours.ctx.lookup("b").unwrap();
+    let mut model = vec![0u8; 4 * MIB as usize];
+    for (i, (off, len)) in [
+        (1u64, 10usize),
+        (4095, 2),
+        (70000, 200_000),
+        (0, 65536 * 3),
+        (MIB - 7, 9),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let data: Vec<u8> = (0..len).map(|j| (i * 31 + j) as u8).collect();
+        n.pwrite(off, &data).unwrap();
+        model[off as usize..off as usize + len].copy_from_slice(&data);
+    }
+    n.pwrite_zeroes(5000, 100_000, false).unwrap();
+    model[5000..105_000].fill(0);
+    let mut all = vec![0; 4 * MIB as usize];
+    n.pread(0, &mut all).unwrap();
+    assert!(all == model, "contents differ");
+    let mut odd = vec![0; 12345];
+    n.pread(333, &mut odd).unwrap();
+    assert!(odd[..] == model[333..333 + 12345]);
+    let st = n.block_status(4097, 3 * MIB).unwrap();
+    assert!(st.len >= 1 && st.data, "{st:?}");
+}
