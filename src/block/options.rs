@@ -507,6 +507,10 @@ const INT_MEMBERS: &[&str] = &[
     "sector",
     "reconnect-delay",
     "open-timeout",
+    "to",
+    "keep-alive-count",
+    "keep-alive-idle",
+    "keep-alive-interval",
 ];
 
 /// blockdev-add's typed JSON from a keyval `--blockdev`: the boolean and
@@ -745,5 +749,17 @@ mod tests {
             blockdev_from_keyval("driver=qcow2,backing=").unwrap()["backing"],
             Value::Null
         );
+        // nbd: numbers typed, the port kept a string (QAPI's `str`).
+        let v = blockdev_from_keyval(
+            "driver=nbd,node-name=n,server.type=inet,server.host=h,server.port=10809,\
+             reconnect-delay=5,open-timeout=2",
+        )
+        .unwrap();
+        assert_eq!(
+            v,
+            json!({"driver":"nbd","node-name":"n","server":{"type":"inet","host":"h",
+                "port":"10809"},"reconnect-delay":5,"open-timeout":2})
+        );
+        assert!(parse(&v).is_ok());
     }
 }
