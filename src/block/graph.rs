@@ -156,6 +156,10 @@ impl Graph {
                 "'node-name' must be specified for the root node",
             ));
         }
+        // Names first (QEMU checks them before a driver opens), then nbd
+        // connections without the graph lock, then the names again.
+        Self::check_names(&self.lock(), &spec, &mut Vec::new())?;
+        super::open::preconnect(&spec, false, &self.objects)?;
         let mut inner = self.lock();
         let mut taken = Vec::new();
         Self::check_names(&inner, &spec, &mut taken)?;

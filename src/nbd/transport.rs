@@ -93,6 +93,12 @@ impl Socket {
         })
     }
 
+    /// A [`Closer`] for this connection: lets another thread end a
+    /// connection that is still being negotiated.
+    pub fn closer(&self) -> io::Result<Closer> {
+        Ok(Closer(self.try_clone()?))
+    }
+
     /// Shuts both directions down: blocked reads and writes on every
     /// handle of the connection return.
     pub fn shutdown(&self) {
@@ -304,13 +310,6 @@ impl std::os::fd::AsFd for Listener {
             Listener::Unix(l, ..) => l.as_fd(),
             Listener::Tcp(l) => l.as_fd(),
         }
-    }
-}
-
-impl Socket {
-    /// A handle that ends this connection from another thread.
-    pub fn closer(&self) -> io::Result<Closer> {
-        Ok(Closer(self.try_clone()?))
     }
 }
 

@@ -6,6 +6,7 @@ pub mod chain;
 pub mod cprog;
 pub mod gated;
 pub mod guest;
+pub mod nbd;
 pub mod nodes;
 pub mod oracle;
 pub mod qmp;
