@@ -161,6 +161,22 @@ impl Daemon {
         self.qmp.ok(cmd, args)
     }
 
+    /// A safe `block-export-del`: refused while a client is still
+    /// connected, and the last client (a process that just exited) leaves
+    /// asynchronously on both daemons, so try again for a while.
+    fn export_del(&mut self, id: &str) {
+        for _ in 0..100 {
+            match self.qmp.execute("block-export-del", json!({ "id": id })) {
+                Ok(_) => return,
+                Err(e) if e.desc.ends_with("still in use") => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(e) => panic!("{}: block-export-del {id}: {e:?}", self.what),
+            }
+        }
+        panic!("{}: export {id} still in use after 2 s", self.what);
+    }
+
     /// Wait for `name` (failing on a job error or cancel).
     fn until(&mut self, name: &str) -> Value {
         loop {
@@ -325,11 +341,11 @@ fn migrate(src_qsd: bool, dst_qsd: bool) {
     let done = s.until("BLOCK_JOB_COMPLETED");
     assert!(done["data"].get("error").is_none(), "{done}");
     assert_eq!(done["data"]["offset"], done["data"]["len"]);
-    s.ok("block-export-del", json!({"id": "g"}));
+    s.export_del("g");
     s.ok("nbd-server-stop", json!({}));
     s.ok("blockdev-del", json!({"node-name": "tgt"}));
     s.quit();
-    d.ok("block-export-del", json!({"id": "e"}));
+    d.export_del("e");
     d.quit();
 
     // The guest's last view is the source file; the destination holds it.
