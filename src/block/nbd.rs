@@ -9,7 +9,7 @@
 //! asking for `INFO_BLOCK_SIZE`, falling back to `EXPORT_NAME` for servers
 //! without `GO`.
 //!
-//! **Transmission**: one connection, up to [`MAX_IN_FLIGHT`] requests in
+//! **Transmission**: one connection, up to `MAX_IN_FLIGHT` (16) requests in
 //! flight matched by cookie. Callers write whole requests under the
 //! connection's writer lock and sleep on its table; one thread per node
 //! (the *manager*) reads replies and hands them to the waiting callers,
