@@ -61,6 +61,13 @@ fn c_test_qmp_server() {
 }
 
 #[test]
+fn c_test_nbd() {
+    common::require_tool("qemu-io");
+    common::require_tool("qemu-img");
+    run("test_nbd");
+}
+
+#[test]
 fn c_test_error_matrix() {
     run("test_error_matrix");
 }
