@@ -1066,3 +1066,75 @@ fn handshake_max_seconds_zero_waits_for_slow_clients() {
     drop((c, c2));
     o.cmd("nbd-server-stop", json!({})).unwrap();
 }
+
+/// `block-export-del` (safe) while a client is bound to the export:
+/// refused, with the export still listed; once the client left, it
+/// succeeds and `BLOCK_EXPORT_DELETED` follows; `hard` with a client
+/// disconnects it. Ours and qemu-storage-daemon, step by step.
+#[test]
+fn safe_export_del_waits_for_clients_as_qemu() {
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let mut views = Vec::new();
+    for qsd in [true, false] {
+        let sub = dir.path().join(if qsd { "qsd" } else { "ours" });
+        std::fs::create_dir(&sub).unwrap();
+        let img = raw_image(&sub);
+        let (mut side, sock): (Box<dyn Side>, PathBuf) = if qsd {
+            let (d, s) = qsd_server(&sub);
+            (Box::new(d), s)
+        } else {
+            let (o, s) = ours_server(&sub);
+            (Box::new(o), s)
+        };
+        let mut v = Vec::new();
+        add_file(&mut *side, "disk", "raw", &img);
+        let add = json!({"type": "nbd", "id": "e0", "node-name": "disk"});
+        side.cmd("block-export-add", add.clone()).unwrap();
+        let mut c = handshake(&sock);
+        go(&mut c, "disk");
+        v.push(show(side.cmd("block-export-del", json!({"id": "e0"}))));
+        v.push(show(side.cmd("query-block-exports", json!({}))));
+        v.push(json!(side.event_quick()));
+        drop(c);
+        // The server sees the EOF on its own time: retry for 5 s.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let r = loop {
+            let r = side.cmd("block-export-del", json!({"id": "e0", "mode": "safe"}));
+            if r.is_ok() || Instant::now() > deadline {
+                break r;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        v.push(show(r));
+        let ev = side.event().expect("BLOCK_EXPORT_DELETED");
+        v.push(json!([ev["event"], ev["data"]]));
+        v.push(show(side.cmd("query-block-exports", json!({}))));
+        // hard: the client is cut.
+        side.cmd("block-export-add", add).unwrap();
+        let mut c = handshake(&sock);
+        go(&mut c, "disk");
+        v.push(show(
+            side.cmd("block-export-del", json!({"id": "e0", "mode": "hard"})),
+        ));
+        let ev = side.event().expect("BLOCK_EXPORT_DELETED");
+        v.push(json!([ev["event"], ev["data"]]));
+        v.push(json!({"closed": closed_by_server(&mut c)}));
+        side.cmd("nbd-server-stop", json!({})).unwrap();
+        views.push(v);
+    }
+    assert_eq!(views[1], views[0], "ours, then qemu-storage-daemon's");
+    assert_eq!(
+        views[1][0],
+        json!({"err": "GenericError: export 'e0' still in use"})
+    );
+    assert_eq!(views[1][3], json!({"ok": {}}));
+    assert_eq!(views[1][8], json!({"closed": true}));
+}
+
+fn show(r: Result<Value, String>) -> Value {
+    match r {
+        Ok(v) => json!({ "ok": v }),
+        Err(e) => json!({ "err": e }),
+    }
+}
