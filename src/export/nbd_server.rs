@@ -1,12 +1,12 @@
 //! The NBD server (QEMU's `nbd-server-start`): a listening socket, one
 //! acceptor thread, and per client connection one thread that negotiates
 //! and then reads requests, handing them to a small pool of workers
-//! ([`super::nbd_conn`]).
+//! (`super::nbd_conn`).
 //!
 //! Threads: the acceptor waits (epoll) on the listener and on a wake-up
 //! eventfd; it stops watching the listener while `max-connections`
 //! clients are connected, and joins the threads of connections that
-//! ended. [`NbdServer::stop`] closes every connection, joins every
+//! ended. `NbdServer::stop` closes every connection, joins every
 //! thread, and unlinks the UNIX socket it bound.
 //!
 //! TLS: a server started with a [`TlsHook`] requires `NBD_OPT_STARTTLS`
