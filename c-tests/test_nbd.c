@@ -510,6 +510,71 @@ static void test_context_free_stops_server(void)
     CHECK(access(sock, F_OK) != 0);
 }
 
+/* TLS: credentials from $BJ_PKI (made by the harness with certtool),
+ * a server on TCP that requires them; qemu-io with a client certificate
+ * reads through it, qemu-io without TLS gets nothing. */
+static void test_tls_server(void)
+{
+    BjContext *ctx = setup();
+    BjError *err = NULL;
+    BjTlsCredsX509Options t;
+    BjNbdServerOptions o;
+    const char *pki = getenv("BJ_PKI");
+    char out[8192], obj[700], opts[300], url[128];
+    int port;
+
+    if (!pki) {
+        FAIL("BJ_PKI is not set (tests/c_harness.rs sets it)");
+    }
+    memset(&t, 0, sizeof(t));
+    t.size = sizeof(t);
+    t.id = "tls0";
+    t.dir = pki;
+    t.endpoint = BJ_QCRYPTO_TLS_CREDS_ENDPOINT_SERVER;
+    CHECK(bj_tls_creds_x509_add(ctx, &t, &err));
+    CHECK_NO_ERR(err);
+    CHECK(!bj_tls_creds_x509_add(ctx, &t, &err));
+    CHECK_ERR(err, BJ_ERROR_CLASS_GENERIC_ERROR,
+              "attempt to add duplicate property 'tls0' to object (type 'container')");
+
+    memset(&o, 0, sizeof(o));
+    o.size = sizeof(o);
+    o.host = "127.0.0.1";
+    o.port = "0";
+    o.tls_creds = "tls0";
+    CHECK(bj_nbd_server_start(ctx, &o, &err));
+    CHECK_NO_ERR(err);
+    /* The server keeps its credentials when the object goes (QEMU). */
+    CHECK(bj_object_del(ctx, "tls0", &err));
+    CHECK_NO_ERR(err);
+    port = bj_nbd_server_get_port(ctx, &err);
+    CHECK_NO_ERR(err);
+    export_add(ctx, "e0", "disk", NULL, false);
+
+    snprintf(obj, sizeof(obj), "tls-creds-x509,id=c0,dir=%s,endpoint=client", pki);
+    snprintf(opts, sizeof(opts),
+             "driver=nbd,server.type=inet,server.host=127.0.0.1,server.port=%d,"
+             "export=disk,tls-creds=c0", port);
+    {
+        char *argv[] = { "qemu-io", "-r", "--object", obj, "--image-opts", opts,
+                         "-c", "read -P 0x11 0 64k", NULL };
+        if (run_tool(out, sizeof(out), argv) != 0 || strstr(out, "fail")) {
+            FAIL("qemu-io over TLS: %s", out);
+        }
+    }
+    snprintf(url, sizeof(url), "nbd://127.0.0.1:%d/disk", port);
+    {
+        char *argv[] = { "qemu-io", "-f", "raw", "-r", "-c", "read 0 512", url, NULL };
+        CHECK(run_tool(out, sizeof(out), argv) != 0);
+        if (!strstr(out, "TLS")) {
+            FAIL("qemu-io without TLS: %s", out);
+        }
+    }
+    CHECK(bj_nbd_server_stop(ctx, &err));
+    CHECK_NO_ERR(err);
+    bj_context_free(&ctx);
+}
+
 int main(void)
 {
     signal(SIGPIPE, SIG_DFL);
@@ -518,5 +583,6 @@ int main(void)
     RUN(test_tcp_port_zero);
     RUN(test_export_del_modes);
     RUN(test_context_free_stops_server);
+    RUN(test_tls_server);
     return 0;
 }
