@@ -574,10 +574,6 @@ fn bad_command_lines_fail_like_qsd() {
             "wait=on is not supported",
         ),
         (s(&["--chardev", "file,id=m,path=/tmp/x"]), "not supported"),
-        (
-            s(&["--blockdev", "driver=nbd,node-name=n,server.type=unix"]),
-            "not supported by blockjob",
-        ),
     ] {
         let e = refused(false, &args, dir.path());
         assert!(e.contains(want), "{args:?}: {e}");
