@@ -768,9 +768,11 @@ mod tests {
             "Verify failed: No certificate was found."
         );
         // The client learns it when it reads (TLS 1.3 ends its handshake
-        // first); it gets no data.
-        let mut c = c.unwrap();
-        assert!(c.read(&mut [0u8; 1]).is_err());
+        // first), or already in its handshake when the server hung up
+        // before the client finished (a loaded machine); no data either way.
+        if let Ok(mut c) = c {
+            assert!(c.read(&mut [0u8; 1]).is_err());
+        }
         // A client certificate from another CA.
         let (s, _) = pair(
             creds(d.path(), Endpoint::Server, true),
