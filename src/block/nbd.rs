@@ -48,7 +48,7 @@ use crate::nbd::proto::{
     self, BlockSize, Extent, ReadBe, ReplyHeader, Request, cflag, chunk, cmd, info, opt, rep, tflag,
 };
 use crate::nbd::tls_creds::Endpoint;
-use crate::nbd::transport::{Closer, SocketAddress, Stream, Transport};
+use crate::nbd::transport::{Closer, SocketAddress, Stream, Transport, write_parts};
 use crate::qapi::visitor::{Obj, type_err};
 
 /// Requests in flight on one connection (QEMU's `MAX_NBD_REQUESTS`).
@@ -689,9 +689,7 @@ impl Conn {
         let header = Request { cookie, ..req }.encode(self.neg.extended);
         let sent = {
             let mut w = self.writer.lock();
-            w.write_all(&header)
-                .and_then(|_| payload.map_or(Ok(()), |p| w.write_all(p)))
-                .and_then(|_| w.flush())
+            write_parts(&mut *w, &[&header, payload.unwrap_or(&[])]).and_then(|_| w.flush())
         };
         if sent.is_err() {
             // A half-written request poisons the stream: end it; the

@@ -23,7 +23,7 @@ use crate::nbd::proto::{
     self, Buf, CONTEXT_ALLOCATION_DEPTH, CONTEXT_BASE_ALLOCATION, CONTEXT_DIRTY_BITMAP_PREFIX,
     Extent, Payload, ReadBe, Request, cflag, chunk, cmd, err, info, opt, rep, tflag,
 };
-use crate::nbd::transport::{Stream, Transport};
+use crate::nbd::transport::{Stream, Transport, write_parts};
 
 /// Requests in flight per connection (QEMU's `NBD_MAX_REQUESTS`).
 const MAX_REQUESTS: usize = 16;
@@ -884,9 +884,7 @@ impl Conn {
 
     fn write(&self, parts: &[&[u8]]) -> io::Result<()> {
         let mut w = self.writer.lock();
-        for p in parts {
-            w.write_all(p)?;
-        }
+        write_parts(&mut *w, parts)?;
         w.flush()
     }
 
@@ -941,24 +939,25 @@ impl Conn {
                 0
             };
             let at = req.offset + a as u64;
+            // Header and payload in one writev: no small packet ahead of
+            // the data.
             if kind == chunk::OFFSET_HOLE {
-                let mut p = Buf::default();
-                p.u64(at).u32((b - a) as u32);
-                let h = proto::chunk_header(ext, flags, kind, req.cookie, req.offset, 12);
-                w.write_all(&h)?;
-                w.write_all(&p.0)?;
+                let mut h = Buf(proto::chunk_header(
+                    ext, flags, kind, req.cookie, req.offset, 12,
+                ));
+                h.u64(at).u32((b - a) as u32);
+                write_parts(&mut *w, &[&h.0])?;
             } else {
-                let h = proto::chunk_header(
+                let mut h = Buf(proto::chunk_header(
                     ext,
                     flags,
                     kind,
                     req.cookie,
                     req.offset,
                     8 + (b - a) as u64,
-                );
-                w.write_all(&h)?;
-                w.write_all(&at.to_be_bytes())?;
-                w.write_all(&data[a..b])?;
+                ));
+                h.u64(at);
+                write_parts(&mut *w, &[&h.0, &data[a..b]])?;
             }
         }
         w.flush()
@@ -981,8 +980,7 @@ impl Conn {
                 0
             };
             let h = proto::chunk_header(ext, flags, kind, req.cookie, req.offset, p.len() as u64);
-            w.write_all(&h)?;
-            w.write_all(&p)?;
+            write_parts(&mut *w, &[&h, &p])?;
         }
         w.flush()
     }
