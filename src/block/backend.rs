@@ -17,6 +17,7 @@ use super::Node;
 use super::drain::DrainSection;
 use super::graph::Graph;
 use super::parents::DrainParent;
+use super::perm::Perms;
 use crate::error::{Error, Result};
 use crate::error_policy;
 use crate::events::{EventBus, EventData};
@@ -35,6 +36,11 @@ pub struct BackendOptions {
     pub werror: BlockdevOnError,
     /// The device keeps an I/O status (then `BLOCK_IO_ERROR` has `nospace`).
     pub iostatus_enabled: bool,
+    /// What the backend takes and shares on its node (QEMU's `blk_new`
+    /// arguments); `None`: a guest device's defaults,
+    /// [`Perms::guest_device`] (write unless the node is read-only, write
+    /// not shared). An NBD export declares [`Perms::nbd_export`].
+    pub perms: Option<Perms>,
 }
 
 impl Default for BackendOptions {
@@ -45,6 +51,7 @@ impl Default for BackendOptions {
             rerror: BlockdevOnError::Auto,
             werror: BlockdevOnError::Auto,
             iostatus_enabled: true,
+            perms: None,
         }
     }
 }
@@ -91,6 +98,13 @@ impl BackendShared {
         });
         node.attach_backend(&b);
         b
+    }
+
+    /// What this backend takes and shares on `node` (its node).
+    pub(crate) fn perms(&self, node: &Node) -> Perms {
+        self.opts
+            .perms
+            .unwrap_or_else(|| Perms::guest_device(node.is_read_only(), false))
     }
 
     /// The device name.
@@ -318,6 +332,7 @@ impl Drop for BlockBackend {
             self.graph.drained_end(s);
         }
         self.shared.node().detach_backend(&self.shared);
+        self.graph.release_perms();
     }
 }
 

@@ -12,7 +12,8 @@
 
 use std::sync::Arc;
 
-use super::block_job::{add_node, block_job_create, job_flags};
+use super::block_job::{add_node, block_job_create, job_flags, reserve_perms};
+use crate::block::perm::{PERM_CONSISTENT_READ, PERM_WRITE_UNCHANGED, Perms};
 use crate::block::copy_on_read::{CopyOnRead, CorShared};
 use crate::block::graph::Graph;
 use crate::block::{BlockOp, Node, UserKind, chain};
@@ -241,6 +242,15 @@ pub fn block_stream(
         ));
     }
     let job_id = o.job_id.clone().unwrap_or_else(|| graph.device_name(&top));
+    // QEMU's stream_start: the layers that go may not be written by
+    // others (consistent read and write-unchanged shared only).
+    let layer_perms = Perms::new(0, PERM_CONSISTENT_READ | PERM_WRITE_UNCHANGED);
+    let want: Vec<(&Arc<Node>, Perms)> = layers
+        .iter()
+        .take_while(|n| !base.as_ref().is_some_and(|b| Arc::ptr_eq(b, n)))
+        .map(|n| (n, layer_perms))
+        .collect();
+    let reserved = reserve_perms(graph, &want)?;
     let cor = CorShared::new(top.clone(), base.clone());
     let filter = graph
         .insert_filter(
@@ -277,15 +287,16 @@ pub fn block_stream(
     };
     // The job also reads through the filter with a backend of its own
     // (QEMU's `s->blk`): `blockdev-del` finds the filter in use.
-    add_node(&job, &filter, UserKind::Backend);
+    add_node(&job, &filter, UserKind::Backend, Perms::NONE);
     // The top and the layers that go (QEMU's "active node" and
     // "intermediate node"s).
     for n in &layers {
         if base.as_ref().is_some_and(|b| Arc::ptr_eq(b, n)) {
             break;
         }
-        add_node(&job, n, UserKind::Blocker);
+        add_node(&job, n, UserKind::Blocker, layer_perms);
     }
+    drop(reserved);
     job.start()?;
     Ok(job)
 }
