@@ -56,16 +56,32 @@ impl Netns {
             veth: veth.clone(),
             subnet,
         };
-        run(&["ip", "link", "add", &veth, "type", "veth", "peer", "name", &peer]);
+        run(&[
+            "ip", "link", "add", &veth, "type", "veth", "peer", "name", &peer,
+        ]);
         run(&["ip", "link", "set", &peer, "netns", &name]);
-        run(&["ip", "addr", "add", &format!("{}/30", ns.ip(1)), "dev", &veth]);
+        run(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{}/30", ns.ip(1)),
+            "dev",
+            &veth,
+        ]);
         run(&["ip", "link", "set", &veth, "up"]);
         let inside = |c: &[&str]| {
             let mut v = vec!["ip", "netns", "exec", &name];
             v.extend_from_slice(c);
             run(&v);
         };
-        inside(&["ip", "addr", "add", &format!("{}/30", ns.ip(2)), "dev", &peer]);
+        inside(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{}/30", ns.ip(2)),
+            "dev",
+            &peer,
+        ]);
         inside(&["ip", "link", "set", &peer, "up"]);
         inside(&["ip", "link", "set", "lo", "up"]);
         ns
@@ -73,14 +89,23 @@ impl Netns {
 
     /// Host `n` of the pair's /30.
     fn ip(&self, n: u32) -> String {
-        format!("10.{}.{}.{}", 200 + self.subnet / 64, (self.subnet % 64) * 4, n)
+        format!(
+            "10.{}.{}.{}",
+            200 + self.subnet / 64,
+            (self.subnet % 64) * 4,
+            n
+        )
     }
 }
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["link", "del", &self.veth]).status();
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.veth])
+            .status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
@@ -124,7 +149,10 @@ impl Daemon {
             .unwrap();
         let qmp = Qmp::connect(&sock);
         Daemon {
-            what: format!("{name} ({})", if qsd { "qemu-storage-daemon" } else { "ours" }),
+            what: format!(
+                "{name} ({})",
+                if qsd { "qemu-storage-daemon" } else { "ours" }
+            ),
             child,
             qmp,
             stderr,

@@ -158,7 +158,13 @@ impl Graph {
                 })
             }
             DriverSpec::Raw { file, offset, size } => {
-                let child = self.resolve_child(inner, file, (discard, spec.read_only, spec.force_share), false, created)?;
+                let child = self.resolve_child(
+                    inner,
+                    file,
+                    (discard, spec.read_only, spec.force_share),
+                    false,
+                    created,
+                )?;
                 let offset = match offset {
                     Some(o) if *o < 0 => {
                         return Err(Error::generic("offset cannot be negative"));
@@ -172,22 +178,26 @@ impl Graph {
                 Box::new(RawDriver::new(child, offset, size)?)
             }
             DriverSpec::Qcow2 { file, backing } => {
-                let file = self.resolve_child(inner, file, (discard, spec.read_only, spec.force_share), false, created)?;
+                let file = self.resolve_child(
+                    inner,
+                    file,
+                    (discard, spec.read_only, spec.force_share),
+                    false,
+                    created,
+                )?;
                 super::perm::lock_for_format(&file, !perm_ro)?;
                 // QEMU registers a format node after its file and before its
                 // backing chain: this node takes this place in the list.
                 slot = created.len();
                 let backing = match backing {
                     BackingSpec::None => None,
-                    BackingSpec::Child(c) => {
-                        Some(self.resolve_child(
-                            inner,
-                            c,
-                            (discard, spec.read_only, spec.force_share),
-                            true,
-                            created,
-                        )?)
-                    }
+                    BackingSpec::Child(c) => Some(self.resolve_child(
+                        inner,
+                        c,
+                        (discard, spec.read_only, spec.force_share),
+                        true,
+                        created,
+                    )?),
                     BackingSpec::FromHeader => self.open_header_backing(
                         inner,
                         &file,
@@ -212,7 +222,13 @@ impl Graph {
                         "Cannot meet constraints with align {a}"
                     )));
                 }
-                let child = self.resolve_child(inner, image, (discard, spec.read_only, spec.force_share), false, created)?;
+                let child = self.resolve_child(
+                    inner,
+                    image,
+                    (discard, spec.read_only, spec.force_share),
+                    false,
+                    created,
+                )?;
                 Box::new(
                     BlkdebugDriver::new(child, inject.clone(), set_state.clone())
                         .with_align(*align),
@@ -226,8 +242,15 @@ impl Graph {
                 cbw_timeout,
                 min_cluster_size,
             } => {
-                let file = self.resolve_child(inner, file, (discard, spec.read_only, spec.force_share), false, created)?;
-                let target = self.resolve_child(inner, target, (discard, false, false), false, created)?;
+                let file = self.resolve_child(
+                    inner,
+                    file,
+                    (discard, spec.read_only, spec.force_share),
+                    false,
+                    created,
+                )?;
+                let target =
+                    self.resolve_child(inner, target, (discard, false, false), false, created)?;
                 let bitmap = match bitmap {
                     None => None,
                     Some((node, name)) => Some(Self::find_bitmap(inner, node, name)?),
@@ -253,7 +276,13 @@ impl Graph {
                 Box::new(drv)
             }
             DriverSpec::SnapshotAccess { file } => {
-                let file = self.resolve_child(inner, file, (discard, spec.read_only, spec.force_share), false, created)?;
+                let file = self.resolve_child(
+                    inner,
+                    file,
+                    (discard, spec.read_only, spec.force_share),
+                    false,
+                    created,
+                )?;
                 Box::new(SnapshotAccess::new(file))
             }
         };

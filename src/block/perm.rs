@@ -303,7 +303,10 @@ fn check_bytes(fd: &impl AsFd, want: Perms) -> Result<()> {
 
 fn taken(fd: &impl AsFd, byte: i64) -> Result<bool> {
     byte_taken(fd, byte).map_err(|e| {
-        Error::errno_msg(e as i32, format!("Failed to get lock byte {byte}: {}", e.desc()))
+        Error::errno_msg(
+            e as i32,
+            format!("Failed to get lock byte {byte}: {}", e.desc()),
+        )
     })
 }
 
@@ -347,9 +350,7 @@ impl FileLock {
             (!cur.shared | !new.shared) & PERM_ALL,
             false,
         )
-        .map_err(|e| {
-            Error::errno_msg(e as i32, format!("Failed to lock byte: {}", e.desc()))
-        })
+        .map_err(|e| Error::errno_msg(e as i32, format!("Failed to lock byte: {}", e.desc())))
         .and_then(|()| check_bytes(fd, new));
         if let Err(e) = r {
             st.pending = None;

@@ -14,11 +14,11 @@
 use std::sync::Arc;
 
 use super::block_job::{add_node, block_job_create, job_flags, reserve_perms};
+use crate::block::child::ChildEdge;
+use crate::block::graph::Graph;
 use crate::block::perm::{
     PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED, Perms,
 };
-use crate::block::child::ChildEdge;
-use crate::block::graph::Graph;
 use crate::block::{BlockDriver, BlockOp, BlockStatus, Node, NodeChild, UserKind, chain};
 use crate::engine::{Engine, Job, JobDriver};
 use crate::error::{Error, ErrorClass, Result};

@@ -13,9 +13,9 @@
 use std::sync::Arc;
 
 use super::block_job::{add_node, block_job_create, job_flags, reserve_perms};
-use crate::block::perm::{PERM_CONSISTENT_READ, PERM_WRITE_UNCHANGED, Perms};
 use crate::block::copy_on_read::{CopyOnRead, CorShared};
 use crate::block::graph::Graph;
+use crate::block::perm::{PERM_CONSISTENT_READ, PERM_WRITE_UNCHANGED, Perms};
 use crate::block::{BlockOp, Node, UserKind, chain};
 use crate::engine::{Engine, Job, JobDriver};
 use crate::error::{Error, Result};

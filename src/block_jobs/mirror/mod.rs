@@ -33,11 +33,11 @@ use std::sync::Arc;
 
 use self::filter::{MirrorTop, TopShared};
 use super::block_job::{add_node, block_job_create, job_flags, reserve_perms};
+use crate::block::drain::DrainSection;
+use crate::block::graph::Graph;
 use crate::block::perm::{
     PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED, Perms,
 };
-use crate::block::drain::DrainSection;
-use crate::block::graph::Graph;
 use crate::block::replace::can_replace;
 use crate::block::{BlockOp, Node, UserKind, chain, dirty_bitmap};
 use crate::engine::{Engine, Job, JobChange, JobDriver};
