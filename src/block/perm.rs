@@ -383,29 +383,6 @@ impl FileLock {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn default_perm_rules() {
-        // qcow2 writable, no parents: its file takes read+write+resize and
-        // shares neither write nor resize (the recorded table).
-        let p = storage_perms(Perms::NONE, true, true, true);
-        assert_eq!(
-            p,
-            Perms::new(
-                PERM_CONSISTENT_READ | PERM_WRITE | PERM_RESIZE,
-                PERM_CONSISTENT_READ | PERM_WRITE_UNCHANGED
-            )
-        );
-        let ro = storage_perms(Perms::NONE, true, true, false);
-        assert_eq!(ro.perm, PERM_CONSISTENT_READ);
-        let cow = cow_perms(Perms::new(PERM_CONSISTENT_READ, PERM_ALL));
-        assert_eq!(cow, Perms::new(PERM_CONSISTENT_READ, PERM_ALL));
-    }
-}
-
 // ---- the graph's permissions ----------------------------------------------
 
 /// Every node reachable from `roots`, parents before children (reverse
@@ -518,4 +495,27 @@ pub fn lock_for_format(file: &Arc<Node>, writable: bool) -> Result<()> {
     file.driver().set_perm();
     *file.perms.lock() = p;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_perm_rules() {
+        // qcow2 writable, no parents: its file takes read+write+resize and
+        // shares neither write nor resize (the recorded table).
+        let p = storage_perms(Perms::NONE, true, true, true);
+        assert_eq!(
+            p,
+            Perms::new(
+                PERM_CONSISTENT_READ | PERM_WRITE | PERM_RESIZE,
+                PERM_CONSISTENT_READ | PERM_WRITE_UNCHANGED
+            )
+        );
+        let ro = storage_perms(Perms::NONE, true, true, false);
+        assert_eq!(ro.perm, PERM_CONSISTENT_READ);
+        let cow = cow_perms(Perms::new(PERM_CONSISTENT_READ, PERM_ALL));
+        assert_eq!(cow, Perms::new(PERM_CONSISTENT_READ, PERM_ALL));
+    }
 }
