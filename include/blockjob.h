@@ -401,6 +401,11 @@
 #define BJ_EVENT_BLOCK_IO_ERROR 6
 
 /**
+ * `BLOCK_EXPORT_DELETED`
+ */
+#define BJ_EVENT_BLOCK_EXPORT_DELETED 7
+
+/**
  * Block-status flag: data is stored for the range.
  */
 #define BJ_BLOCK_DATA 1

@@ -17,6 +17,8 @@ use crate::block_jobs::block_job;
 use crate::engine::{Engine, Job, JobDriver, JobOptions, JobTxn};
 use crate::error::{Error, Result};
 use crate::events::{Event, EventBus, Subscription};
+use crate::export::Exports;
+use crate::nbd::objects::Objects;
 use crate::qapi::{BlockJobInfo, JobInfo};
 
 /// An event handler run on the context's event thread.
@@ -49,6 +51,7 @@ pub struct Context {
     bus: Arc<EventBus>,
     engine: Arc<Engine>,
     graph: Arc<Graph>,
+    exports: Arc<Exports>,
     dispatcher: Mutex<Dispatcher>,
 }
 
@@ -62,9 +65,11 @@ impl Context {
     /// A new, empty context.
     pub fn new() -> Context {
         let bus = EventBus::new();
+        let graph = Graph::new(bus.clone());
         Context {
             engine: Engine::new(bus.clone()),
-            graph: Graph::new(bus.clone()),
+            graph: graph.clone(),
+            exports: Exports::new(graph, bus.clone()),
             bus,
             dispatcher: Mutex::new(Dispatcher {
                 handlers: Arc::new(Mutex::new(Vec::new())),
@@ -91,7 +96,18 @@ impl Context {
         &self.graph
     }
 
+    /// The user-created objects (`object-add`: TLS credentials); the same
+    /// container the graph's drivers resolve ids in.
+    pub fn objects(&self) -> &Arc<Objects> {
+        self.graph.objects()
+    }
+
     // ---- nodes and backends ----------------------------------------------------
+
+    /// The block exports and the NBD server.
+    pub fn exports(&self) -> &Arc<Exports> {
+        &self.exports
+    }
 
     /// blockdev-add with QEMU's JSON.
     pub fn blockdev_add(&self, opts: &Value) -> Result<Arc<Node>> {
@@ -417,6 +433,8 @@ impl Context {
     /// Cancel all jobs and wait for them; stop the event thread after it
     /// delivered everything. Also done on drop.
     pub fn shutdown(&self) {
+        // Exports first: their clients' requests go to nodes jobs use.
+        self.exports.shutdown();
         self.engine.shutdown();
         let (thread, closer) = {
             let mut d = self.lock_dispatcher();

@@ -114,6 +114,12 @@ pub enum EventData {
         /// `strerror` text of the failure.
         reason: String,
     },
+    /// `BLOCK_EXPORT_DELETED`: a block export is gone (its clients
+    /// disconnected, its node released).
+    BlockExportDeleted {
+        /// Export id.
+        id: String,
+    },
 }
 
 impl EventData {
@@ -127,6 +133,7 @@ impl EventData {
             EventData::BlockJobCancelled(_) => "BLOCK_JOB_CANCELLED",
             EventData::BlockJobError { .. } => "BLOCK_JOB_ERROR",
             EventData::BlockIoError { .. } => "BLOCK_IO_ERROR",
+            EventData::BlockExportDeleted { .. } => "BLOCK_EXPORT_DELETED",
         }
     }
 
@@ -186,6 +193,7 @@ impl EventData {
                 m.insert("reason".into(), json!(reason));
                 Value::Object(m)
             }
+            EventData::BlockExportDeleted { id } => json!({ "id": id }),
         }
     }
 }

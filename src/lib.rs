@@ -24,7 +24,10 @@ pub mod engine;
 pub mod error;
 pub mod error_policy;
 pub mod events;
+pub mod export;
 pub mod locks;
+/// cbindgen:ignore
+/// (The wire protocol's constants are Rust-side, not C API.)
 pub mod nbd;
 pub mod qapi;
 pub mod qmp;

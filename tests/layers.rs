@@ -17,6 +17,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
         &[
             "qmp",
             "context",
+            "export",
+            "nbd",
             "transaction",
             "block_jobs",
             "engine",
@@ -30,11 +32,14 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "sync",
         ],
     ),
-    // The monitor: commands on the context.
+    // The monitor: commands on the context (and object-add's TLS
+    // credentials, which live with NBD).
     (
         "qmp",
         &[
             "context",
+            "export",
+            "nbd",
             "transaction",
             "block_jobs",
             "engine",
@@ -46,10 +51,12 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "sync",
         ],
     ),
-    // A host's or a test's world: graph, engine, jobs, events.
+    // A host's or a test's world: graph, engine, jobs, events, objects.
     (
         "context",
         &[
+            "export",
+            "nbd",
             "transaction",
             "block_jobs",
             "engine",
@@ -100,9 +107,15 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "sync",
         ],
     ),
+    // Block exports: nodes served to clients outside (the NBD server),
+    // through guest-style backends.
+    (
+        "export",
+        &["block", "nbd", "events", "qapi", "error", "locks", "sync"],
+    ),
     // The NBD wire protocol and its sockets: shared by the client driver
     // (block) and the server (export); knows nothing of nodes.
-    ("nbd", &["error", "sync"]),
+    ("nbd", &["error", "locks", "sync"]),
     // The lock-free bitmap is a leaf.
     ("bitmap", &["error", "sync"]),
     // What a failed request gets: pure, on QAPI types.

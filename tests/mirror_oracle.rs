@@ -627,3 +627,58 @@ fn block_job_change_matches_qemu() {
     }
     assert_eq!(q, o, "\n  qemu: {q:#?}\n  ours: {o:#?}");
 }
+
+/// QEMU's mirror lets go of its nodes as it exits, before
+/// `BLOCK_JOB_COMPLETED` (`block_job_remove_all_bdrv`): the target and the
+/// source can be deleted while the job still waits to be dismissed, and
+/// after a cancel too.
+#[test]
+fn nodes_are_free_once_completed_as_in_qemu() {
+    let (q, o) = on_both(|side, dir| {
+        let mut out = Vec::new();
+        for (i, cancel) in [false, true].into_iter().enumerate() {
+            let (s, t) = (format!("s{i}.img"), format!("t{i}.img"));
+            for f in [&s, &t] {
+                std::fs::File::create(dir.join(f))
+                    .unwrap()
+                    .set_len(4 << 20)
+                    .unwrap();
+            }
+            side.cmd("blockdev-add", node("src", &dir.join(&s), None))
+                .unwrap();
+            side.cmd("blockdev-add", node("tgt", &dir.join(&t), None))
+                .unwrap();
+            side.cmd("blockdev-mirror", mirror(json!({"auto-dismiss": false})))
+                .unwrap();
+            while let Some(e) = side.event() {
+                if e["event"] == "BLOCK_JOB_READY" {
+                    break;
+                }
+            }
+            let verb = if cancel {
+                "block-job-cancel"
+            } else {
+                "block-job-complete"
+            };
+            side.cmd(verb, json!({"device": "job0"})).unwrap();
+            while let Some(e) = side.event() {
+                if e["event"] == "JOB_STATUS_CHANGE" && e["data"]["status"] == "concluded" {
+                    break;
+                }
+            }
+            for n in ["tgt", "src"] {
+                out.push(format!(
+                    "{verb}: blockdev-del {n}: {:?}",
+                    side.cmd("blockdev-del", json!({"node-name": n}))
+                ));
+            }
+            side.cmd("job-dismiss", json!({"id": "job0"})).unwrap();
+            for n in ["tgt", "src"] {
+                let _ = side.cmd("blockdev-del", json!({"node-name": n}));
+            }
+        }
+        out
+    });
+    assert_eq!(o, q);
+    assert!(q.iter().all(|l| l.ends_with("Ok(Object {})")), "{q:#?}");
+}

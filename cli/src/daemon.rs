@@ -37,10 +37,12 @@ use std::sync::{Arc, mpsc};
 use std::thread;
 
 use blockjob::Context;
+use blockjob::qapi::keyval::{keyval_parse, parse_bool, parse_int};
 use blockjob::qmp::socket::{self, SocketFile};
 use blockjob::qmp::{self, QmpServer, QmpServerOptions};
 use nix::fcntl::{Flock, FlockArg};
 use nix::sys::stat::{Mode, umask};
+use serde_json::{Map, Value, json};
 
 use crate::chardev;
 use crate::daemon_args::{self, Opt, Parsed};
@@ -117,6 +119,21 @@ pub fn run(args: Vec<OsString>) -> ! {
                 });
                 if let Err(e) = r {
                     startup_fail(&sockets, format!("--blockdev {text}: {e}"));
+                }
+            }
+            Opt::NbdServer(text) => {
+                if let Err(e) = nbd_server(&ctx, text) {
+                    startup_fail(&sockets, format!("--nbd-server {text}: {e}"));
+                }
+            }
+            Opt::Export(text) => {
+                if let Err(e) = export(&ctx, text) {
+                    startup_fail(&sockets, format!("--export {text}: {e}"));
+                }
+            }
+            Opt::Object(text) => {
+                if let Err(e) = blockjob::qmp::object::object_add_cmdline(&ctx, text) {
+                    startup_fail(&sockets, format!("--object {text}: {}", e.message()));
                 }
             }
             Opt::Chardev(text) => {
@@ -206,6 +223,92 @@ pub fn run(args: Vec<OsString>) -> ! {
         let _ = std::fs::remove_file(path);
     }
     std::process::exit(0)
+}
+
+/// A keyval member typed as QAPI's `bool` (`on`/`off`, QEMU's spellings).
+fn kv_bool(m: &mut Map<String, Value>, key: &str, name: &str) -> Result<(), String> {
+    if let Some(Value::String(v)) = m.get(key) {
+        let b = parse_bool(v).ok_or_else(|| format!("Parameter '{name}' expects 'on' or 'off'"))?;
+        m.insert(key.into(), Value::Bool(b));
+    }
+    Ok(())
+}
+
+/// A keyval member typed as QAPI's `uint32`.
+fn kv_u32(m: &mut Map<String, Value>, key: &str) -> Result<(), String> {
+    if let Some(Value::String(v)) = m.get(key) {
+        let n = parse_int(v)
+            .filter(|n| (0..=i64::from(u32::MAX)).contains(n))
+            .ok_or_else(|| format!("Parameter '{key}' expects uint32_t"))?;
+        m.insert(key.into(), Value::from(n));
+    }
+    Ok(())
+}
+
+/// Runs a QMP command for a command-line option: its error text.
+fn run_qmp(ctx: &Context, name: &str, args: Value) -> Result<(), String> {
+    let r = blockjob::qmp::execute(ctx, &json!({"execute": name, "arguments": args}));
+    match r.get("error") {
+        Some(e) => Err(e["desc"].as_str().unwrap_or("error").to_string()),
+        None => Ok(()),
+    }
+}
+
+/// `--nbd-server`: QSD's `NbdServerOptions`, whose `addr` is the flat
+/// `SocketAddress` (`addr.type=unix,addr.path=P`), run as
+/// `nbd-server-start` with the legacy form QMP takes.
+fn nbd_server(ctx: &Context, text: &str) -> Result<(), String> {
+    let mut m = keyval_parse(text, None)?;
+    let mut addr = match m.remove("addr") {
+        Some(Value::Object(a)) => a,
+        Some(_) => return Err("Invalid parameter type for 'addr', expected: object".into()),
+        None => return Err("Parameter 'addr' is missing".into()),
+    };
+    let kind = match addr.remove("type") {
+        Some(Value::String(t)) => t,
+        _ => return Err("Parameter 'addr.type' is missing".into()),
+    };
+    let required: &[&str] = match kind.as_str() {
+        "unix" => &["path"],
+        "inet" => &["host", "port"],
+        _ => &[],
+    };
+    for r in required {
+        if !addr.contains_key(*r) {
+            return Err(format!("Parameter 'addr.{r}' is missing"));
+        }
+    }
+    for b in [
+        "abstract",
+        "tight",
+        "numeric",
+        "ipv4",
+        "ipv6",
+        "keep-alive",
+        "mptcp",
+    ] {
+        kv_bool(&mut addr, b, &format!("addr.{b}"))?;
+    }
+    kv_u32(&mut addr, "to")?;
+    kv_u32(&mut m, "max-connections")?;
+    kv_u32(&mut m, "handshake-max-seconds")?;
+    m.insert("addr".into(), json!({"type": kind, "data": addr}));
+    run_qmp(ctx, "nbd-server-start", Value::Object(m))
+}
+
+/// `--export`: `block-export-add` from keyval (`type` may be implied).
+fn export(ctx: &Context, text: &str) -> Result<(), String> {
+    let mut m = keyval_parse(text, Some("type"))?;
+    for b in [
+        "fixed-iothread",
+        "writable",
+        "writethrough",
+        "allow-inactive",
+        "allocation-depth",
+    ] {
+        kv_bool(&mut m, b, b)?;
+    }
+    run_qmp(ctx, "block-export-add", Value::Object(m))
 }
 
 /// No more commands on any monitor; cancel every job and wait, flush

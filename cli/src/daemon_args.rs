@@ -18,12 +18,18 @@ pub enum Opt {
     Chardev(String),
     /// `--monitor TEXT`.
     Monitor(String),
+    /// `--nbd-server TEXT` (keyval: `addr.type=unix,addr.path=P`, …).
+    NbdServer(String),
+    /// `--export TEXT` (keyval: `type=nbd,id=E,node-name=N,…`).
+    Export(String),
+    /// `--object TEXT`.
+    Object(String),
 }
 
 /// A parsed command line.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct DaemonArgs {
-    /// `--blockdev`, `--chardev`, `--monitor` in order.
+    /// `--blockdev`, `--chardev`, `--monitor`, `--object` in order.
     pub opts: Vec<Opt>,
     /// `--pidfile`.
     pub pidfile: Option<String>,
@@ -67,9 +73,25 @@ QEMU storage daemon (blockjob)
   --monitor [chardev=]name[,mode=control][,pretty=on|off]
                          configure a QMP monitor
 
+  --object tls-creds-x509,id=<id>,dir=<dir>[,endpoint=server|client]
+           [,verify-peer=on|off][,sanity-check=on|off][,priority=<p>]
+                         create a new object (or a JSON object); only
+                         tls-creds-x509 (see the README's TLS section)
+
+  --export [type=]nbd,id=<id>,node-name=<node-name>[,name=<export-name>]
+           [,writable=on|off][,bitmap=<name>]
+                         export the specified block node over NBD
+                         (requires --nbd-server)
+
+  --nbd-server addr.type=inet,addr.host=<host>,addr.port=<port>
+               [,tls-creds=<id>][,tls-authz=<id>][,max-connections=<n>]
+  --nbd-server addr.type=unix,addr.path=<path>
+               [,tls-creds=<id>][,tls-authz=<id>][,max-connections=<n>]
+                         start an NBD server for exporting block nodes
+
   --pidfile <path>       write process ID to a file after startup
 
-Not supported: --export, --nbd-server, --object, -T/--trace.
+Not supported: -T/--trace.
 ";
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -133,6 +155,9 @@ pub fn parse_args(args: &[String]) -> Result<Parsed, String> {
                 "blockdev" => out.opts.push(Opt::Blockdev(value)),
                 "chardev" => out.opts.push(Opt::Chardev(value)),
                 "monitor" => out.opts.push(Opt::Monitor(value)),
+                "nbd-server" => out.opts.push(Opt::NbdServer(value)),
+                "export" => out.opts.push(Opt::Export(value)),
+                "object" => out.opts.push(Opt::Object(value)),
                 "daemonize" => out.daemonize = true,
                 "pidfile" => out.pidfile = Some(value),
                 other => {
@@ -236,10 +261,27 @@ mod tests {
             args(&["--daemonize=1"]),
             Err("option '--daemonize' doesn't allow an argument".to_string())
         );
+        assert_eq!(
+            args(&["--obj", "tls-creds-x509,id=t"]),
+            Ok(Parsed::Run(DaemonArgs {
+                opts: vec![Opt::Object("tls-creds-x509,id=t".into())],
+                ..Default::default()
+            }))
+        );
         assert!(
-            args(&["--export", "x"])
+            args(&["--object", "x"])
                 .unwrap_err()
                 .contains("not supported")
+        );
+        assert_eq!(
+            args(&["--export", "type=nbd", "--nbd-server=addr.type=unix"]),
+            Ok(Parsed::Run(DaemonArgs {
+                opts: vec![
+                    Opt::Export("type=nbd".into()),
+                    Opt::NbdServer("addr.type=unix".into())
+                ],
+                ..Default::default()
+            }))
         );
     }
 }

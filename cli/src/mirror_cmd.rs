@@ -161,11 +161,11 @@ fn run_inner(a: &MirrorArgs, created: &mut Option<PathBuf>) -> Result<Outcome> {
         }
     }
     let (mut dst_opts, dst_name) = dst.blockdev_options(a.target_format, "target");
-    if a.unmap && dst.path().is_some() {
+    if a.unmap && !matches!(dst, Image::Json(_)) {
         // `--unmap` says zeroes may become holes on the target; a node
         // opened with QEMU's default discard=ignore would write them out
-        // instead (`qemu-img convert` opens its target this way too). A
-        // `json:` target says for itself.
+        // instead (`qemu-img convert` opens its target this way too, a
+        // path or an NBD URL). A `json:` target says for itself.
         dst_opts["discard"] = serde_json::json!("unmap");
     }
     ctx.blockdev_add(&dst_opts)?;

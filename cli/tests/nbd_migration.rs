@@ -2,7 +2,7 @@
 //! destination daemon runs in its own network namespace, joined to the
 //! source's by a veth pair, and exports an empty target over TCP; the
 //! source daemon mirrors a guest disk into it through an `nbd` node in
-//! `write-blocking` mode while a guest writes at random through an NBD
+//! `write-blocking` mode, over TLS with x509 certificates, while a guest writes at random through an NBD
 //! export of the disk (so its writes go through the mirror's filter, as a
 //! guest device's do), completes, and the destination image must equal
 //! the guest's last view byte for byte.
@@ -46,7 +46,10 @@ impl Netns {
     fn new(tag: &str) -> Netns {
         // Unique per test process and test: parallel tests get their own.
         let id = std::process::id() % 10000;
-        let subnet = (std::process::id() * 7 + tag.len() as u32 * 13) % 250 + 1;
+        // Unique per test process and tag: parallel tests must not share
+        // addresses (a source would reach another test's destination).
+        let tag_no = tag.bytes().fold(0u32, |h, b| h * 31 + b as u32);
+        let subnet = (std::process::id().wrapping_mul(7) + tag_no) % 4096;
         let name = format!("bj{tag}{id}");
         let veth = format!("bjv{tag}{id}");
         let peer = format!("bjp{tag}{id}");
@@ -89,12 +92,7 @@ impl Netns {
 
     /// Host `n` of the pair's /30.
     fn ip(&self, n: u32) -> String {
-        format!(
-            "10.{}.{}.{}",
-            200 + self.subnet / 64,
-            (self.subnet % 64) * 4,
-            n
-        )
+        format!("10.{}.{}.{}", 200 + self.subnet / 256, self.subnet % 256, n)
     }
 }
 
@@ -161,6 +159,22 @@ impl Daemon {
 
     fn ok(&mut self, cmd: &str, args: Value) -> Value {
         self.qmp.ok(cmd, args)
+    }
+
+    /// A safe `block-export-del`: refused while a client is still
+    /// connected, and the last client (a process that just exited) leaves
+    /// asynchronously on both daemons, so try again for a while.
+    fn export_del(&mut self, id: &str) {
+        for _ in 0..100 {
+            match self.qmp.execute("block-export-del", json!({ "id": id })) {
+                Ok(_) => return,
+                Err(e) if e.desc.ends_with("still in use") => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(e) => panic!("{}: block-export-del {id}: {e:?}", self.what),
+            }
+        }
+        panic!("{}: export {id} still in use after 2 s", self.what);
     }
 
     /// Wait for `name` (failing on a job error or cancel).
@@ -241,6 +255,11 @@ fn guest_writes(seed: u64, count: usize) -> Vec<String> {
 fn migrate(src_qsd: bool, dst_qsd: bool) {
     common::require_tool("qemu-io");
     let dir = tempfile::tempdir().unwrap();
+    // x509 credentials: the destination verifies the source's client
+    // certificate (verify-peer is on by default), the source the
+    // destination's server certificate (issued for `localhost`).
+    let pki = dir.path().join("pki");
+    common::tls::make_pki(&pki, "Migration CA");
     let disk = dir.path().join("disk.raw");
     let dst = dir.path().join("dst.raw");
     make_disk(&disk);
@@ -254,10 +273,18 @@ fn migrate(src_qsd: bool, dst_qsd: bool) {
         dir.path(),
         "dst",
         &[
+            "--object".into(),
+            format!(
+                "tls-creds-x509,id=tls0,endpoint=server,dir={}",
+                pki.display()
+            ),
             "--blockdev".into(),
             format!("driver=file,node-name=t,filename={}", dst.display()),
             "--nbd-server".into(),
-            format!("addr.type=inet,addr.host={},addr.port={port}", ns.ip(2)),
+            format!(
+                "addr.type=inet,addr.host={},addr.port={port},tls-creds=tls0",
+                ns.ip(2)
+            ),
             "--export".into(),
             "type=nbd,id=e,node-name=t,name=disk,writable=on".into(),
         ],
@@ -279,9 +306,14 @@ fn migrate(src_qsd: bool, dst_qsd: bool) {
         json!({"type": "nbd", "id": "g", "node-name": "src", "name": "guest", "writable": true}),
     );
     s.ok(
+        "object-add",
+        json!({"qom-type": "tls-creds-x509", "id": "tls0", "endpoint": "client", "dir": pki}),
+    );
+    s.ok(
         "blockdev-add",
         json!({"driver": "nbd", "node-name": "tgt", "export": "disk",
-               "server": {"type": "inet", "host": ns.ip(2), "port": port}}),
+               "server": {"type": "inet", "host": ns.ip(2), "port": port},
+               "tls-creds": "tls0", "tls-hostname": "localhost"}),
     );
     s.ok(
         "blockdev-mirror",
@@ -309,22 +341,42 @@ fn migrate(src_qsd: bool, dst_qsd: bool) {
     let done = s.until("BLOCK_JOB_COMPLETED");
     assert!(done["data"].get("error").is_none(), "{done}");
     assert_eq!(done["data"]["offset"], done["data"]["len"]);
-    s.ok("block-export-del", json!({"id": "g"}));
+    s.export_del("g");
     s.ok("nbd-server-stop", json!({}));
     s.ok("blockdev-del", json!({"node-name": "tgt"}));
     s.quit();
-    d.ok("block-export-del", json!({"id": "e"}));
+    d.export_del("e");
     d.quit();
 
     // The guest's last view is the source file; the destination holds it.
     let (a, b) = (std::fs::read(&disk).unwrap(), std::fs::read(&dst).unwrap());
     assert_eq!(a.len(), b.len());
-    if let Some(i) = (0..a.len()).find(|&i| a[i] != b[i]) {
-        panic!("destination differs from the guest's view at byte {i}");
+    let diff: Vec<usize> = (0..a.len()).filter(|&i| a[i] != b[i]).collect();
+    if let (Some(first), Some(last)) = (diff.first(), diff.last()) {
+        let zeroes = diff.iter().filter(|&&i| b[i] == 0).count();
+        panic!(
+            "destination differs from the guest's view in {} bytes ({first}..={last}; {zeroes} of them zero in the destination)",
+            diff.len()
+        );
     }
 }
 
 #[test]
 fn qsd_to_qsd_is_the_reference() {
     migrate(true, true);
+}
+
+#[test]
+fn qsd_source_into_our_destination() {
+    migrate(true, false);
+}
+
+#[test]
+fn our_source_into_a_qsd_destination() {
+    migrate(false, true);
+}
+
+#[test]
+fn ours_to_ours() {
+    migrate(false, false);
 }

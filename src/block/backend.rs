@@ -13,11 +13,11 @@
 use crate::locks::{Condvar, Mutex, MutexGuard, RwLock};
 use std::sync::Arc;
 
-use super::Node;
 use super::drain::DrainSection;
 use super::graph::Graph;
 use super::parents::DrainParent;
 use super::perm::Perms;
+use super::{BlockStatus, Node};
 use crate::error::{Error, Result};
 use crate::error_policy;
 use crate::events::{EventBus, EventData};
@@ -41,6 +41,11 @@ pub struct BackendOptions {
     /// [`Perms::guest_device`] (write unless the node is read-only, write
     /// not shared). An NBD export declares [`Perms::nbd_export`].
     pub perms: Option<Perms>,
+    /// A failed request is a guest device's error: the policy applies and
+    /// `BLOCK_IO_ERROR` is emitted. False for users that pass errors back
+    /// themselves with no policy (an NBD export: QEMU's server returns
+    /// the errno to its client and emits nothing).
+    pub device_errors: bool,
 }
 
 impl Default for BackendOptions {
@@ -52,6 +57,7 @@ impl Default for BackendOptions {
             werror: BlockdevOnError::Auto,
             iostatus_enabled: true,
             perms: None,
+            device_errors: true,
         }
     }
 }
@@ -149,7 +155,16 @@ impl BackendShared {
             g.in_flight += 1;
         }
         let node = self.node();
-        let res = f(&node).map_err(|error| self.error_action(&node, is_read, error));
+        let res = f(&node).map_err(|error| {
+            if self.opts.device_errors {
+                self.error_action(&node, is_read, error)
+            } else {
+                GuestIoError {
+                    error,
+                    action: BlockErrorAction::Report,
+                }
+            }
+        });
         let mut g = self.gate();
         g.in_flight -= 1;
         if g.in_flight == 0 {
@@ -289,6 +304,24 @@ impl BlockBackend {
     /// Guest flush.
     pub fn flush(&self) -> Result<(), GuestIoError> {
         self.shared.request(false, |n| n.flush())
+    }
+
+    /// Block status of `[offset, offset + len)` as a reader of this
+    /// backend sees it: through the whole backing chain (QEMU's
+    /// `blk_co_block_status_above` with no base), at most `len` bytes.
+    /// Counted in flight like any request, so a drain waits for it.
+    pub fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus, GuestIoError> {
+        self.shared
+            .request(true, |n| super::chain::status_above(n, offset, len))
+    }
+
+    /// The allocation depth at `offset` (QEMU's `qemu:allocation-depth`:
+    /// 0 when no layer of the chain holds the range, 1 for the node
+    /// itself, 2 for its backing layer, …) and for how many bytes (at
+    /// most `len`) it holds.
+    pub fn allocation_depth(&self, offset: u64, len: u64) -> Result<(u32, u64), GuestIoError> {
+        self.shared
+            .request(true, |n| super::chain::allocation_depth(n, offset, len))
     }
 
     /// The device's I/O status.

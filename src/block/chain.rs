@@ -68,6 +68,60 @@ pub fn is_allocated_above(
     Ok((false, n))
 }
 
+/// Block status of the range at `offset` through the chain below `top`
+/// (QEMU's `bdrv_block_status_above` with no base, as a reader of `top`
+/// sees it): the first layer that holds the range decides; where none
+/// does, the bottom layer's answer (a hole of the bottom image reads as
+/// its zeroes). A layer shorter than `offset` reads as zeroes there.
+pub fn status_above(top: &Node, offset: u64, len: u64) -> Result<super::BlockStatus> {
+    let mut st = top.block_status(offset, len)?;
+    let mut n = st.len;
+    let mut below = next_layer(top);
+    while !st.allocated {
+        let Some(l) = below else { break };
+        if offset >= l.len()? {
+            return Ok(super::BlockStatus {
+                data: false,
+                zero: true,
+                allocated: true,
+                len: n,
+            });
+        }
+        st = l.block_status(offset, n)?;
+        n = n.min(st.len);
+        below = next_layer(&l);
+    }
+    st.len = n;
+    Ok(st)
+}
+
+/// The depth of the first layer from `top` down that holds the range at
+/// `offset` (1: `top` itself; 0: no layer), and for how many bytes (at
+/// most `len`) that holds — QEMU's `qemu:allocation-depth`.
+pub fn allocation_depth(top: &Node, offset: u64, len: u64) -> Result<(u32, u64)> {
+    let st = top.block_status(offset, len)?;
+    if st.allocated {
+        return Ok((1, st.len));
+    }
+    let mut n = st.len;
+    let mut depth = 1;
+    let mut below = next_layer(top);
+    while let Some(l) = below {
+        depth += 1;
+        if offset >= l.len()? {
+            // Past a shorter layer's end: it decides (zeroes).
+            return Ok((depth, n));
+        }
+        let st = l.block_status(offset, n)?;
+        if st.allocated {
+            return Ok((depth, st.len.min(n)));
+        }
+        n = n.min(st.len);
+        below = next_layer(&l);
+    }
+    Ok((0, n))
+}
+
 /// The layer of `layers` whose image file is `name` (QEMU's
 /// `bdrv_find_backing_image`, for `base`/`top` given as file names).
 pub fn by_filename(layers: &[Arc<Node>], name: &str) -> Result<Arc<Node>> {

@@ -18,6 +18,7 @@ use super::parents::BlockOp;
 use super::{BlockDriver, Node};
 use crate::error::{Error, Result};
 use crate::events::EventBus;
+use crate::nbd::objects::Objects;
 use crate::qapi::ids::id_wellformed;
 
 pub(super) struct Entry {
@@ -39,6 +40,9 @@ pub(super) struct GraphInner {
 pub struct Graph {
     inner: Mutex<GraphInner>,
     bus: Arc<EventBus>,
+    /// `/objects` (TLS credentials): drivers resolve ids such as an NBD
+    /// node's `tls-creds` here while opening.
+    objects: Arc<Objects>,
 }
 
 /// QEMU's node-name limit (32 bytes with the terminating NUL).
@@ -50,7 +54,13 @@ impl Graph {
         Arc::new(Graph {
             inner: Mutex::new(GraphInner::default()),
             bus,
+            objects: Arc::new(Objects::new()),
         })
+    }
+
+    /// The user-created objects (`object-add`) of this graph's context.
+    pub fn objects(&self) -> &Arc<Objects> {
+        &self.objects
     }
 
     pub(super) fn lock(&self) -> MutexGuard<'_, GraphInner> {
@@ -146,6 +156,10 @@ impl Graph {
                 "'node-name' must be specified for the root node",
             ));
         }
+        // Names first (QEMU checks them before a driver opens), then nbd
+        // connections without the graph lock, then the names again.
+        Self::check_names(&self.lock(), &spec, &mut Vec::new())?;
+        super::open::preconnect(&spec, false, &self.objects)?;
         let mut inner = self.lock();
         let mut taken = Vec::new();
         Self::check_names(&inner, &spec, &mut taken)?;

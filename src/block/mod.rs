@@ -49,6 +49,7 @@ mod driver;
 pub mod file;
 pub mod graph;
 pub mod host;
+pub mod nbd;
 mod node;
 pub mod null;
 pub mod open;

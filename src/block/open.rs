@@ -9,6 +9,7 @@ use super::blkdebug::BlkdebugDriver;
 use super::copy_before_write::{self, CbwOptions, CopyBeforeWrite, OnCbwError};
 use super::file::{FileDriver, FileOptions};
 use super::graph::{Graph, GraphInner};
+use super::nbd::NbdDriver;
 use super::null::{NULL_DEFAULT_SIZE, NullDriver};
 use super::options::{BackingSpec, ChildRef, DriverSpec, NodeSpec};
 use super::qcow2::Qcow2Driver;
@@ -16,6 +17,7 @@ use super::raw::RawDriver;
 use super::snapshot_access::SnapshotAccess;
 use super::{BlockDriver, Node};
 use crate::error::{Error, Result};
+use crate::nbd::objects::Objects;
 
 /// Work on a node once it exists.
 type AfterOpen = Box<dyn FnOnce(&Arc<Node>)>;
@@ -39,7 +41,7 @@ impl Graph {
                 BackingSpec::Child(b) => vec![file, b],
                 BackingSpec::None | BackingSpec::FromHeader => vec![file],
             },
-            DriverSpec::File { .. } | DriverSpec::Null { .. } => vec![],
+            DriverSpec::File { .. } | DriverSpec::Null { .. } | DriverSpec::Nbd { .. } => vec![],
         };
         for c in children {
             if let ChildRef::New(c) = c {
@@ -285,6 +287,10 @@ impl Graph {
                 )?;
                 Box::new(SnapshotAccess::new(file))
             }
+            DriverSpec::Nbd { opts, conn } => match conn.take() {
+                Some(d) => Box::new(d),
+                None => Box::new(NbdDriver::open(opts, spec.read_only, self.objects())?),
+            },
         };
         let (name, auto) = match &spec.node_name {
             Some(n) => (n.clone(), false),
@@ -372,6 +378,34 @@ impl Graph {
             .map(Some)
             .map_err(|e| e.prepend("Could not open backing file: "))
     }
+}
+
+/// Connects the `nbd` nodes of a spec tree ahead of opening it, outside
+/// the graph lock (a network wait under a lock that a server in this
+/// process also takes could deadlock). `read_only`: the parent's, which an
+/// inline child inherits.
+pub(super) fn preconnect(spec: &NodeSpec, parent_read_only: bool, objects: &Objects) -> Result<()> {
+    let read_only = spec.read_only || parent_read_only;
+    let children = match &spec.driver {
+        DriverSpec::Nbd { opts, conn } => {
+            conn.put(NbdDriver::open(opts, read_only, objects)?);
+            return Ok(());
+        }
+        DriverSpec::Raw { file, .. } | DriverSpec::SnapshotAccess { file } => vec![file],
+        DriverSpec::Blkdebug { image, .. } => vec![image],
+        DriverSpec::Qcow2 { file, backing } => match backing {
+            BackingSpec::Child(b) => vec![file, b],
+            BackingSpec::None | BackingSpec::FromHeader => vec![file],
+        },
+        DriverSpec::CopyBeforeWrite { file, .. } => vec![file],
+        DriverSpec::File { .. } | DriverSpec::Null { .. } => vec![],
+    };
+    for c in children {
+        if let ChildRef::New(c) = c {
+            preconnect(c, read_only, objects)?;
+        }
+    }
+    Ok(())
 }
 
 /// A backing file name as QEMU resolves it: absolute as it is, relative

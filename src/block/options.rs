@@ -5,6 +5,7 @@
 use serde_json::Value;
 
 use super::blkdebug::{BlkdebugEvent, BlkdebugIoType, InjectError, SetState};
+use super::nbd::{NbdOptions, Preconnected};
 use crate::error::{Error, Result};
 use crate::qapi::keyval;
 use crate::qapi::visitor::{Obj, type_err};
@@ -108,6 +109,14 @@ pub enum DriverSpec {
     SnapshotAccess {
         /// `file`: the `copy-before-write` node.
         file: ChildRef,
+    },
+    /// `nbd`: a client of an NBD server.
+    Nbd {
+        /// The driver's options.
+        opts: Box<NbdOptions>,
+        /// The connection, when it was made before the graph lock was
+        /// taken (blockdev-add does so; see `Graph::blockdev_add`).
+        conn: Preconnected,
     },
 }
 
@@ -385,6 +394,10 @@ fn parse_at(v: &Value, name: &str) -> Result<NodeSpec> {
         "snapshot-access" => DriverSpec::SnapshotAccess {
             file: req_child(&mut o, "file")?,
         },
+        "nbd" => DriverSpec::Nbd {
+            opts: Box::new(NbdOptions::parse(&mut o)?),
+            conn: Preconnected::default(),
+        },
         other => {
             return Err(Error::generic(format!(
                 "Driver '{other}' is not supported by blockjob"
@@ -472,6 +485,13 @@ const BOOL_MEMBERS: &[&str] = &[
     "discard-no-unref",
     "once",
     "immediately",
+    "abstract",
+    "tight",
+    "numeric",
+    "ipv4",
+    "ipv6",
+    "keep-alive",
+    "mptcp",
 ];
 
 /// Integer members of the drivers we support.
@@ -495,6 +515,12 @@ const INT_MEMBERS: &[&str] = &[
     "new_state",
     "errno",
     "sector",
+    "reconnect-delay",
+    "open-timeout",
+    "to",
+    "keep-alive-count",
+    "keep-alive-idle",
+    "keep-alive-interval",
 ];
 
 /// blockdev-add's typed JSON from a keyval `--blockdev`: the boolean and
@@ -733,5 +759,17 @@ mod tests {
             blockdev_from_keyval("driver=qcow2,backing=").unwrap()["backing"],
             Value::Null
         );
+        // nbd: numbers typed, the port kept a string (QAPI's `str`).
+        let v = blockdev_from_keyval(
+            "driver=nbd,node-name=n,server.type=inet,server.host=h,server.port=10809,\
+             reconnect-delay=5,open-timeout=2",
+        )
+        .unwrap();
+        assert_eq!(
+            v,
+            json!({"driver":"nbd","node-name":"n","server":{"type":"inet","host":"h",
+                "port":"10809"},"reconnect-delay":5,"open-timeout":2})
+        );
+        assert!(parse(&v).is_ok());
     }
 }

@@ -130,6 +130,22 @@ pub fn add_node(job: &Arc<Job>, node: &Arc<Node>, kind: UserKind, perms: Perms) 
     });
 }
 
+/// QEMU's `block_job_remove_all_bdrv`: `job` stops using every node now,
+/// before it is freed. Mirror and active commit do it as they exit (in
+/// prepare or abort, so before `BLOCK_JOB_COMPLETED`): their target can be
+/// deleted as soon as the event is out, as in QEMU. What `add_node`'s
+/// `on_free` would release later is then already gone. The job's
+/// permissions go with its users: the lock bytes it held are dropped
+/// here, so another process can take the target at once too.
+pub fn remove_all_nodes(graph: &Graph, job: &Job) {
+    // The id every user of this job has (see `JobUser::id`).
+    let id = job as *const Job as usize;
+    for n in graph.nodes() {
+        n.detach_user(id);
+    }
+    graph.release_perms();
+}
+
 /// Create a block job on `node` (QEMU's `block_job_create`): the id
 /// defaults to the node's device name; the node is the job's own (drains
 /// pause the job, the job blocks the node); `speed` is checked as QEMU

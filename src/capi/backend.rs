@@ -83,6 +83,7 @@ pub unsafe extern "C" fn bj_blk_new(
                 werror: policy(o.werror, "werror")?,
                 iostatus_enabled: o.iostatus_enabled,
                 perms: None,
+                device_errors: true,
             }
         };
         let blk = c.ctx.blk_new(node, o)?;

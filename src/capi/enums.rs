@@ -159,6 +159,8 @@ pub const BJ_EVENT_BLOCK_JOB_CANCELLED: i32 = 4;
 pub const BJ_EVENT_BLOCK_JOB_ERROR: i32 = 5;
 /// `BLOCK_IO_ERROR`
 pub const BJ_EVENT_BLOCK_IO_ERROR: i32 = 6;
+/// `BLOCK_EXPORT_DELETED`
+pub const BJ_EVENT_BLOCK_EXPORT_DELETED: i32 = 7;
 
 /// Block-status flag: data is stored for the range.
 pub const BJ_BLOCK_DATA: i32 = 1;

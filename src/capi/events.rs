@@ -172,6 +172,10 @@ pub(crate) fn to_c(ev: &Event) -> Box<OwnedEvent> {
             c.nospace = nospace.map_or(-1, i32::from);
             c.reason = keep(reason);
         }
+        EventData::BlockExportDeleted { id } => {
+            c.kind = BJ_EVENT_BLOCK_EXPORT_DELETED;
+            c.id = keep(id);
+        }
     }
     Box::new(OwnedEvent { c, strings })
 }

@@ -618,6 +618,57 @@ impl ReplyHeader {
     }
 }
 
+impl ReplyHeader {
+    /// The whole header's size for a reply starting with `magic`, or
+    /// `None` when that magic is not valid in this mode: lets a reader
+    /// wait for the first bytes of a reply without a deadline and then
+    /// read the rest of it under one.
+    pub fn len_for_magic(magic: u32, extended: bool) -> Option<usize> {
+        match magic {
+            SIMPLE_REPLY_MAGIC if !extended => Some(16),
+            STRUCTURED_REPLY_MAGIC if !extended => Some(20),
+            EXTENDED_REPLY_MAGIC if extended => Some(32),
+            _ => None,
+        }
+    }
+}
+
+/// Decodes an `OFFSET_HOLE` chunk payload: `(offset, length)` (the same
+/// 12 bytes with compact and extended headers).
+pub fn parse_offset_hole(data: &[u8]) -> io::Result<(u64, u32)> {
+    let mut p = Payload::new(data);
+    let offset = p.u64()?;
+    let len = p.u32()?;
+    if p.remaining() != 0 || len == 0 {
+        return Err(bad("hole chunk of a bad length"));
+    }
+    Ok((offset, len))
+}
+
+/// Encodes an `OFFSET_HOLE` chunk payload.
+pub fn offset_hole_payload(offset: u64, len: u32) -> Vec<u8> {
+    let mut b = Buf::default();
+    b.u64(offset).u32(len);
+    b.0
+}
+
+/// QEMU's lower-case name of an option (`nbd_opt_lookup`), for messages.
+pub fn opt_name(option: u32) -> &'static str {
+    match option {
+        opt::EXPORT_NAME => "export_name",
+        opt::ABORT => "abort",
+        opt::LIST => "list",
+        opt::STARTTLS => "starttls",
+        opt::INFO => "info",
+        opt::GO => "go",
+        opt::STRUCTURED_REPLY => "structured_reply",
+        opt::LIST_META_CONTEXT => "list_meta_context",
+        opt::SET_META_CONTEXT => "set_meta_context",
+        opt::EXTENDED_HEADERS => "extended_headers",
+        _ => "<unknown>",
+    }
+}
+
 /// Encodes a simple reply header.
 pub fn simple_reply(error: u32, cookie: u64) -> Vec<u8> {
     let mut b = Buf::default();
@@ -851,6 +902,24 @@ mod tests {
     }
 
     #[test]
+    fn header_lengths_and_holes() {
+        for ext in [false, true] {
+            let c = chunk_header(ext, 0, chunk::NONE, 1, 0, 0);
+            let magic = u32::from_be_bytes(c[..4].try_into().unwrap());
+            assert_eq!(ReplyHeader::len_for_magic(magic, ext), Some(c.len()));
+            assert_eq!(ReplyHeader::len_for_magic(magic, !ext), None);
+        }
+        assert_eq!(
+            ReplyHeader::len_for_magic(SIMPLE_REPLY_MAGIC, false),
+            Some(simple_reply(0, 0).len())
+        );
+        let h = offset_hole_payload(4096, 512);
+        assert_eq!(parse_offset_hole(&h).unwrap(), (4096, 512));
+        assert!(parse_offset_hole(&h[..11]).is_err());
+        assert!(parse_offset_hole(&offset_hole_payload(0, 0)).is_err());
+    }
+
+    #[test]
     fn errno_mapping_is_qemus() {
         assert_eq!(errno_to_nbd(libc::EROFS), err::EPERM);
         assert_eq!(errno_to_nbd(libc::EDQUOT), err::ENOSPC);
@@ -895,6 +964,7 @@ mod tests {
                 let _ = parse_error_chunk(k, &data);
             }
             let _ = Payload::new(&data).string();
+            let _ = parse_offset_hole(&data);
         }
     }
 }

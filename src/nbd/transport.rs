@@ -6,8 +6,8 @@
 //! connection (which unblocks both halves).
 
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, TcpStream, ToSocketAddrs};
-use std::os::unix::net::UnixStream;
+use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -93,6 +93,12 @@ impl Socket {
         })
     }
 
+    /// A [`Closer`] for this connection: lets another thread end a
+    /// connection that is still being negotiated.
+    pub fn closer(&self) -> io::Result<Closer> {
+        Ok(Closer(self.try_clone()?))
+    }
+
     /// Shuts both directions down: blocked reads and writes on every
     /// handle of the connection return.
     pub fn shutdown(&self) {
@@ -146,6 +152,12 @@ impl Write for Socket {
 pub struct Closer(Socket);
 
 impl Closer {
+    /// A closer for the connection `socket` is a handle of (TLS sessions
+    /// build their transport themselves).
+    pub fn new(socket: Socket) -> Closer {
+        Closer(socket)
+    }
+
     /// Shuts the connection down (idempotent).
     pub fn close(&self) {
         self.0.shutdown();
@@ -185,6 +197,131 @@ impl Stream for Socket {
             closer,
         })
     }
+}
+
+/// A listening socket of either kind (the server's side of
+/// [`SocketAddress`]). A UNIX socket is created with the process umask
+/// deciding its mode, as QEMU's NBD server does (unlike QEMU's monitor
+/// sockets, nothing narrows it), and unlinked again by [`Listener::remove`]
+/// while it still names the socket this listener bound.
+#[derive(Debug)]
+pub enum Listener {
+    /// UNIX domain, with the path it was bound at and the socket file's
+    /// identity (device, inode).
+    Unix(UnixListener, PathBuf, (u64, u64)),
+    /// TCP.
+    Tcp(TcpListener),
+}
+
+impl Listener {
+    /// Binds and listens at `addr`. A stale socket file at a UNIX path is
+    /// replaced (QEMU unlinks before binding); any other file is an error.
+    /// TCP: every resolved address is tried in turn, the first that binds
+    /// wins. Both are non-blocking (the server waits for them with epoll).
+    pub fn bind(addr: &SocketAddress) -> io::Result<Listener> {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let l = match addr {
+            SocketAddress::Unix { path } => {
+                if let Ok(m) = std::fs::symlink_metadata(path)
+                    && m.file_type().is_socket()
+                {
+                    let _ = std::fs::remove_file(path);
+                }
+                let l = UnixListener::bind(path)?;
+                let m = std::fs::symlink_metadata(path)?;
+                Listener::Unix(l, path.clone(), (m.dev(), m.ino()))
+            }
+            SocketAddress::Inet { host, port } => {
+                let port: u16 = port.parse().map_err(|_| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!("Port '{port}' is not a number"),
+                    )
+                })?;
+                let mut last = io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("address resolution failed for {host}:{port}"),
+                );
+                let mut bound = None;
+                for a in (host.as_str(), port).to_socket_addrs()? {
+                    match TcpListener::bind(a) {
+                        Ok(l) => {
+                            bound = Some(l);
+                            break;
+                        }
+                        Err(e) => last = e,
+                    }
+                }
+                Listener::Tcp(bound.ok_or(last)?)
+            }
+        };
+        match &l {
+            Listener::Unix(u, ..) => u.set_nonblocking(true)?,
+            Listener::Tcp(t) => t.set_nonblocking(true)?,
+        }
+        Ok(l)
+    }
+
+    /// The TCP port it listens on (for port 0: the one the kernel chose).
+    pub fn local_port(&self) -> Option<u16> {
+        match self {
+            Listener::Tcp(t) => t.local_addr().ok().map(|a| a.port()),
+            Listener::Unix(..) => None,
+        }
+    }
+
+    /// Accepts one connection (`WouldBlock` when none is waiting). The
+    /// socket blocks; TCP gets `TCP_NODELAY`.
+    pub fn accept(&self) -> io::Result<Socket> {
+        match self {
+            Listener::Unix(l, ..) => {
+                let (s, _) = l.accept()?;
+                s.set_nonblocking(false)?;
+                Ok(Socket::Unix(s))
+            }
+            Listener::Tcp(l) => {
+                let (s, _) = l.accept()?;
+                s.set_nonblocking(false)?;
+                s.set_nodelay(true)?;
+                Ok(Socket::Tcp(s))
+            }
+        }
+    }
+
+    /// Unlinks a UNIX socket's path if it still names the socket bound
+    /// here (call it while still listening, so the inode cannot have been
+    /// reused). Nothing for TCP.
+    pub fn remove(&self) {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        if let Listener::Unix(_, path, (dev, ino)) = self
+            && let Ok(m) = std::fs::symlink_metadata(path)
+            && m.file_type().is_socket()
+            && m.dev() == *dev
+            && m.ino() == *ino
+        {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+impl std::os::fd::AsFd for Listener {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            Listener::Unix(l, ..) => l.as_fd(),
+            Listener::Tcp(l) => l.as_fd(),
+        }
+    }
+}
+
+/// Blocks `SIGPIPE` on the calling thread: a write to a socket the peer
+/// closed then fails with `EPIPE` instead of killing a C host that kept
+/// the default disposition. Called by every thread that writes to a
+/// socket.
+pub fn block_sigpipe() {
+    use nix::sys::signal::{SigSet, SigmaskHow, Signal, pthread_sigmask};
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGPIPE);
+    let _ = pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None);
 }
 
 #[cfg(test)]

@@ -18,6 +18,8 @@ use crate::block_jobs::stream::StreamOptions;
 use crate::context::Context;
 use crate::engine::{Job, JobChange};
 use crate::error::{Error, ErrorClass, Result};
+use crate::export::{BlockExportOptions, BlockExportRemoveMode, NbdServerOptions};
+use crate::nbd::transport::SocketAddress;
 use crate::qapi::visitor::{Obj, type_err};
 use crate::qapi::{BitmapSyncMode, BlockdevOnError, JobType, MirrorCopyMode, MirrorSyncMode};
 use crate::transaction::{Action, ActionCompletionMode};
@@ -61,6 +63,15 @@ pub const COMMANDS: &[&str] = &[
     "block-dirty-bitmap-disable",
     "block-dirty-bitmap-merge",
     "x-debug-block-dirty-bitmap-sha256",
+    "nbd-server-start",
+    "nbd-server-stop",
+    "nbd-server-add",
+    "nbd-server-remove",
+    "block-export-add",
+    "block-export-del",
+    "query-block-exports",
+    "object-add",
+    "object-del",
 ];
 
 /// `qmp_capabilities`' arguments: `enable`, a list of capabilities.
@@ -127,6 +138,12 @@ pub fn dispatch(ctx: &Context, name: &str, args: &Value) -> Result<Value> {
     // blockdev-add takes the whole object as node options.
     if name == "blockdev-add" {
         return ok(ctx.blockdev_add(args));
+    }
+    // So does object-add (QEMU 10's flat ObjectOptions).
+    match name {
+        "object-add" => return ok(super::object::object_add(ctx, args, false)),
+        "object-del" => return ok(super::object::object_del(ctx, args)),
+        _ => {}
     }
     let mut o = Obj::new(args, "")?;
     let o = &mut o;
@@ -200,6 +217,32 @@ pub fn dispatch(ctx: &Context, name: &str, args: &Value) -> Result<Value> {
             let (actions, mode) = transaction(o)?;
             ok(ctx.transaction(actions, mode))
         }
+        "nbd-server-start" => {
+            ok(nbd_server_start(o).and_then(|n| ctx.exports().nbd_server_start(n)))
+        }
+        "nbd-server-stop" => {
+            o.finish_ref()?;
+            ok(ctx.exports().nbd_server_stop())
+        }
+        "block-export-add" => {
+            ok(block_export_add(o).and_then(|e| ctx.exports().block_export_add(&e)))
+        }
+        "block-export-del" => {
+            let id = o.req_str("id")?;
+            let mode = opt_wire(o, "mode", BlockExportRemoveMode::from_wire)?.unwrap_or_default();
+            o.finish_ref()?;
+            ok(ctx.exports().block_export_del(&id, mode))
+        }
+        "nbd-server-add" => ok(nbd_server_add(ctx, o)),
+        "nbd-server-remove" => {
+            let name = o.req_str("name")?;
+            let mode = opt_wire(o, "mode", BlockExportRemoveMode::from_wire)?.unwrap_or_default();
+            o.finish_ref()?;
+            ok(ctx.exports().nbd_server_remove(&name, mode))
+        }
+        "query-block-exports" => {
+            Ok(serde_json::to_value(ctx.exports().query_block_exports()).unwrap_or_default())
+        }
         "x-debug-block-dirty-bitmap-sha256" => {
             let node = o.req_str("node")?;
             let bname = o.req_str("name")?;
@@ -215,6 +258,119 @@ pub fn dispatch(ctx: &Context, name: &str, args: &Value) -> Result<Value> {
     }?;
     o.finish_ref()?;
     Ok(r)
+}
+
+/// `nbd-server-start`'s arguments in QEMU's member order; `addr` is
+/// QEMU's `SocketAddressLegacy` (`{"type": "unix", "data": {"path"}}` or
+/// `{"type": "inet", "data": {"host", "port"}}`).
+fn nbd_server_start(o: &mut Obj<'_>) -> Result<NbdServerOptions> {
+    let handshake = o.opt_u32("handshake-max-seconds")?;
+    let tls_creds = o.opt_str("tls-creds")?;
+    let tls_authz = o.opt_str("tls-authz")?;
+    let max_connections = o.opt_u32("max-connections")?.unwrap_or(0);
+    let mut a = o.opt_obj("addr")?.ok_or_else(|| o.missing("addr"))?;
+    let kind = opt_wire(&mut a, "type", |s| {
+        ["inet", "unix", "vsock", "fd"]
+            .contains(&s)
+            .then(|| s.to_string())
+    })?
+    .ok_or_else(|| a.missing("type"))?;
+    let mut d = a.opt_obj("data")?.ok_or_else(|| a.missing("data"))?;
+    let addr = match kind.as_str() {
+        "unix" => {
+            let path = d.req_str("path")?;
+            let _abstract = d.opt_bool("abstract")?;
+            let _tight = d.opt_bool("tight")?;
+            SocketAddress::Unix { path: path.into() }
+        }
+        "inet" => {
+            let host = d.req_str("host")?;
+            let port = d.req_str("port")?;
+            let _numeric = d.opt_bool("numeric")?;
+            let _to = d.opt_u32("to")?;
+            let _ipv4 = d.opt_bool("ipv4")?;
+            let _ipv6 = d.opt_bool("ipv6")?;
+            let _keep_alive = d.opt_bool("keep-alive")?;
+            let _mptcp = d.opt_bool("mptcp")?;
+            SocketAddress::Inet { host, port }
+        }
+        other => {
+            return Err(Error::generic(format!(
+                "NBD server addresses of type '{other}' are not supported by blockjob"
+            )));
+        }
+    };
+    d.finish()?;
+    a.finish()?;
+    o.finish_ref()?;
+    let mut n = NbdServerOptions::new(addr);
+    n.tls_creds = tls_creds;
+    n.tls_authz = tls_authz;
+    n.max_connections = max_connections;
+    if let Some(h) = handshake {
+        n.handshake_max_seconds = h;
+    }
+    Ok(n)
+}
+
+/// `block-export-add`'s arguments in QEMU's member order (the common
+/// members, then `BlockExportOptionsNbd`'s).
+fn block_export_add(o: &mut Obj<'_>) -> Result<BlockExportOptions> {
+    let kind = opt_wire(o, "type", |s| {
+        ["nbd", "vhost-user-blk", "fuse", "vduse-blk"]
+            .contains(&s)
+            .then(|| s.to_string())
+    })?
+    .ok_or_else(|| o.missing("type"))?;
+    let mut e = BlockExportOptions {
+        id: o.req_str("id")?,
+        fixed_iothread: o.opt_bool("fixed-iothread")?.unwrap_or(false),
+        iothread: o.opt_str("iothread")?,
+        node_name: o.req_str("node-name")?,
+        writable: o.opt_bool("writable")?.unwrap_or(false),
+        writethrough: o.opt_bool("writethrough")?.unwrap_or(false),
+        ..Default::default()
+    };
+    let _allow_inactive = o.opt_bool("allow-inactive")?;
+    if kind != "nbd" {
+        return Err(Error::generic(format!(
+            "Export type '{kind}' is not supported by blockjob"
+        )));
+    }
+    e.name = o.opt_str("name")?;
+    e.description = o.opt_str("description")?;
+    if let Some(list) = o.opt_list("bitmaps")? {
+        e.bitmaps = list
+            .iter()
+            .enumerate()
+            .map(|(i, v)| bitmap_ref(v, i))
+            .collect::<Result<Vec<_>>>()?;
+    }
+    e.allocation_depth = o.opt_bool("allocation-depth")?.unwrap_or(false);
+    o.finish_ref()?;
+    Ok(e)
+}
+
+/// `nbd-server-add` (deprecated in QEMU): an NBD export whose id and
+/// name are `name` (default: `device`), read-only when the node is.
+fn nbd_server_add(ctx: &Context, o: &mut Obj<'_>) -> Result<()> {
+    let name = o.opt_str("name")?;
+    let description = o.opt_str("description")?;
+    let device = o.req_str("device")?;
+    let writable = o.opt_bool("writable")?.unwrap_or(false);
+    let bitmap = o.opt_str("bitmap")?;
+    o.finish_ref()?;
+    let node = ctx.graph().lookup(&device)?;
+    let name = name.unwrap_or_else(|| device.clone());
+    ctx.exports().block_export_add(&BlockExportOptions {
+        id: name.clone(),
+        node_name: node.name().to_string(),
+        writable: writable && !node.is_read_only(),
+        name: Some(name),
+        description,
+        bitmaps: bitmap.map(BitmapRef::Name).into_iter().collect(),
+        ..Default::default()
+    })
 }
 
 /// `transaction`'s arguments: the actions (each `{"type", "data"}`, the

@@ -11,6 +11,7 @@
 
 mod client;
 pub mod commands;
+pub mod object;
 pub mod server;
 pub mod socket;
 

@@ -6,9 +6,11 @@ pub mod chain;
 pub mod cprog;
 pub mod gated;
 pub mod guest;
+pub mod nbd;
 pub mod nodes;
 pub mod oracle;
 pub mod qmp;
+pub mod tls;
 
 use std::path::PathBuf;
 use std::process::Command;

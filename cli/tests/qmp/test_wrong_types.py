@@ -16,7 +16,10 @@ import pytest
 
 from conftest import Daemon, assert_same, canonical, connect, run_both
 
-SKIP = {"quit", "qmp_capabilities"}
+# object-add: its probes with a valid first qom-type would create objects
+# of types we do not have (QEMU accepts them); tests/object_oracle.rs
+# compares object-add's refusals instead.
+SKIP = {"quit", "qmp_capabilities", "object-add"}
 
 
 def wrong_values(t, schema):

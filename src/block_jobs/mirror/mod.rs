@@ -32,7 +32,7 @@ use crate::locks::Mutex;
 use std::sync::Arc;
 
 use self::filter::{MirrorTop, TopShared};
-use super::block_job::{add_node, block_job_create, job_flags, reserve_perms};
+use super::block_job::{self, add_node, block_job_create, job_flags, reserve_perms};
 use crate::block::drain::DrainSection;
 use crate::block::graph::Graph;
 use crate::block::perm::{
@@ -366,16 +366,20 @@ impl JobDriver for Arc<Mirror> {
         force || !job.is_ready()
     }
 
-    fn prepare(&self, _job: &Job) -> Result<()> {
+    fn prepare(&self, job: &Job) -> Result<()> {
         // Success: pivot only for `complete`, not for a soft cancel.
         // Relaxed: the job finished after `complete` (see the field).
-        self.exit(self.should_complete.load(Ordering::Relaxed))
+        let r = self.exit(self.should_complete.load(Ordering::Relaxed));
+        // QEMU's mirror_exit_common ends with block_job_remove_all_bdrv.
+        block_job::remove_all_nodes(&self.graph, job);
+        r
     }
 
-    fn abort(&self, _job: &Job) {
+    fn abort(&self, job: &Job) {
         // Failed, cancelled, or a transaction member failed: the filter
         // goes, nothing pivots (a no-op after `prepare` did it).
         let _ = self.exit(false);
+        block_job::remove_all_nodes(&self.graph, job);
     }
 
     fn clean(&self, _job: &Job) {
