@@ -1,6 +1,6 @@
 //! Image locking against QEMU: the same graphs built on qemu-storage-daemon
 //! and on `blockjob daemon` hold the same OFD lock bytes (read from
-//! `/proc/locks`), and QEMU's tools and ours refuse each other's
+//! `/proc/locks`; NBD exports included), and QEMU's tools and ours refuse each other's
 //! conflicting opens with QEMU's texts, both ways.
 
 use std::io::{BufRead, BufReader, Write};
@@ -161,6 +161,8 @@ const FILES: [&str; 6] = [
 /// Build `steps` on one daemon; the lock bytes per file while it runs.
 fn held(ours: bool, dir: &Path, steps: &[(&str, Value)]) -> Vec<(String, Vec<u64>)> {
     images(dir);
+    // The previous daemon's NBD socket, if it was killed while serving.
+    let _ = std::fs::remove_file(dir.join("nbd.sock"));
     let mut d = Daemon::start(ours, dir, if ours { "ours" } else { "qsd" });
     for (c, a) in steps {
         let mut a = a.clone();
@@ -192,6 +194,17 @@ fn same_lock_bytes_as_qemu_storage_daemon() {
     let q = |n: &str| json!({"driver": "qcow2", "node-name": n.split('.').next().unwrap(), "file": file(n)});
     let raw = |n: &str| json!({"driver": "raw", "node-name": "r", "file": file(n)});
     let add = |v: Value| ("blockdev-add", v);
+    let nbd = json!({"addr": {"type": "unix", "data": {"path": format!("{d}/nbd.sock")}}});
+    let export = |node: Value, name: &str, writable: bool| {
+        vec![
+            add(node),
+            ("nbd-server-start", nbd.clone()),
+            (
+                "block-export-add",
+                json!({"type": "nbd", "id": "e", "node-name": name, "writable": writable}),
+            ),
+        ]
+    };
     let scenarios: Vec<(&str, Vec<(&str, Value)>)> = vec![
         (
             "file alone",
@@ -328,6 +341,22 @@ fn same_lock_bytes_as_qemu_storage_daemon() {
                 ("blockdev-del", json!({"node-name": "b"})),
             ],
         ),
+        (
+            "NBD export writable on raw",
+            export(raw("a.raw"), "r", true),
+        ),
+        (
+            "NBD export read-only on raw",
+            export(raw("a.raw"), "r", false),
+        ),
+        (
+            "NBD export writable on qcow2",
+            export(q("b.qcow2"), "b", true),
+        ),
+        (
+            "NBD export read-only on qcow2",
+            export(q("b.qcow2"), "b", false),
+        ),
     ];
     let mut diffs = Vec::new();
     for (name, steps) in &scenarios {
@@ -341,6 +370,12 @@ fn same_lock_bytes_as_qemu_storage_daemon() {
     // Something is locked at all (the comparison is not vacuous).
     let q = held(false, &dir, &scenarios[3].1);
     assert_eq!(q[1].1, vec![100, 101, 103, 201, 203]);
+    // An export takes read (and write) and shares all but resize.
+    let nbd = |name: &str| &scenarios.iter().find(|s| s.0 == name).unwrap().1;
+    let e = held(false, &dir, nbd("NBD export writable on raw"));
+    assert_eq!(e[0].1, vec![100, 101, 203]);
+    let e = held(false, &dir, nbd("NBD export read-only on raw"));
+    assert_eq!(e[0].1, vec![100, 203]);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
