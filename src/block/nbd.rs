@@ -9,7 +9,7 @@
 //! asking for `INFO_BLOCK_SIZE`, falling back to `EXPORT_NAME` for servers
 //! without `GO`.
 //!
-//! **Transmission**: one connection, up to [`MAX_IN_FLIGHT`] requests in
+//! **Transmission**: one connection, up to `MAX_IN_FLIGHT` (16) requests in
 //! flight matched by cookie. Callers write whole requests under the
 //! connection's writer lock and sleep on its table; one thread per node
 //! (the *manager*) reads replies and hands them to the waiting callers,
@@ -52,7 +52,8 @@ use crate::nbd::transport::{Closer, SocketAddress, Stream, Transport};
 use crate::qapi::visitor::{Obj, type_err};
 
 /// Requests in flight on one connection (QEMU's `MAX_NBD_REQUESTS`).
-pub const MAX_IN_FLIGHT: usize = 16;
+// Crate-private: the C header has the mirror's constant of this name.
+pub(crate) const MAX_IN_FLIGHT: usize = 16;
 /// How long a reply may stall once its first bytes arrived (and how long
 /// each negotiation read and each write may block) before the connection
 /// is declared broken. A server that is merely slow to *start* a reply is
