@@ -432,15 +432,44 @@ fn conflicting_opens_refused_both_ways() {
         );
         let (ok, _) = run("qemu-img", &["info", "-U", &p]);
         assert!(ok, "qemu-img info -U shares everything");
-        let (ok, e) = run("qemu-img", &["resize", &p, "8M"]);
-        assert!(!ok);
-        texts.push(("resize", ours, msg(&e)));
-        let (ok, e) = run(
+        // The exact texts of qemu-img's and our jobs' refusals, on the
+        // held image and on a held chain (recorded with
+        // qemu-storage-daemon holding them; the same with ours).
+        let top = dir.join("top.qcow2").to_string_lossy().into_owned();
+        d.cmd(
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": "top", "file": {"driver": "file", "filename": top}}),
+        )
+        .unwrap();
+        let top_hint = format!("Is another process using the image [{top}]?");
+        let refused = |cmd: &str, args: &[&str], want: String| {
+            let (ok, e) = run(cmd, args);
+            assert!(!ok, "{cmd} {args:?} must be refused");
+            assert_eq!(msg(&e).trim_end(), want, "{cmd} {args:?}");
+            msg(&e)
+        };
+        let bj = env!("CARGO_BIN_EXE_blockjob");
+        let write_lock = |hint: &str| format!("Failed to get \"write\" lock\n{hint}");
+        let t = refused(
             "qemu-img",
-            &["commit", &dir.join("top.qcow2").to_string_lossy()],
+            &["resize", &p, "8M"],
+            format!("Could not open '{p}': {}", write_lock(&hint)),
         );
-        let _ = ok;
-        texts.push(("commit-other", ours, msg(&e)));
+        texts.push(("resize", ours, t));
+        let t = refused(
+            "qemu-img",
+            &["commit", &top],
+            format!("Could not open '{top}': {}", write_lock(&top_hint)),
+        );
+        texts.push(("commit", ours, t));
+        refused(bj, &["stream", &top], write_lock(&top_hint));
+        refused(bj, &["commit", &top], write_lock(&top_hint));
+        refused(
+            bj,
+            &["backup", &p, dst.to_str().unwrap()],
+            write_lock(&hint),
+        );
+        d.cmd("blockdev-del", json!({"node-name": "top"})).unwrap();
         // Our CLI against the held image.
         let (ok, e) = run(
             env!("CARGO_BIN_EXE_blockjob"),
@@ -469,9 +498,114 @@ fn conflicting_opens_refused_both_ways() {
         assert!(ok, "{e}");
     }
     // What QEMU's tools print is the same whichever daemon holds the image.
-    for k in ["resize", "commit-other", "blockdev-add"] {
+    for k in ["resize", "commit", "blockdev-add"] {
         let t: Vec<_> = texts.iter().filter(|t| t.0 == k).collect();
         assert_eq!(t[0].2, t[1].2, "{k}");
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Write permissions never work on a read-only node (QEMU's
+/// `bdrv_node_refresh_perm`): a job's target, a copy-before-write target
+/// and a writable export are refused with QEMU's texts, recorded from
+/// qemu-storage-daemon and compared with ours.
+#[test]
+fn write_on_a_read_only_node_refused_as_qemu() {
+    let dir = tmp("ro");
+    images(&dir);
+    let d = dir.display().to_string();
+    let _ = std::fs::remove_file(dir.join("nbd.sock"));
+    let steps: Vec<(&str, Value)> = vec![
+        (
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": "s", "file": {"driver": "file", "filename": format!("{d}/b.qcow2")}}),
+        ),
+        (
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": "t", "read-only": true, "file": {"driver": "file", "filename": format!("{d}/tgt.qcow2")}}),
+        ),
+        (
+            "blockdev-add",
+            json!({"driver": "raw", "node-name": "r", "read-only": true, "file": {"driver": "file", "filename": format!("{d}/a.raw")}}),
+        ),
+        (
+            "blockdev-mirror",
+            json!({"job-id": "j", "device": "s", "target": "t", "sync": "full"}),
+        ),
+        (
+            "blockdev-mirror",
+            json!({"job-id": "j", "device": "s", "target": "r", "sync": "full"}),
+        ),
+        (
+            "blockdev-backup",
+            json!({"job-id": "j", "device": "s", "target": "t", "sync": "full"}),
+        ),
+        (
+            "blockdev-backup",
+            json!({"job-id": "j", "device": "s", "target": "r", "sync": "full"}),
+        ),
+        (
+            "nbd-server-start",
+            json!({"addr": {"type": "unix", "data": {"path": format!("{d}/nbd.sock")}}}),
+        ),
+        (
+            "block-export-add",
+            json!({"type": "nbd", "id": "e", "node-name": "r", "writable": true}),
+        ),
+        // Nothing was left behind: no job, no filter above s.
+        ("query-jobs", json!({})),
+    ];
+    let mut results = Vec::new();
+    for ours in [false, true] {
+        let _ = std::fs::remove_file(dir.join("nbd.sock"));
+        let mut dm = Daemon::start(ours, &dir, if ours { "ro-ours" } else { "ro-qsd" });
+        let r: Vec<Result<Value, String>> =
+            steps.iter().map(|(c, a)| dm.cmd(c, a.clone())).collect();
+        results.push(r);
+    }
+    let want_err = |i: usize, text: &str| {
+        assert_eq!(results[0][i], Err(text.to_string()), "qsd, step {i}");
+    };
+    want_err(3, "Block node is read-only");
+    want_err(4, "Block node is read-only");
+    want_err(5, "Could not create node: Block node is read-only");
+    want_err(6, "Could not create node: Block node is read-only");
+    want_err(8, "Cannot export read-only node as writable");
+    assert_eq!(results[0][9], Ok(json!([])));
+    assert_eq!(results[1], results[0], "ours vs qemu-storage-daemon");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A guest backend that asks write on a read-only node is refused the
+/// same way (QEMU's `blk_insert_bs`); read only is fine.
+#[test]
+fn backend_asking_write_on_a_read_only_node_refused() {
+    use blockjob::block::backend::BackendOptions;
+    use blockjob::block::perm::Perms;
+    let dir = tmp("ro-blk");
+    images(&dir);
+    let ctx = blockjob::Context::new();
+    ctx.blockdev_add(
+        &json!({"driver": "raw", "node-name": "r", "read-only": true,
+        "file": {"driver": "file", "filename": dir.join("a.raw")}}),
+    )
+    .unwrap();
+    let opts = |p: Perms| BackendOptions {
+        perms: Some(p),
+        ..Default::default()
+    };
+    let e = ctx
+        .blk_new("r", opts(Perms::guest_device(false, false)))
+        .unwrap_err();
+    assert_eq!(e.message(), "Block node is read-only");
+    // Nothing half-done: the file holds no lock bytes, and a reader fits.
+    assert_eq!(lock_bytes(&dir.join("a.raw")), Vec::<u64>::new());
+    let blk = ctx
+        .blk_new("r", opts(Perms::guest_device(true, false)))
+        .unwrap();
+    // Consistent read held, write not shared (no share-rw).
+    assert_eq!(lock_bytes(&dir.join("a.raw")), vec![100, 201]);
+    drop(blk);
+    drop(ctx);
     let _ = std::fs::remove_dir_all(&dir);
 }

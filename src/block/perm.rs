@@ -22,7 +22,7 @@
 //! 0x4, resize 0x8 (`RAW_LOCK_PERM_BASE` 100, `RAW_LOCK_SHARED_BASE` 200).
 //!
 //! What QEMU 10 (qemu-storage-daemon) holds, read from `/proc/locks`, and
-//! what we hold for the same graph (`tests/locking_oracle.rs` builds each
+//! what we hold for the same graph (`cli/tests/locking.rs` builds each
 //! graph on both daemons and compares the bytes per file):
 //!
 //! | graph                                   | file         | holds (100+)          | does not share (200+)   |
@@ -52,6 +52,14 @@
 //! | blockdev-snapshot (old top now backing) | old top      | read                  | write, resize           |
 //! | `qcow2` read-only, `force-share=on`     | it           | read                  | –                       |
 //! | `locking=off`, after `blockdev-del`     | it           | –                     | –                       |
+//!
+//! Write (or write unchanged) asked of a read-only node — `read-only`, or
+//! a backing file opened implicitly and not reopened read-write by a
+//! commit or stream — is refused before any byte is locked, with QEMU's
+//! `Block node is read-only` (`blockdev-mirror` to a read-only target;
+//! `blockdev-backup` says `Could not create node: Block node is
+//! read-only`, as QEMU's copy-before-write filter does; a backend asking
+//! write).
 //!
 //! Changes follow QEMU's `raw_check_perm`/`raw_set_perm`: every file of
 //! the graph first locks the union of its old and new bytes and checks
@@ -437,7 +445,16 @@ fn refresh(nodes: &[Arc<Node>]) -> Result<()> {
     }
     let mut checked: Vec<&Arc<Node>> = Vec::new();
     for n in &order {
-        if let Err(e) = n.driver().check_perm(acc[&key(n)]) {
+        // QEMU's bdrv_node_refresh_perm: write permissions never work
+        // with read-only nodes (`read-only`, or a backing file opened
+        // implicitly, until a job reopens it read-write).
+        let e =
+            if acc[&key(n)].perm & (PERM_WRITE | PERM_WRITE_UNCHANGED) != 0 && !n.perm_writable() {
+                Err(Error::generic("Block node is read-only"))
+            } else {
+                n.driver().check_perm(acc[&key(n)])
+            };
+        if let Err(e) = e {
             for m in checked {
                 m.driver().abort_perm();
             }

@@ -250,16 +250,32 @@ pub fn block_stream(
         .take_while(|n| !base.as_ref().is_some_and(|b| Arc::ptr_eq(b, n)))
         .map(|n| (n, layer_perms))
         .collect();
-    let reserved = reserve_perms(graph, &want)?;
+    // QEMU's stream_start reopens a read-only top read-write (an
+    // intermediate node opened implicitly as a backing file): the copy-on-
+    // read filter writes it.
+    let top_was_ro = !top.perm_writable();
+    top.set_perm_read_only(false);
+    let undo_ro = || {
+        if top_was_ro {
+            top.set_perm_read_only(true);
+            graph.release_perms();
+        }
+    };
+    let reserved = reserve_perms(graph, &want).inspect_err(|_| undo_ro())?;
     let cor = CorShared::new(top.clone(), base.clone());
-    let filter = graph
-        .insert_filter(
-            &top,
-            o.filter_node_name.as_deref(),
-            false,
-            Box::new(CopyOnRead::new(cor.clone(), o.filter_node_name.is_some())),
-        )
-        .map_err(|e| e.prepend("Could not create node: "))?;
+    let filter = match graph.insert_filter(
+        &top,
+        o.filter_node_name.as_deref(),
+        false,
+        Box::new(CopyOnRead::new(cor.clone(), o.filter_node_name.is_some())),
+    ) {
+        Ok(f) => f,
+        Err(e) => {
+            drop(reserved);
+            undo_ro();
+            return Err(e.prepend("Could not create node: "));
+        }
+    };
     let stream = Arc::new(Stream {
         graph: graph.clone(),
         top: top.clone(),
