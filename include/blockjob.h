@@ -366,6 +366,26 @@
 #define BJ_NEW_IMAGE_MODE_ABSOLUTE_PATHS 1
 
 /**
+ * `safe`
+ */
+#define BJ_BLOCK_EXPORT_REMOVE_MODE_SAFE 0
+
+/**
+ * `hard`
+ */
+#define BJ_BLOCK_EXPORT_REMOVE_MODE_HARD 1
+
+/**
+ * `client`
+ */
+#define BJ_QCRYPTO_TLS_CREDS_ENDPOINT_CLIENT 0
+
+/**
+ * `server`
+ */
+#define BJ_QCRYPTO_TLS_CREDS_ENDPOINT_SERVER 1
+
+/**
  * `JOB_STATUS_CHANGE`
  */
 #define BJ_EVENT_JOB_STATUS_CHANGE 0
@@ -1063,6 +1083,158 @@ typedef struct {
    */
   uint64_t reserved[6];
 } BjMirrorOptions;
+
+/**
+ * `nbd-server-start` arguments. Zero-initialise, set `size` and either
+ * `path` (a UNIX socket) or `host` and `port` (TCP); zero means QEMU's
+ * default everywhere (no TLS, no connection limit, 10 s to negotiate).
+ */
+typedef struct {
+  /**
+   * `sizeof(BjNbdServerOptions)`.
+   */
+  uint32_t size;
+  /**
+   * `addr` of type `unix`: the socket's path (NULL: TCP). The socket is
+   * created with the mode the umask leaves, as QEMU's; it is removed
+   * when the server stops.
+   */
+  const char *path;
+  /**
+   * `addr` of type `inet`: host name or address (with `path` NULL).
+   */
+  const char *host;
+  /**
+   * `addr` of type `inet`: port number or service name; `"0"` lets the
+   * system choose (see `bj_nbd_server_get_port`).
+   */
+  const char *port;
+  /**
+   * `tls-creds`: the id of a `tls-creds-x509` object with endpoint
+   * `server` (NULL: plain NBD; clients asking for TLS are refused).
+   */
+  const char *tls_creds;
+  /**
+   * `tls-authz`: accepted and unused, as QEMU without `tls-creds`.
+   */
+  const char *tls_authz;
+  /**
+   * `max-connections`: at most this many clients at once (0: no limit).
+   * With 1, exports do not advertise multi-conn.
+   */
+  uint32_t max_connections;
+  /**
+   * Take `handshake_max_seconds` (otherwise QEMU's default, 10).
+   */
+  bool has_handshake_max_seconds;
+  /**
+   * `handshake-max-seconds`: a client that has not finished
+   * negotiating by then is disconnected; 0: no limit.
+   */
+  uint32_t handshake_max_seconds;
+  /**
+   * Reserved; must be zero.
+   */
+  uint64_t reserved[8];
+} BjNbdServerOptions;
+
+/**
+ * `block-export-add` arguments for an NBD export. Zero-initialise, set
+ * `size`, `id` and `node_name`; zero means QEMU's default everywhere
+ * (read-only, named as the node, no bitmaps).
+ */
+typedef struct {
+  /**
+   * `sizeof(BjBlockExportOptions)`.
+   */
+  uint32_t size;
+  /**
+   * `id`: the export's id (QEMU's identifier rules).
+   */
+  const char *id;
+  /**
+   * `node-name`: the node exported.
+   */
+  const char *node_name;
+  /**
+   * `name`: the NBD export name clients ask for (NULL: the node name).
+   */
+  const char *name;
+  /**
+   * `description`: shown to clients (NULL: none).
+   */
+  const char *description;
+  /**
+   * `writable`: clients may write (through the node graph, as a
+   * guest's writes: bitmaps and mirrors see them).
+   */
+  bool writable;
+  /**
+   * `writethrough`: each write is flushed before it completes.
+   */
+  bool writethrough;
+  /**
+   * `allocation-depth`: offer the `qemu:allocation-depth` context.
+   */
+  bool allocation_depth;
+  /**
+   * `bitmaps`: `nbitmaps` dirty bitmaps offered as
+   * `qemu:dirty-bitmap:NAME` (an entry's `node` NULL: searched from the
+   * exported node down its chain). They are busy while exported.
+   */
+  const BjBitmapRef *bitmaps;
+  /**
+   * Entries in `bitmaps`.
+   */
+  size_t nbitmaps;
+  /**
+   * Reserved; must be zero.
+   */
+  uint64_t reserved[8];
+} BjBlockExportOptions;
+
+/**
+ * `object-add` of a `tls-creds-x509` object. Zero-initialise, set
+ * `size`, `id`, `dir` and (for a server) `endpoint`; zero means QEMU's
+ * default everywhere (client endpoint, peer verified, sanity check on).
+ */
+typedef struct {
+  /**
+   * `sizeof(BjTlsCredsX509Options)`.
+   */
+  uint32_t size;
+  /**
+   * `id`: the object's id, named by `tls_creds` elsewhere.
+   */
+  const char *id;
+  /**
+   * `dir`: the credentials directory (`ca-cert.pem`; a server's
+   * `server-cert.pem`/`server-key.pem`, a client's
+   * `client-cert.pem`/`client-key.pem`).
+   */
+  const char *dir;
+  /**
+   * `endpoint`: `BJ_QCRYPTO_TLS_CREDS_ENDPOINT_*` (0: client).
+   */
+  int32_t endpoint;
+  /**
+   * Set `verify-peer: false` (a server then takes clients without a
+   * certificate; a client does not check the server's).
+   */
+  bool no_verify_peer;
+  /**
+   * Set `sanity-check: false`.
+   */
+  bool no_sanity_check;
+  /**
+   * `priority`: accepted and not applied (see the README).
+   */
+  const char *priority;
+  /**
+   * Reserved; must be zero.
+   */
+  uint64_t reserved[8];
+} BjTlsCredsX509Options;
 
 /**
  * Callbacks of a host node. Return 0 or -errno (`get_length`: the size
@@ -1871,6 +2043,65 @@ bool bj_job_wait_status(BjJob *job, int32_t status, int64_t timeout_ms);
  * start it, and return a new reference to it.
  */
 BjJob *bj_blockdev_mirror(BjContext *ctx, const BjMirrorOptions *opts, BjError **errp);
+
+/**
+ * `nbd-server-start`: listen at `opts`' address and serve the exports
+ * added later. QEMU's refusals: `NBD server already running`, `No TLS
+ * credentials with id 'X'`, `Failed to bind socket to PATH: …`, ….
+ */
+bool bj_nbd_server_start(BjContext *ctx, const BjNbdServerOptions *opts, BjError **errp);
+
+/**
+ * `nbd-server-stop`: delete every export (`hard`: their clients are
+ * disconnected; `BLOCK_EXPORT_DELETED` each, newest first), stop
+ * listening (a UNIX socket is removed) and join every server thread
+ * before returning. `NBD server not running` when it does not run.
+ */
+bool bj_nbd_server_stop(BjContext *ctx, BjError **errp);
+
+/**
+ * The TCP port the server listens on (what the system chose for port
+ * `"0"`), or -1 with `*errp` set: `NBD server not running`, or a server
+ * on a UNIX socket.
+ */
+int32_t bj_nbd_server_get_port(BjContext *ctx, BjError **errp);
+
+/**
+ * `block-export-add` with `type: nbd`: serve a node under an NBD name.
+ * QEMU's refusals: `NBD server not running`, `Block export id 'X' is
+ * already in use`, `NBD server already has export named 'X'`, `Cannot
+ * find device=X nor node-name=X`, `Bitmap 'X' is not found`, ….
+ */
+bool bj_block_export_add(BjContext *ctx, const BjBlockExportOptions *opts, BjError **errp);
+
+/**
+ * `block-export-del`: `mode` is `BJ_BLOCK_EXPORT_REMOVE_MODE_SAFE`
+ * (refused with `export 'X' still in use` while clients are connected)
+ * or `_HARD` (the clients are disconnected first; returns once they are
+ * gone). `BLOCK_EXPORT_DELETED` follows. `Export 'X' is not found` for
+ * an unknown id.
+ */
+bool bj_block_export_del(BjContext *ctx, const char *id, int32_t mode, BjError **errp);
+
+/**
+ * `query-block-exports` as QMP JSON (an array of `{"id", "type",
+ * "node-name", "shutting-down"}`, newest first; free with `bj_free`).
+ */
+char *bj_query_block_exports(BjContext *ctx, BjError **errp);
+
+/**
+ * `object-add` with `qom-type: tls-creds-x509`: load the certificates
+ * now (QEMU's texts for missing or bad files; `attempt to add duplicate
+ * property 'X' to object (type 'container')` for a used id).
+ */
+bool bj_tls_creds_x509_add(BjContext *ctx, const BjTlsCredsX509Options *opts, BjError **errp);
+
+/**
+ * `object-del`: remove the object `id`. A server started with these
+ * credentials keeps them (as in QEMU). QEMU's `object 'X' not found`
+ * for an unknown id.
+ */
+bool bj_object_del(BjContext *ctx, const char *id, BjError **errp);
 
 /**
  * blockdev-add: create nodes from QEMU's JSON, e.g.

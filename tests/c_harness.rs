@@ -60,6 +60,17 @@ fn c_test_qmp_server() {
     run("test_qmp_server");
 }
 
+/// `BJ_PKI`: a CA and server/client certificates in QEMU's file names,
+/// for the TLS case.
+#[test]
+fn c_test_nbd() {
+    common::require_tool("qemu-io");
+    common::require_tool("qemu-img");
+    let pki = tempfile::tempdir().unwrap();
+    common::tls::make_pki(pki.path(), "test CA");
+    common::cprog::run_with_env("test_nbd", &[("BJ_PKI", pki.path())]);
+}
+
 #[test]
 fn c_test_error_matrix() {
     run("test_error_matrix");

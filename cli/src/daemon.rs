@@ -234,12 +234,16 @@ fn kv_bool(m: &mut Map<String, Value>, key: &str, name: &str) -> Result<(), Stri
     Ok(())
 }
 
-/// A keyval member typed as QAPI's `uint32`.
-fn kv_u32(m: &mut Map<String, Value>, key: &str) -> Result<(), String> {
+/// A keyval member typed as QAPI's `uint32` (or `uint16` with
+/// `bits` 16). As QEMU's visitors: a value that is no number at all is
+/// refused under the member's full name (`addr.to`), one out of range
+/// under its bare name (`to`).
+fn kv_uint(m: &mut Map<String, Value>, key: &str, name: &str, bits: u32) -> Result<(), String> {
     if let Some(Value::String(v)) = m.get(key) {
-        let n = parse_int(v)
-            .filter(|n| (0..=i64::from(u32::MAX)).contains(n))
-            .ok_or_else(|| format!("Parameter '{key}' expects uint32_t"))?;
+        let n = parse_int(v).ok_or_else(|| format!("Parameter '{name}' expects integer"))?;
+        if !(0..(1i64 << bits)).contains(&n) {
+            return Err(format!("Parameter '{key}' expects uint{bits}_t"));
+        }
         m.insert(key.into(), Value::from(n));
     }
     Ok(())
@@ -268,30 +272,44 @@ fn nbd_server(ctx: &Context, text: &str) -> Result<(), String> {
         Some(Value::String(t)) => t,
         _ => return Err("Parameter 'addr.type' is missing".into()),
     };
-    let required: &[&str] = match kind.as_str() {
-        "unix" => &["path"],
-        "inet" => &["host", "port"],
-        _ => &[],
+    // The flat SocketAddress's branches: (required, bools, uint16s, the
+    // other members).
+    let (required, bools, u16s, strings): (&[&str], &[&str], &[&str], &[&str]) = match kind.as_str()
+    {
+        "unix" => (&["path"], &["abstract", "tight"], &[], &["path"]),
+        "inet" => (
+            &["host", "port"],
+            &["numeric", "ipv4", "ipv6", "keep-alive", "mptcp"],
+            &["to"],
+            &["host", "port"],
+        ),
+        // vsock and fd: refused by nbd-server-start with our text.
+        _ => (&[], &[], &[], &[]),
     };
     for r in required {
         if !addr.contains_key(*r) {
             return Err(format!("Parameter 'addr.{r}' is missing"));
         }
     }
-    for b in [
-        "abstract",
-        "tight",
-        "numeric",
-        "ipv4",
-        "ipv6",
-        "keep-alive",
-        "mptcp",
-    ] {
+    for b in bools {
         kv_bool(&mut addr, b, &format!("addr.{b}"))?;
     }
-    kv_u32(&mut addr, "to")?;
-    kv_u32(&mut m, "max-connections")?;
-    kv_u32(&mut m, "handshake-max-seconds")?;
+    for n in u16s {
+        kv_uint(&mut addr, n, &format!("addr.{n}"), 16)?;
+    }
+    // QEMU's visitor rejects members of another branch as unexpected,
+    // under their command-line name.
+    if matches!(kind.as_str(), "unix" | "inet")
+        && let Some(k) = addr.keys().find(|k| {
+            ![bools, u16s, strings]
+                .iter()
+                .any(|l| l.contains(&k.as_str()))
+        })
+    {
+        return Err(format!("Parameter 'addr.{k}' is unexpected"));
+    }
+    kv_uint(&mut m, "max-connections", "max-connections", 32)?;
+    kv_uint(&mut m, "handshake-max-seconds", "handshake-max-seconds", 32)?;
     m.insert("addr".into(), json!({"type": kind, "data": addr}));
     run_qmp(ctx, "nbd-server-start", Value::Object(m))
 }

@@ -752,3 +752,277 @@ fn persistent_bitmaps_are_stored_at_exit_like_qsd() {
     assert_eq!(loaded.as_array().unwrap().len(), 2);
     assert_eq!(crashed[1]["flags"], json!(["in-use", "auto"]));
 }
+
+/// `nbdinfo --json URL`, retried until the daemon listens (10 s).
+fn nbdinfo_json(url: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = Command::new("nbdinfo")
+            .args(["--json", url])
+            .output()
+            .expect("nbdinfo (libnbd-bin; .ci/run installs it)");
+        if out.status.success() {
+            return serde_json::from_slice(&out.stdout).expect("nbdinfo's JSON");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nbdinfo {url}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The daemon's `--object`, `--nbd-server` and `--export`: the same
+/// accepted command lines serve the same export to `nbdinfo --json` (unix
+/// and TCP, TLS, `max-connections=1` without multi-conn), and the same
+/// bad lines fail with the same line.
+#[test]
+fn nbd_server_export_and_object_command_lines_match_qsd() {
+    common::require_tool("nbdinfo");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let img = d.join("disk.raw");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
+    let pki = d.join("pki");
+    common::tls::make_pki(&pki, "test CA");
+    let sock = d.join("nbd.sock");
+    let blockdev = format!("driver=file,node-name=f,filename={}", img.display());
+    let port = free_port();
+    let unix = format!("addr.type=unix,addr.path={}", sock.display());
+    let configs: Vec<(Vec<String>, String)> = vec![
+        (
+            vec![
+                "--blockdev".into(),
+                blockdev.clone(),
+                "--nbd-server".into(),
+                format!("{unix},max-connections=4,handshake-max-seconds=0"),
+                "--export".into(),
+                "type=nbd,id=e0,node-name=f,name=disk,description=hello,writable=on".into(),
+            ],
+            format!("nbd+unix:///disk?socket={}", sock.display()),
+        ),
+        (
+            vec![
+                "--blockdev".into(),
+                blockdev.clone(),
+                "--nbd-server".into(),
+                format!("addr.type=inet,addr.host=127.0.0.1,addr.port={port},max-connections=1"),
+                "--export".into(),
+                "nbd,id=e0,node-name=f,allocation-depth=on".into(),
+            ],
+            format!("nbd://127.0.0.1:{port}/f"),
+        ),
+        (
+            vec![
+                "--object".into(),
+                format!(
+                    "tls-creds-x509,id=t0,dir={},endpoint=server,verify-peer=on",
+                    pki.display()
+                ),
+                "--blockdev".into(),
+                blockdev.clone(),
+                "--nbd-server".into(),
+                format!("{unix},tls-creds=t0"),
+                "--export".into(),
+                "type=nbd,id=e0,node-name=f,writable=off".into(),
+            ],
+            format!(
+                "nbds+unix:///f?socket={}&tls-certificates={}",
+                sock.display(),
+                pki.display()
+            ),
+        ),
+    ];
+    for ((args, url), multi_conn) in configs.iter().zip([true, false, true]) {
+        let mut views = Vec::new();
+        for qsd in [true, false] {
+            let _ = std::fs::remove_file(&sock);
+            let mut daemon = Daemon::start(qsd, args, d);
+            views.push(nbdinfo_json(url));
+            daemon.signal("-TERM");
+            daemon.wait(Duration::from_secs(10));
+            // TCP: the port is free again before the next daemon binds.
+        }
+        let (theirs, ours) = (&views[0], &views[1]);
+        assert_eq!(ours["exports"].as_array().unwrap().len(), 1, "{ours}");
+        for key in [
+            "export-name",
+            "description",
+            "export-size",
+            "is_read_only",
+            "can_multi_conn",
+            "can_flush",
+            "can_fua",
+            "can_trim",
+            "can_zero",
+            "can_fast_zero",
+            "can_cache",
+            "can_df",
+            "contexts",
+            "block_size_minimum",
+            "block_size_preferred",
+            "block_size_maximum",
+        ] {
+            assert_eq!(
+                ours["exports"][0][key], theirs["exports"][0][key],
+                "{args:?}: {key}\nours: {ours}\nqsd: {theirs}"
+            );
+        }
+        // max-connections=1 turns multi-conn off (QEMU's multi-conn=auto).
+        assert_eq!(ours["exports"][0]["can_multi_conn"], multi_conn, "{ours}");
+        for key in ["protocol", "TLS", "structured"] {
+            assert_eq!(ours[key], theirs[key], "{args:?}: {key}");
+        }
+    }
+    let _ = std::fs::remove_file(&sock);
+
+    // Bad lines: QSD's line, word for word.
+    let bd = |rest: &[&str]| {
+        let mut v = vec!["--blockdev".to_string(), blockdev.clone()];
+        v.extend(rest.iter().map(|x| x.to_string()));
+        v
+    };
+    let srv = unix.clone();
+    let cases: Vec<Vec<String>> = vec![
+        s(&["--nbd-server", "addr.type=unix"]),
+        s(&["--nbd-server", "addr.type=inet,addr.host=127.0.0.1"]),
+        s(&["--nbd-server", "addr.path=/x"]),
+        s(&["--nbd-server", "max-connections=2"]),
+        s(&["--nbd-server", &format!("{srv},max-connections=x")]),
+        s(&["--nbd-server", &format!("{srv},max-connections=-1")]),
+        s(&["--nbd-server", &format!("{srv},max-connections=4294967296")]),
+        s(&["--nbd-server", &format!("{srv},handshake-max-seconds=x")]),
+        s(&["--nbd-server", &format!("{srv},addr.to=x")]),
+        s(&["--nbd-server", &format!("{srv},addr.tight=maybe")]),
+        s(&["--nbd-server", &format!("{srv},addr.host=h")]),
+        s(&[
+            "--nbd-server",
+            "addr.type=inet,addr.host=127.0.0.1,addr.port=0,addr.to=x",
+        ]),
+        s(&[
+            "--nbd-server",
+            "addr.type=inet,addr.host=127.0.0.1,addr.port=0,addr.to=-1",
+        ]),
+        s(&[
+            "--nbd-server",
+            "addr.type=inet,addr.host=127.0.0.1,addr.port=0,addr.path=/x",
+        ]),
+        s(&[
+            "--nbd-server",
+            "addr.type=inet,addr.host=127.0.0.1,addr.port=0,addr.ipv4=x",
+        ]),
+        s(&[
+            "--nbd-server",
+            "addr.type=inet,addr.host=127.0.0.1,addr.port=0,addr.to=65536",
+        ]),
+        s(&["--nbd-server", &format!("{srv},bogus=1")]),
+        s(&[
+            "--nbd-server",
+            "addr.type=unix,addr.path=/nonexistent/dir/s",
+        ]),
+        s(&[
+            "--nbd-server",
+            "addr.type=inet,addr.host=127.0.0.1,addr.port=nope",
+        ]),
+        s(&["--nbd-server", &format!("{srv},tls-creds=t0")]),
+        s(&["--nbd-server", &srv, "--nbd-server", &srv]),
+        s(&["--export", "type=nbd,id=e0,node-name=f"]),
+        bd(&["--export", "type=nbd,id=e0,node-name=f"]),
+        bd(&[
+            "--nbd-server",
+            &srv,
+            "--export",
+            "type=nbd,id=e0,node-name=zz",
+        ]),
+        bd(&[
+            "--nbd-server",
+            &srv,
+            "--export",
+            "type=nbd,id=0e,node-name=f",
+        ]),
+        bd(&["--nbd-server", &srv, "--export", "type=nbd,node-name=f"]),
+        bd(&["--nbd-server", &srv, "--export", "type=nbd,id=e0"]),
+        bd(&[
+            "--nbd-server",
+            &srv,
+            "--export",
+            "type=nbd,id=e0,node-name=f,writable=maybe",
+        ]),
+        bd(&[
+            "--nbd-server",
+            &srv,
+            "--export",
+            "type=nbd,id=e0,node-name=f,bitmaps.0=nope",
+        ]),
+        bd(&[
+            "--nbd-server",
+            &srv,
+            "--export",
+            "type=bogus,id=e0,node-name=f",
+        ]),
+        bd(&[
+            "--nbd-server",
+            &srv,
+            "--export",
+            "type=nbd,id=e0,node-name=f,bogus=1",
+        ]),
+        bd(&[
+            "--nbd-server",
+            &srv,
+            "--export",
+            "type=nbd,id=e0,node-name=f",
+            "--export",
+            "type=nbd,id=e0,node-name=f,name=other",
+        ]),
+        bd(&[
+            "--nbd-server",
+            &srv,
+            "--export",
+            "type=nbd,id=e0,node-name=f",
+            "--export",
+            "type=nbd,id=e1,node-name=f,name=f",
+        ]),
+        s(&["--object", "tls-creds-x509,id=t0"]),
+        s(&["--object", "tls-creds-x509,dir=/tmp"]),
+        s(&[
+            "--object",
+            "tls-creds-x509,id=t0,dir=/nonexistent,endpoint=server",
+        ]),
+        s(&["--object", "tls-creds-x509,id=t0,dir=/tmp,endpoint=bogus"]),
+        s(&[
+            "--object",
+            "tls-creds-x509,id=t0,dir=/tmp,verify-peer=maybe",
+        ]),
+        s(&["--object", "bogus,id=t0"]),
+        s(&[
+            "--object",
+            &format!("tls-creds-x509,id=t0,dir={},endpoint=client", pki.display()),
+            "--nbd-server",
+            &format!("{srv},tls-creds=t0"),
+        ]),
+    ];
+    let mut wrong = Vec::new();
+    for args in &cases {
+        let theirs = refused(true, args, d);
+        let _ = std::fs::remove_file(&sock);
+        let ours = refused(false, args, d);
+        let _ = std::fs::remove_file(&sock);
+        if ours != theirs {
+            wrong.push(format!("{args:?}\n  ours: {ours}\n  qsd:  {theirs}"));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}

@@ -164,6 +164,20 @@ impl BlockCopy {
     /// Copy a claimed run, then release it: copied, or dirty again when
     /// it failed.
     pub fn copy_claimed(&self, offset: u64, len: u64) -> Result<(), CopyError> {
+        self.copy_claimed_then(offset, len, |_, _| {})
+    }
+
+    /// [`Self::copy_claimed`], and `copied` runs once the data is on the
+    /// target but before the run leaves the in-flight list: whoever waits
+    /// for the copy (a guest write to the same clusters) wakes only after
+    /// it, so a snapshot read can never see the run neither copied nor in
+    /// flight while the guest already overwrites the source.
+    fn copy_claimed_then(
+        &self,
+        offset: u64,
+        len: u64,
+        copied: impl FnOnce(u64, u64),
+    ) -> Result<(), CopyError> {
         let r = self.copy(offset, len);
         // Relaxed: set before any copy starts.
         if r.is_ok() && self.discard_source.load(Ordering::Relaxed) {
@@ -173,6 +187,7 @@ impl BlockCopy {
         if r.is_err() {
             self.release(offset, len);
         } else {
+            copied(offset, len);
             {
                 let mut f = self.in_flight.lock();
                 if let Some(i) = f.iter().position(|&(s, _)| s == offset) {
@@ -216,9 +231,8 @@ impl BlockCopy {
                     self.release(o, l);
                     continue;
                 }
-                match self.copy_claimed(o, l) {
-                    Ok(()) => copied(o, l),
-                    Err(e) => failed = Some(e),
+                if let Err(e) = self.copy_claimed_then(o, l, &mut copied) {
+                    failed = Some(e);
                 }
             }
             if let Some(e) = failed {

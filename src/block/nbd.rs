@@ -52,8 +52,7 @@ use crate::nbd::transport::{Closer, SocketAddress, Stream, Transport};
 use crate::qapi::visitor::{Obj, type_err};
 
 /// Requests in flight on one connection (QEMU's `MAX_NBD_REQUESTS`).
-// Crate-private: the C header has the mirror's constant of this name.
-pub(crate) const MAX_IN_FLIGHT: usize = 16;
+const MAX_IN_FLIGHT: usize = 16;
 /// How long a reply may stall once its first bytes arrived (and how long
 /// each negotiation read and each write may block) before the connection
 /// is declared broken. A server that is merely slow to *start* a reply is

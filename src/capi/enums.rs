@@ -144,6 +144,16 @@ pub const BJ_ACTION_COMPLETION_MODE_GROUPED: i32 = 1;
 pub const BJ_NEW_IMAGE_MODE_EXISTING: i32 = 0;
 /// `absolute-paths`
 pub const BJ_NEW_IMAGE_MODE_ABSOLUTE_PATHS: i32 = 1;
+// ---- BlockExportRemoveMode ----
+/// `safe`
+pub const BJ_BLOCK_EXPORT_REMOVE_MODE_SAFE: i32 = 0;
+/// `hard`
+pub const BJ_BLOCK_EXPORT_REMOVE_MODE_HARD: i32 = 1;
+// ---- QCryptoTLSCredsEndpoint ----
+/// `client`
+pub const BJ_QCRYPTO_TLS_CREDS_ENDPOINT_CLIENT: i32 = 0;
+/// `server`
+pub const BJ_QCRYPTO_TLS_CREDS_ENDPOINT_SERVER: i32 = 1;
 // ---- (event kind) ----
 /// `JOB_STATUS_CHANGE`
 pub const BJ_EVENT_JOB_STATUS_CHANGE: i32 = 0;

@@ -21,6 +21,7 @@ pub mod error;
 pub mod events;
 pub mod job;
 pub mod mirror;
+pub mod nbd;
 pub mod node;
 pub mod qmp;
 pub mod transaction;

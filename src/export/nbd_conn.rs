@@ -65,24 +65,6 @@ impl Contexts {
     }
 }
 
-/// QEMU's `nbd_opt_lookup` names, for error texts.
-fn opt_name(o: u32) -> &'static str {
-    match o {
-        opt::EXPORT_NAME => "export name",
-        opt::ABORT => "abort",
-        opt::LIST => "list",
-        4 => "peek export",
-        opt::STARTTLS => "starttls",
-        opt::INFO => "info",
-        opt::GO => "go",
-        opt::STRUCTURED_REPLY => "structured reply",
-        opt::LIST_META_CONTEXT => "list meta context",
-        opt::SET_META_CONTEXT => "set meta context",
-        opt::EXTENDED_HEADERS => "extended headers",
-        _ => "<unknown>",
-    }
-}
-
 /// Negotiation reads and writes through this: every read is bounded by
 /// the handshake deadline (the socket's read timeout is set to what is
 /// left before each read), so a client cannot stretch it by trickling.
@@ -198,8 +180,18 @@ fn negotiate(
             }
             _ if !fixed => return Ok(None),
             opt::ABORT => {
-                // Best effort: the client may already be gone.
-                let _ = proto::write_option_reply(w, option, rep::ACK, &[]);
+                // Best effort: the client may already be gone. Before TLS,
+                // QEMU answers even this with ERR_TLS_REQD.
+                let _ = if tls_required {
+                    proto::write_option_reply(
+                        w,
+                        option,
+                        rep::ERR_TLS_REQD,
+                        b"Option 0x2 not permitted before TLS",
+                    )
+                } else {
+                    proto::write_option_reply(w, option, rep::ACK, &[])
+                };
                 return Ok(None);
             }
             opt::LIST => {
@@ -277,7 +269,7 @@ fn negotiate(
                         rep::ERR_INVALID,
                         &format!(
                             "request option '{}' when structured reply is not negotiated",
-                            opt_name(option)
+                            proto::opt_name(option)
                         ),
                     )?;
                     continue;
@@ -291,7 +283,7 @@ fn negotiate(
                     w,
                     option,
                     rep::ERR_UNSUP,
-                    &format!("Unsupported option {option} ({})", opt_name(option)),
+                    &format!("Unsupported option {option} ({})", proto::opt_name(option)),
                 )?;
             }
         }

@@ -652,19 +652,22 @@ pub fn offset_hole_payload(offset: u64, len: u32) -> Vec<u8> {
     b.0
 }
 
-/// QEMU's lower-case name of an option (`nbd_opt_lookup`), for messages.
+/// QEMU's name of an option in its messages (`nbd_opt_lookup`, e.g.
+/// `Unsupported option 8 (structured reply)`).
 pub fn opt_name(option: u32) -> &'static str {
     match option {
-        opt::EXPORT_NAME => "export_name",
+        opt::EXPORT_NAME => "export name",
         opt::ABORT => "abort",
         opt::LIST => "list",
+        // NBD_OPT_PEEK_EXPORT: withdrawn from the protocol, still named.
+        4 => "peek export",
         opt::STARTTLS => "starttls",
         opt::INFO => "info",
         opt::GO => "go",
-        opt::STRUCTURED_REPLY => "structured_reply",
-        opt::LIST_META_CONTEXT => "list_meta_context",
-        opt::SET_META_CONTEXT => "set_meta_context",
-        opt::EXTENDED_HEADERS => "extended_headers",
+        opt::STRUCTURED_REPLY => "structured reply",
+        opt::LIST_META_CONTEXT => "list meta context",
+        opt::SET_META_CONTEXT => "set meta context",
+        opt::EXTENDED_HEADERS => "extended headers",
         _ => "<unknown>",
     }
 }

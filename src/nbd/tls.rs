@@ -408,23 +408,6 @@ pub fn client_upgrade(
         })
 }
 
-/// QEMU's name of an option in its messages (`nbd_opt_lookup`).
-pub fn opt_name(option: u32) -> &'static str {
-    match option {
-        opt::EXPORT_NAME => "export_name",
-        opt::ABORT => "abort",
-        opt::LIST => "list",
-        opt::STARTTLS => "starttls",
-        opt::INFO => "info",
-        opt::GO => "go",
-        opt::STRUCTURED_REPLY => "structured_reply",
-        opt::LIST_META_CONTEXT => "list_meta_context",
-        opt::SET_META_CONTEXT => "set_meta_context",
-        opt::EXTENDED_HEADERS => "extended_headers",
-        _ => "<unknown>",
-    }
-}
-
 /// A client's `NBD_OPT_STARTTLS`: asks, expects `NBD_REP_ACK`, upgrades.
 /// Refusals get QEMU's client texts (`Server don't support STARTTLS
 /// option`, `Denied by server for option 5 (starttls)`, …; QEMU prints the
@@ -439,7 +422,7 @@ pub fn client_starttls(
     let reply = proto::read_option_reply(&mut stream, opt::STARTTLS)
         .map_err(|e| Error::from(e).prepend("Failed to read option reply: "))?;
     let o = opt::STARTTLS;
-    let name = opt_name(o);
+    let name = proto::opt_name(o);
     let text = match reply.kind {
         rep::ACK if reply.data.is_empty() => {
             return client_upgrade(stream, creds, hostname)
@@ -470,7 +453,7 @@ fn rep_name(kind: u32) -> &'static str {
         rep::ACK => "ack",
         rep::SERVER => "server",
         rep::INFO => "info",
-        rep::META_CONTEXT => "meta_context",
+        rep::META_CONTEXT => "meta context",
         _ => "<unknown>",
     }
 }
@@ -517,12 +500,15 @@ pub fn server_pre_tls_option(
         opt::EXPORT_NAME => Ok(PreTls::Close),
         _ => {
             let msg = format!("Option {option:#x} not permitted before TLS");
-            proto::write_option_reply(&mut stream, option, rep::ERR_TLS_REQD, msg.as_bytes())?;
-            Ok(if option == opt::ABORT {
-                PreTls::Close
-            } else {
-                PreTls::Refused(stream)
-            })
+            let r =
+                proto::write_option_reply(&mut stream, option, rep::ERR_TLS_REQD, msg.as_bytes());
+            if option == opt::ABORT {
+                // The client may hang up before reading the answer to its
+                // ABORT (QEMU's does): EPIPE here is no error, as in QEMU.
+                return Ok(PreTls::Close);
+            }
+            r?;
+            Ok(PreTls::Refused(stream))
         }
     }
 }

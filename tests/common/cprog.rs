@@ -69,7 +69,7 @@ pub fn declared_cases(name: &str) -> usize {
         .count()
 }
 
-fn execute(name: &str) -> String {
+fn execute(name: &str, envs: &[(&str, &Path)]) -> String {
     let exe = build(name);
     let tmp = tempfile::tempdir().unwrap();
     let valgrind = std::env::var_os("BJ_VALGRIND").is_some();
@@ -91,6 +91,7 @@ fn execute(name: &str) -> String {
         Command::new(&exe)
     };
     let out = cmd
+        .envs(envs.iter().copied())
         .env("BJ_TMPDIR", tmp.path())
         .output()
         .unwrap_or_else(|e| panic!("running {}: {e}", exe.display()));
@@ -106,12 +107,17 @@ fn execute(name: &str) -> String {
 
 /// Build and run a program without cases; its stdout.
 pub fn run_plain(name: &str) -> String {
-    execute(name)
+    execute(name, &[])
 }
 
 /// Build and run a test program; every declared case must report `ok`.
 pub fn run(name: &str) -> String {
-    let stdout = execute(name);
+    run_with_env(name, &[])
+}
+
+/// As [`run`], with these environment variables (paths the test made).
+pub fn run_with_env(name: &str, envs: &[(&str, &Path)]) -> String {
+    let stdout = execute(name, envs);
     let ok = stdout.lines().filter(|l| l.starts_with("ok - ")).count();
     let want = declared_cases(name);
     assert!(want > 0, "{name}.c declares no cases");
