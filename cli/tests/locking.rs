@@ -165,8 +165,20 @@ fn held(ours: bool, dir: &Path, steps: &[(&str, Value)]) -> Vec<(String, Vec<u64
     let _ = std::fs::remove_file(dir.join("nbd.sock"));
     let mut d = Daemon::start(ours, dir, if ours { "ours" } else { "qsd" });
     for (c, a) in steps {
+        if *c == "#wait" {
+            // Until every job is gone (completed and dismissed).
+            let t = Instant::now();
+            while d.cmd("query-jobs", json!({})).unwrap() != json!([]) {
+                assert!(t.elapsed() < Duration::from_secs(20), "jobs still there");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            continue;
+        }
         let mut a = a.clone();
-        if a.get("top-node") == Some(&json!("#MID")) {
+        for k in ["top-node", "device"] {
+            if a.get(k) != Some(&json!("#MID")) {
+                continue;
+            }
             let nodes = d.cmd("query-named-block-nodes", json!({})).unwrap();
             let mid = nodes
                 .as_array()
@@ -175,7 +187,7 @@ fn held(ours: bool, dir: &Path, steps: &[(&str, Value)]) -> Vec<(String, Vec<u64
                 .find(|n| n["drv"] == "qcow2" && n["file"].as_str().unwrap().ends_with("mid.qcow2"))
                 .unwrap()["node-name"]
                 .clone();
-            a["top-node"] = mid;
+            a[k] = mid;
         }
         d.cmd(c, a).unwrap_or_else(|e| panic!("{c}: {e}"));
     }
@@ -322,6 +334,27 @@ fn same_lock_bytes_as_qemu_storage_daemon() {
                     "block-commit",
                     json!({"job-id": "j", "device": "top", "speed": 1}),
                 ),
+            ],
+        ),
+        // After the job: the base it wrote (and the top it streamed
+        // into) is read-only again, as QEMU reopens it.
+        (
+            "commit mid, done",
+            vec![
+                add(q("top.qcow2")),
+                (
+                    "block-commit",
+                    json!({"job-id": "j", "device": "top", "top-node": "#MID"}),
+                ),
+                ("#wait", json!({})),
+            ],
+        ),
+        (
+            "stream into mid, done",
+            vec![
+                add(q("top.qcow2")),
+                ("block-stream", json!({"job-id": "j", "device": "#MID"})),
+                ("#wait", json!({})),
             ],
         ),
         (

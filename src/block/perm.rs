@@ -49,6 +49,8 @@
 //! | commit mid → base (or active commit)    | top          | read, write, resize   | write, resize           |
 //! |                                         | mid          | read                  | read, write, resize     |
 //! |                                         | base         | read, write, resize   | write, resize           |
+//! | commit mid → base, after the job        | base         | read                  | write, resize           |
+//! | stream into mid (implicit), after it    | mid          | read                  | write, resize           |
 //! | blockdev-snapshot (old top now backing) | old top      | read                  | write, resize           |
 //! | `qcow2` read-only, `force-share=on`     | it           | read                  | –                       |
 //! | `locking=off`, after `blockdev-del`     | it           | –                     | –                       |

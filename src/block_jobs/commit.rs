@@ -377,12 +377,19 @@ pub fn block_commit(
             return Err(e);
         }
     };
-    let filter = graph.insert_filter(
+    let filter = match graph.insert_filter(
         &top,
         o.filter_node_name.as_deref(),
         true,
         Box::new(CommitTop(ChildEdge::new(top.clone()))),
-    )?;
+    ) {
+        Ok(f) => f,
+        Err(e) => {
+            drop(reserved);
+            restore_base();
+            return Err(e);
+        }
+    };
     let commit = Arc::new(Commit {
         graph: graph.clone(),
         overlay,
@@ -406,6 +413,8 @@ pub fn block_commit(
         Ok(j) => j,
         Err(e) => {
             commit.exit();
+            drop(reserved);
+            restore_base();
             return Err(e);
         }
     };

@@ -255,10 +255,15 @@ pub fn block_stream(
     // read filter writes it.
     let top_was_ro = !top.perm_writable();
     top.set_perm_read_only(false);
-    let undo_ro = || {
-        if top_was_ro {
-            top.set_perm_read_only(true);
-            graph.release_perms();
+    // Read-only again when the job cannot be created or is freed (QEMU's
+    // stream_clean).
+    let undo_ro = {
+        let (graph, top) = (graph.clone(), top.clone());
+        move || {
+            if top_was_ro {
+                top.set_perm_read_only(true);
+                graph.release_perms();
+            }
         }
     };
     let reserved = reserve_perms(graph, &want).inspect_err(|_| undo_ro())?;
@@ -298,6 +303,8 @@ pub fn block_stream(
         Ok(j) => j,
         Err(e) => {
             graph.remove_filter(&filter);
+            drop(reserved);
+            undo_ro();
             return Err(e);
         }
     };
@@ -312,6 +319,7 @@ pub fn block_stream(
         }
         add_node(&job, n, UserKind::Blocker, layer_perms);
     }
+    job.on_free(undo_ro);
     drop(reserved);
     job.start()?;
     Ok(job)
