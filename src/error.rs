@@ -71,6 +71,10 @@ pub struct Error {
     class: ErrorClass,
     errno: Option<i32>,
     message: String,
+    /// QEMU's `error_append_hint`: more text for a human (a command line
+    /// prints it on the lines after the message), never part of QMP's
+    /// `desc`.
+    hint: Option<String>,
 }
 
 impl fmt::Display for Error {
@@ -89,6 +93,7 @@ impl Error {
             class: ErrorClass::GenericError,
             errno: None,
             message: message.into(),
+            hint: None,
         }
     }
 
@@ -98,6 +103,7 @@ impl Error {
             class,
             errno: None,
             message: message.into(),
+            hint: None,
         }
     }
 
@@ -108,6 +114,7 @@ impl Error {
             class: ErrorClass::GenericError,
             errno: Some(errno),
             message: strerror(errno),
+            hint: None,
         }
     }
 
@@ -117,6 +124,7 @@ impl Error {
             class: ErrorClass::GenericError,
             errno: Some(errno),
             message: message.into(),
+            hint: None,
         }
     }
 
@@ -145,6 +153,31 @@ impl Error {
     /// The message (QMP `desc`).
     pub fn message(&self) -> &str {
         &self.message
+    }
+
+    /// Add a line of hint (QEMU's `error_append_hint`, without its
+    /// trailing newline).
+    pub fn append_hint(mut self, hint: impl Into<String>) -> Self {
+        let h = hint.into();
+        self.hint = Some(match self.hint.take() {
+            Some(old) => format!("{old}\n{h}"),
+            None => h,
+        });
+        self
+    }
+
+    /// The hint, if any.
+    pub fn hint(&self) -> Option<&str> {
+        self.hint.as_deref()
+    }
+
+    /// The message and, on the following lines, the hint: what QEMU's
+    /// tools print (`error_report_err`).
+    pub fn pretty(&self) -> String {
+        match &self.hint {
+            Some(h) => format!("{}\n{h}", self.message),
+            None => self.message.clone(),
+        }
     }
 
     /// Prefix the message, keeping class and errno (QEMU's `error_prepend`).

@@ -120,6 +120,9 @@ fn qcow2_moves_its_file_and_its_backing_edge() {
     ctx.graph().remove_filter(&f1);
     assert_eq!(child(&ctx, "top", "file"), "topf");
     assert_eq!(child(&ctx, "top", "backing"), "mid");
+    // Everything that keeps the images open (and locked) goes first: the
+    // removed filters still hold their children.
+    drop((f1, f2));
     drop(top_node);
     drop(ctx);
     // QEMU reads the write, and the image is clean.

@@ -570,7 +570,7 @@ fn mirror_from_local_qcow2_into_qemu_nbd_export() {
     server.stop();
     run(
         "qemu-img",
-        &["compare", "-F", "raw", ps, tgt.to_str().unwrap()],
+        &["compare", "-U", "-F", "raw", ps, tgt.to_str().unwrap()],
     );
 }
 

@@ -288,13 +288,19 @@ fn maps_match_qemu_storage_daemon() {
     let _g = serial();
     need_nbd_tools();
     let dir = tempfile::tempdir().unwrap();
-    let (_base, top) = qcow2_chain(dir.path());
-    let img = raw_image(dir.path());
+    // Each daemon serves its own copy, built by the same commands: both
+    // write their images, which QEMU (and our locking) refuses on one.
+    let images = |side: &str| {
+        let d = dir.path().join(side);
+        std::fs::create_dir(&d).unwrap();
+        (qcow2_chain(&d).1, raw_image(&d))
+    };
+    let (qimages, oimages) = (images("qsd"), images("ours"));
     let (mut q, qsock) = qsd_server(dir.path());
     let (mut o, osock) = ours_server(dir.path());
-    for side in [&mut q as &mut dyn Side, &mut o] {
-        add_file(side, "top", "qcow2", &top);
-        add_file(side, "raw", "raw", &img);
+    for (side, (top, img)) in [(&mut q as &mut dyn Side, &qimages), (&mut o, &oimages)] {
+        add_file(side, "top", "qcow2", top);
+        add_file(side, "raw", "raw", img);
         side.cmd(
             "block-dirty-bitmap-add",
             json!({"node": "top", "name": "b0", "granularity": 65536}),

@@ -27,7 +27,7 @@ fn qemu_flat(img: &Path, dir: &Path) -> Vec<u8> {
     ));
     run(
         "qemu-img",
-        &["convert", "-O", "raw", path_str(img), path_str(&out)],
+        &["convert", "-U", "-O", "raw", path_str(img), path_str(&out)],
     );
     std::fs::read(out).unwrap()
 }
@@ -149,9 +149,17 @@ fn explicit_backing_by_name_and_null() {
     let mut ours = vec![0u8; 4 * MIB as usize];
     node.pread(0, &mut ours).unwrap();
     assert!(ours == qemu_flat(&top, dir.path()));
-    // backing: null: only top's own data, zeroes elsewhere.
+    // backing: null: only top's own data, zeroes elsewhere. A second
+    // node on the file "top" holds read-write: read-only and sharing
+    // everything, or QEMU refuses it (`Failed to get "write" lock`).
     let mut t = qcow2("top2", &top);
     t["backing"] = Value::Null;
+    assert_eq!(
+        ctx.blockdev_add(&t).unwrap_err().message(),
+        "Failed to get \"write\" lock"
+    );
+    t["read-only"] = json!(true);
+    t["force-share"] = json!(true);
     let lone = ctx.blockdev_add(&t).unwrap();
     assert!(lone.backing().is_none());
     let mut buf = vec![0u8; 4 * MIB as usize];

@@ -195,6 +195,10 @@ fn named_block_nodes_have_qemus_members() {
         .qmp
         .execute("query-named-block-nodes", json!({}))
         .unwrap();
+    // Closed there before we open it read-write: the image is locked.
+    qemu.qmp
+        .execute("blockdev-del", json!({"node-name": "q"}))
+        .unwrap();
     let ctx = Context::new();
     ctx.blockdev_add(&add).unwrap();
     let ours = blockjob::qmp::execute(&ctx, &json!({"execute":"query-named-block-nodes"}));

@@ -268,7 +268,8 @@ mod tests {
                 ..Default::default()
             }))
         );
-        // The object's own options are checked when it is created.
+        // Parsed here; its options are checked when it is created
+        // (QEMU's `Parameter 'qom-type' does not accept value 'x'`).
         assert_eq!(
             args(&["--object", "x"]),
             Ok(Parsed::Run(DaemonArgs {

@@ -88,7 +88,8 @@ fn main() {
         Some(Cmd::Daemon { args }) => daemon::run(args),
     };
     if let Err(e) = r {
-        eprintln!("blockjob: {e}");
+        // With its hint lines, as qemu-img prints a lock conflict.
+        eprintln!("blockjob: {}", e.pretty());
         std::process::exit(1);
     }
 }

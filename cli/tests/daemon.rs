@@ -550,7 +550,10 @@ fn bad_command_lines_fail_like_qsd() {
         s(&["--chardev", &chardev, "--monitor", "m,pretty"]),
         s(&["--chardev", &chardev, "--monitor", "m", "--monitor", "m"]),
         s(&["--pidfile", "/nonexistent/p"]),
+        // Exports, NBD nodes and objects exist now: QEMU's texts.
         s(&["--export", "type=nbd"]),
+        s(&["--blockdev", "driver=nbd,node-name=n,server.type=unix"]),
+        s(&["--object", "x"]),
     ];
     for args in &cases {
         let theirs = refused(true, args, dir.path());

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use super::drain::DrainSection;
 use super::graph::Graph;
 use super::parents::DrainParent;
+use super::perm::Perms;
 use super::{BlockStatus, Node};
 use crate::error::{Error, Result};
 use crate::error_policy;
@@ -35,6 +36,11 @@ pub struct BackendOptions {
     pub werror: BlockdevOnError,
     /// The device keeps an I/O status (then `BLOCK_IO_ERROR` has `nospace`).
     pub iostatus_enabled: bool,
+    /// What the backend takes and shares on its node (QEMU's `blk_new`
+    /// arguments); `None`: a guest device's defaults,
+    /// [`Perms::guest_device`] (write unless the node is read-only, write
+    /// not shared). An NBD export declares [`Perms::nbd_export`].
+    pub perms: Option<Perms>,
     /// A failed request is a guest device's error: the policy applies and
     /// `BLOCK_IO_ERROR` is emitted. False for users that pass errors back
     /// themselves with no policy (an NBD export: QEMU's server returns
@@ -50,6 +56,7 @@ impl Default for BackendOptions {
             rerror: BlockdevOnError::Auto,
             werror: BlockdevOnError::Auto,
             iostatus_enabled: true,
+            perms: None,
             device_errors: true,
         }
     }
@@ -97,6 +104,13 @@ impl BackendShared {
         });
         node.attach_backend(&b);
         b
+    }
+
+    /// What this backend takes and shares on `node` (its node).
+    pub(crate) fn perms(&self, node: &Node) -> Perms {
+        self.opts
+            .perms
+            .unwrap_or_else(|| Perms::guest_device(node.is_read_only(), false))
     }
 
     /// The device name.
@@ -351,6 +365,7 @@ impl Drop for BlockBackend {
             self.graph.drained_end(s);
         }
         self.shared.node().detach_backend(&self.shared);
+        self.graph.release_perms();
     }
 }
 

@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 use super::block_copy::{BlockCopy, CopyError};
 use super::child::ChildEdge;
 use super::dirty_bitmap::BdrvDirtyBitmap;
+use super::perm::{self, PERM_ALL, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, Perms};
 use super::range_lock::RangeLock;
 use super::{BlockDriver, BlockStatus, Node, NodeChild};
 use crate::error::{Error, Result};
@@ -359,6 +360,21 @@ impl BlockDriver for CopyBeforeWrite {
 
     fn filtered_child(&self) -> Option<Arc<Node>> {
         Some(self.0.source())
+    }
+
+    fn child_perm(&self, child: &NodeChild, p: Perms, _writable: bool) -> Perms {
+        // QEMU's cbw_child_perm: the target is written, anything shared;
+        // the source is read consistently and, while the snapshot must
+        // hold, nobody else writes or resizes it (the backup job's own
+        // backend is always a parent, so QEMU's "has parents" holds).
+        if child.role == "target" {
+            return Perms::new(PERM_WRITE, PERM_ALL);
+        }
+        let f = perm::filter_perms(p);
+        Perms::new(
+            f.perm | PERM_CONSISTENT_READ,
+            f.shared & !(PERM_WRITE | PERM_RESIZE),
+        )
     }
 
     fn replace_child(&self, old: &Arc<Node>, new: &Arc<Node>) {

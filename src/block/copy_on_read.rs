@@ -12,6 +12,7 @@ use std::sync::Arc;
 use serde_json::{Value, json};
 
 use super::child::ChildEdge;
+use super::perm::{PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED, Perms};
 use super::range_lock::RangeLock;
 use super::{BlockDriver, BlockStatus, Node, NodeChild, chain};
 use crate::error::Result;
@@ -163,6 +164,16 @@ impl BlockDriver for CopyOnRead {
 
     fn filtered_child(&self) -> Option<Arc<Node>> {
         Some(self.file())
+    }
+
+    fn child_perm(&self, _child: &NodeChild, p: Perms, _writable: bool) -> Perms {
+        // QEMU's cor_child_perm: write-unchanged is taken for the
+        // copy-ups and shared, everything else passes through.
+        const PASS: u64 = PERM_CONSISTENT_READ | PERM_WRITE | PERM_RESIZE;
+        Perms::new(
+            (p.perm & PASS) | PERM_WRITE_UNCHANGED,
+            (p.shared & PASS) | PERM_WRITE_UNCHANGED,
+        )
     }
 
     fn replace_child(&self, old: &Arc<Node>, new: &Arc<Node>) {

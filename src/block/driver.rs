@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use super::copy_range;
 use super::dirty_bitmap::PersistentBitmaps;
+use super::perm::{self, Perms};
 use super::{BlkdebugEvent, Node};
 use crate::error::Result;
 
@@ -142,6 +143,40 @@ pub trait BlockDriver: std::any::Any + Send + Sync + 'static {
     fn filtered_child(&self) -> Option<Arc<Node>> {
         None
     }
+
+    /// What this node needs from `child` and lets others do on it, given
+    /// its own cumulative permissions `p` (QEMU's `bdrv_child_perm`);
+    /// `writable` is the node's read-write state. The default is QEMU's
+    /// `bdrv_default_perms`: the filtered child of a filter gets the
+    /// parents' permissions, a `backing` child is only read, any other
+    /// child holds the format's data and metadata.
+    fn child_perm(&self, child: &NodeChild, p: Perms, writable: bool) -> Perms {
+        if self
+            .filtered_child()
+            .is_some_and(|f| Arc::ptr_eq(&f, &child.node))
+        {
+            perm::filter_perms(p)
+        } else if child.role == "backing" {
+            perm::cow_perms(p)
+        } else {
+            perm::storage_perms(p, true, true, writable)
+        }
+    }
+
+    /// A protocol node takes the locks for `p` and checks them against
+    /// other processes (QEMU's `raw_check_perm`), keeping what it held
+    /// until [`Self::set_perm`] or [`Self::abort_perm`]. `p` already has
+    /// `force-share` applied.
+    fn check_perm(&self, _p: Perms) -> Result<()> {
+        Ok(())
+    }
+
+    /// Keep only the locks of the permissions last checked (QEMU's
+    /// `raw_set_perm`).
+    fn set_perm(&self) {}
+
+    /// Back to the locks held before the last check (`raw_abort_perm`).
+    fn abort_perm(&self) {}
 
     /// Point this node's edges to `old` at `new` (QEMU's
     /// `bdrv_replace_node`, seen from one parent). Called with the nodes

@@ -11,6 +11,7 @@ use nix::errno::Errno;
 use nix::fcntl::{FallocateFlags, fallocate};
 use nix::unistd::{Whence, lseek};
 
+use super::perm::{FileLock, Locking, Perms};
 use super::{BlockDriver, BlockStatus, write_zero_buffers};
 use crate::error::{Error, Result};
 use crate::sync::{AtomicBool, AtomicU64, Ordering};
@@ -29,6 +30,8 @@ pub struct FileOptions {
     pub direct: bool,
     /// `cache.no-flush`: flushes do nothing.
     pub no_flush: bool,
+    /// `locking`: take QEMU's lock bytes (see [`super::perm`]).
+    pub locking: Locking,
 }
 
 /// A file or block device.
@@ -46,6 +49,9 @@ pub struct FileDriver {
     no_zero_range: AtomicBool,
     /// Punching a hole and allocating it again is not supported here.
     no_punch_alloc: AtomicBool,
+    /// The lock bytes held on `file` (released with it: OFD locks belong
+    /// to the open file description).
+    lock: FileLock,
 }
 
 /// The last data extent `SEEK_DATA`/`SEEK_HOLE` found (QEMU's block-status
@@ -93,17 +99,23 @@ impl FileDriver {
         };
         Ok(FileDriver {
             file,
-            opts,
             block_device,
             size: AtomicU64::new(size),
             data_cache: Mutex::default(),
             no_zero_range: AtomicBool::new(false),
             no_punch_alloc: AtomicBool::new(false),
+            lock: FileLock::new(opts.locking),
+            opts,
         })
     }
 
     fn fd(&self) -> i32 {
         self.file.as_raw_fd()
+    }
+
+    /// The permissions whose lock bytes are held now.
+    pub fn locked_perms(&self) -> Perms {
+        self.lock.current()
     }
 
     fn cache(&self) -> crate::locks::MutexGuard<'_, DataCache> {
@@ -224,6 +236,18 @@ impl FileDriver {
 }
 
 impl BlockDriver for FileDriver {
+    fn check_perm(&self, p: Perms) -> Result<()> {
+        self.lock.check(&self.file, p, &self.opts.filename)
+    }
+
+    fn set_perm(&self) {
+        self.lock.commit(&self.file);
+    }
+
+    fn abort_perm(&self) {
+        self.lock.abort(&self.file);
+    }
+
     fn driver_name(&self) -> &'static str {
         if self.block_device {
             "host_device"

@@ -164,9 +164,10 @@ impl Graph {
         let mut taken = Vec::new();
         Self::check_names(&inner, &spec, &mut taken)?;
         let mut created = Vec::new();
-        let node = self.open_spec(&mut inner, &spec, false, &mut created)?;
+        let node = self.open_spec(&mut inner, &spec, false, false, &mut created)?;
         // `created` is in opening order (children first); the root, last, is
         // the monitor's.
+        let count = created.len();
         for n in created {
             let owned = Arc::ptr_eq(&n, &node);
             inner.nodes.insert(
@@ -176,6 +177,16 @@ impl Graph {
                     monitor_owned: owned,
                 },
             );
+        }
+        // The new nodes' parents take their permissions (a format on its
+        // file, a qcow2 on its backing chain, existing nodes used as
+        // children); on a conflict nothing stays registered and the new
+        // files close, which drops their locks.
+        if let Err(e) = Self::refresh_perms_locked(&inner) {
+            let gone: Vec<Entry> = inner.nodes.drain(..count).collect();
+            drop(inner);
+            drop(gone);
+            return Err(e);
         }
         Ok(node)
     }
@@ -328,6 +339,9 @@ impl Graph {
         }
         drop(inner);
         drop(gone);
+        // What stays (a monitor-owned file under the deleted format) takes
+        // less now.
+        self.release_perms();
         Ok(())
     }
 
@@ -379,7 +393,12 @@ impl Graph {
                 )));
             }
         }
-        let shared = BackendShared::new(opts, node, self.bus.clone());
+        let shared = BackendShared::new(opts, node.clone(), self.bus.clone());
+        // The device's permissions (QEMU's blk_new + blk_insert_bs).
+        if let Err(e) = Self::refresh_perms_locked(&inner) {
+            node.detach_backend(&shared);
+            return Err(e);
+        }
         inner.backends.push(Arc::downgrade(&shared));
         drop(inner);
         Ok(BlockBackend::new(shared, self.clone()))
@@ -407,6 +426,9 @@ impl Graph {
         }
         drop(inner);
         drop(gone);
+        // Called when a job is freed: its users are gone, so are the
+        // permissions they took.
+        self.release_perms();
     }
 
     /// The nodes that have `node` as a child.

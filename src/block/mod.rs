@@ -55,6 +55,7 @@ pub mod null;
 pub mod open;
 pub mod options;
 pub mod parents;
+pub mod perm;
 pub mod qcow2;
 pub mod range_lock;
 pub mod raw;

@@ -34,6 +34,15 @@ pub struct Node {
     /// `discard=unmap`: discards reach the driver (and dirty bitmaps).
     discard: AtomicBool,
     pub(super) bitmaps: NodeBitmaps,
+    /// `force-share=on`: every parent shares everything on this node.
+    force_share: AtomicBool,
+    /// Read-only as far as permissions go (QEMU's `bdrv_is_writable`):
+    /// `read-only`, or a backing file opened implicitly, which QEMU opens
+    /// read-only and reopens read-write only for a commit into it.
+    perm_read_only: AtomicBool,
+    /// The cumulative permissions of the node's parents, as last set by
+    /// [`super::graph::Graph::refresh_perms`].
+    pub(super) perms: Mutex<super::perm::Perms>,
 }
 
 impl std::fmt::Debug for Node {
@@ -85,6 +94,9 @@ impl Node {
             detect_zeroes: AtomicU8::new(0),
             discard: AtomicBool::new(false),
             bitmaps: NodeBitmaps::with_loaded(loaded),
+            force_share: AtomicBool::new(false),
+            perm_read_only: AtomicBool::new(read_only),
+            perms: Mutex::new(super::perm::Perms::NONE),
         })
     }
 
@@ -106,6 +118,40 @@ impl Node {
         self.detect_zeroes.store(v, Ordering::Relaxed);
         // Relaxed: as above.
         self.discard.store(discard_unmap, Ordering::Relaxed);
+    }
+
+    /// Set `force-share` (right after creation, before the node is shared).
+    pub(super) fn set_force_share(&self, on: bool) {
+        // Relaxed: set before the node is shared.
+        self.force_share.store(on, Ordering::Relaxed);
+    }
+
+    /// `force-share=on`.
+    pub fn force_share(&self) -> bool {
+        // Relaxed: set once before the node is shared.
+        self.force_share.load(Ordering::Relaxed)
+    }
+
+    /// Whether the node may be written as far as permissions go (QEMU's
+    /// `bdrv_is_writable`): a format node that is writable writes its
+    /// metadata, so it takes write and resize on its file.
+    pub fn perm_writable(&self) -> bool {
+        // Relaxed: changed only by a reopen, which refreshes the graph's
+        // permissions under the graph lock afterwards.
+        !self.perm_read_only.load(Ordering::Relaxed)
+    }
+
+    /// QEMU's `bdrv_reopen_set_read_only` as permissions see it; callers
+    /// refresh the graph's permissions afterwards.
+    pub fn set_perm_read_only(&self, ro: bool) {
+        // Relaxed: see perm_writable.
+        self.perm_read_only.store(ro, Ordering::Relaxed);
+    }
+
+    /// The cumulative permissions of this node's parents (what it takes
+    /// and shares on behalf of all of them).
+    pub fn perms(&self) -> super::perm::Perms {
+        *self.perms.lock()
     }
 
     /// The node name.

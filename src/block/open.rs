@@ -55,19 +55,25 @@ impl Graph {
         &self,
         inner: &mut GraphInner,
         c: &ChildRef,
-        parent: (bool, bool),
+        parent: (bool, bool, bool),
+        as_backing: bool,
         created: &mut Vec<Arc<Node>>,
     ) -> Result<Arc<Node>> {
-        let (parent_discard, parent_read_only) = parent;
+        let (parent_discard, parent_read_only, parent_force_share) = parent;
         match c {
-            // An inline child inherits the parent's discard mode and
-            // read-only flag, as QEMU's children inherit open flags.
-            ChildRef::New(spec) if parent_read_only && !spec.read_only => {
+            // An inline child inherits the parent's discard mode,
+            // read-only flag and force-share, as QEMU's children inherit
+            // open flags.
+            ChildRef::New(spec)
+                if (parent_read_only && !spec.read_only)
+                    || (parent_force_share && !spec.force_share) =>
+            {
                 let mut ro = (**spec).clone();
-                ro.read_only = true;
-                self.open_spec(inner, &ro, parent_discard, created)
+                ro.read_only |= parent_read_only;
+                ro.force_share |= parent_force_share;
+                self.open_spec(inner, &ro, parent_discard, as_backing, created)
             }
-            ChildRef::New(spec) => self.open_spec(inner, spec, parent_discard, created),
+            ChildRef::New(spec) => self.open_spec(inner, spec, parent_discard, as_backing, created),
             ChildRef::Existing(name) => {
                 if let Some(b) = inner
                     .backends
@@ -96,9 +102,20 @@ impl Graph {
         inner: &mut GraphInner,
         spec: &NodeSpec,
         inherited_discard: bool,
+        as_backing: bool,
         created: &mut Vec<Arc<Node>>,
     ) -> Result<Arc<Node>> {
+        // QEMU opens a backing file read-only unless told otherwise (and
+        // reopens it read-write only for a commit into it); our drivers
+        // keep a writable fd, so a commit needs no reopen, but the
+        // permissions, and so the locks, are those of a read-only node.
+        let perm_ro = spec.read_only || as_backing;
         let discard = spec.discard_unmap.unwrap_or(inherited_discard);
+        if spec.force_share && !spec.read_only {
+            return Err(Error::generic(
+                "force-share=on can only be used with read-only images",
+            ));
+        }
         // Where the node goes in `created` (opening order): after its
         // children, unless the driver says otherwise.
         let mut slot = usize::MAX;
@@ -106,8 +123,9 @@ impl Graph {
         // bitmaps on it).
         let mut after: Option<AfterOpen> = None;
         let drv: Box<dyn BlockDriver> = match &spec.driver {
-            DriverSpec::File { filename } => Box::new(FileDriver::open(FileOptions {
+            DriverSpec::File { filename, locking } => Box::new(FileDriver::open(FileOptions {
                 filename: filename.clone(),
+                locking: *locking,
                 read_only: spec.read_only,
                 discard_unmap: discard,
                 direct: spec.cache_direct,
@@ -142,7 +160,13 @@ impl Graph {
                 })
             }
             DriverSpec::Raw { file, offset, size } => {
-                let child = self.resolve_child(inner, file, (discard, spec.read_only), created)?;
+                let child = self.resolve_child(
+                    inner,
+                    file,
+                    (discard, spec.read_only, spec.force_share),
+                    false,
+                    created,
+                )?;
                 let offset = match offset {
                     Some(o) if *o < 0 => {
                         return Err(Error::generic("offset cannot be negative"));
@@ -156,18 +180,32 @@ impl Graph {
                 Box::new(RawDriver::new(child, offset, size)?)
             }
             DriverSpec::Qcow2 { file, backing } => {
-                let file = self.resolve_child(inner, file, (discard, spec.read_only), created)?;
+                let file = self.resolve_child(
+                    inner,
+                    file,
+                    (discard, spec.read_only, spec.force_share),
+                    false,
+                    created,
+                )?;
+                super::perm::lock_for_format(&file, !perm_ro)?;
                 // QEMU registers a format node after its file and before its
                 // backing chain: this node takes this place in the list.
                 slot = created.len();
                 let backing = match backing {
                     BackingSpec::None => None,
-                    BackingSpec::Child(c) => {
-                        Some(self.resolve_child(inner, c, (discard, spec.read_only), created)?)
-                    }
-                    BackingSpec::FromHeader => {
-                        self.open_header_backing(inner, &file, spec.read_only, created)?
-                    }
+                    BackingSpec::Child(c) => Some(self.resolve_child(
+                        inner,
+                        c,
+                        (discard, spec.read_only, spec.force_share),
+                        true,
+                        created,
+                    )?),
+                    BackingSpec::FromHeader => self.open_header_backing(
+                        inner,
+                        &file,
+                        (spec.read_only, spec.force_share),
+                        created,
+                    )?,
                 };
                 Box::new(Qcow2Driver::open(file, !spec.read_only, backing)?)
             }
@@ -186,7 +224,13 @@ impl Graph {
                         "Cannot meet constraints with align {a}"
                     )));
                 }
-                let child = self.resolve_child(inner, image, (discard, spec.read_only), created)?;
+                let child = self.resolve_child(
+                    inner,
+                    image,
+                    (discard, spec.read_only, spec.force_share),
+                    false,
+                    created,
+                )?;
                 Box::new(
                     BlkdebugDriver::new(child, inject.clone(), set_state.clone())
                         .with_align(*align),
@@ -200,8 +244,15 @@ impl Graph {
                 cbw_timeout,
                 min_cluster_size,
             } => {
-                let file = self.resolve_child(inner, file, (discard, spec.read_only), created)?;
-                let target = self.resolve_child(inner, target, (discard, false), created)?;
+                let file = self.resolve_child(
+                    inner,
+                    file,
+                    (discard, spec.read_only, spec.force_share),
+                    false,
+                    created,
+                )?;
+                let target =
+                    self.resolve_child(inner, target, (discard, false, false), false, created)?;
                 let bitmap = match bitmap {
                     None => None,
                     Some((node, name)) => Some(Self::find_bitmap(inner, node, name)?),
@@ -227,7 +278,13 @@ impl Graph {
                 Box::new(drv)
             }
             DriverSpec::SnapshotAccess { file } => {
-                let file = self.resolve_child(inner, file, (discard, spec.read_only), created)?;
+                let file = self.resolve_child(
+                    inner,
+                    file,
+                    (discard, spec.read_only, spec.force_share),
+                    false,
+                    created,
+                )?;
                 Box::new(SnapshotAccess::new(file))
             }
             DriverSpec::Nbd { opts, conn } => match conn.take() {
@@ -241,6 +298,8 @@ impl Graph {
         };
         let node = Node::new(name, auto, spec.read_only, drv);
         node.set_write_options(spec.detect_zeroes, discard);
+        node.set_force_share(spec.force_share);
+        node.set_perm_read_only(perm_ro);
         if let Some(f) = after {
             f(&node);
         }
@@ -273,7 +332,7 @@ impl Graph {
         &self,
         inner: &mut GraphInner,
         file: &Arc<Node>,
-        read_only: bool,
+        (read_only, force_share): (bool, bool),
         created: &mut Vec<Arc<Node>>,
     ) -> Result<Option<Arc<Node>>> {
         let hdr = super::qcow2::header::read_node_header(file)?;
@@ -296,8 +355,9 @@ impl Graph {
         let file = ChildRef::New(Box::new(implicit_spec(
             DriverSpec::File {
                 filename: path.clone(),
+                locking: Default::default(),
             },
-            read_only,
+            (read_only, force_share),
         )));
         let spec = implicit_spec(
             if driver == "raw" {
@@ -312,9 +372,9 @@ impl Graph {
                     backing: BackingSpec::FromHeader,
                 }
             },
-            read_only,
+            (read_only, force_share),
         );
-        self.open_spec(inner, &spec, false, created)
+        self.open_spec(inner, &spec, false, true, created)
             .map(Some)
             .map_err(|e| e.prepend("Could not open backing file: "))
     }
@@ -373,7 +433,7 @@ fn probe_format(path: &str) -> String {
 }
 
 /// A node opened implicitly (no name, default options).
-fn implicit_spec(driver: DriverSpec, read_only: bool) -> NodeSpec {
+fn implicit_spec(driver: DriverSpec, (read_only, force_share): (bool, bool)) -> NodeSpec {
     NodeSpec {
         node_name: None,
         read_only,
@@ -381,6 +441,7 @@ fn implicit_spec(driver: DriverSpec, read_only: bool) -> NodeSpec {
         cache_direct: false,
         cache_no_flush: false,
         detect_zeroes: Default::default(),
+        force_share,
         driver,
     }
 }

@@ -49,6 +49,8 @@ pub enum DriverSpec {
     File {
         /// `filename`
         filename: String,
+        /// `locking`
+        locking: super::perm::Locking,
     },
     /// `null-co` / `null-aio`.
     Null {
@@ -134,6 +136,9 @@ pub struct NodeSpec {
     pub cache_no_flush: bool,
     /// `detect-zeroes`
     pub detect_zeroes: DetectZeroes,
+    /// `force-share`: every parent shares every permission (read-only
+    /// nodes only; children inherit it).
+    pub force_share: bool,
     /// The driver part.
     pub driver: DriverSpec,
 }
@@ -241,7 +246,7 @@ fn parse_at(v: &Value, name: &str) -> Result<NodeSpec> {
     let _active = o.opt_bool("active")?;
     let read_only = o.opt_bool("read-only")?.unwrap_or(false);
     let _auto_read_only = o.opt_bool("auto-read-only")?;
-    let _force_share = o.opt_bool("force-share")?;
+    let force_share = o.opt_bool("force-share")?.unwrap_or(false);
     let detect_zeroes = match o
         .opt_enum("detect-zeroes", &["off", "on", "unmap"])?
         .as_deref()
@@ -254,12 +259,16 @@ fn parse_at(v: &Value, name: &str) -> Result<NodeSpec> {
         "file" | "host_device" => {
             let filename = o.req_str("filename")?;
             let _ = o.opt_str("pr-manager")?;
-            let _ = o.opt_enum("locking", &["auto", "on", "off"])?;
+            let locking = match o.opt_enum("locking", &["auto", "on", "off"])?.as_deref() {
+                Some("on") => super::perm::Locking::On,
+                Some("off") => super::perm::Locking::Off,
+                _ => super::perm::Locking::Auto,
+            };
             let _ = o.opt_enum("aio", &["threads", "native", "io_uring"])?;
             let _ = o.opt_int("aio-max-batch")?;
             let _ = o.opt_bool("drop-cache")?;
             let _ = o.opt_bool("x-check-cache-dropped")?;
-            DriverSpec::File { filename }
+            DriverSpec::File { filename, locking }
         }
         "null-co" | "null-aio" => DriverSpec::Null {
             name: if driver == "null-co" {
@@ -403,6 +412,7 @@ fn parse_at(v: &Value, name: &str) -> Result<NodeSpec> {
         cache_direct,
         cache_no_flush,
         detect_zeroes,
+        force_share,
         driver: spec,
     })
 }

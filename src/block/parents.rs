@@ -12,6 +12,7 @@ use std::sync::{Arc, Weak};
 
 use super::Node;
 use super::backend::BackendShared;
+use super::perm::Perms;
 use crate::error::{Error, Result};
 
 /// A parent a drained section quiesces (QEMU's `BdrvChildClass`
@@ -95,7 +96,7 @@ pub enum UserKind {
 #[derive(Default)]
 pub(crate) struct Parents {
     backends: Vec<Weak<BackendShared>>,
-    users: Vec<(Arc<dyn NodeUser>, UserKind)>,
+    users: Vec<(Arc<dyn NodeUser>, UserKind, Perms)>,
 }
 
 impl Node {
@@ -119,14 +120,28 @@ impl Node {
     }
 
     /// Record that `user` uses this node (QEMU's `block_job_add_bdrv`):
-    /// drains quiesce it, and it blocks other operations on the node.
-    pub fn attach_user(&self, user: Arc<dyn NodeUser>, kind: UserKind) {
-        self.parents.lock().users.push((user, kind));
+    /// drains quiesce it, it blocks other operations on the node, and it
+    /// takes and shares `perms` on it. The permissions count from the
+    /// next [`super::graph::Graph::refresh_perms`], which the caller runs
+    /// (and undoes this attach if it fails).
+    pub fn attach_user(&self, user: Arc<dyn NodeUser>, kind: UserKind, perms: Perms) {
+        self.parents.lock().users.push((user, kind, perms));
+    }
+
+    /// What the users and guest backends of this node take and share.
+    pub(crate) fn non_node_parent_perms(&self) -> Vec<Perms> {
+        let p = self.parents.lock();
+        let backends = p
+            .backends
+            .iter()
+            .filter_map(Weak::upgrade)
+            .map(|b| b.perms(self));
+        backends.chain(p.users.iter().map(|u| u.2)).collect()
     }
 
     /// The user with this id no longer uses the node.
     pub fn detach_user(&self, id: usize) {
-        self.parents.lock().users.retain(|(u, _)| u.id() != id);
+        self.parents.lock().users.retain(|(u, _, _)| u.id() != id);
     }
 
     /// Everything a drain of this node quiesces: its backends and users.
@@ -140,7 +155,7 @@ impl Node {
         let users = p
             .users
             .iter()
-            .map(|(u, _)| u.clone() as Arc<dyn DrainParent>);
+            .map(|(u, _, _)| u.clone() as Arc<dyn DrainParent>);
         backends.chain(users).collect()
     }
 
@@ -150,7 +165,7 @@ impl Node {
             .lock()
             .users
             .iter()
-            .map(|(u, _)| u.clone())
+            .map(|(u, _, _)| u.clone())
             .collect()
     }
 
@@ -161,14 +176,14 @@ impl Node {
             .lock()
             .users
             .iter()
-            .any(|(_, k)| *k == UserKind::Backend)
+            .any(|(_, k, _)| *k == UserKind::Backend)
     }
 
     /// The op blockers of this node's users (jobs block every operation):
     /// refused while any user blocks it, with the first one's reason. See
     /// [`super::graph::Graph::check_op`] for all of QEMU's blockers.
     pub fn check_not_busy(&self) -> Result<()> {
-        let first = self.parents.lock().users.first().map(|(u, _)| u.clone());
+        let first = self.parents.lock().users.first().map(|(u, _, _)| u.clone());
         match first {
             Some(u) => Err(Error::generic(format!(
                 "Node '{}' is busy: {}",

@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use super::child::ChildEdge;
+use super::perm::{self, PERM_RESIZE, PERM_WRITE, Perms};
 use super::{BlkdebugEvent, BlockDriver, BlockStatus, Node, NodeChild};
 use crate::error::{Error, Result};
 
@@ -39,6 +40,19 @@ impl RawDriver {
 }
 
 impl BlockDriver for RawDriver {
+    fn child_perm(&self, _child: &NodeChild, p: Perms, writable: bool) -> Perms {
+        // QEMU's raw_child_perm: without offset or size raw is a filter;
+        // with them its file holds data, but write and resize are taken
+        // only when a parent takes them.
+        if self.offset == 0 && self.size.is_none() {
+            return perm::filter_perms(p);
+        }
+        let mut d = perm::storage_perms(p, false, true, writable);
+        d.perm &= !(PERM_WRITE | PERM_RESIZE);
+        d.perm |= p.perm & (PERM_WRITE | PERM_RESIZE);
+        d
+    }
+
     fn driver_name(&self) -> &'static str {
         "raw"
     }

@@ -53,7 +53,17 @@ impl Graph {
         let filter = self.add_filter_node(name, read_only, driver)?;
         let section = self.drained_begin(std::slice::from_ref(below));
         self.replace_node(below, &filter);
+        // The parents now reach `below` through the filter, which asks
+        // for what it needs on it; on a conflict the graph goes back.
+        let r = self.refresh_perms();
+        if r.is_err() {
+            self.replace_node(&filter, below);
+        }
         self.drained_end(section);
+        if let Err(e) = r {
+            self.forget_node(&filter);
+            return Err(e);
+        }
         Ok(filter)
     }
 
@@ -66,6 +76,7 @@ impl Graph {
             self.drained_end(section);
         }
         self.forget_node(filter);
+        self.release_perms();
     }
 }
 

@@ -72,6 +72,8 @@ impl Appended {
             let _ = q.relink(None);
         }
         self.graph.drained_end(section);
+        self.node.set_perm_read_only(self.node.is_read_only());
+        self.graph.release_perms();
         if self.opened_here {
             let _ = self.graph.blockdev_del(self.overlay.name());
         }
@@ -99,6 +101,12 @@ fn append(graph: &Arc<Graph>, node: &Arc<Node>, overlay: &Arc<Node>) -> Result<(
         graph.replace_node(node, overlay);
     }
     graph.drained_end(section);
+    if r.is_ok() {
+        // QEMU's external snapshot reopens the old top read-only: it only
+        // gives up permissions (its file no longer takes write or resize).
+        node.set_perm_read_only(true);
+        graph.release_perms();
+    }
     r
 }
 

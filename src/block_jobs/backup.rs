@@ -585,7 +585,14 @@ pub fn backup_create(
     };
     let held = backup.clone();
     job.on_free(move || drop(held.parts.lock().take()));
-    add_node(&job, &target, UserKind::Blocker);
+    // QEMU's backup_job_create: the job takes nothing on its target
+    // itself; the copy-before-write filter writes it (see its child_perm).
+    add_node(
+        &job,
+        &target,
+        UserKind::Blocker,
+        crate::block::perm::Perms::NONE,
+    );
     job.progress_set_remaining(bcs.bitmap().bits().count());
     let weak = Arc::downgrade(&job);
     bcs.set_progress(Some(Box::new(move |n| {

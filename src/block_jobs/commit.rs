@@ -13,9 +13,12 @@
 
 use std::sync::Arc;
 
-use super::block_job::{add_node, block_job_create, job_flags};
+use super::block_job::{add_node, block_job_create, job_flags, reserve_perms};
 use crate::block::child::ChildEdge;
 use crate::block::graph::Graph;
+use crate::block::perm::{
+    PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED, Perms,
+};
 use crate::block::{BlockDriver, BlockOp, BlockStatus, Node, NodeChild, UserKind, chain};
 use crate::engine::{Engine, Job, JobDriver};
 use crate::error::{Error, ErrorClass, Result};
@@ -115,6 +118,12 @@ impl BlockDriver for CommitTop {
 
     fn filtered_child(&self) -> Option<Arc<Node>> {
         Some(self.0.get())
+    }
+
+    fn child_perm(&self, _child: &NodeChild, _p: Perms, _writable: bool) -> Perms {
+        // QEMU's bdrv_commit_top_child_perm: the filter only hides top
+        // from the overlay; it takes nothing and shares everything.
+        Perms::NONE
     }
 
     fn replace_child(&self, old: &Arc<Node>, new: &Arc<Node>) {
@@ -334,12 +343,53 @@ pub fn block_commit(
         .ok_or_else(|| Error::generic("Could not find overlay image"))?;
     graph.check_op(&overlay, BlockOp::CommitTarget)?;
     let job_id = o.job_id.clone().unwrap_or_else(|| graph.device_name(&bs));
-    let filter = graph.insert_filter(
+    // QEMU's commit_start: base is reopened read-write and written through
+    // a backend of the job's (read, write, resize; shares consistent read
+    // and write-unchanged); the layers that go may be written by others but
+    // not read consistently. Base goes back to read-only when the job ends.
+    let base_was_ro = !base.perm_writable();
+    base.set_perm_read_only(false);
+    let base_perms = Perms::new(
+        PERM_CONSISTENT_READ | PERM_WRITE | PERM_RESIZE,
+        PERM_CONSISTENT_READ | PERM_WRITE_UNCHANGED,
+    );
+    let layer_perms = Perms::new(0, PERM_WRITE | PERM_WRITE_UNCHANGED);
+    let mut want = vec![(&base, base_perms)];
+    for n in &below_top {
+        if Arc::ptr_eq(n, &base) {
+            break;
+        }
+        want.push((n, layer_perms));
+    }
+    let restore_base = {
+        let (graph, base) = (graph.clone(), base.clone());
+        move || {
+            if base_was_ro {
+                base.set_perm_read_only(true);
+                graph.release_perms();
+            }
+        }
+    };
+    let reserved = match reserve_perms(graph, &want) {
+        Ok(r) => r,
+        Err(e) => {
+            restore_base();
+            return Err(e);
+        }
+    };
+    let filter = match graph.insert_filter(
         &top,
         o.filter_node_name.as_deref(),
         true,
         Box::new(CommitTop(ChildEdge::new(top.clone()))),
-    )?;
+    ) {
+        Ok(f) => f,
+        Err(e) => {
+            drop(reserved);
+            restore_base();
+            return Err(e);
+        }
+    };
     let commit = Arc::new(Commit {
         graph: graph.clone(),
         overlay,
@@ -363,6 +413,8 @@ pub fn block_commit(
         Ok(j) => j,
         Err(e) => {
             commit.exit();
+            drop(reserved);
+            restore_base();
             return Err(e);
         }
     };
@@ -371,9 +423,11 @@ pub fn block_commit(
         if Arc::ptr_eq(n, &base) {
             break;
         }
-        add_node(&job, n, UserKind::Blocker);
+        add_node(&job, n, UserKind::Blocker, layer_perms);
     }
-    add_node(&job, &base, UserKind::Backend);
+    add_node(&job, &base, UserKind::Backend, base_perms);
+    job.on_free(restore_base);
+    drop(reserved);
     job.start()?;
     Ok(job)
 }

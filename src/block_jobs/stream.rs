@@ -12,9 +12,10 @@
 
 use std::sync::Arc;
 
-use super::block_job::{add_node, block_job_create, job_flags};
+use super::block_job::{add_node, block_job_create, job_flags, reserve_perms};
 use crate::block::copy_on_read::{CopyOnRead, CorShared};
 use crate::block::graph::Graph;
+use crate::block::perm::{PERM_CONSISTENT_READ, PERM_WRITE_UNCHANGED, Perms};
 use crate::block::{BlockOp, Node, UserKind, chain};
 use crate::engine::{Engine, Job, JobDriver};
 use crate::error::{Error, Result};
@@ -241,15 +242,45 @@ pub fn block_stream(
         ));
     }
     let job_id = o.job_id.clone().unwrap_or_else(|| graph.device_name(&top));
+    // QEMU's stream_start: the layers that go may not be written by
+    // others (consistent read and write-unchanged shared only).
+    let layer_perms = Perms::new(0, PERM_CONSISTENT_READ | PERM_WRITE_UNCHANGED);
+    let want: Vec<(&Arc<Node>, Perms)> = layers
+        .iter()
+        .take_while(|n| !base.as_ref().is_some_and(|b| Arc::ptr_eq(b, n)))
+        .map(|n| (n, layer_perms))
+        .collect();
+    // QEMU's stream_start reopens a read-only top read-write (an
+    // intermediate node opened implicitly as a backing file): the copy-on-
+    // read filter writes it.
+    let top_was_ro = !top.perm_writable();
+    top.set_perm_read_only(false);
+    // Read-only again when the job cannot be created or is freed (QEMU's
+    // stream_clean).
+    let undo_ro = {
+        let (graph, top) = (graph.clone(), top.clone());
+        move || {
+            if top_was_ro {
+                top.set_perm_read_only(true);
+                graph.release_perms();
+            }
+        }
+    };
+    let reserved = reserve_perms(graph, &want).inspect_err(|_| undo_ro())?;
     let cor = CorShared::new(top.clone(), base.clone());
-    let filter = graph
-        .insert_filter(
-            &top,
-            o.filter_node_name.as_deref(),
-            false,
-            Box::new(CopyOnRead::new(cor.clone(), o.filter_node_name.is_some())),
-        )
-        .map_err(|e| e.prepend("Could not create node: "))?;
+    let filter = match graph.insert_filter(
+        &top,
+        o.filter_node_name.as_deref(),
+        false,
+        Box::new(CopyOnRead::new(cor.clone(), o.filter_node_name.is_some())),
+    ) {
+        Ok(f) => f,
+        Err(e) => {
+            drop(reserved);
+            undo_ro();
+            return Err(e.prepend("Could not create node: "));
+        }
+    };
     let stream = Arc::new(Stream {
         graph: graph.clone(),
         top: top.clone(),
@@ -272,20 +303,24 @@ pub fn block_stream(
         Ok(j) => j,
         Err(e) => {
             graph.remove_filter(&filter);
+            drop(reserved);
+            undo_ro();
             return Err(e);
         }
     };
     // The job also reads through the filter with a backend of its own
     // (QEMU's `s->blk`): `blockdev-del` finds the filter in use.
-    add_node(&job, &filter, UserKind::Backend);
+    add_node(&job, &filter, UserKind::Backend, Perms::NONE);
     // The top and the layers that go (QEMU's "active node" and
     // "intermediate node"s).
     for n in &layers {
         if base.as_ref().is_some_and(|b| Arc::ptr_eq(b, n)) {
             break;
         }
-        add_node(&job, n, UserKind::Blocker);
+        add_node(&job, n, UserKind::Blocker, layer_perms);
     }
+    job.on_free(undo_ro);
+    drop(reserved);
     job.start()?;
     Ok(job)
 }

@@ -82,6 +82,7 @@ pub unsafe extern "C" fn bj_blk_new(
                 rerror: policy(o.rerror, "rerror")?,
                 werror: policy(o.werror, "werror")?,
                 iostatus_enabled: o.iostatus_enabled,
+                perms: None,
                 device_errors: true,
             }
         };

@@ -33,6 +33,7 @@ use crate::block::Node;
 use crate::block::backend::{BackendOptions, BlockBackend};
 use crate::block::dirty_bitmap::{BdrvDirtyBitmap, BitmapCheck, BitmapRef};
 use crate::block::graph::Graph;
+use crate::block::perm::Perms;
 use crate::error::{Error, Result};
 use crate::events::{EventBus, EventData};
 use crate::locks::{Mutex, RwLock};
@@ -341,6 +342,9 @@ impl Exports {
             BackendOptions {
                 device_errors: false,
                 iostatus_enabled: false,
+                // QEMU's blk_exp_add + nbd_export_create: read, write if
+                // writable; everything shared but resize.
+                perms: Some(Perms::nbd_export(o.writable)),
                 ..Default::default()
             },
         )?;

@@ -8,7 +8,16 @@ use serde_json::Value;
 /// Run a QEMU tool; its stdout, or a panic with its stderr.
 pub fn tool(cmd: &str, args: &[&str]) -> String {
     super::require_tool(cmd);
-    let out = Command::new(cmd).args(args).output().unwrap();
+    // The tests inspect images the context still holds (locked as QEMU
+    // locks them): read-only inspections share, as `-U` does with QEMU.
+    let mut args: Vec<&str> = args.to_vec();
+    if cmd == "qemu-img"
+        && matches!(args.first(), Some(&("check" | "info" | "map" | "compare")))
+        && !args.contains(&"-U")
+    {
+        args.insert(1, "-U");
+    }
+    let out = Command::new(cmd).args(&args).output().unwrap();
     assert!(
         out.status.success(),
         "{cmd} {args:?}: {}",

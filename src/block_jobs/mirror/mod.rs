@@ -32,9 +32,12 @@ use crate::locks::Mutex;
 use std::sync::Arc;
 
 use self::filter::{MirrorTop, TopShared};
-use super::block_job::{self, add_node, block_job_create, job_flags};
+use super::block_job::{self, add_node, block_job_create, job_flags, reserve_perms};
 use crate::block::drain::DrainSection;
 use crate::block::graph::Graph;
+use crate::block::perm::{
+    PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED, Perms,
+};
 use crate::block::replace::can_replace;
 use crate::block::{BlockOp, Node, UserKind, chain, dirty_bitmap};
 use crate::engine::{Engine, Job, JobChange, JobDriver};
@@ -547,6 +550,54 @@ fn start_job(
         .job_id
         .map_or_else(|| graph.device_name(&source), String::from);
     let len = source.len()?;
+    // QEMU's mirror_start_job permissions: the job reads the source and
+    // lets others write it; the target is written and nobody else may
+    // write or read it consistently, unless it is the source's own backing
+    // (active commit: readable by all, written by the guest through the
+    // chain; resized if smaller). An active commit's base is reopened
+    // read-write and the layers between are not read by others.
+    let target_is_backing = crate::block::chain::layers(&source)
+        .iter()
+        .skip(1)
+        .any(|n| Arc::ptr_eq(n, &target));
+    let mut target_perms = Perms::new(PERM_WRITE, PERM_WRITE_UNCHANGED);
+    let mut layers = Vec::new();
+    if target_is_backing {
+        if len > target.len()? {
+            target_perms.perm |= PERM_RESIZE;
+        }
+        target_perms.shared |= PERM_CONSISTENT_READ | PERM_WRITE;
+        for n in crate::block::chain::layers(&source).into_iter().skip(1) {
+            if Arc::ptr_eq(&n, &target) {
+                break;
+            }
+            layers.push(n);
+        }
+    }
+    let source_perm = if job_type == JobType::Commit {
+        0
+    } else {
+        PERM_CONSISTENT_READ
+    };
+    let source_perms = Perms::new(
+        source_perm,
+        PERM_CONSISTENT_READ | PERM_WRITE | PERM_WRITE_UNCHANGED,
+    );
+    let layer_perms = Perms::new(0, PERM_WRITE | PERM_WRITE_UNCHANGED);
+    let base_was_ro = target_is_backing && !target.perm_writable();
+    target.set_perm_read_only(false);
+    let mut want = vec![(&source, source_perms), (&target, target_perms)];
+    want.extend(layers.iter().map(|n| (n, layer_perms)));
+    let reserved = match reserve_perms(graph, &want) {
+        Ok(r) => r,
+        Err(e) => {
+            if base_was_ro {
+                target.set_perm_read_only(true);
+                graph.release_perms();
+            }
+            return Err(e);
+        }
+    };
     let top = TopShared::new(source.clone());
     let filter = graph.insert_filter(
         &source,
@@ -605,8 +656,12 @@ fn start_job(
             return Err(e);
         }
     };
-    add_node(&job, &source, UserKind::Blocker);
-    add_node(&job, &target, UserKind::Backend);
+    add_node(&job, &source, UserKind::Blocker, source_perms);
+    add_node(&job, &target, UserKind::Backend, target_perms);
+    for n in &layers {
+        add_node(&job, n, UserKind::Blocker, layer_perms);
+    }
+    drop(reserved);
     job.start()?;
     Ok(job)
 }

@@ -295,7 +295,12 @@ pub unsafe extern "C" fn bj_block_job_add_bdrv(
         let j = unsafe { job_arc(job) }?;
         // SAFETY: as above.
         let n = unsafe { node_arc(node) }?;
-        crate::block_jobs::block_job::add_node(&j, &n, crate::block::UserKind::Backend);
+        crate::block_jobs::block_job::add_node(
+            &j,
+            &n,
+            crate::block::UserKind::Backend,
+            crate::block::perm::Perms::NONE,
+        );
         Ok(true)
     })
 }
