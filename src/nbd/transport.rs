@@ -42,6 +42,24 @@ impl std::fmt::Display for SocketAddress {
     }
 }
 
+/// QAPI keeps an inet port a string; we take numbers only.
+fn inet_port(port: &str) -> io::Result<u16> {
+    port.parse().map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("Port '{port}' is not a number"),
+        )
+    })
+}
+
+/// What a host that resolves to no usable address gives.
+fn unresolved(host: &str, port: u16) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("address resolution failed for {host}:{port}"),
+    )
+}
+
 /// A connected socket of either kind.
 #[derive(Debug)]
 pub enum Socket {
@@ -57,16 +75,8 @@ impl Socket {
         match addr {
             SocketAddress::Unix { path } => Ok(Socket::Unix(UnixStream::connect(path)?)),
             SocketAddress::Inet { host, port } => {
-                let port: u16 = port.parse().map_err(|_| {
-                    io::Error::new(
-                        io::ErrorKind::InvalidInput,
-                        format!("Port '{port}' is not a number"),
-                    )
-                })?;
-                let mut last = io::Error::new(
-                    io::ErrorKind::NotFound,
-                    format!("address resolution failed for {host}:{port}"),
-                );
+                let port = inet_port(port)?;
+                let mut last = unresolved(host, port);
                 for a in (host.as_str(), port).to_socket_addrs()? {
                     let s = match timeout {
                         Some(t) => TcpStream::connect_timeout(&a, t),
@@ -259,16 +269,8 @@ impl Listener {
                 Listener::Unix(l, path.clone(), (m.dev(), m.ino()))
             }
             SocketAddress::Inet { host, port } => {
-                let port: u16 = port.parse().map_err(|_| {
-                    io::Error::new(
-                        io::ErrorKind::InvalidInput,
-                        format!("Port '{port}' is not a number"),
-                    )
-                })?;
-                let mut last = io::Error::new(
-                    io::ErrorKind::NotFound,
-                    format!("address resolution failed for {host}:{port}"),
-                );
+                let port = inet_port(port)?;
+                let mut last = unresolved(host, port);
                 let mut bound = None;
                 for a in (host.as_str(), port).to_socket_addrs()? {
                     match TcpListener::bind(a) {
