@@ -122,6 +122,10 @@ struct PoolState {
     queue: VecDeque<(u64, u64)>,
     /// Copies queued or running.
     outstanding: usize,
+    /// Copies ended so far: a waiter wakes for a copy that ended after it
+    /// started waiting, not for a notification still on its way from an
+    /// earlier one.
+    finished: u64,
     /// The first failure of this round.
     error: Option<CopyError>,
     stop: bool,
@@ -178,6 +182,7 @@ impl Pool {
             let r = self.bcs.copy_claimed(o, l);
             let mut s = self.state.lock();
             s.outstanding -= 1;
+            s.finished += 1;
             if let Err(e) = r {
                 s.error.get_or_insert(e);
             }
@@ -198,16 +203,17 @@ impl Pool {
         self.state.lock().outstanding
     }
 
-    fn failed(&self) -> bool {
-        self.state.lock().error.is_some()
-    }
-
-    /// Wait until a copy ends (or at once when none is outstanding).
-    fn wait_change(&self) {
-        let s = self.state.lock();
-        if s.outstanding > 0 {
-            drop(self.changed.wait(s));
+    /// Wait until a copy ends (or at once when none is outstanding);
+    /// whether a copy of this round failed, read under the same lock as the
+    /// count, so a failure is never missed by a caller that goes on to
+    /// start the next copy.
+    fn wait_change(&self) -> bool {
+        let mut s = self.state.lock();
+        let seen = s.finished;
+        while s.outstanding > 0 && s.finished == seen {
+            s = self.changed.wait(s);
         }
+        s.error.is_some()
     }
 
     /// Wait until no copy is outstanding; the round's failure, if any.
@@ -310,8 +316,7 @@ impl Backup {
                 continue;
             }
             if !failure_seen && pool.outstanding() > 0 {
-                pool.wait_change();
-                failure_seen = pool.failed();
+                failure_seen = pool.wait_change();
                 continue;
             }
             // A failure was seen, or the pass is over: let the started
