@@ -74,6 +74,20 @@ fn script(side: &mut dyn Side, dir: &Path, tag: &str) -> Vec<String> {
             json!({"addr": addr, "handshake-max-seconds": -1}),
         ),
         ("nbd-server-start", json!({"addr": addr, "tls-creds": "t0"})),
+        // `to` is a uint16: QEMU names the member alone when it is out of
+        // range, the whole path when it is no number.
+        (
+            "nbd-server-start",
+            json!({"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": "0", "to": 70000}}}),
+        ),
+        (
+            "nbd-server-start",
+            json!({"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": "0", "to": -1}}}),
+        ),
+        (
+            "nbd-server-start",
+            json!({"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": "0", "to": "x"}}}),
+        ),
         (
             "nbd-server-start",
             json!({"addr": {"type": "unix", "data": {"path": "/nonexistent/dir/s"}}}),

@@ -122,6 +122,23 @@ impl<'a> Obj<'a> {
         }
     }
 
+    /// An optional `uint16` member. QEMU's texts: not a number, `Parameter
+    /// 'a.b.x' expects uint64` (the full path); out of range, negative
+    /// numbers included, `Parameter 'x' expects uint16_t` (the member's
+    /// own name: `visit_type_uintN` words it).
+    pub(crate) fn opt_u16(&mut self, key: &'a str) -> Result<Option<u16>> {
+        let name = self.name(key);
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Number(n)) if n.is_u64() || n.is_i64() => n
+                .as_u64()
+                .and_then(|v| u16::try_from(v).ok())
+                .map(Some)
+                .ok_or_else(|| Error::generic(format!("Parameter '{key}' expects uint16_t"))),
+            Some(_) => Err(Error::generic(format!("Parameter '{name}' expects uint64"))),
+        }
+    }
+
     /// An optional `uint64` or `size` member.
     pub(crate) fn opt_u64(&mut self, key: &'a str) -> Result<Option<u64>> {
         let name = self.name(key);

@@ -287,7 +287,7 @@ fn nbd_server_start(o: &mut Obj<'_>) -> Result<NbdServerOptions> {
             let host = d.req_str("host")?;
             let port = d.req_str("port")?;
             let _numeric = d.opt_bool("numeric")?;
-            let _to = d.opt_u32("to")?;
+            let _to = d.opt_u16("to")?;
             let _ipv4 = d.opt_bool("ipv4")?;
             let _ipv6 = d.opt_bool("ipv6")?;
             let _keep_alive = d.opt_bool("keep-alive")?;
