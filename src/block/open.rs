@@ -111,6 +111,8 @@ impl Graph {
         // permissions, and so the locks, are those of a read-only node.
         let perm_ro = spec.read_only || as_backing;
         let discard = spec.discard_unmap.unwrap_or(inherited_discard);
+        // What an inline child inherits: discard mode, read-only, force-share.
+        let inherit = (discard, spec.read_only, spec.force_share);
         if spec.force_share && !spec.read_only {
             return Err(Error::generic(
                 "force-share=on can only be used with read-only images",
@@ -160,13 +162,7 @@ impl Graph {
                 })
             }
             DriverSpec::Raw { file, offset, size } => {
-                let child = self.resolve_child(
-                    inner,
-                    file,
-                    (discard, spec.read_only, spec.force_share),
-                    false,
-                    created,
-                )?;
+                let child = self.resolve_child(inner, file, inherit, false, created)?;
                 let offset = match offset {
                     Some(o) if *o < 0 => {
                         return Err(Error::generic("offset cannot be negative"));
@@ -180,26 +176,16 @@ impl Graph {
                 Box::new(RawDriver::new(child, offset, size)?)
             }
             DriverSpec::Qcow2 { file, backing } => {
-                let file = self.resolve_child(
-                    inner,
-                    file,
-                    (discard, spec.read_only, spec.force_share),
-                    false,
-                    created,
-                )?;
+                let file = self.resolve_child(inner, file, inherit, false, created)?;
                 super::perm::lock_for_format(&file, !perm_ro)?;
                 // QEMU registers a format node after its file and before its
                 // backing chain: this node takes this place in the list.
                 slot = created.len();
                 let backing = match backing {
                     BackingSpec::None => None,
-                    BackingSpec::Child(c) => Some(self.resolve_child(
-                        inner,
-                        c,
-                        (discard, spec.read_only, spec.force_share),
-                        true,
-                        created,
-                    )?),
+                    BackingSpec::Child(c) => {
+                        Some(self.resolve_child(inner, c, inherit, true, created)?)
+                    }
                     BackingSpec::FromHeader => self.open_header_backing(
                         inner,
                         &file,
@@ -224,13 +210,7 @@ impl Graph {
                         "Cannot meet constraints with align {a}"
                     )));
                 }
-                let child = self.resolve_child(
-                    inner,
-                    image,
-                    (discard, spec.read_only, spec.force_share),
-                    false,
-                    created,
-                )?;
+                let child = self.resolve_child(inner, image, inherit, false, created)?;
                 Box::new(
                     BlkdebugDriver::new(child, inject.clone(), set_state.clone())
                         .with_align(*align),
@@ -244,13 +224,7 @@ impl Graph {
                 cbw_timeout,
                 min_cluster_size,
             } => {
-                let file = self.resolve_child(
-                    inner,
-                    file,
-                    (discard, spec.read_only, spec.force_share),
-                    false,
-                    created,
-                )?;
+                let file = self.resolve_child(inner, file, inherit, false, created)?;
                 let target =
                     self.resolve_child(inner, target, (discard, false, false), false, created)?;
                 let bitmap = match bitmap {
@@ -278,13 +252,7 @@ impl Graph {
                 Box::new(drv)
             }
             DriverSpec::SnapshotAccess { file } => {
-                let file = self.resolve_child(
-                    inner,
-                    file,
-                    (discard, spec.read_only, spec.force_share),
-                    false,
-                    created,
-                )?;
+                let file = self.resolve_child(inner, file, inherit, false, created)?;
                 Box::new(SnapshotAccess::new(file))
             }
             DriverSpec::Nbd { opts, conn } => match conn.take() {
