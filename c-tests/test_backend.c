@@ -212,6 +212,96 @@ static void bad_arguments(void)
     bj_context_free(&ctx);
 }
 
+/* ---- request flags ----------------------------------------------------- */
+
+typedef struct {
+    char data[65536];
+    int writes, zeroes, flushes;
+} FlagDisk;
+
+static int64_t fd_len(void *opaque)
+{
+    (void)opaque;
+    return 65536;
+}
+
+static int fd_read(void *opaque, int64_t off, void *buf, int64_t n)
+{
+    memcpy(buf, ((FlagDisk *)opaque)->data + off, (size_t)n);
+    return 0;
+}
+
+static int fd_write(void *opaque, int64_t off, const void *buf, int64_t n)
+{
+    FlagDisk *d = opaque;
+    memcpy(d->data + off, buf, (size_t)n);
+    d->writes++;
+    return 0;
+}
+
+static int fd_zeroes(void *opaque, int64_t off, int64_t n, bool may_unmap)
+{
+    FlagDisk *d = opaque;
+    (void)may_unmap;
+    memset(d->data + off, 0, (size_t)n);
+    d->zeroes++;
+    return 0;
+}
+
+static int fd_flush(void *opaque)
+{
+    ((FlagDisk *)opaque)->flushes++;
+    return 0;
+}
+
+/* FUA on a node that cannot carry it is a write and then a flush (QEMU's
+ * emulation); a fast zero it cannot promise is -ENOTSUP with nothing
+ * written; unknown flags are refused before any I/O. */
+static void request_flags(void)
+{
+    static FlagDisk d;
+    BjContext *ctx = new_ctx();
+    BjHostNodeOps ops;
+    BjBlockBackend *blk;
+    BjError *err = NULL;
+    char buf[4096];
+    int action = 7;
+    memset(&d, 0, sizeof(d));
+    memset(&ops, 0, sizeof(ops));
+    ops.size = sizeof(ops);
+    ops.get_length = fd_len;
+    ops.pread = fd_read;
+    ops.pwrite = fd_write;
+    ops.pwrite_zeroes = fd_zeroes;
+    ops.flush = fd_flush;
+    CHECK(bj_node_add_host(ctx, "fd", false, &ops, &d, &err) != NULL);
+    CHECK_NO_ERR(err);
+    blk = backend(ctx, "fd", "dev", BJ_BLOCKDEV_ON_ERROR_AUTO, BJ_BLOCKDEV_ON_ERROR_AUTO);
+    memset(buf, 0x5a, sizeof(buf));
+    CHECK_INT(bj_blk_pwrite_flags(blk, 0, buf, 4096, 0, NULL, &err), 0);
+    CHECK_INT(d.writes, 1);
+    CHECK_INT(d.flushes, 0);
+    CHECK_INT(bj_blk_pwrite_flags(blk, 4096, buf, 4096, BJ_REQ_FUA, NULL, &err), 0);
+    CHECK_INT(d.writes, 2);
+    CHECK_INT(d.flushes, 1);
+    CHECK_INT(bj_blk_pwrite_zeroes_flags(blk, 0, 4096, BJ_REQ_MAY_UNMAP | BJ_REQ_FUA, NULL, &err), 0);
+    CHECK_INT(d.zeroes, 1);
+    CHECK_INT(d.flushes, 2);
+    CHECK_INT(bj_blk_pwrite_zeroes_flags(blk, 4096, 4096, BJ_REQ_NO_FALLBACK, &action, &err), -ENOTSUP);
+    CHECK(err != NULL);
+    bj_error_free(&err);
+    CHECK_INT(d.zeroes, 1);
+    CHECK(d.data[4096] == 0x5a);
+    CHECK_INT(bj_blk_pwrite_flags(blk, 0, buf, 4096, BJ_REQ_NO_FALLBACK, &action, &err), -EINVAL);
+    CHECK_ERR(err, BJ_ERROR_CLASS_GENERIC_ERROR, "invalid request flags 0x4");
+    CHECK_INT(action, -1);
+    CHECK_INT(bj_blk_pwrite_zeroes_flags(blk, 0, 4096, 8, &action, &err), -EINVAL);
+    CHECK_ERR(err, BJ_ERROR_CLASS_GENERIC_ERROR, "invalid request flags 0x8");
+    CHECK_INT(d.writes, 2);
+    bj_blk_free(&blk);
+    bj_context_free(&ctx);
+}
+
 /* ---- drain ------------------------------------------------------------- */
 
 typedef struct {
@@ -527,6 +617,7 @@ int main(void)
     RUN(policy_auto);
     RUN(iostatus_first_error_wins);
     RUN(bad_arguments);
+    RUN(request_flags);
     RUN(drain_waits_for_requests);
     RUN(drain_pauses_jobs_not_waits);
     RUN(vm_stop_burst);

@@ -66,6 +66,25 @@
 #define STREAM_CHUNK (512 << 10)
 
 /**
+ * `flags` of `bj_blk_pwrite_flags` and `bj_blk_pwrite_zeroes_flags`:
+ * the write is stable when the call returns (QEMU's `BDRV_REQ_FUA`; an
+ * NBD node sends `NBD_CMD_FLAG_FUA`, other nodes flush after it).
+ */
+#define BJ_REQ_FUA 1
+
+/**
+ * Zero writes only: the range may be deallocated (`BDRV_REQ_MAY_UNMAP`).
+ */
+#define BJ_REQ_MAY_UNMAP 2
+
+/**
+ * Zero writes only: fail with `-ENOTSUP` (nothing written) where zeroing
+ * is not cheap, instead of writing zero buffers (`BDRV_REQ_NO_FALLBACK`;
+ * an NBD node sends `NBD_CMD_FLAG_FAST_ZERO`).
+ */
+#define BJ_REQ_NO_FALLBACK 4
+
+/**
  * `GenericError`
  */
 #define BJ_ERROR_CLASS_GENERIC_ERROR 0
@@ -501,6 +520,13 @@ typedef struct BjNode BjNode;
  * A QMP server (opaque).
  */
 typedef struct BjQmpServer BjQmpServer;
+
+/**
+ * What a write asks beyond its bytes (the `BdrvRequestFlags` QEMU
+ * passes down with a write): durability, and whether zeroes may be
+ * made the slow way. The default asks for neither.
+ */
+typedef struct WriteFlags WriteFlags;
 
 /**
  * Options of `bj_blk_new`. Zero-initialise, set `size`, fill what you
@@ -1344,6 +1370,8 @@ typedef struct {
 
 
 
+
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -1405,6 +1433,30 @@ int32_t bj_blk_pwrite_zeroes(BjBlockBackend *blk,
                              bool may_unmap,
                              int32_t *action,
                              BjError **errp);
+
+/**
+ * Guest write with `flags` (`BJ_REQ_FUA`); see `bj_blk_pread` for the
+ * return convention. Unknown flags: `-EINVAL` and an error.
+ */
+int32_t bj_blk_pwrite_flags(BjBlockBackend *blk,
+                            int64_t offset,
+                            const void *buf,
+                            int64_t bytes,
+                            uint32_t flags,
+                            int32_t *action,
+                            BjError **errp);
+
+/**
+ * Guest write-zeroes with `flags` (`BJ_REQ_FUA`, `BJ_REQ_MAY_UNMAP`,
+ * `BJ_REQ_NO_FALLBACK`); see `bj_blk_pread` for the return convention.
+ * Unknown flags: `-EINVAL` and an error.
+ */
+int32_t bj_blk_pwrite_zeroes_flags(BjBlockBackend *blk,
+                                   int64_t offset,
+                                   int64_t bytes,
+                                   uint32_t flags,
+                                   int32_t *action,
+                                   BjError **errp);
 
 /**
  * Guest discard; see `bj_blk_pread` for the return convention.

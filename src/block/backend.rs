@@ -17,7 +17,7 @@ use super::drain::DrainSection;
 use super::graph::Graph;
 use super::parents::DrainParent;
 use super::perm::Perms;
-use super::{BlockStatus, Node};
+use super::{BlockStatus, Node, WriteFlags};
 use crate::error::{Error, Result};
 use crate::error_policy;
 use crate::events::{EventBus, EventData};
@@ -280,6 +280,19 @@ impl BlockBackend {
         })
     }
 
+    /// Guest write with [`WriteFlags`] (FUA).
+    pub fn pwrite_with(
+        &self,
+        offset: u64,
+        buf: &[u8],
+        flags: WriteFlags,
+    ) -> Result<(), GuestIoError> {
+        self.shared.request(false, |n| {
+            in_bounds(n, offset, buf.len() as u64)?;
+            n.pwrite_with(offset, buf, flags)
+        })
+    }
+
     /// Guest write-zeroes.
     pub fn pwrite_zeroes(
         &self,
@@ -287,9 +300,21 @@ impl BlockBackend {
         len: u64,
         may_unmap: bool,
     ) -> Result<(), GuestIoError> {
+        self.pwrite_zeroes_with(offset, len, may_unmap, WriteFlags::default())
+    }
+
+    /// Guest write-zeroes with [`WriteFlags`] (FUA; with `no_fallback`,
+    /// `ENOTSUP` where zeroing is not cheap, and nothing was written).
+    pub fn pwrite_zeroes_with(
+        &self,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+        flags: WriteFlags,
+    ) -> Result<(), GuestIoError> {
         self.shared.request(false, |n| {
             in_bounds(n, offset, len)?;
-            n.pwrite_zeroes(offset, len, may_unmap)
+            n.pwrite_zeroes_with(offset, len, may_unmap, flags)
         })
     }
 

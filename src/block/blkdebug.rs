@@ -16,7 +16,7 @@ use crate::locks::Mutex;
 use std::sync::Arc;
 
 use super::child::ChildEdge;
-use super::{BlockDriver, BlockStatus, Node, NodeChild};
+use super::{BlockDriver, BlockStatus, Node, NodeChild, WriteFlags};
 use crate::error::{Error, Result};
 use crate::qapi::qapi_enum;
 
@@ -327,13 +327,28 @@ impl BlockDriver for BlkdebugDriver {
     }
 
     fn write(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        self.write_with(offset, buf, WriteFlags::default())
+    }
+
+    fn write_with(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> Result<()> {
         self.check(offset, buf.len() as u64, BlkdebugIoType::Write)?;
-        self.image().pwrite(offset, buf)
+        self.image().pwrite_with(offset, buf, flags)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        self.write_zeroes_with(offset, len, may_unmap, WriteFlags::default())
+    }
+
+    fn write_zeroes_with(
+        &self,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+        flags: WriteFlags,
+    ) -> Result<()> {
         self.check(offset, len, BlkdebugIoType::WriteZeroes)?;
-        self.image().pwrite_zeroes(offset, len, may_unmap)
+        self.image()
+            .pwrite_zeroes_with(offset, len, may_unmap, flags)
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {

@@ -33,7 +33,7 @@ use super::child::ChildEdge;
 use super::dirty_bitmap::BdrvDirtyBitmap;
 use super::perm::{self, PERM_ALL, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, Perms};
 use super::range_lock::RangeLock;
-use super::{BlockDriver, BlockStatus, Node, NodeChild};
+use super::{BlockDriver, BlockStatus, Node, NodeChild, WriteFlags};
 use crate::error::{Error, Result};
 use crate::locks::Mutex;
 use crate::qapi::qapi_enum;
@@ -311,13 +311,29 @@ impl BlockDriver for CopyBeforeWrite {
     }
 
     fn write(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        self.write_with(offset, buf, WriteFlags::default())
+    }
+
+    fn write_with(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> Result<()> {
         self.0.before_write(offset, buf.len() as u64)?;
-        self.0.source().pwrite(offset, buf)
+        self.0.source().pwrite_with(offset, buf, flags)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        self.write_zeroes_with(offset, len, may_unmap, WriteFlags::default())
+    }
+
+    fn write_zeroes_with(
+        &self,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+        flags: WriteFlags,
+    ) -> Result<()> {
         self.0.before_write(offset, len)?;
-        self.0.source().pwrite_zeroes(offset, len, may_unmap)
+        self.0
+            .source()
+            .pwrite_zeroes_with(offset, len, may_unmap, flags)
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {

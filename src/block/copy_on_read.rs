@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use super::child::ChildEdge;
 use super::perm::{PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED, Perms};
 use super::range_lock::RangeLock;
-use super::{BlockDriver, BlockStatus, Node, NodeChild, chain};
+use super::{BlockDriver, BlockStatus, Node, NodeChild, WriteFlags, chain};
 use crate::error::Result;
 
 /// What the filter and the job that inserted it share.
@@ -120,13 +120,29 @@ impl BlockDriver for CopyOnRead {
     }
 
     fn write(&self, offset: u64, buf: &[u8]) -> Result<()> {
-        self.shared
-            .guarded(offset, buf.len() as u64, || self.file().pwrite(offset, buf))
+        self.write_with(offset, buf, WriteFlags::default())
+    }
+
+    fn write_with(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> Result<()> {
+        self.shared.guarded(offset, buf.len() as u64, || {
+            self.file().pwrite_with(offset, buf, flags)
+        })
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        self.write_zeroes_with(offset, len, may_unmap, WriteFlags::default())
+    }
+
+    fn write_zeroes_with(
+        &self,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+        flags: WriteFlags,
+    ) -> Result<()> {
         self.shared.guarded(offset, len, || {
-            self.file().pwrite_zeroes(offset, len, may_unmap)
+            self.file()
+                .pwrite_zeroes_with(offset, len, may_unmap, flags)
         })
     }
 

@@ -62,6 +62,30 @@ pub fn write_zero_buffers(
     Ok(())
 }
 
+/// What a write asks beyond its bytes (the `BdrvRequestFlags` QEMU
+/// passes down with a write): durability, and whether zeroes may be
+/// made the slow way. The default asks for neither.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteFlags {
+    /// Stable when the request returns (QEMU's `BDRV_REQ_FUA`, NBD's
+    /// `NBD_CMD_FLAG_FUA`): a writethrough export's writes, a client's
+    /// FUA passed on.
+    pub fua: bool,
+    /// Zeroes only where that is cheap: fail with `ENOTSUP` instead of
+    /// writing zero buffers (QEMU's `BDRV_REQ_NO_FALLBACK`, NBD's
+    /// `NBD_CMD_FLAG_FAST_ZERO`), so that a caller can decide to skip
+    /// pre-zeroing rather than pay for it twice.
+    pub no_fallback: bool,
+}
+
+impl WriteFlags {
+    /// A write that must be stable when it returns.
+    pub const FUA: WriteFlags = WriteFlags {
+        fua: true,
+        no_fallback: false,
+    };
+}
+
 /// A child link of a node: the role (`file`, `image`, `backing`) and node.
 #[derive(Clone)]
 pub struct NodeChild {
@@ -95,6 +119,39 @@ pub trait BlockDriver: std::any::Any + Send + Sync + 'static {
     /// deallocating them. The default writes zero buffers.
     fn write_zeroes(&self, offset: u64, len: u64, _may_unmap: bool) -> Result<()> {
         write_zero_buffers(offset, len, |o, b| self.write(o, b))
+    }
+
+    /// Write with [`WriteFlags`]. The default is what QEMU's block layer
+    /// does for a driver that cannot carry FUA: the write, then a flush
+    /// of this node. Drivers that pass requests on (`raw`) or speak FUA
+    /// themselves (`nbd`) override it.
+    fn write_with(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> Result<()> {
+        self.write(offset, buf)?;
+        if flags.fua {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// [`BlockDriver::write_zeroes`] with [`WriteFlags`]. The default
+    /// refuses `no_fallback` with `ENOTSUP` (as QEMU's block layer for a
+    /// driver that does not declare `BDRV_REQ_NO_FALLBACK`) and emulates
+    /// FUA with a flush.
+    fn write_zeroes_with(
+        &self,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+        flags: WriteFlags,
+    ) -> Result<()> {
+        if flags.no_fallback {
+            return Err(crate::error::Error::from_errno(libc::ENOTSUP));
+        }
+        self.write_zeroes(offset, len, may_unmap)?;
+        if flags.fua {
+            self.flush()?;
+        }
+        Ok(())
     }
 
     /// Discard a range (a hint; may do nothing).

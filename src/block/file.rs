@@ -12,7 +12,7 @@ use nix::fcntl::{FallocateFlags, fallocate};
 use nix::unistd::{Whence, lseek};
 
 use super::perm::{FileLock, Locking, Perms};
-use super::{BlockDriver, BlockStatus, write_zero_buffers};
+use super::{BlockDriver, BlockStatus, WriteFlags, write_zero_buffers};
 use crate::error::{Error, Result};
 use crate::sync::{AtomicBool, AtomicU64, Ordering};
 
@@ -170,7 +170,15 @@ impl FileDriver {
 
     /// Write zeroes; true when it was done by deallocating (hole punch or
     /// `FALLOC_FL_ZERO_RANGE`), false when zero buffers were written.
-    fn write_zeroes_uncached(&self, offset: u64, len: u64, may_unmap: bool) -> Result<bool> {
+    /// Without `buffers_ok` (a fast zero), `ENOTSUP` where only zero
+    /// buffers would do.
+    fn write_zeroes_uncached(
+        &self,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+        buffers_ok: bool,
+    ) -> Result<bool> {
         if may_unmap && self.opts.discard_unmap && !self.block_device {
             match self.punch_hole(offset, len) {
                 Ok(()) => return Ok(true),
@@ -212,6 +220,9 @@ impl FileDriver {
                 }
                 Err(e) => return Err(e),
             }
+        }
+        if !buffers_ok {
+            return Err(Error::from_errno(libc::ENOTSUP));
         }
         // No cheap way: write zero buffers.
         write_zero_buffers(offset, len, |o, b| self.write(o, b))?;
@@ -285,13 +296,26 @@ impl BlockDriver for FileDriver {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
-        let made_holes = self.write_zeroes_uncached(offset, len, may_unmap)?;
+        self.write_zeroes_with(offset, len, may_unmap, WriteFlags::default())
+    }
+
+    fn write_zeroes_with(
+        &self,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+        flags: WriteFlags,
+    ) -> Result<()> {
+        let made_holes = self.write_zeroes_uncached(offset, len, may_unmap, !flags.no_fallback)?;
         self.grown_to(offset + len);
         // Hole punches and ZERO_RANGE (unwritten extents) can make holes;
         // after the fact, so that no lookup that raced with it is kept.
         // Zero buffers keep data data.
         if made_holes {
             self.invalidate_data_cache(offset, len);
+        }
+        if flags.fua {
+            self.flush()?;
         }
         Ok(())
     }

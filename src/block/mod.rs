@@ -65,6 +65,6 @@ pub mod snapshot_access;
 mod writeback;
 
 pub use blkdebug::BlkdebugEvent;
-pub use driver::{BlockDriver, BlockStatus, NodeChild, write_zero_buffers};
+pub use driver::{BlockDriver, BlockStatus, NodeChild, WriteFlags, write_zero_buffers};
 pub use node::Node;
 pub use parents::{BlockOp, NodeUser, UserKind};

@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::{BlockDriver, BlockStatus};
+use super::{BlockDriver, BlockStatus, WriteFlags};
 use crate::error::{Error, Result, strerror};
 use crate::locks::{Condvar, Mutex, RwLock};
 use crate::nbd::objects::Objects;
@@ -1186,12 +1186,85 @@ impl NbdDriver {
         Ok(())
     }
 
-    fn write_aligned(&self, offset: u64, buf: &[u8]) -> Result<()> {
+    fn write_aligned(&self, offset: u64, buf: &[u8], flags: u16) -> Result<()> {
         for (i, piece) in buf.chunks(self.max_payload as usize).enumerate() {
             let at = offset + i as u64 * self.max_payload;
-            self.call(cmd::WRITE, 0, at, piece.len() as u64, Some(piece))?;
+            self.call(cmd::WRITE, flags, at, piece.len() as u64, Some(piece))?;
         }
         Ok(())
+    }
+
+    /// The request flag for FUA where the server takes it (every piece of
+    /// a split request carries it, as QEMU sends them); `None` when FUA
+    /// has to be a flush after the request.
+    fn fua_flag(&self, flags: WriteFlags) -> (u16, bool) {
+        match (flags.fua, self.has(tflag::SEND_FUA)) {
+            (false, _) => (0, false),
+            (true, true) => (cflag::FUA, false),
+            (true, false) => (0, true),
+        }
+    }
+
+    fn write_flagged(&self, offset: u64, buf: &[u8], flags: u16) -> Result<()> {
+        if self.aligned(offset, buf.len() as u64) {
+            let _g = self.rmw.read();
+            return self.write_aligned(offset, buf, flags);
+        }
+        // Read-modify-write of whole blocks, alone: a concurrent write
+        // into the same blocks would be lost.
+        let _g = self.rmw.write();
+        let (start, len) = self.widen(offset, buf.len() as u64);
+        let mut tmp = vec![0; len as usize];
+        self.read_aligned(start, &mut tmp)?;
+        let rel = (offset - start) as usize;
+        tmp[rel..rel + buf.len()].copy_from_slice(buf);
+        self.write_aligned(start, &tmp, flags)
+    }
+
+    fn zeroes_flagged(
+        &self,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+        flags: WriteFlags,
+    ) -> Result<()> {
+        let (fua, _) = self.fua_flag(flags);
+        let buffers = |o, l| super::write_zero_buffers(o, l, |o, b| self.write_flagged(o, b, fua));
+        let fast = flags.no_fallback;
+        if !self.has(tflag::SEND_WRITE_ZEROES) || (fast && !self.has(tflag::SEND_FAST_ZERO)) {
+            // QEMU's client does not declare NO_FALLBACK to a server
+            // without FAST_ZERO: refused before anything is sent.
+            if fast {
+                return Err(Error::from_errno(libc::ENOTSUP));
+            }
+            return buffers(offset, len);
+        }
+        // Unaligned head and tail as written zeroes, the middle as a request.
+        let start = offset.next_multiple_of(self.align);
+        let end = ((offset + len) / self.align * self.align).max(start);
+        let whole = start == offset && end == offset + len && start < end;
+        if fast && !whole {
+            // Zero buffers for the unaligned edges are the slow way.
+            return Err(Error::from_errno(libc::ENOTSUP));
+        }
+        if start >= offset + len || start == end {
+            return buffers(offset, len);
+        }
+        buffers(offset, start - offset)?;
+        {
+            let _g = self.rmw.read();
+            // NO_HOLE unless the caller allows deallocation (QEMU:
+            // BDRV_REQ_MAY_UNMAP); FAST_ZERO for BDRV_REQ_NO_FALLBACK.
+            let mut f = fua;
+            if !may_unmap {
+                f |= cflag::NO_HOLE;
+            }
+            if fast {
+                f |= cflag::FAST_ZERO;
+            }
+            self.no_payload(cmd::WRITE_ZEROES, f, start, end - start)?;
+        }
+        buffers(end, offset + len - end)
     }
 
     /// The aligned range around `[offset, offset + len)`.
@@ -1265,40 +1338,34 @@ impl BlockDriver for NbdDriver {
     }
 
     fn write(&self, offset: u64, buf: &[u8]) -> Result<()> {
-        if self.aligned(offset, buf.len() as u64) {
-            let _g = self.rmw.read();
-            return self.write_aligned(offset, buf);
+        self.write_flagged(offset, buf, 0)
+    }
+
+    fn write_with(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> Result<()> {
+        let (fua, then_flush) = self.fua_flag(flags);
+        self.write_flagged(offset, buf, fua)?;
+        if then_flush {
+            self.flush()?;
         }
-        // Read-modify-write of whole blocks, alone: a concurrent write
-        // into the same blocks would be lost.
-        let _g = self.rmw.write();
-        let (start, len) = self.widen(offset, buf.len() as u64);
-        let mut tmp = vec![0; len as usize];
-        self.read_aligned(start, &mut tmp)?;
-        let rel = (offset - start) as usize;
-        tmp[rel..rel + buf.len()].copy_from_slice(buf);
-        self.write_aligned(start, &tmp)
+        Ok(())
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
-        if !self.has(tflag::SEND_WRITE_ZEROES) {
-            return super::write_zero_buffers(offset, len, |o, b| self.write(o, b));
+        self.zeroes_flagged(offset, len, may_unmap, WriteFlags::default())
+    }
+
+    fn write_zeroes_with(
+        &self,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+        flags: WriteFlags,
+    ) -> Result<()> {
+        self.zeroes_flagged(offset, len, may_unmap, flags)?;
+        if self.fua_flag(flags).1 {
+            self.flush()?;
         }
-        // Unaligned head and tail as written zeroes, the middle as a request.
-        let start = offset.next_multiple_of(self.align);
-        let end = ((offset + len) / self.align * self.align).max(start);
-        if start >= offset + len || start == end {
-            return super::write_zero_buffers(offset, len, |o, b| self.write(o, b));
-        }
-        super::write_zero_buffers(offset, start - offset, |o, b| self.write(o, b))?;
-        {
-            let _g = self.rmw.read();
-            // NO_HOLE unless the caller allows deallocation (QEMU:
-            // BDRV_REQ_MAY_UNMAP).
-            let flags = if may_unmap { 0 } else { cflag::NO_HOLE };
-            self.no_payload(cmd::WRITE_ZEROES, flags, start, end - start)?;
-        }
-        super::write_zero_buffers(end, offset + len - end, |o, b| self.write(o, b))
+        Ok(())
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {

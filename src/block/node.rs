@@ -12,7 +12,7 @@ use crate::locks::{Condvar, Mutex};
 
 use super::dirty_bitmap::NodeBitmaps;
 use super::parents::Parents;
-use super::{BlkdebugEvent, BlockDriver, BlockStatus, NodeChild, options};
+use super::{BlkdebugEvent, BlockDriver, BlockStatus, NodeChild, WriteFlags, options};
 use crate::error::{Error, Result};
 use crate::sync::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 
@@ -33,6 +33,11 @@ pub struct Node {
     pub(super) detect_zeroes: AtomicU8,
     /// `discard=unmap`: discards reach the driver (and dirty bitmaps).
     discard: AtomicBool,
+    /// Zero writes may deallocate (`BDRV_REQ_MAY_UNMAP` survives this
+    /// node): false for a node opened with `discard=ignore`, as QEMU drops
+    /// the flag on a node without `BDRV_O_UNMAP`. Nodes a job creates
+    /// (filters) pass it on.
+    keeps_unmap: AtomicBool,
     pub(super) bitmaps: NodeBitmaps,
     /// `force-share=on`: every parent shares everything on this node.
     force_share: AtomicBool,
@@ -93,6 +98,7 @@ impl Node {
             parents: Mutex::new(Parents::default()),
             detect_zeroes: AtomicU8::new(0),
             discard: AtomicBool::new(false),
+            keeps_unmap: AtomicBool::new(true),
             bitmaps: NodeBitmaps::with_loaded(loaded),
             force_share: AtomicBool::new(false),
             perm_read_only: AtomicBool::new(read_only),
@@ -118,6 +124,8 @@ impl Node {
         self.detect_zeroes.store(v, Ordering::Relaxed);
         // Relaxed: as above.
         self.discard.store(discard_unmap, Ordering::Relaxed);
+        // Relaxed: as above.
+        self.keeps_unmap.store(discard_unmap, Ordering::Relaxed);
     }
 
     /// Set `force-share` (right after creation, before the node is shared).
@@ -272,6 +280,11 @@ impl Node {
 
     /// Write `buf` at `offset`.
     pub fn pwrite(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        self.pwrite_with(offset, buf, WriteFlags::default())
+    }
+
+    /// Write `buf` at `offset` with [`WriteFlags`] (FUA).
+    pub fn pwrite_with(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> Result<()> {
         let _f = self.begin();
         self.check_writable()?;
         self.check_write_range(offset, buf.len() as u64)?;
@@ -282,13 +295,17 @@ impl Node {
         let detect = self.detect_zeroes.load(Ordering::Relaxed);
         if detect != 0 && buf.iter().all(|b| *b == 0) {
             drop(_f);
-            return self.pwrite_zeroes(offset, buf.len() as u64, detect == 2);
+            let flags = WriteFlags {
+                no_fallback: false,
+                ..flags
+            };
+            return self.pwrite_zeroes_with(offset, buf.len() as u64, detect == 2, flags);
         }
         self.debug_event(BlkdebugEvent::Pwritev);
         // Relaxed: the generation only has to differ from the flushed one;
         // the flush that reads it is ordered by the I/O itself.
         self.write_gen.fetch_add(1, Ordering::Relaxed);
-        let r = self.drv.write(offset, buf);
+        let r = self.drv.write_with(offset, buf, flags);
         self.debug_event(BlkdebugEvent::PwritevDone);
         // After the write, also a failed one (it may have written part):
         // a copier that sees the bit reads the new data.
@@ -298,6 +315,19 @@ impl Node {
 
     /// Make a range read as zeroes.
     pub fn pwrite_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        self.pwrite_zeroes_with(offset, len, may_unmap, WriteFlags::default())
+    }
+
+    /// Make a range read as zeroes, with [`WriteFlags`] (FUA; with
+    /// `no_fallback`, `ENOTSUP` where zeroing is not cheap, and then
+    /// nothing was written).
+    pub fn pwrite_zeroes_with(
+        &self,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+        flags: WriteFlags,
+    ) -> Result<()> {
         let _f = self.begin();
         self.check_writable()?;
         self.check_write_range(offset, len)?;
@@ -307,9 +337,14 @@ impl Node {
         self.debug_event(BlkdebugEvent::PwritevZero);
         // Relaxed: see pwrite.
         self.write_gen.fetch_add(1, Ordering::Relaxed);
-        let r = self.drv.write_zeroes(offset, len, may_unmap);
+        // Relaxed: set before the node is shared (see set_write_options).
+        let may_unmap = may_unmap && self.keeps_unmap.load(Ordering::Relaxed);
+        let r = self.drv.write_zeroes_with(offset, len, may_unmap, flags);
         self.debug_event(BlkdebugEvent::PwritevDone);
-        self.bitmaps.set_dirty(offset, len);
+        // A fast zero that was refused changed nothing.
+        if !(flags.no_fallback && r.as_ref().is_err_and(|e| e.errno() == Some(libc::ENOTSUP))) {
+            self.bitmaps.set_dirty(offset, len);
+        }
         r
     }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use super::child::ChildEdge;
 use super::perm::{self, PERM_RESIZE, PERM_WRITE, Perms};
-use super::{BlkdebugEvent, BlockDriver, BlockStatus, Node, NodeChild};
+use super::{BlkdebugEvent, BlockDriver, BlockStatus, Node, NodeChild, WriteFlags};
 use crate::error::{Error, Result};
 
 /// The raw format.
@@ -79,6 +79,25 @@ impl BlockDriver for RawDriver {
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
         self.file()
             .pwrite_zeroes(self.offset + offset, len, may_unmap)
+    }
+
+    // The flags go down with the request, as QEMU's raw format passes
+    // them (so FUA and FAST_ZERO reach an NBD server under it).
+    fn write_with(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> Result<()> {
+        let file = self.file();
+        file.debug_event(BlkdebugEvent::WriteAio);
+        file.pwrite_with(self.offset + offset, buf, flags)
+    }
+
+    fn write_zeroes_with(
+        &self,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+        flags: WriteFlags,
+    ) -> Result<()> {
+        self.file()
+            .pwrite_zeroes_with(self.offset + offset, len, may_unmap, flags)
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {

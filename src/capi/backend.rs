@@ -8,6 +8,7 @@ use super::{
     BjError, Versioned, arg_opt_str, arg_ref, arg_str, buf_mut, buf_ref, ffi, ffi_void, io_range,
     reserved_zero, versioned,
 };
+use crate::block::WriteFlags;
 use crate::block::backend::{BackendOptions, BlockBackend, GuestIoError};
 use crate::error::{Error, Result};
 use crate::qapi::{BlockErrorAction, BlockdevOnError};
@@ -205,6 +206,73 @@ pub unsafe extern "C" fn bj_blk_pwrite_zeroes(
         let b = unsafe { blk_arg(blk) }?;
         let (off, len) = io_range(offset, bytes)?;
         Ok(b.pwrite_zeroes(off, len as u64, may_unmap))
+    })
+}
+
+/// `flags` of `bj_blk_pwrite_flags` and `bj_blk_pwrite_zeroes_flags`:
+/// the write is stable when the call returns (QEMU's `BDRV_REQ_FUA`; an
+/// NBD node sends `NBD_CMD_FLAG_FUA`, other nodes flush after it).
+pub const BJ_REQ_FUA: u32 = 1;
+/// Zero writes only: the range may be deallocated (`BDRV_REQ_MAY_UNMAP`).
+pub const BJ_REQ_MAY_UNMAP: u32 = 2;
+/// Zero writes only: fail with `-ENOTSUP` (nothing written) where zeroing
+/// is not cheap, instead of writing zero buffers (`BDRV_REQ_NO_FALLBACK`;
+/// an NBD node sends `NBD_CMD_FLAG_FAST_ZERO`).
+pub const BJ_REQ_NO_FALLBACK: u32 = 4;
+
+fn write_flags(flags: u32, allowed: u32) -> Result<WriteFlags> {
+    if flags & !allowed != 0 {
+        return Err(Error::generic(format!(
+            "invalid request flags 0x{:x}",
+            flags & !allowed
+        )));
+    }
+    Ok(WriteFlags {
+        fua: flags & BJ_REQ_FUA != 0,
+        no_fallback: flags & BJ_REQ_NO_FALLBACK != 0,
+    })
+}
+
+/// Guest write with `flags` (`BJ_REQ_FUA`); see `bj_blk_pread` for the
+/// return convention. Unknown flags: `-EINVAL` and an error.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn bj_blk_pwrite_flags(
+    blk: *mut BjBlockBackend,
+    offset: i64,
+    buf: *const c_void,
+    bytes: i64,
+    flags: u32,
+    action: *mut i32,
+    errp: *mut *mut BjError,
+) -> i32 {
+    guest_io(action, errp, || {
+        // SAFETY: NULL or live backend.
+        let b = unsafe { blk_arg(blk) }?;
+        let (off, len) = io_range(offset, bytes)?;
+        let f = write_flags(flags, BJ_REQ_FUA)?;
+        // SAFETY: the caller provides `bytes` readable bytes at `buf`.
+        Ok(b.pwrite_with(off, unsafe { buf_ref(buf, len) }?, f))
+    })
+}
+
+/// Guest write-zeroes with `flags` (`BJ_REQ_FUA`, `BJ_REQ_MAY_UNMAP`,
+/// `BJ_REQ_NO_FALLBACK`); see `bj_blk_pread` for the return convention.
+/// Unknown flags: `-EINVAL` and an error.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn bj_blk_pwrite_zeroes_flags(
+    blk: *mut BjBlockBackend,
+    offset: i64,
+    bytes: i64,
+    flags: u32,
+    action: *mut i32,
+    errp: *mut *mut BjError,
+) -> i32 {
+    guest_io(action, errp, || {
+        // SAFETY: NULL or live backend.
+        let b = unsafe { blk_arg(blk) }?;
+        let (off, len) = io_range(offset, bytes)?;
+        let f = write_flags(flags, BJ_REQ_FUA | BJ_REQ_MAY_UNMAP | BJ_REQ_NO_FALLBACK)?;
+        Ok(b.pwrite_zeroes_with(off, len as u64, flags & BJ_REQ_MAY_UNMAP != 0, f))
     })
 }
 

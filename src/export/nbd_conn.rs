@@ -17,6 +17,7 @@ use std::time::Instant;
 
 use super::Export;
 use super::nbd_server::ServerShared;
+use crate::block::WriteFlags;
 use crate::block::backend::GuestIoError;
 use crate::locks::{Condvar, Mutex};
 use crate::nbd::proto::{
@@ -744,11 +745,14 @@ impl Conn {
         Ok(())
     }
 
-    fn fua(&self, req: &Request) -> Result<(), (u32, String)> {
-        if req.flags & cflag::FUA != 0 || self.export.writethrough {
-            self.export.blk.flush().map_err(io_err)?;
+    /// The flags a request carries down: FUA from the client, or on every
+    /// write of a `writethrough` export (QEMU disables the export's write
+    /// cache, so its block layer adds FUA); FAST_ZERO as `no_fallback`.
+    fn write_flags(&self, req: &Request) -> WriteFlags {
+        WriteFlags {
+            fua: req.flags & cflag::FUA != 0 || self.export.writethrough,
+            no_fallback: req.flags & cflag::FAST_ZERO != 0,
         }
-        Ok(())
     }
 
     fn run(&self, req: &Request, payload: &[u8]) -> Result<Reply, (u32, String)> {
@@ -756,25 +760,25 @@ impl Conn {
         match req.kind {
             cmd::READ => self.read(req),
             cmd::WRITE => {
-                blk.pwrite(req.offset, payload).map_err(io_err)?;
-                self.fua(req)?;
+                blk.pwrite_with(req.offset, payload, self.write_flags(req))
+                    .map_err(io_err)?;
                 Ok(Reply::Done)
             }
             cmd::WRITE_ZEROES => {
                 let may_unmap = req.flags & cflag::NO_HOLE == 0;
-                if req.flags & cflag::FAST_ZERO != 0 && !(may_unmap && self.zeroes_fast()) {
-                    // QEMU's BDRV_REQ_NO_FALLBACK: only when zeroing is
-                    // cheap. Ours is cheap where the node unmaps zeroes.
-                    return Err((err::ENOTSUP, "fast zero not supported".into()));
-                }
-                blk.pwrite_zeroes(req.offset, req.length, may_unmap)
+                // A fast zero the node cannot do cheaply comes back as
+                // ENOTSUP, which the client takes as "write it yourself".
+                blk.pwrite_zeroes_with(req.offset, req.length, may_unmap, self.write_flags(req))
                     .map_err(io_err)?;
-                self.fua(req)?;
                 Ok(Reply::Done)
             }
             cmd::TRIM => {
                 blk.pdiscard(req.offset, req.length).map_err(io_err)?;
-                self.fua(req)?;
+                // A discard carries no FUA in the block layer: QEMU's
+                // server flushes after it.
+                if self.write_flags(req).fua {
+                    blk.flush().map_err(io_err)?;
+                }
                 Ok(Reply::Done)
             }
             cmd::FLUSH => {
@@ -787,10 +791,6 @@ impl Conn {
             cmd::BLOCK_STATUS => self.block_status(req),
             _ => Err((err::EINVAL, "invalid request".into())),
         }
-    }
-
-    fn zeroes_fast(&self) -> bool {
-        self.export.blk.node().driver().supports_zero_unmap()
     }
 
     /// A read: one data chunk, or (structured, no `DF`) data and hole
