@@ -223,6 +223,13 @@ static void target_enospc_stops_and_resume_retries(void)
     info = bj_block_job_query(job, &err);
     CHECK_NO_ERR(err);
     CHECK_INT(info->io_status, BJ_BLOCK_DEVICE_IO_STATUS_OK);
+    /* In sync: nothing left, so done now and converged; the source is all
+     * data (nothing skipped) and the retried range is not guest dirt. */
+    CHECK_INT(info->eta, 0);
+    CHECK_INT(info->converging, 1);
+    CHECK_INT(info->skipped, 0);
+    CHECK_INT(info->dirty_rate, 0);
+    CHECK(info->copy_rate > 0);
     bj_block_job_info_free(&info);
     CHECK(bj_job_complete(job, &err));
     trace_until_null(ctx, &t);

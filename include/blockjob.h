@@ -1028,6 +1028,30 @@ typedef struct {
    * Mirror only: 0/1; -1 when absent.
    */
   int32_t actively_synced;
+  /**
+   * Progress per second over the last 10 s (`x-copy-rate`).
+   */
+  int64_t copy_rate;
+  /**
+   * Growth of the total per second once work began, e.g. a guest
+   * re-dirtying what a mirror must copy again (`x-dirty-rate`).
+   */
+  int64_t dirty_rate;
+  /**
+   * Bytes of progress that needed no data copied: holes, zeroes,
+   * ranges with nothing to copy (`x-skipped`).
+   */
+  int64_t skipped;
+  /**
+   * Seconds to completion at the net rate (copy minus dirty); -1 when
+   * unknown or never (`x-eta`).
+   */
+  int64_t eta;
+  /**
+   * 1 converging, 0 the dirty rate is at or above the copy rate with
+   * work left (will not converge), -1 not known yet (`x-converging`).
+   */
+  int32_t converging;
 } BjBlockJobInfo;
 
 /**

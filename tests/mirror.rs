@@ -499,3 +499,100 @@ fn replaces_moves_every_parent_of_the_node_qcow2_edges_too() {
         "monitor's node dropped"
     );
 }
+
+/// The `x-` members of job info: a mirror throttled below what a guest
+/// dirties is said not to converge (with both rates measured), then with
+/// the guest gone and the limit lifted it reaches READY, in sync (ETA 0).
+/// Through QMP too, as members after QEMU's.
+#[test]
+fn rates_say_when_a_mirror_will_not_converge() {
+    let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+    let size = 8 * MIB;
+    let src = full_image(dir.path(), "src.raw", size);
+    let dst = image(dir.path(), "dst.raw", size, None);
+    let ctx = Context::new();
+    ctx.blockdev_add(&raw("src", &src)).unwrap();
+    ctx.blockdev_add(&raw("dst", &dst)).unwrap();
+    let blk = Arc::new(ctx.blk_new("src", BackendOptions::default()).unwrap());
+    let mut o = MirrorOptions::new("src", "dst", MirrorSyncMode::Full);
+    o.job_id = Some("m".into());
+    o.granularity = 64 << 10;
+    o.buf_size = 256 << 10;
+    o.speed = (MIB / 2) as i64;
+    let job = ctx.blockdev_mirror(o).unwrap();
+    // A guest writing random 64 KiB clusters all over at up to 16 MiB/s:
+    // what is left settles at nearly all of the disk.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (blk, stop) = (blk.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut x: u64 = 99;
+            let buf = vec![0x77u8; 64 << 10];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let off = (x >> 16) % (size / (64 << 10)) * (64 << 10);
+                blk.pwrite(off, &buf).unwrap();
+                std::thread::sleep(Duration::from_millis(4));
+            }
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let diverging = loop {
+        let i = job.query_block_job().unwrap();
+        if i.x.converging == Some(false) {
+            break i;
+        }
+        assert!(std::time::Instant::now() < deadline, "never said: {i:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        diverging.x.dirty_rate * 100 >= diverging.x.copy_rate * 95,
+        "{diverging:?}"
+    );
+    assert!(diverging.x.dirty_rate > 0 && diverging.x.eta.is_none());
+    let v = blockjob::qmp::execute(&ctx, &json!({"execute": "query-block-jobs"}));
+    let j = &v["return"][0];
+    for k in ["x-copy-rate", "x-dirty-rate", "x-skipped", "x-converging"] {
+        assert!(j.get(k).is_some(), "{k} in {j}");
+    }
+    assert_eq!(j["x-converging"], false);
+    let v = blockjob::qmp::execute(&ctx, &json!({"execute": "query-jobs"}));
+    assert!(v["return"][0]["x-copy-rate"].is_u64(), "{v}");
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().unwrap();
+    job.set_speed(0).unwrap();
+    job.wait_status(Duration::from_secs(30), |s| s == JobStatus::Ready)
+        .expect("ready");
+    let ready = job.query_block_job().unwrap();
+    assert_eq!(ready.x.eta, Some(0), "{ready:?}");
+    assert_eq!(ready.x.converging, Some(true));
+    assert_eq!(ready.x.skipped, 0, "all data: {ready:?}");
+    job.complete_sync().unwrap();
+    drop(blk);
+    assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
+}
+
+/// Holes are progress without data: `x-skipped` counts exactly them.
+#[test]
+fn holes_count_as_skipped() {
+    let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+    let size = 16 * MIB;
+    // Data in every other MiB: 8 MiB of holes.
+    let src = image(dir.path(), "src.raw", size, Some(0x33));
+    let dst = image(dir.path(), "dst.raw", size, None);
+    let ctx = Context::new();
+    ctx.blockdev_add(&raw("src", &src)).unwrap();
+    ctx.blockdev_add(&raw("dst", &dst)).unwrap();
+    let mut o = MirrorOptions::new("src", "dst", MirrorSyncMode::Full);
+    o.job_id = Some("h".into());
+    let job = ctx.blockdev_mirror(o).unwrap();
+    job.wait_status(Duration::from_secs(30), |s| s == JobStatus::Ready)
+        .expect("ready");
+    let i = job.query_block_job().unwrap();
+    assert_eq!((i.offset, i.len), (size, size));
+    assert_eq!(i.x.skipped, 8 * MIB, "{i:?}");
+    job.complete_sync().unwrap();
+}

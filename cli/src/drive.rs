@@ -16,7 +16,7 @@ use clap::{Args, ValueEnum};
 use serde_json::{Map, Value, json};
 
 use crate::progress::Display;
-use crate::size::parse_size;
+use crate::size::{human, parse_size};
 
 /// Error policies (`on-error`, `on-source-error`, `on-target-error`).
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -79,6 +79,10 @@ pub struct Control {
     /// Give up (force-cancel) after the job stopped this many times.
     #[arg(long, default_value_t = 3)]
     pub max_resumes: u32,
+    /// What to suggest when the job does not converge (set by the
+    /// command, e.g. mirror in background mode).
+    #[arg(skip)]
+    pub converge_hint: Option<&'static str>,
 }
 
 impl Default for Control {
@@ -91,6 +95,7 @@ impl Default for Control {
             quiet: false,
             resume_delay: 1.0,
             max_resumes: 3,
+            converge_hint: None,
         }
     }
 }
@@ -207,9 +212,22 @@ fn drive(
     let mut stops = 0u32;
     let mut resume_at: Option<Instant> = None;
     let resume_delay = Duration::from_secs_f64(ctl.resume_delay.clamp(0.0, 3600.0));
+    // Said once per stretch of not converging.
+    let mut diverging = false;
     loop {
         if let Ok(info) = job.query_block_job() {
-            display.update(&info, started);
+            display.update(&info);
+            let now_diverging = info.x.converging == Some(false);
+            if now_diverging && !diverging {
+                display.note(&format!(
+                    "{id}: will not converge: the guest dirties {}/s, the job copies {}/s{}",
+                    human(info.x.dirty_rate),
+                    human(info.x.copy_rate),
+                    ctl.converge_hint
+                        .map_or(String::new(), |h| format!("; {h}"))
+                ));
+            }
+            diverging = now_diverging;
         }
         if resume_at.is_some_and(|t| Instant::now() >= t) {
             resume_at = None;

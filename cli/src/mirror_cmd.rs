@@ -194,7 +194,13 @@ fn run_inner(a: &MirrorArgs, created: &mut Option<PathBuf>) -> Result<Outcome> {
     o.unmap = a.unmap;
     o.replaces = a.replaces.clone();
 
-    let (r, display) = run_job(&a.ctl, &a.job_id, a.no_complete, &events, || {
+    let mut ctl = a.ctl.clone();
+    if matches!(a.copy_mode, CopyMode::Background) {
+        ctl.converge_hint = Some(
+            "try --copy-mode write-blocking (guest writes then reach the target as they happen)",
+        );
+    }
+    let (r, display) = run_job(&ctl, &a.job_id, a.no_complete, &events, || {
         ctx.blockdev_mirror(o)
     });
     let out = r?;

@@ -39,7 +39,9 @@ pub struct CopyError {
     pub is_read: bool,
 }
 
-type Progress = Box<dyn Fn(u64) + Send + Sync>;
+/// Called with the bytes of a successful copy and whether they were
+/// written as zeroes rather than copied as data.
+type Progress = Box<dyn Fn(u64, bool) + Send + Sync>;
 
 /// The shared copy state.
 pub struct BlockCopy {
@@ -179,6 +181,8 @@ impl BlockCopy {
         copied: impl FnOnce(u64, u64),
     ) -> Result<(), CopyError> {
         let r = self.copy(offset, len);
+        let zeroes = r.as_ref().is_ok_and(|z| *z);
+        let r = r.map(|_| ());
         // Relaxed: set before any copy starts.
         if r.is_ok() && self.discard_source.load(Ordering::Relaxed) {
             // A hint: the data is safe on the target either way.
@@ -199,7 +203,7 @@ impl BlockCopy {
         if r.is_ok()
             && let Some(p) = self.progress.lock().as_ref()
         {
-            p(len);
+            p(len, zeroes);
         }
         r
     }
@@ -288,7 +292,8 @@ impl BlockCopy {
 
     /// Read the source, write the target (through the kernel when both
     /// are files).
-    fn copy(&self, offset: u64, len: u64) -> Result<(), CopyError> {
+    /// True when the range was written as zeroes.
+    fn copy(&self, offset: u64, len: u64) -> Result<bool, CopyError> {
         let source = self.source.get();
         // Zeroes are written as zeroes, without reading them (QEMU's
         // block-copy asks for the block status first too).
@@ -296,13 +301,13 @@ impl BlockCopy {
             .block_status(offset, len)
             .is_ok_and(|st| st.zero && st.len >= len)
         {
-            return self.write_zeroes(offset, len);
+            return self.write_zeroes(offset, len).map(|()| true);
         }
         // Relaxed: a hint; a copy that cannot go through the kernel goes
         // through a buffer.
         if self.offload.load(Ordering::Relaxed) {
             match source.copy_range_to(offset, &self.target, offset, len) {
-                Ok(true) => return Ok(()),
+                Ok(true) => return Ok(false),
                 Ok(false) => self.offload.store(false, Ordering::Relaxed),
                 // Which side failed is known only through a buffer: copy
                 // again that way (QEMU falls back the same way).
@@ -315,12 +320,15 @@ impl BlockCopy {
             is_read: true,
         })?;
         if buf.iter().all(|b| *b == 0) {
-            return self.write_zeroes(offset, len);
+            return self.write_zeroes(offset, len).map(|()| true);
         }
-        self.target.pwrite(offset, &buf).map_err(|error| CopyError {
-            error,
-            is_read: false,
-        })
+        self.target
+            .pwrite(offset, &buf)
+            .map(|()| false)
+            .map_err(|error| CopyError {
+                error,
+                is_read: false,
+            })
     }
 
     /// Zeroes on the target, without unmap, as QEMU's block-copy writes

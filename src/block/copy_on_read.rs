@@ -42,17 +42,17 @@ impl CorShared {
     /// Copy what the layers below the image (down to base) hold at
     /// `offset` into the image, holding the range, unless the image
     /// already has it there. Returns how many bytes this step covered (one
-    /// allocation status, at most `len`).
-    pub fn populate(&self, buf: &mut Vec<u8>, offset: u64, len: u64) -> Result<u64> {
+    /// allocation status, at most `len`) and whether it copied them.
+    pub fn populate(&self, buf: &mut Vec<u8>, offset: u64, len: u64) -> Result<(u64, bool)> {
         let top = self.file.get();
         let _g = self.ranges.lock(offset, offset + len);
         let st = top.block_status(offset, len)?;
         let n = st.len;
         if st.allocated {
-            return Ok(n);
+            return Ok((n, false));
         }
         let Some(below) = chain::next_layer(&top) else {
-            return Ok(n);
+            return Ok((n, false));
         };
         let (copy, n) = chain::is_allocated_above(&below, self.base.as_ref(), offset, n)?;
         if copy {
@@ -63,7 +63,7 @@ impl CorShared {
             // job (see block::writeback).
             top.start_writeback(offset, n);
         }
-        Ok(n)
+        Ok((n, copy))
     }
 
     /// Run `f` holding the clusters `[offset, offset + len)` touches: a
@@ -114,7 +114,7 @@ impl BlockDriver for CopyOnRead {
         let mut pos = offset / cs * cs;
         let mut scratch = Vec::new();
         while pos < end {
-            pos += self.shared.populate(&mut scratch, pos, end - pos)?;
+            pos += self.shared.populate(&mut scratch, pos, end - pos)?.0;
         }
         file.pread(offset, buf)
     }

@@ -600,9 +600,12 @@ pub fn backup_create(
     );
     job.progress_set_remaining(bcs.bitmap().bits().count());
     let weak = Arc::downgrade(&job);
-    bcs.set_progress(Some(Box::new(move |n| {
+    bcs.set_progress(Some(Box::new(move |n, zeroes| {
         if let Some(j) = weak.upgrade() {
             j.progress_update(n);
+            if zeroes {
+                j.progress_skipped(n);
+            }
         }
     })));
     Ok(job)

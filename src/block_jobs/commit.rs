@@ -214,6 +214,8 @@ impl JobDriver for Arc<Commit> {
                     job.progress_update(n);
                     if copy {
                         job.ratelimit_processed(n);
+                    } else {
+                        job.progress_skipped(n);
                     }
                     offset += n;
                 }

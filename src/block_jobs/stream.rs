@@ -112,8 +112,10 @@ impl Stream {
             let mut failed = None;
             while done < chunk {
                 match self.cor.populate(&mut buf, offset + done, chunk - done) {
-                    Ok(n) => {
-                        copied += n;
+                    Ok((n, copy)) => {
+                        if copy {
+                            copied += n;
+                        }
                         done += n;
                     }
                     Err(e) => {
@@ -135,6 +137,7 @@ impl Stream {
                 }
             }
             job.progress_update(chunk);
+            job.progress_skipped(chunk.saturating_sub(copied));
             if copied > 0 {
                 job.ratelimit_processed(chunk);
             }

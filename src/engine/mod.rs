@@ -24,6 +24,7 @@
 //!   `AIO_WAIT_WHILE` runs bottom halves, so holding `control` while waiting
 //!   cannot deadlock.
 
+pub mod progress_meter;
 pub mod ratelimit;
 pub mod tables;
 
@@ -183,6 +184,12 @@ pub struct Job {
     /// with the engine's registry mutex.
     wake: Condvar,
     progress: crate::locks::Mutex<Progress>,
+    /// Samples of `progress` for rates and the ETA (locked after
+    /// `progress`, never the other way round).
+    meter: crate::locks::Mutex<progress_meter::ProgressMeter>,
+    /// Bytes of progress done without copying data (holes, zeroes,
+    /// ranges with nothing to copy). Relaxed: a statistic, read alone.
+    skipped: std::sync::atomic::AtomicU64,
     /// Called once when the job reaches `null` (block layer detaches here).
     on_free: crate::locks::Mutex<Vec<Box<dyn FnOnce() + Send>>>,
     /// The result, kept when the job leaves the registry at `null`.
@@ -446,18 +453,39 @@ impl Job {
         if p.current > p.total {
             p.total = p.current;
         }
+        self.meter.lock().record(std::time::Instant::now(), *p);
     }
 
     /// `remaining` units are left (total = current + remaining).
     pub fn progress_set_remaining(&self, remaining: u64) {
         let mut p = self.progress.lock();
         p.total = p.current.saturating_add(remaining);
+        self.meter.lock().record(std::time::Instant::now(), *p);
     }
 
     /// The total grows by `delta`.
     pub fn progress_increase_remaining(&self, delta: u64) {
         let mut p = self.progress.lock();
         p.total = p.total.saturating_add(delta);
+        self.meter.lock().record(std::time::Instant::now(), *p);
+    }
+
+    /// Of the work done, `n` units needed no data copied (holes and
+    /// zeroes written as such, ranges with nothing to copy). Call it
+    /// besides [`Job::progress_update`], which counts them as done.
+    pub fn progress_skipped(&self, n: u64) {
+        self.skipped
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Copy and dirty rates, ETA and convergence now (see
+    /// [`progress_meter`]), with the bytes skipped so far.
+    pub fn progress_rates(&self) -> (progress_meter::Rates, u64) {
+        let p = *self.progress.lock();
+        let rates = self.meter.lock().rates(std::time::Instant::now(), p);
+        // Relaxed: a statistic (see the field).
+        let skipped = self.skipped.load(std::sync::atomic::Ordering::Relaxed);
+        (rates, skipped)
     }
 
     /// Current speed (bytes/s, 0 = unlimited).

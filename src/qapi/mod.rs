@@ -304,6 +304,41 @@ pub struct BlockJobInfo {
     /// Mirror only: the target is kept in sync by active writes.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub actively_synced: Option<bool>,
+    /// Our extensions (`x-` members, after QEMU's).
+    #[serde(flatten)]
+    pub x: JobProgressExt,
+}
+
+/// Rates, ETA and skipped bytes of a job: the `x-` members that
+/// `query-block-jobs` and `query-jobs` add after QEMU's (QEMU's naming
+/// for extensions; QEMU clients ignore them). Measured over the last
+/// 10 s (see `engine::progress_meter`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobProgressExt {
+    /// `x-copy-rate`: progress per second (bytes for block jobs).
+    #[serde(rename = "x-copy-rate", default)]
+    pub copy_rate: u64,
+    /// `x-dirty-rate`: growth of the total per second once work began (a
+    /// guest re-dirtying what a mirror must copy again).
+    #[serde(rename = "x-dirty-rate", default)]
+    pub dirty_rate: u64,
+    /// `x-skipped`: of the progress, bytes that needed no data copied
+    /// (holes and zeroes written as such, ranges with nothing to copy).
+    #[serde(rename = "x-skipped", default)]
+    pub skipped: u64,
+    /// `x-eta`: seconds to completion at the current net rate (copy minus
+    /// dirty); absent while unknown or when the job does not converge.
+    #[serde(rename = "x-eta", skip_serializing_if = "Option::is_none", default)]
+    pub eta: Option<u64>,
+    /// `x-converging`: false when the dirty rate is at or above 95 % of
+    /// the copy rate with work left (the job will not converge at these
+    /// rates); absent until a second of history.
+    #[serde(
+        rename = "x-converging",
+        skip_serializing_if = "Option::is_none",
+        default
+    )]
+    pub converging: Option<bool>,
 }
 
 /// One entry of `query-jobs` (QEMU's `JobInfo`).
@@ -324,6 +359,9 @@ pub struct JobInfo {
     /// The error text when the job failed.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub error: Option<String>,
+    /// Our extensions (`x-` members, after QEMU's).
+    #[serde(flatten)]
+    pub x: JobProgressExt,
 }
 
 #[cfg(test)]
@@ -394,8 +432,41 @@ mod tests {
             auto_dismiss: true,
             error: None,
             actively_synced: None,
+            x: JobProgressExt {
+                copy_rate: 7,
+                eta: Some(3),
+                ..Default::default()
+            },
         };
         let v = serde_json::to_value(&info).unwrap();
+        // QEMU's members in QEMU's order, then ours.
+        let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        assert_eq!(
+            keys,
+            [
+                "type",
+                "device",
+                "len",
+                "offset",
+                "busy",
+                "paused",
+                "speed",
+                "io-status",
+                "ready",
+                "status",
+                "auto-finalize",
+                "auto-dismiss",
+                "x-copy-rate",
+                "x-dirty-rate",
+                "x-skipped",
+                "x-eta"
+            ]
+        );
+        assert_eq!(v["x-copy-rate"], 7);
+        assert_eq!(
+            serde_json::from_value::<BlockJobInfo>(v.clone()).unwrap(),
+            info
+        );
         assert_eq!(v["io-status"], "nospace");
         assert_eq!(v["type"], "mirror");
         assert_eq!(v["auto-finalize"], true);

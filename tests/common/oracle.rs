@@ -60,11 +60,29 @@ impl Side for Ours {
                 e["class"].as_str().unwrap_or("?"),
                 e["desc"].as_str().unwrap_or("?")
             )),
-            None => Ok(r["return"].clone()),
+            None => {
+                let mut v = r["return"].clone();
+                if matches!(name, "query-block-jobs" | "query-jobs") {
+                    strip_extensions(&mut v);
+                }
+                Ok(v)
+            }
         }
     }
     fn event_within(&mut self, d: Duration) -> Option<Value> {
         self.events.next_timeout(d).map(|e| e.to_qmp_value())
+    }
+}
+
+/// Drops our `x-` members (rates, ETA) from each job of a query's list:
+/// QEMU has none, and QEMU clients ignore them.
+pub fn strip_extensions(v: &mut Value) {
+    if let Value::Array(jobs) = v {
+        for j in jobs {
+            if let Value::Object(m) = j {
+                m.retain(|k, _| !k.starts_with("x-"));
+            }
+        }
     }
 }
 

@@ -160,6 +160,10 @@ class Side:
         """Run a command: ("ok", return) or ("error", "Class: desc")."""
         try:
             r = await asyncio.wait_for(self.qmp.execute(name, args), 30)
+            if name in ("query-block-jobs", "query-jobs"):
+                # Our x- members (rates, ETA): QEMU has none, and QEMU
+                # clients ignore them.
+                r = [{k: v for k, v in j.items() if not k.startswith("x-")} for j in r]
             res = ("ok", r)
         except ExecuteError as e:
             res = ("error", f"{e.error_class}: {e.error.error.desc}")

@@ -380,6 +380,9 @@ impl Copier {
             let mut s = self.lock();
             if done {
                 self.job.progress_update(op.len);
+                if op.method != Method::Copy {
+                    self.job.progress_skipped(op.len);
+                }
             } else {
                 // Dirty again, as it leaves the in-flight count.
                 self.bitmap.bits().set_range(op.offset, op.len);

@@ -42,6 +42,20 @@ pub struct BjBlockJobInfo {
     pub error: *mut c_char,
     /// Mirror only: 0/1; -1 when absent.
     pub actively_synced: i32,
+    /// Progress per second over the last 10 s (`x-copy-rate`).
+    pub copy_rate: i64,
+    /// Growth of the total per second once work began, e.g. a guest
+    /// re-dirtying what a mirror must copy again (`x-dirty-rate`).
+    pub dirty_rate: i64,
+    /// Bytes of progress that needed no data copied: holes, zeroes,
+    /// ranges with nothing to copy (`x-skipped`).
+    pub skipped: i64,
+    /// Seconds to completion at the net rate (copy minus dirty); -1 when
+    /// unknown or never (`x-eta`).
+    pub eta: i64,
+    /// 1 converging, 0 the dirty rate is at or above the copy rate with
+    /// work left (will not converge), -1 not known yet (`x-converging`).
+    pub converging: i32,
 }
 
 /// Query a block job (QEMU's `block_job_query`).
@@ -73,6 +87,11 @@ pub unsafe extern "C" fn bj_block_job_query(
             auto_dismiss: i.auto_dismiss,
             error: i.error.as_deref().map_or(std::ptr::null_mut(), cs),
             actively_synced: i.actively_synced.map_or(-1, i32::from),
+            copy_rate: i.x.copy_rate as i64,
+            dirty_rate: i.x.dirty_rate as i64,
+            skipped: i.x.skipped as i64,
+            eta: i.x.eta.map_or(-1, |s| s as i64),
+            converging: i.x.converging.map_or(-1, i32::from),
         })))
     })
 }

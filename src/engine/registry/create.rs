@@ -57,6 +57,8 @@ impl Engine {
             engine: self.clone(),
             wake: Condvar::new(),
             progress: crate::locks::Mutex::new(Progress::default()),
+            meter: crate::locks::Mutex::new(Default::default()),
+            skipped: Default::default(),
             on_free: crate::locks::Mutex::new(Vec::new()),
             outcome: crate::locks::Mutex::new(None),
         });

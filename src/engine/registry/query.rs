@@ -1,6 +1,7 @@
 //! Lookup by id and the query results (`query-block-jobs`, `query-jobs`).
 
 use super::*;
+use crate::qapi::JobProgressExt;
 
 impl Engine {
     pub(super) fn find_locked(g: &Registry, id: &str) -> Option<Arc<Job>> {
@@ -74,6 +75,7 @@ impl Engine {
                 None
             },
             actively_synced: None,
+            x: progress_ext(job),
         }
     }
 
@@ -86,6 +88,7 @@ impl Engine {
             current_progress: p.current,
             total_progress: p.total,
             error: st.err.as_ref().map(|e| e.message().to_string()),
+            x: progress_ext(&st.job),
         }
     }
 
@@ -159,5 +162,17 @@ impl Engine {
             .filter(|s| !s.job.is_internal())
             .map(Self::job_info)
             .collect()
+    }
+}
+
+/// The `x-` members of a job's info.
+fn progress_ext(job: &Job) -> JobProgressExt {
+    let (r, skipped) = job.progress_rates();
+    JobProgressExt {
+        copy_rate: r.copy_rate,
+        dirty_rate: r.dirty_rate,
+        skipped,
+        eta: r.eta,
+        converging: r.converging,
     }
 }
