@@ -12,10 +12,10 @@
 //!   unnecessary), so it is not subtracted;
 //! - the ETA: what is left over the net rate (copy minus dirty), and
 //!   whether the job converges at all: with a dirty rate at (or within
-//!   [`STALL_PERCENT`] of) the copy rate, what is left does not shrink.
+//!   `STALL_PERCENT` of) the copy rate, what is left does not shrink.
 //!
-//! Invariants: samples are at least [`SAMPLE_EVERY`] apart and none is
-//! older than [`WINDOW`] plus one sample (the oldest kept spans the
+//! Invariants: samples are at least `SAMPLE_EVERY` apart and none is
+//! older than `WINDOW` plus one sample (the oldest kept spans the
 //! window), so memory is bounded; the clock is passed in, so the rules are
 //! tested without sleeping.
 
@@ -25,16 +25,16 @@ use std::time::{Duration, Instant};
 use super::Progress;
 
 /// The span rates are measured over.
-pub const WINDOW: Duration = Duration::from_secs(10);
+pub(crate) const WINDOW: Duration = Duration::from_secs(10);
 /// Samples closer than this are merged into the newest.
-pub const SAMPLE_EVERY: Duration = Duration::from_millis(100);
+pub(crate) const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 /// Rates need at least this much history before convergence is judged.
-pub const MIN_SPAN: Duration = Duration::from_secs(1);
+pub(crate) const MIN_SPAN: Duration = Duration::from_secs(1);
 /// A dirty rate at this share of the copy rate or more does not
 /// converge: a guest writing all over a disk faster than it is copied
 /// keeps what is left at a steady share, where the re-dirtying rate
 /// settles at the copy rate itself and only noise decides which is ahead.
-pub const STALL_PERCENT: u64 = 95;
+pub(crate) const STALL_PERCENT: u64 = 95;
 
 #[derive(Debug, Clone, Copy)]
 struct Sample {
@@ -54,10 +54,10 @@ pub struct Rates {
     /// Seconds to completion at the net rate; `None` when unknown (too
     /// little history, no progress in the window) or never.
     pub eta: Option<u64>,
-    /// `Some(false)`: the dirty rate is at or above [`STALL_PERCENT`] of
+    /// `Some(false)`: the dirty rate is at or above `STALL_PERCENT` of
     /// the copy rate while work is left, so the job does not converge at
     /// these rates.
-    /// `None` until there is [`MIN_SPAN`] of history.
+    /// `None` until there is `MIN_SPAN` of history.
     pub converging: Option<bool>,
 }
 
