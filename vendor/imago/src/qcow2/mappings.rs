@@ -332,6 +332,8 @@ impl<S: Storage, F: WrappedFormat<S>> Qcow2<S, F> {
         l2_table.set_cluster(l2_allocation.cluster());
         l2_table.write(self.metadata.as_ref()).await?;
 
+        // The L1 entry goes to disk at once: the new L2 table's refcount first.
+        self.caches.flush_rb().await?;
         l1_locked.enter_l2_table(l1_index, &l2_table, Some(l2_allocation))?;
         l1_locked
             .write_entry(self.metadata.as_ref(), l1_index)
@@ -366,6 +368,8 @@ impl<S: Storage, F: WrappedFormat<S>> Qcow2<S, F> {
         new_l1.set_cluster(l1_allocation.cluster());
         new_l1.write(self.metadata.as_ref()).await?;
 
+        // The header's pointer goes to disk at once: the new table's refcounts first.
+        self.caches.flush_rb().await?;
         self.header.set_l1_table(&new_l1, Some(l1_allocation))?;
         self.header
             .write_l1_table_pointer(self.metadata.as_ref())
