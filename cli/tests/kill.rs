@@ -18,10 +18,12 @@
 #[path = "../../tests/common/mod.rs"]
 mod common;
 
+use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use blockjob::block::backend::BackendOptions;
@@ -230,9 +232,12 @@ fn bitmaps(img: &Path) -> Vec<(String, Vec<String>)> {
         .collect()
 }
 
+/// Persistent bitmaps as our library shows them: name, `inconsistent`.
+type OurBitmaps = Vec<(String, bool)>;
+
 /// Open `img` (with its chain) read-only through our library: its guest
 /// view, and its persistent bitmaps' names with `inconsistent`.
-fn ours_open(img: &Path) -> Result<(Vec<u8>, Vec<(String, bool)>), String> {
+fn ours_open(img: &Path) -> Result<(Vec<u8>, OurBitmaps), String> {
     let mut o = Ours::new();
     o.cmd(
         "blockdev-add",
@@ -590,7 +595,7 @@ fn run_daemon(kind: Kind, who: Who, d: &Path, delay: Duration) -> Seen {
     }
     kill(&mut child);
     // What the daemon sent before it died.
-    for ev in q.drain() {
+    for ev in q.drain_after_kill() {
         if ev.get("event").is_some() {
             seen.note(&ev);
         }
@@ -786,4 +791,231 @@ fn backup_full() {
 #[test]
 fn backup_incremental() {
     kills(Kind::BackupIncremental);
+}
+
+/// One run of persistent-bitmap updates in a daemon: the image opened
+/// with two persistent bitmaps (`b0` recording, `b1` disabled) and
+/// exported over NBD; guest-like writes through our library's NBD client
+/// (some flushed), `block-dirty-bitmap-add|clear|merge|remove` in a
+/// seeded order; the last command is in flight when the daemon is
+/// killed. After the kill: no corruption, every flushed write there
+/// (unflushed ones there or not), the bitmaps on disk those of the
+/// image at open minus the removed ones, all `in-use` (QEMU marks them so
+/// while the image is open writable); the ones added are lost (stored
+/// only at close). Whether the last command was answered before the kill.
+fn bitmap_run(who: Who, t: &Path, seed: u64) -> Result<bool, String> {
+    const CLUSTER: usize = 65536;
+    const CLUSTERS: usize = SIZE / CLUSTER;
+    let d = tempfile::tempdir().unwrap();
+    copy_dir(t, d.path());
+    let img = d.path().join("disk.qcow2");
+    let (mut child, mut q) = daemon(who, d.path());
+    let nbd = d.path().join("nbd.sock");
+    q.ok("blockdev-add", qcow2("disk", &img));
+    q.ok(
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "data": {"path": nbd}}}),
+    );
+    q.ok(
+        "block-export-add",
+        json!({"type": "nbd", "id": "e", "node-name": "disk", "writable": true}),
+    );
+    let mut writer = Ours::new();
+    writer
+        .cmd(
+            "blockdev-add",
+            json!({"driver": "nbd", "node-name": "w", "export": "disk",
+                   "server": {"type": "unix", "path": nbd}}),
+        )
+        .unwrap();
+    let blk = writer.ctx.blk_new("w", BackendOptions::default()).unwrap();
+
+    let mut rng = Rng(seed);
+    // The last flushed value of each cluster, and the values written
+    // since.
+    let mut flushed: Vec<u8> = (0..CLUSTERS).map(|c| if c < 128 { 6 } else { 0 }).collect();
+    let mut pending: Vec<Vec<u8>> = vec![Vec::new(); CLUSTERS];
+    let mut live = vec!["b0".to_string(), "b1".to_string()];
+    let mut on_disk: BTreeSet<String> = live.iter().cloned().collect();
+    let ops = 5 + rng.below(20);
+    let mut last = None;
+    for k in 0..=ops {
+        let r = if k == ops {
+            45 + rng.below(55)
+        } else {
+            rng.below(100)
+        };
+        let pick =
+            |rng: &mut Rng, from: &[String]| from[rng.below(from.len() as u64) as usize].clone();
+        let cmd = if r < 45 {
+            let c = rng.below(CLUSTERS as u64) as usize;
+            let n = (1 + rng.below(4) as usize).min(CLUSTERS - c);
+            let v = 20 + (k % 200) as u8;
+            blk.pwrite((c * CLUSTER) as u64, &vec![v; n * CLUSTER])
+                .map_err(|e| format!("write: {e:?}"))?;
+            for p in &mut pending[c..c + n] {
+                p.push(v);
+            }
+            if rng.below(2) == 0 {
+                blk.flush().map_err(|e| format!("flush: {e:?}"))?;
+                for (f, p) in flushed.iter_mut().zip(&mut pending) {
+                    if let Some(&v) = p.last() {
+                        *f = v;
+                    }
+                    p.clear();
+                }
+            }
+            continue;
+        } else if r < 60 || live.is_empty() {
+            let name = format!("a{k}");
+            live.push(name.clone());
+            (
+                "block-dirty-bitmap-add",
+                json!({"node": "disk", "name": name, "persistent": true}),
+                None,
+            )
+        } else if r < 75 {
+            let name = pick(&mut rng, &live);
+            (
+                "block-dirty-bitmap-clear",
+                json!({"node": "disk", "name": name}),
+                None,
+            )
+        } else if r < 90 && live.len() >= 2 {
+            let target = pick(&mut rng, &live);
+            let others: Vec<String> = live.iter().filter(|b| **b != target).cloned().collect();
+            let mut sources = vec![pick(&mut rng, &others)];
+            if others.len() > 1 && rng.below(2) == 0 {
+                sources.push(pick(&mut rng, &others));
+            }
+            (
+                "block-dirty-bitmap-merge",
+                json!({"node": "disk", "target": target, "bitmaps": sources}),
+                None,
+            )
+        } else {
+            let name = pick(&mut rng, &live);
+            live.retain(|b| *b != name);
+            (
+                "block-dirty-bitmap-remove",
+                json!({"node": "disk", "name": name.clone()}),
+                Some(name),
+            )
+        };
+        let (name, args, removed) = cmd;
+        if k < ops {
+            q.ok(name, args);
+            if let Some(b) = removed {
+                on_disk.remove(&b);
+            }
+        } else {
+            // In flight: guest writes (unflushed) from another thread and
+            // the command sent, the daemon killed within 1 ms.
+            let burst = Mutex::new(std::mem::take(&mut pending));
+            // Relaxed: a stop request only; what the writer recorded is
+            // under the mutex, and the scope's join orders the rest.
+            let stop = AtomicBool::new(false);
+            let mut wrng = Rng(seed ^ 0x5eed);
+            std::thread::scope(|sc| {
+                sc.spawn(|| {
+                    while !stop.load(Ordering::Relaxed) {
+                        let c = wrng.below(CLUSTERS as u64) as usize;
+                        // Recorded before it is sent: it may land or not.
+                        burst.lock().unwrap()[c].push(15);
+                        if blk.pwrite((c * CLUSTER) as u64, &[15; CLUSTER]).is_err() {
+                            break;
+                        }
+                    }
+                });
+                q.send_raw(format!("{}\n", json!({"execute": name, "arguments": args})).as_bytes());
+                std::thread::sleep(Duration::from_micros(rng.below(1000)));
+                kill(&mut child);
+                stop.store(true, Ordering::Relaxed);
+            });
+            pending = burst.into_inner().unwrap();
+            last = Some((name, removed));
+        }
+    }
+    let answered = q
+        .drain_after_kill()
+        .iter()
+        .any(|m| m.get("return").is_some() || m.get("error").is_some());
+    drop(blk);
+    drop(writer);
+    let (last_name, in_flight_remove) = last.unwrap();
+
+    check(&img)?;
+    let view = opens_alike(&img)?;
+    for (c, chunk) in view.chunks(CLUSTER).enumerate() {
+        let v = chunk[0];
+        if chunk.iter().any(|&b| b != v) || (v != flushed[c] && !pending[c].contains(&v)) {
+            return Err(format!(
+                "cluster {c}: not its flushed value {} nor one written since {:?}",
+                flushed[c], pending[c]
+            ));
+        }
+    }
+    let bms = bitmaps(&img);
+    let names: BTreeSet<String> = bms.iter().map(|(n, _)| n.clone()).collect();
+    let mut without = on_disk.clone();
+    if let Some(b) = &in_flight_remove {
+        without.remove(b);
+    }
+    if names != on_disk && names != without {
+        return Err(format!(
+            "bitmaps on disk {names:?}, expected {on_disk:?} (last command {last_name}, answered: {answered})"
+        ));
+    }
+    for (n, f) in &bms {
+        let want: &[&str] = if n == "b0" {
+            &["in-use", "auto"]
+        } else {
+            &["in-use"]
+        };
+        if f != want {
+            return Err(format!("bitmap {n}: flags {f:?}, expected {want:?}"));
+        }
+    }
+    eprintln!(
+        "kill Bitmaps {who:?} KILL_SEED={seed}: {} ops, last {last_name} (answered: {answered}) -> ok",
+        ops + 1
+    );
+    Ok(!answered)
+}
+
+#[test]
+fn persistent_bitmap_updates() {
+    let t = tempfile::tempdir().unwrap();
+    let img = t.path().join("disk.qcow2");
+    create(&img, None);
+    qemu_io(&img, "write -P 6 0 8M");
+    tool("qemu-img", &["bitmap", "--add", s(&img), "b0"]);
+    tool("qemu-img", &["bitmap", "--add", s(&img), "b1"]);
+    tool("qemu-img", &["bitmap", "--disable", s(&img), "b1"]);
+    let mut summary = Vec::new();
+    let mut qemu_broke = Vec::new();
+    // No command of ours edits bitmaps alone (`blockjob backup
+    // --new-bitmap` is in backup_full): every run of ours is the daemon's.
+    for (who, n) in [(Who::Daemon, OURS_RUNS), (Who::Qsd, QSD_RUNS)] {
+        let seeds = seeds(n, &format!("Bitmaps{who:?}"));
+        let mut in_flight = 0;
+        for &seed in &seeds {
+            match bitmap_run(who, t.path(), seed) {
+                Ok(unanswered) => in_flight += unanswered as usize,
+                Err(e) if who == Who::Qsd => {
+                    eprintln!("kill Bitmaps Qsd KILL_SEED={seed}: {e}");
+                    qemu_broke.push(format!("seed {seed}: {e}"));
+                }
+                Err(e) => panic!("Bitmaps {who:?} KILL_SEED={seed}: {e}"),
+            }
+        }
+        summary.push(format!(
+            "{who:?}: {} runs, {in_flight} killed before answering the last command",
+            seeds.len()
+        ));
+    }
+    eprintln!("kill Bitmaps: {}", summary.join("; "));
+    if !qemu_broke.is_empty() {
+        eprintln!("kill Bitmaps: QEMU's images did not survive: {qemu_broke:#?}");
+    }
 }
