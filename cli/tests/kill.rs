@@ -370,10 +370,22 @@ fn stderr_of(dir: &Path) -> String {
     std::fs::read_to_string(dir.join("stderr")).unwrap_or_default()
 }
 
-fn kill(child: &mut Child) {
-    // SIGKILL (a no-op on a process that has exited but is not reaped).
-    let _ = child.kill();
-    let _ = child.wait();
+/// A child process, SIGKILLed and reaped at the latest when dropped (a
+/// run that fails midway leaves no process behind).
+struct Proc(Child);
+
+impl Proc {
+    fn kill(&mut self) {
+        // SIGKILL (a no-op on a process that has exited but is not reaped).
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }
 
 /// `blockjob COMMAND …` on the run's images, killed `delay` after the
@@ -428,15 +440,17 @@ fn run_cli(kind: Kind, d: &Path, delay: Duration) -> Seen {
         }
     };
     args.extend(["--speed".into(), speed, "--events".into(), "-q".into()]);
-    let mut child = Command::new(OURS)
-        .args(&args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(d.join("stderr")).unwrap())
-        .spawn()
-        .unwrap();
+    let mut child = Proc(
+        Command::new(OURS)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(d.join("stderr")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
     let (tx, rx) = mpsc::channel::<Value>();
-    let out = child.stdout.take().unwrap();
+    let out = child.0.stdout.take().unwrap();
     let reader = std::thread::spawn(move || {
         for line in BufReader::new(out).lines().map_while(Result::ok) {
             if let Ok(v) = serde_json::from_str::<Value>(&line) {
@@ -450,7 +464,7 @@ fn run_cli(kind: Kind, d: &Path, delay: Duration) -> Seen {
         match rx.recv_timeout(DEADLINE.saturating_sub(start.elapsed())) {
             Ok(ev) => seen.note(&ev),
             Err(e) => {
-                kill(&mut child);
+                child.kill();
                 panic!(
                     "blockjob {args:?}: no running job ({e}); stderr:\n{}",
                     stderr_of(d)
@@ -461,7 +475,7 @@ fn run_cli(kind: Kind, d: &Path, delay: Duration) -> Seen {
     // The seeded moment: a sleep is the point here, not a wait for a
     // condition.
     std::thread::sleep(delay);
-    kill(&mut child);
+    child.kill();
     reader.join().unwrap();
     // Every event the command printed before it died.
     for ev in rx.try_iter() {
@@ -484,7 +498,7 @@ fn qcow2(name: &str, img: &Path) -> Value {
 
 /// Start `blockjob daemon` or qemu-storage-daemon with a QMP monitor in
 /// `d`.
-fn daemon(who: Who, d: &Path) -> (Child, Qmp) {
+fn daemon(who: Who, d: &Path) -> (Proc, Qmp) {
     let sock = d.join("qmp.sock");
     let mut c = if who == Who::Qsd {
         common::require_tool("qemu-storage-daemon");
@@ -494,16 +508,19 @@ fn daemon(who: Who, d: &Path) -> (Child, Qmp) {
         c.arg("daemon");
         c
     };
-    let child = c
-        .arg("--chardev")
-        .arg(format!("socket,id=m,path={},server=on,wait=off", s(&sock)))
-        .args(["--monitor", "chardev=m"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(d.join("stderr")).unwrap())
-        .spawn()
-        .unwrap();
-    (child, Qmp::connect(&sock))
+    let child = Proc(
+        c.arg("--chardev")
+            .arg(format!("socket,id=m,path={},server=on,wait=off", s(&sock)))
+            .args(["--monitor", "chardev=m"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(d.join("stderr")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    // (Killed by the drop of `child` if the connection fails.)
+    let q = Qmp::connect(&sock);
+    (child, q)
 }
 
 /// The same job over QMP, killed `delay` after it started running, or
@@ -567,7 +584,7 @@ fn run_daemon(kind: Kind, who: Who, d: &Path, delay: Option<Duration>) -> Seen {
         }
     };
     if let Err(e) = r {
-        kill(&mut child);
+        child.kill();
         panic!(
             "{who:?} {kind:?}: the job was refused: {e:?}\n{}",
             stderr_of(d)
@@ -581,7 +598,7 @@ fn run_daemon(kind: Kind, who: Who, d: &Path, delay: Option<Duration>) -> Seen {
         let until = kill_at.unwrap_or(start + DEADLINE);
         if now >= until {
             if kill_at.is_none() {
-                kill(&mut child);
+                child.kill();
                 panic!("{who:?} {kind:?}: no running job\n{}", stderr_of(d));
             }
             break;
@@ -601,7 +618,7 @@ fn run_daemon(kind: Kind, who: Who, d: &Path, delay: Option<Duration>) -> Seen {
             q.ok("block-job-complete", json!({"device": "j"}));
         }
     }
-    kill(&mut child);
+    child.kill();
     // What the daemon sent before it died.
     for ev in q.drain_after_kill() {
         if ev.get("event").is_some() {
@@ -974,7 +991,7 @@ fn bitmap_run(who: Who, t: &Path, seed: u64) -> Result<bool, String> {
                 });
                 q.send_raw(format!("{}\n", json!({"execute": name, "arguments": args})).as_bytes());
                 std::thread::sleep(Duration::from_micros(rng.below(1000)));
-                kill(&mut child);
+                child.kill();
                 stop.store(true, Ordering::Relaxed);
             });
             pending = burst.into_inner().unwrap();
