@@ -247,3 +247,90 @@ fn corrupt_headers_are_refused_and_left_alone() {
         );
     }
 }
+
+/// What is on disk while the image is open, before any flush, is what a
+/// process kill leaves (the page cache survives it): a write that needs a
+/// new L2 table must not leave the L1 entry there before the table's
+/// refcount (imago 0.2.6 did: `qemu-img check` exit 2, found by
+/// `cli/tests/kill.rs`; vendor/imago has the fix).
+#[test]
+fn a_new_l2_tables_refcount_is_on_disk_before_its_l1_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("new.qcow2");
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", path_str(&img), "1G"],
+    );
+    let ctx = Context::new();
+    ctx.blockdev_add(&qcow2("n", &img)).unwrap();
+    let blk = ctx.blk_new("n", BackendOptions::default()).unwrap();
+    // Three L2 tables (one covers 512 MiB at 64 KiB clusters): the first,
+    // and two more once the refblock cache has entries already.
+    for off in [0, 600 * MIB, 1000 * MIB] {
+        blk.pwrite(off, &[7; 65536]).unwrap();
+        let out = std::process::Command::new("qemu-img")
+            .args(["check", "-U", path_str(&img)])
+            .output()
+            .unwrap();
+        assert!(
+            matches!(out.status.code(), Some(0 | 3)),
+            "after a write at {off}, unflushed: qemu-img check exit {:?}\n{}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    drop(blk);
+    drop(ctx);
+    run("qemu-img", &["check", "-q", path_str(&img)]);
+}
+
+/// The same for new refcount blocks: with 512-byte clusters one refblock
+/// covers 128 KiB of the file, so writes soon need new ones (here after a
+/// discard freed clusters early in the file); what is on disk unflushed
+/// must stay consistent while they are made.
+#[test]
+fn a_new_refblocks_refcount_is_on_disk_before_its_reftable_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("small.qcow2");
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=512",
+            path_str(&img),
+            "64M",
+        ],
+    );
+    let ctx = Context::new();
+    let mut opts = qcow2("n", &img);
+    opts["discard"] = json!("unmap");
+    ctx.blockdev_add(&opts).unwrap();
+    let blk = ctx.blk_new("n", BackendOptions::default()).unwrap();
+    // Free clusters early in the file: a new refblock may go there (its
+    // refcount then in another refblock) rather than into the range it
+    // covers (counting itself).
+    blk.pwrite(0, &[8; 1 << 20]).unwrap();
+    blk.pdiscard(0, 1 << 20).unwrap();
+    blk.flush().unwrap();
+    for i in 1..13u64 {
+        let off = i * 5 * MIB;
+        blk.pwrite(off, &[9; 65536]).unwrap();
+        let out = std::process::Command::new("qemu-img")
+            .args(["check", "-U", path_str(&img)])
+            .output()
+            .unwrap();
+        assert!(
+            matches!(out.status.code(), Some(0 | 3)),
+            "after a write at {off}, unflushed: qemu-img check exit {:?}\n{}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    drop(blk);
+    drop(ctx);
+    run("qemu-img", &["check", "-q", path_str(&img)]);
+}

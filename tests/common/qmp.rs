@@ -236,6 +236,27 @@ impl Qmp {
     pub fn drain(&mut self) -> Vec<Value> {
         std::iter::from_fn(|| self.recv()).collect()
     }
+
+    /// Every complete message a server sent before it was killed (queued
+    /// events first): read until EOF, a connection reset (it died with a
+    /// command of ours unread) or a line cut short.
+    pub fn drain_after_kill(&mut self) -> Vec<Value> {
+        let mut out: Vec<Value> = self.events.drain(..).collect();
+        self.reader
+            .get_ref()
+            .set_read_timeout(Some(READ_TIMEOUT))
+            .unwrap();
+        while let Ok(n) = self.reader.read_line(&mut self.partial) {
+            if n == 0 || !self.partial.ends_with('\n') {
+                break;
+            }
+            let line = std::mem::take(&mut self.partial);
+            if let Some(v) = self.parse(&line) {
+                out.push(v);
+            }
+        }
+        out
+    }
 }
 
 /// A running `qemu-storage-daemon` with one QMP monitor; killed on drop.
