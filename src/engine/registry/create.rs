@@ -59,6 +59,7 @@ impl Engine {
             progress: crate::locks::Mutex::new(Progress::default()),
             on_free: crate::locks::Mutex::new(Vec::new()),
             outcome: crate::locks::Mutex::new(None),
+            retry_armed: AtomicBool::new(false),
         });
         let txn = match &opts.txn {
             Some(t) => t.key,
@@ -98,6 +99,7 @@ impl Engine {
                 speed: 0,
                 limit: RateLimit::default(),
                 iostatus: BlockDeviceIoStatus::Ok,
+                backoff: Backoff::default(),
                 thread: None,
             },
         );
