@@ -69,6 +69,13 @@ impl Backoff {
         until
     }
 
+    /// A wait was cut short (a pause, a cancel): the slots handed out are
+    /// given up, so the retries after a resume queue from then, not
+    /// behind slots nobody waited for. The spacing itself goes on.
+    pub fn interrupted(&mut self) {
+        self.next_free = None;
+    }
+
     /// `[offset, offset + len)` was done successfully: the failed ranges
     /// it overlaps are healed; when none is left, the spacing starts over.
     pub fn succeeded(&mut self, offset: u64, len: u64) {
@@ -152,6 +159,20 @@ mod tests {
             .collect();
         // 1, then 2 after it, 4 after that, 8 after that.
         assert_eq!(slots, [MS, 3 * MS, 7 * MS, 15 * MS]);
+    }
+
+    #[test]
+    fn an_interrupted_wait_gives_up_the_queued_slots() {
+        let mut b = Backoff::default();
+        let now = Instant::now();
+        for i in 0..4u64 {
+            b.failed(i << 20, 1 << 20, now);
+        }
+        b.interrupted();
+        // Queued from now, with the next delay (16 ms), not behind 15 ms
+        // of abandoned slots.
+        let t = now + MS;
+        assert_eq!(b.failed(0, 1 << 20, t) - t, 16 * MS);
     }
 
     #[test]

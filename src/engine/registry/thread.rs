@@ -208,10 +208,10 @@ impl Engine {
         // Pause requests and cancels notify `changed`: a cancel always
         // wins over the retry, and a pause (a drain, the user) is not held
         // up by it; the job retries after it resumes.
-        loop {
-            match g.states.get(&job.key) {
-                Some(st) if !st.force_cancel && st.pause_count == 0 => {}
-                _ => break,
+        while let Some(st) = g.states.get_mut(&job.key) {
+            if st.force_cancel || st.pause_count > 0 {
+                st.backoff.interrupted();
+                break;
             }
             let now = Instant::now();
             if now >= until {
