@@ -1,6 +1,6 @@
 //! Running out of space for real: a target (or a commit's base) on a small
 //! tmpfs that a filler file leaves too little room on. Mirror, backup and
-//! commit, through the `blockjob` command and through `blockjob daemon`
+//! commit (intermediate, and active through the command), through the `blockjob` command and through `blockjob daemon`
 //! over QMP: with `enospc`/`stop` the job pauses with iostatus `nospace`
 //! after `BLOCK_JOB_ERROR` (write, stop); the filler is deleted, the job
 //! resumes and the result is identical to the source. With `report` the
@@ -365,6 +365,52 @@ fn cli_commit_into_a_full_base_stops_and_finishes_after_space_is_freed() {
     let info = qemu_img(&["info", "-U", "--output=json", s(&top)]);
     let info: Value = serde_json::from_slice(&info.stdout).unwrap();
     assert_eq!(info["backing-filename"], json!(s(&base)));
+}
+
+/// Active commit (the mirror machinery, job type commit): everything
+/// above base into base on the full tmpfs; completed at READY, the
+/// guest view (the saved one) is base's.
+#[test]
+fn cli_active_commit_into_a_full_base_stops_and_finishes_after_space_is_freed() {
+    let work = tempfile::tempdir().unwrap();
+    let fs = Tmpfs::new(48);
+    let (base, _mid, top) = commit_chain(work.path(), &fs);
+    let filler = fs.fill(24);
+    let r = cli(
+        &[
+            "commit",
+            s(&top),
+            "--base",
+            s(&base),
+            "--on-error",
+            "enospc",
+            "--max-resumes",
+            "1",
+        ],
+        &filler,
+    );
+    assert!(r.status.success(), "{}", r.stderr);
+    assert_eq!(
+        r.events,
+        strs(&[
+            "JSC:created",
+            "JSC:running",
+            "ERR(write,stop)",
+            "JSC:paused",
+            "JSC:running",
+            "JSC:ready",
+            "READY",
+            "JSC:waiting",
+            "JSC:pending",
+            "COMPLETED",
+            "JSC:concluded",
+            "JSC:null",
+        ])
+    );
+    assert!(
+        identical(&work.path().join("view.raw"), &base),
+        "base differs from the guest's view"
+    );
 }
 
 fn hash(p: &Path) -> Vec<u8> {
