@@ -3,7 +3,8 @@
 //! persistent `blkdebug` fault each job that retries (mirror, commit,
 //! backup) sends a handful of `BLOCK_JOB_ERROR` in two seconds where QEMU
 //! sends hundreds of thousands, still retries (the events go on), and a
-//! pause or a cancel ends the wait at once even when it is a second long.
+//! pause, a drained section or a cancel ends the wait at once even when
+//! it is a second long.
 //! A fault that goes away heals at once, the data is the source's. Stream
 //! does not retry under `ignore` (it skips the chunk and fails at the end,
 //! as QEMU): one event per failing chunk, no waiting.
@@ -341,4 +342,36 @@ fn stream_ignore_does_not_retry() {
     // 8 MiB in 512 KiB chunks, every one read from mid.
     assert_eq!(errors, 16, "one event per chunk");
     assert_eq!(failed.as_deref(), Some("Input/output error"));
+}
+
+/// A drained section (a VM stop) begun while a retry waits its second
+/// returns at once: the drain pauses the job, which ends the wait; the
+/// job goes on retrying after the section.
+#[test]
+fn a_drain_is_not_held_up_by_the_backoff() {
+    let dir = tempfile::tempdir().unwrap();
+    let chain = chain8(dir.path());
+    let ctx = Context::new();
+    add_chain8(&ctx, &chain, json!([{"event":"write_aio","errno":5}]));
+    let sub = ctx.subscribe();
+    let job = commit_mid(&ctx);
+    // Let the wait grow past half a second (1 + 2 + ... + 512 ms).
+    let grown = Instant::now() + Duration::from_millis(1100);
+    let far = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < grown {
+        next_error(&sub, far).expect("retrying");
+    }
+    next_error(&sub, far).expect("retrying");
+    let t = Instant::now();
+    ctx.drain_all_begin();
+    let took = t.elapsed();
+    assert!(
+        took < Duration::from_millis(700),
+        "a drain waited {took:?} for the retry backoff"
+    );
+    ctx.drain_all_end().unwrap();
+    next_error(&sub, far).expect("retrying after the drain");
+    job.user_cancel(true).unwrap();
+    job.wait_status(Duration::from_secs(10), is_gone)
+        .expect("cancelled");
 }
