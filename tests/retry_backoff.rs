@@ -2,7 +2,7 @@
 //! started over once what failed is done; `engine::backoff`): against a
 //! persistent `blkdebug` fault each job that retries (mirror, commit,
 //! backup) sends a handful of `BLOCK_JOB_ERROR` in two seconds where QEMU
-//! sends hundreds of thousands, still retries (the events go on), and a
+//! sends thousands (`benches/ignore_retry_rate.py`), still retries (the events go on), and a
 //! pause, a drained section or a cancel ends the wait at once even when
 //! it is a second long.
 //! A fault that goes away heals at once, the data is the source's. Stream
