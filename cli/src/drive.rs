@@ -23,13 +23,14 @@ use crate::size::{human, parse_size};
 pub enum OnError {
     /// Fail the job.
     Report,
-    /// Go on (mirror and commit retry the range; stream fails at the end).
+    /// Go on (mirror, commit and backup retry the range, 1 ms doubling to
+    /// 1 s between retries; stream fails at the end).
     Ignore,
     /// Stop on ENOSPC, report otherwise.
     Enospc,
     /// Stop (the command resumes after --resume-delay).
     Stop,
-    /// QEMU's `auto` (report for jobs).
+    /// QEMU's `auto` (for jobs the same as enospc).
     Auto,
 }
 

@@ -15,10 +15,11 @@
 //!
 //! Errors go through `on-source-error`/`on-target-error` once per copy
 //! round: `report` fails the job, `stop` pauses it and `ignore` goes on,
-//! both retrying what failed.
+//! both retrying what failed (`ignore` after the engine's retry backoff,
+//! `engine::backoff`).
 
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 
 use super::block_job::{add_node, block_job_create, job_flags};
@@ -126,14 +127,16 @@ struct PoolState {
     /// started waiting, not for a notification still on its way from an
     /// earlier one.
     finished: u64,
-    /// The first failure of this round.
-    error: Option<CopyError>,
+    /// The first failure of this round, and the range that failed.
+    error: Option<(CopyError, (u64, u64))>,
     stop: bool,
 }
 
 /// Worker threads running the job's copies.
 struct Pool {
     bcs: Arc<BlockCopy>,
+    /// Told of every copy done, to heal the `ignore` backoff.
+    job: Weak<Job>,
     state: Mutex<PoolState>,
     work: Condvar,
     changed: Condvar,
@@ -141,9 +144,10 @@ struct Pool {
 }
 
 impl Pool {
-    fn start(bcs: Arc<BlockCopy>, n: usize) -> Result<Arc<Pool>> {
+    fn start(bcs: Arc<BlockCopy>, job: &Arc<Job>, n: usize) -> Result<Arc<Pool>> {
         let p = Arc::new(Pool {
             bcs,
+            job: Arc::downgrade(job),
             state: Mutex::new(PoolState::default()),
             work: Condvar::new(),
             changed: Condvar::new(),
@@ -180,11 +184,16 @@ impl Pool {
                 }
             };
             let r = self.bcs.copy_claimed(o, l);
+            if r.is_ok()
+                && let Some(j) = self.job.upgrade()
+            {
+                j.range_done(o, l);
+            }
             let mut s = self.state.lock();
             s.outstanding -= 1;
             s.finished += 1;
             if let Err(e) = r {
-                s.error.get_or_insert(e);
+                s.error.get_or_insert((e, (o, l)));
             }
             drop(s);
             self.changed.notify_all();
@@ -216,8 +225,9 @@ impl Pool {
         s.error.is_some()
     }
 
-    /// Wait until no copy is outstanding; the round's failure, if any.
-    fn drain(&self) -> Option<CopyError> {
+    /// Wait until no copy is outstanding; the round's failure, if any,
+    /// with the range that failed.
+    fn drain(&self) -> Option<(CopyError, (u64, u64))> {
         let mut s = self.state.lock();
         while s.outstanding > 0 {
             s = self.changed.wait(s);
@@ -322,18 +332,20 @@ impl Backup {
             // A failure was seen, or the pass is over: let the started
             // copies finish.
             failure_seen = false;
-            if let Some(e) = pool.drain() {
+            if let Some((e, (offset, len))) = pool.drain() {
                 let policy = if e.is_read {
                     self.on_source_error
                 } else {
                     self.on_target_error
                 };
                 let errno = e.error.errno().unwrap_or(libc::EIO);
-                if job.error_action(policy, e.is_read, errno) == BlockErrorAction::Report {
+                let action = job.range_error_action(policy, e.is_read, errno, offset, len);
+                if action == BlockErrorAction::Report {
                     return Err(e.error);
                 }
                 // `stop` paused the job (the next pause point waits for
-                // the resume); both retry what failed.
+                // the resume); both retry what failed, `ignore` after
+                // the backoff.
                 cursor = 0;
                 continue;
             }
@@ -377,7 +389,7 @@ impl JobDriver for Arc<Backup> {
         };
         let bcs = parts.cbw.block_copy();
         let workers = super::mirror::io_workers().min(self.max_workers);
-        let pool = Pool::start(bcs.clone(), workers)?;
+        let pool = Pool::start(bcs.clone(), job, workers)?;
         *self.pool.lock() = Some(pool.clone());
         let r = self.copy_all(job, bcs, &pool);
         *self.pool.lock() = None;

@@ -212,6 +212,7 @@ impl JobDriver for Arc<Commit> {
             match step {
                 Ok((copy, n)) => {
                     job.progress_update(n);
+                    job.range_done(offset, n);
                     if copy {
                         job.ratelimit_processed(n);
                     } else {
@@ -222,8 +223,11 @@ impl JobDriver for Arc<Commit> {
                 Err((e, is_read)) => {
                     let errno = e.errno().unwrap_or(libc::EIO);
                     // QEMU: `report` fails the job; `stop` (after resume)
-                    // and `ignore` (at once) retry the same chunk.
-                    if job.error_action(self.on_error, is_read, errno) == BlockErrorAction::Report {
+                    // and `ignore` (QEMU: at once; we: after the backoff)
+                    // retry the same chunk.
+                    let action =
+                        job.range_error_action(self.on_error, is_read, errno, offset, want);
+                    if action == BlockErrorAction::Report {
                         return Err(e);
                     }
                 }

@@ -24,6 +24,7 @@
 //!   `AIO_WAIT_WHILE` runs bottom halves, so holding `control` while waiting
 //!   cannot deadlock.
 
+pub mod backoff;
 pub mod progress_meter;
 pub mod ratelimit;
 pub mod tables;
@@ -194,6 +195,9 @@ pub struct Job {
     on_free: crate::locks::Mutex<Vec<Box<dyn FnOnce() + Send>>>,
     /// The result, kept when the job leaves the registry at `null`.
     outcome: crate::locks::Mutex<Option<Outcome>>,
+    /// An `ignore` failure waits to be healed (see [`Job::range_done`]):
+    /// lets the success path skip the registry lock.
+    retry_armed: crate::sync::AtomicBool,
 }
 
 /// How a job ended: what QEMU's `job_finish_sync` reads after the fact.
@@ -439,6 +443,38 @@ impl Job {
         errno: i32,
     ) -> BlockErrorAction {
         self.engine.error_action(self, on_err, is_read, errno)
+    }
+
+    /// [`Job::error_action`] for a failed request on `[offset, offset +
+    /// len)` that the job retries unless the action is `report`. For
+    /// `ignore` it first waits out the retry backoff ([`backoff`]: 1 ms
+    /// doubling to 1 s, started over once what failed has been done),
+    /// on whichever thread calls it; a forced cancel or a pause request
+    /// ends the wait at once. `stop` and `report` do not wait.
+    pub fn range_error_action(
+        &self,
+        on_err: BlockdevOnError,
+        is_read: bool,
+        errno: i32,
+        offset: u64,
+        len: u64,
+    ) -> BlockErrorAction {
+        self.engine
+            .range_error_action(self, on_err, is_read, errno, offset, len)
+    }
+
+    /// A request on `[offset, offset + len)` succeeded: heals a range that
+    /// failed under `ignore` (see [`Job::range_error_action`]). Cheap when
+    /// nothing failed.
+    pub fn range_done(&self, offset: u64, len: u64) {
+        // Relaxed: a hint. It is set under the registry lock before a
+        // failed range is handed back for its retry, and the retry's
+        // success is ordered after that hand-over by the lock the job
+        // hands ranges over with; a success that misses it concerns
+        // another range.
+        if self.retry_armed.load(crate::sync::Ordering::Relaxed) {
+            self.engine.range_done(self, offset, len);
+        }
     }
 
     /// Current progress.

@@ -86,7 +86,7 @@ impl ActiveWrites {
                 match to_target(&self.mirror.target, start, end - start) {
                     Ok(()) => job.progress_update(end - start),
                     Err(e) => {
-                        self.copier.policy(false, e);
+                        self.copier.policy(false, e, None);
                         redirty = Some((start, end - start));
                     }
                 }

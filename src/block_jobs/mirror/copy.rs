@@ -326,7 +326,10 @@ impl Copier {
     /// job's error; the first wins). The caller then marks the range dirty
     /// again when it releases it, under the lock, so that progress never
     /// counts the range both in flight and dirty (see [`Self::in_flight`]).
-    pub fn policy(&self, is_read: bool, e: Error) {
+    /// `retry`: the range the job retries (not given for a guest's active
+    /// write, whose thread must not wait); under `ignore` its retry is
+    /// spaced out here, while it is still held (`Job::range_error_action`).
+    pub fn policy(&self, is_read: bool, e: Error, retry: Option<(u64, u64)>) {
         // Relaxed: a report (see the field).
         self.mirror
             .actively_synced
@@ -338,7 +341,13 @@ impl Copier {
             p.on_target_error
         };
         let errno = e.errno().unwrap_or(libc::EIO);
-        if self.job.error_action(policy, is_read, errno) == BlockErrorAction::Report {
+        let action = match retry {
+            Some((offset, len)) => self
+                .job
+                .range_error_action(policy, is_read, errno, offset, len),
+            None => self.job.error_action(policy, is_read, errno),
+        };
+        if action == BlockErrorAction::Report {
             let mut s = self.lock();
             if s.error.is_none() {
                 s.error = Some(Error::from_errno(errno));
@@ -370,7 +379,7 @@ impl Copier {
                 Ok(r) => r,
                 Err(p) => {
                     let e = Error::generic(crate::engine::panic_text(&p)).with_errno(libc::EIO);
-                    self.policy(false, e);
+                    self.policy(false, e, Some((op.offset, op.len)));
                     let b = Some(Buffer::new(self.mirror.params.max_io as usize))
                         .filter(|_| op.method == Method::Copy);
                     (b, false)
@@ -383,6 +392,7 @@ impl Copier {
                 if op.method != Method::Copy {
                     self.job.progress_skipped(op.len);
                 }
+                self.job.range_done(op.offset, op.len);
             } else {
                 // Dirty again, as it leaves the in-flight count.
                 self.bitmap.bits().set_range(op.offset, op.len);
@@ -479,7 +489,7 @@ impl Copier {
                     self.target_op(|| m.target.pwrite_zeroes(op.offset, op.len, m.params.unmap))
                 } {
                     Err(e) => {
-                        self.policy(false, e);
+                        self.policy(false, e, Some((op.offset, op.len)));
                         false
                     }
                     Ok(()) => true,
@@ -487,7 +497,7 @@ impl Copier {
             }
             Method::Discard => match self.target_op(|| m.target.pdiscard(op.offset, op.len)) {
                 Err(e) => {
-                    self.policy(false, e);
+                    self.policy(false, e, Some((op.offset, op.len)));
                     false
                 }
                 Ok(()) => true,
@@ -515,11 +525,11 @@ impl Copier {
         while off < end {
             let b = buf.slice((end - off).min(piece) as usize);
             if let Err(e) = m.source.pread(off, b) {
-                self.policy(true, e);
+                self.policy(true, e, Some((op.offset, op.len)));
                 return false;
             }
             if let Err(e) = m.target.pwrite(off, b) {
-                self.policy(false, e);
+                self.policy(false, e, Some((op.offset, op.len)));
                 return false;
             }
             off += b.len() as u64;

@@ -13,11 +13,15 @@ use crate::sync::Ordering;
 
 /// Flush the target; a failure goes through on-target-error (false: it
 /// failed; a `report` is then the job's error, found at the loop's top).
-fn flush_target(m: &Mirror, c: &Copier) -> bool {
+/// A flush covers the whole target, so it is retried as the whole range.
+fn flush_target(m: &Mirror, job: &Job, c: &Copier) -> bool {
     match m.target.flush() {
-        Ok(()) => true,
+        Ok(()) => {
+            job.range_done(0, c.len);
+            true
+        }
         Err(e) => {
-            c.policy(false, e);
+            c.policy(false, e, Some((0, c.len)));
             false
         }
     }
@@ -215,7 +219,7 @@ fn main_loop(m: &Mirror, job: &Job, c: &Copier) -> Result<()> {
         let mut cnt = cnt;
         if ops == 0 && cnt == 0 {
             if !job.is_ready() {
-                if !flush_target(m, c) {
+                if !flush_target(m, job, c) {
                     continue;
                 }
                 // From here a soft cancel completes with a consistent target.
@@ -233,7 +237,7 @@ fn main_loop(m: &Mirror, job: &Job, c: &Copier) -> Result<()> {
             // Stop guest writes to the source, then check once more: the
             // pivot happens inside this drained section (ended in clean).
             let section = m.graph.drained_begin(std::slice::from_ref(&m.source));
-            if c.bitmap.bits().count() > 0 || !flush_target(m, c) {
+            if c.bitmap.bits().count() > 0 || !flush_target(m, job, c) {
                 m.graph.drained_end(section);
                 continue;
             }

@@ -346,6 +346,8 @@ impl Engine {
             st.cancelled = true;
             st.force_cancel |= force;
         }
+        // A retry backoff waits on `changed` (see `range_error_action`).
+        self.changed.notify_all();
         g
     }
 

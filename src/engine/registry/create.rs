@@ -61,6 +61,7 @@ impl Engine {
             skipped: Default::default(),
             on_free: crate::locks::Mutex::new(Vec::new()),
             outcome: crate::locks::Mutex::new(None),
+            retry_armed: AtomicBool::new(false),
         });
         let txn = match &opts.txn {
             Some(t) => t.key,
@@ -100,6 +101,7 @@ impl Engine {
                 speed: 0,
                 limit: RateLimit::default(),
                 iostatus: BlockDeviceIoStatus::Ok,
+                backoff: Backoff::default(),
                 thread: None,
             },
         );

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::ReentrantMutex;
 
+use super::backoff::Backoff;
 use super::ratelimit::{BLOCK_JOB_SLICE, RateLimit};
 use super::tables::{is_completed, is_ready, transition_allowed, verb_allowed};
 use super::{
@@ -34,6 +35,7 @@ use crate::qapi::{
     BlockDeviceIoStatus, BlockErrorAction, BlockJobInfo, BlockdevOnError, IoOperationType, JobInfo,
     JobStatus, JobVerb,
 };
+use crate::sync::{AtomicBool, Ordering};
 
 type Guard<'a> = MutexGuard<'a, Registry>;
 
@@ -65,6 +67,8 @@ pub(crate) struct JobState {
     pub(crate) speed: u64,
     pub(crate) limit: RateLimit,
     pub(crate) iostatus: BlockDeviceIoStatus,
+    /// The spacing of `ignore` retries.
+    pub(crate) backoff: Backoff,
     pub(crate) thread: Option<JoinHandle<()>>,
 }
 

@@ -185,6 +185,53 @@ impl Engine {
         action
     }
 
+    pub(crate) fn range_error_action(
+        &self,
+        job: &Job,
+        on_err: BlockdevOnError,
+        is_read: bool,
+        errno: i32,
+        offset: u64,
+        len: u64,
+    ) -> BlockErrorAction {
+        let action = self.error_action(job, on_err, is_read, errno);
+        if action != BlockErrorAction::Ignore {
+            return action;
+        }
+        let mut g = self.lock();
+        let Some(st) = g.states.get_mut(&job.key) else {
+            return action;
+        };
+        let until = st.backoff.failed(offset, len, Instant::now());
+        // Relaxed: see `Job::range_done` (written under this lock).
+        job.retry_armed.store(true, Ordering::Relaxed);
+        // Pause requests and cancels notify `changed`: a cancel always
+        // wins over the retry, and a pause (a drain, the user) is not held
+        // up by it; the job retries after it resumes.
+        while let Some(st) = g.states.get_mut(&job.key) {
+            if st.force_cancel || st.pause_count > 0 {
+                st.backoff.interrupted();
+                break;
+            }
+            let now = Instant::now();
+            if now >= until {
+                break;
+            }
+            g = self.wait_timeout(&self.changed, g, until - now);
+        }
+        self.unlock(g);
+        action
+    }
+
+    pub(crate) fn range_done(&self, job: &Job, offset: u64, len: u64) {
+        let mut g = self.lock();
+        if let Some(st) = g.states.get_mut(&job.key) {
+            st.backoff.succeeded(offset, len);
+            // Relaxed: see `Job::range_done` (written under this lock).
+            job.retry_armed.store(st.backoff.armed(), Ordering::Relaxed);
+        }
+    }
+
     pub(crate) fn iostatus_reset(&self, job: &Job) -> Result<()> {
         let mut g = self.lock();
         let Some(st) = g.states.get_mut(&job.key) else {

@@ -12,6 +12,8 @@ impl Engine {
         if !st.paused {
             self.enter_cond(g, key, None);
         }
+        // A retry backoff waits on `changed` (see `range_error_action`).
+        self.changed.notify_all();
     }
 
     pub(super) fn resume_locked(&self, g: &mut Registry, key: u64) {
