@@ -123,10 +123,6 @@ struct PoolState {
     queue: VecDeque<(u64, u64)>,
     /// Copies queued or running.
     outstanding: usize,
-    /// Copies ended so far: a waiter wakes for a copy that ended after it
-    /// started waiting, not for a notification still on its way from an
-    /// earlier one.
-    finished: u64,
     /// The first failure of this round, and the range that failed.
     error: Option<(CopyError, (u64, u64))>,
     stop: bool,
@@ -191,7 +187,6 @@ impl Pool {
             }
             let mut s = self.state.lock();
             s.outstanding -= 1;
-            s.finished += 1;
             if let Err(e) = r {
                 s.error.get_or_insert((e, (o, l)));
             }
@@ -212,17 +207,19 @@ impl Pool {
         self.state.lock().outstanding
     }
 
-    /// Wait until a copy ends (or at once when none is outstanding);
-    /// whether a copy of this round failed, read under the same lock as the
-    /// count, so a failure is never missed by a caller that goes on to
-    /// start the next copy.
-    fn wait_change(&self) -> bool {
+    /// The job thread's wait for a free slot (QEMU's
+    /// `aio_task_pool_wait_slot`): `known` is how many copies it believes
+    /// outstanding (all it started, less the ends it has seen). Returns at
+    /// once when one of them has ended since (their number is lower now),
+    /// else when one ends; then whether a copy of this round failed and
+    /// how many are outstanding, read under one lock, so a failure is
+    /// never missed by a caller that goes on to start the next copy.
+    fn wait_slot(&self, known: usize) -> (bool, usize) {
         let mut s = self.state.lock();
-        let seen = s.finished;
-        while s.outstanding > 0 && s.finished == seen {
+        while s.outstanding > 0 && s.outstanding >= known {
             s = self.changed.wait(s);
         }
-        s.error.is_some()
+        (s.error.is_some(), s.outstanding)
     }
 
     /// Wait until no copy is outstanding; the round's failure, if any,
@@ -306,33 +303,39 @@ impl Backup {
     fn copy_all(&self, job: &Job, bcs: &BlockCopy, pool: &Pool) -> Result<()> {
         let mut cursor = 0;
         let mut failure_seen = false;
+        // Copies outstanding as far as this thread has looked: QEMU's job
+        // coroutine learns of a task's end only when it yields, so it
+        // starts copies while its pool has room by its own count, and
+        // checks the pool's status after each wait for a slot. A copy that
+        // ended (or failed) meanwhile changes nothing until then, however
+        // quickly a loaded machine lets it end.
+        let mut known = pool.outstanding();
         loop {
             job.ratelimit_sleep();
             if job.is_cancelled() {
                 pool.drain();
                 return Ok(());
             }
-            // QEMU's block-copy starts tasks while its pool has room and
-            // sees how they went only when it waits for one (pool full, or
-            // the pass over): a failure is noticed after a wait, never
-            // between two starts.
             if !failure_seen
-                && pool.outstanding() < self.max_workers
+                && known < self.max_workers
                 && let Some((o, l)) = bcs.claim(cursor, bcs.max_chunk())
             {
                 pool.push(o, l);
+                known += 1;
                 cursor = o + l;
                 job.ratelimit_processed(l);
                 continue;
             }
-            if !failure_seen && pool.outstanding() > 0 {
-                failure_seen = pool.wait_change();
+            if !failure_seen && known > 0 {
+                (failure_seen, known) = pool.wait_slot(known);
                 continue;
             }
             // A failure was seen, or the pass is over: let the started
             // copies finish.
             failure_seen = false;
-            if let Some((e, (offset, len))) = pool.drain() {
+            let failed = pool.drain();
+            known = 0;
+            if let Some((e, (offset, len))) = failed {
                 let policy = if e.is_read {
                     self.on_source_error
                 } else {
