@@ -125,9 +125,16 @@ impl Graph {
         // bitmaps on it).
         let mut after: Option<AfterOpen> = None;
         let drv: Box<dyn BlockDriver> = match &spec.driver {
-            DriverSpec::File { filename, locking } => Box::new(FileDriver::open(FileOptions {
+            DriverSpec::File {
+                filename,
+                locking,
+                host_device,
+                aio,
+            } => Box::new(FileDriver::open(FileOptions {
                 filename: filename.clone(),
                 locking: *locking,
+                host_device: *host_device,
+                aio: *aio,
                 read_only: spec.read_only,
                 discard_unmap: discard,
                 direct: spec.cache_direct,
@@ -322,8 +329,10 @@ impl Graph {
         };
         let file = ChildRef::New(Box::new(implicit_spec(
             DriverSpec::File {
+                host_device: super::file::is_block_device(&path),
                 filename: path.clone(),
                 locking: Default::default(),
+                aio: Default::default(),
             },
             (read_only, force_share),
         )));

@@ -51,6 +51,10 @@ pub enum DriverSpec {
         filename: String,
         /// `locking`
         locking: super::perm::Locking,
+        /// `driver` is `host_device`.
+        host_device: bool,
+        /// `aio`
+        aio: super::file::Aio,
     },
     /// `null-co` / `null-aio`.
     Null {
@@ -264,11 +268,23 @@ fn parse_at(v: &Value, name: &str) -> Result<NodeSpec> {
                 Some("off") => super::perm::Locking::Off,
                 _ => super::perm::Locking::Auto,
             };
-            let _ = o.opt_enum("aio", &["threads", "native", "io_uring"])?;
+            let aio = match o
+                .opt_enum("aio", &["threads", "native", "io_uring"])?
+                .as_deref()
+            {
+                Some("native") => super::file::Aio::Native,
+                Some("io_uring") => super::file::Aio::IoUring,
+                _ => super::file::Aio::Threads,
+            };
             let _ = o.opt_int("aio-max-batch")?;
             let _ = o.opt_bool("drop-cache")?;
             let _ = o.opt_bool("x-check-cache-dropped")?;
-            DriverSpec::File { filename, locking }
+            DriverSpec::File {
+                filename,
+                locking,
+                host_device: driver == "host_device",
+                aio,
+            }
         }
         "null-co" | "null-aio" => DriverSpec::Null {
             name: if driver == "null-co" {
