@@ -391,3 +391,50 @@ fn stream_and_commit_on_direct_nodes() {
     assert_eq!(common::chain::backing_chain(&top).len(), 2);
     let _ = base;
 }
+
+/// Image locking holds in every `aio` mode: while a guest device writes
+/// through our node, QEMU's `qemu-io` cannot open the image for writing,
+/// and it can again once the node is gone.
+#[test]
+fn locking_holds_with_every_aio_mode() {
+    use blockjob::block::backend::BackendOptions;
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("l.raw");
+    std::fs::File::create(&img).unwrap().set_len(MIB).unwrap();
+    let qemu_io_write = || {
+        common::require_tool("qemu-io");
+        Command::new("qemu-io")
+            .args(["-f", "raw", "-c", "write 0 512"])
+            .arg(&img)
+            .output()
+            .unwrap()
+    };
+    for (aio, direct) in [("threads", false), ("io_uring", false), ("native", true)] {
+        let ctx = Context::new();
+        ctx.blockdev_add(
+            &json!({"driver":"raw","node-name":"r","file":{"driver":"file",
+            "filename":img,"aio":aio,"cache":{"direct":direct}}}),
+        )
+        .unwrap();
+        let blk = ctx
+            .blk_new(
+                "r",
+                BackendOptions {
+                    name: "dev".into(),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        blk.pwrite(0, &[7; 4096]).unwrap();
+        let out = qemu_io_write();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("Failed to get \"write\" lock"),
+            "{aio}: qemu-io was not refused: {out:?}"
+        );
+        drop(blk);
+        drop(ctx);
+        let out = qemu_io_write();
+        assert!(out.status.success(), "{aio}: {out:?}");
+    }
+}

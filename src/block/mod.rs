@@ -67,6 +67,8 @@ pub mod raw;
 pub mod replace;
 pub mod snapshot;
 pub mod snapshot_access;
+#[allow(unsafe_code)]
+mod uring;
 mod writeback;
 
 pub use blkdebug::BlkdebugEvent;
