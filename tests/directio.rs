@@ -438,3 +438,62 @@ fn locking_holds_with_every_aio_mode() {
         assert!(out.status.success(), "{aio}: {out:?}");
     }
 }
+
+/// The cache modes every node shows in `query-named-block-nodes`, as
+/// (driver, file name, direct, no-flush), sorted: auto-generated node
+/// names differ between the sides.
+fn cache_modes(side: &mut dyn common::oracle::Side) -> Vec<(String, String, bool, bool)> {
+    let nodes = side.cmd("query-named-block-nodes", json!({})).unwrap();
+    let mut v: Vec<_> = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            (
+                n["drv"].as_str().unwrap().to_string(),
+                n["file"].as_str().unwrap().to_string(),
+                n["cache"]["direct"].as_bool().unwrap(),
+                n["cache"]["no-flush"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// `cache.*` is inherited as QEMU's children inherit it: an inline child
+/// takes what it does not set itself, a backing chain opened from a
+/// qcow2 header takes its overlay's; queries show each node's own.
+#[test]
+fn cache_options_are_inherited_as_in_qemu() {
+    use common::oracle::{Ours, Side};
+    let dir = tempfile::tempdir().unwrap();
+    let (_, mid, top) = common::chain::chain(dir.path());
+    let raw = dir.path().join("r.raw");
+    std::fs::File::create(&raw).unwrap().set_len(MIB).unwrap();
+    let adds = [
+        json!({"driver":"raw","node-name":"r","cache":{"direct":true},
+               "file":{"driver":"file","filename":raw}}),
+        json!({"driver":"qcow2","node-name":"t","cache":{"no-flush":true},
+               "file":{"driver":"file","filename":top,"cache":{"direct":true}}}),
+        json!({"driver":"qcow2","node-name":"m","read-only":true,"force-share":true,
+               "cache":{"direct":true},
+               "file":{"driver":"file","filename":mid,"cache":{"direct":false}}}),
+    ];
+    // One side after the other: both lock the images they write.
+    let mut d = Daemon::start();
+    for a in &adds {
+        d.cmd("blockdev-add", a.clone()).unwrap();
+    }
+    let theirs = cache_modes(&mut d);
+    drop(d);
+    let mut ours = Ours::new();
+    for a in &adds {
+        ours.cmd("blockdev-add", a.clone()).unwrap();
+    }
+    assert!(
+        theirs.iter().any(|c| c.2) && theirs.iter().any(|c| !c.2),
+        "{theirs:?}"
+    );
+    assert_eq!(cache_modes(&mut ours), theirs);
+}

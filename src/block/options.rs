@@ -134,10 +134,10 @@ pub struct NodeSpec {
     /// `discard`: `Some(true)` for "unmap", `Some(false)` for "ignore",
     /// `None` to inherit the parent's (QEMU's default: "ignore").
     pub discard_unmap: Option<bool>,
-    /// `cache.direct`
-    pub cache_direct: bool,
-    /// `cache.no-flush`
-    pub cache_no_flush: bool,
+    /// `cache.direct` (`None`: inherited from the parent, else off).
+    pub cache_direct: Option<bool>,
+    /// `cache.no-flush` (`None`: inherited from the parent, else off).
+    pub cache_no_flush: Option<bool>,
     /// `detect-zeroes`
     pub detect_zeroes: DetectZeroes,
     /// `force-share`: every parent shares every permission (read-only
@@ -239,11 +239,11 @@ fn parse_at(v: &Value, name: &str) -> Result<NodeSpec> {
     }
     let node_name = o.opt_str("node-name")?;
     let discard = o.opt_enum("discard", &["ignore", "unmap"])?;
-    let mut cache_direct = false;
-    let mut cache_no_flush = false;
+    let mut cache_direct = None;
+    let mut cache_no_flush = None;
     if let Some(mut c) = o.opt_obj("cache")? {
-        cache_direct = c.opt_bool("direct")?.unwrap_or(false);
-        cache_no_flush = c.opt_bool("no-flush")?.unwrap_or(false);
+        cache_direct = c.opt_bool("direct")?;
+        cache_no_flush = c.opt_bool("no-flush")?;
         c.finish()?;
     }
     // QEMU 10: `active` (inactive nodes are for migration; accepted).
