@@ -17,6 +17,8 @@ qemu-storage-daemon with each, and dd as the device's ceiling, in one run.
                        conv=notrunc,fdatasync (the device ceiling: one
                        stream of large aligned direct requests)
   modes    threads, native, io_uring
+  --loop   the same on two loop devices over those files (`losetup
+           --direct-io=on`, root), nodes `host_device`, dd on the devices
 
 time: blockdev-mirror sent to BLOCK_JOB_COMPLETED (daemons), process start
 to exit (dd); CPU: the daemon's utime+stime over the same span
@@ -31,7 +33,7 @@ Targets (issue #18): ours >= QEMU's best mode, >= 0.90 x dd, CPU per GiB
 
 Usage:
   python3 benches/compare_direct.py [--size 1G] [--rounds 3] [--dir DIR]
-      [--only TOOLS] [--blockjob PATH] [--no-build] [--json out.json]
+      [--loop] [--only TOOLS] [--blockjob PATH] [--no-build] [--json out.json]
 """
 
 from __future__ import annotations
@@ -55,8 +57,9 @@ TOOLS = tuple(f"{side}-{m}" for side in ("ours", "qemu") for m in MODES) + ("dd"
 
 
 def node(name: str, path: Path, aio: str) -> dict:
+    proto = "host_device" if str(path).startswith("/dev/") else "file"
     return {"driver": "raw", "node-name": name,
-            "file": {"driver": "file", "filename": str(path), "aio": aio,
+            "file": {"driver": proto, "filename": str(path), "aio": aio,
                      "cache": {"direct": True, "no-flush": False}}}
 
 
@@ -107,6 +110,8 @@ def main() -> int:
     ap.add_argument("--only", default=",".join(TOOLS))
     ap.add_argument("--blockjob", default=str(REPO / "target" / "release" / "blockjob"))
     ap.add_argument("--no-build", action="store_true")
+    ap.add_argument("--loop", action="store_true",
+                    help="mirror between loop devices over the files (host_device nodes)")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     tools = [t for t in a.only.split(",") if t]
@@ -120,12 +125,20 @@ def main() -> int:
     a.dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="direct-", dir=a.dir))
     src, dst = work / "src.raw", work / "dst.raw"
+    loops: list[str] = []
     try:
         log(f"{a.size // MiB} MiB in {work} ({fs_type(work)}); writing source and target")
         for p in (src, dst):
             subprocess.run(["dd", "if=/dev/urandom", f"of={p}", "bs=4M",
                             f"count={a.size // (4 * MiB)}", "conv=fdatasync", "status=none"],
                            check=True)
+        if a.loop:
+            for p in (src, dst):
+                loops.append(subprocess.run(
+                    ["losetup", "-f", "--show", "--direct-io=on", str(p)],
+                    check=True, capture_output=True, text=True).stdout.strip())
+            src, dst = Path(loops[0]), Path(loops[1])
+            log(f"loop devices {loops[0]} (source), {loops[1]} (target)")
         b = Bench(a)
         res: dict[str, list[dict]] = {t: [] for t in tools}
         for rnd in range(a.rounds + 1):
@@ -147,7 +160,8 @@ def main() -> int:
                    "cpu": statistics.median(r["cpu"] for r in rs)} for t, rs in res.items()}
         qemu = [t for t in med if t.startswith("qemu-")]
         best_q = min(qemu, key=lambda t: med[t]["seconds"]) if qemu else None
-        print(f"\nO_DIRECT mirror of {a.size // MiB} MiB on {fs_type(work)}, medians of {a.rounds}")
+        where = f"loop devices on {fs_type(work)}" if a.loop else fs_type(work)
+        print(f"\nO_DIRECT mirror of {a.size // MiB} MiB on {where}, medians of {a.rounds}")
         print(f"{'tool':16} {'MiB/s':>8} {'CPU s/GiB':>10} {'x best QEMU':>12} {'x dd':>8}")
         for t, m in med.items():
             mibs = a.size / MiB / m["seconds"]
@@ -159,7 +173,9 @@ def main() -> int:
         if a.json:
             a.json.write_text(json.dumps({"size": a.size, "runs": res, "medians": med}, indent=1))
     finally:
-        for p in (src, dst):
+        for dev in loops:
+            subprocess.run(["losetup", "-d", dev], check=False)
+        for p in (work / "src.raw", work / "dst.raw"):
             try:
                 p.unlink()
             except OSError:
