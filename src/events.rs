@@ -295,6 +295,58 @@ impl Default for EventBus {
     }
 }
 
+/// Work a monitor command leaves for after its reply (see
+/// [`after_reply`]).
+pub type AfterReply = Box<dyn FnOnce() + Send>;
+
+thread_local! {
+    /// Set while this thread executes a monitor command whose reply is
+    /// still to be written.
+    static AFTER_REPLY: std::cell::RefCell<Option<Vec<AfterReply>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Run `f` once the reply of the monitor command this thread is
+/// executing has been written, or now when there is none (a library or C
+/// call). QEMU finishes some commands in a bottom half that runs after
+/// the monitor replied (`block-export-del` with clients still connected
+/// replies, then disconnects them and emits `BLOCK_EXPORT_DELETED`); the
+/// events such work emits then come after the reply, as QEMU sends them.
+pub fn after_reply(f: impl FnOnce() + Send + 'static) {
+    let f: AfterReply = Box::new(f);
+    let f = AFTER_REPLY.with(|q| match q.borrow_mut().as_mut() {
+        Some(v) => {
+            v.push(f);
+            None
+        }
+        None => Some(f),
+    });
+    if let Some(f) = f {
+        f();
+    }
+}
+
+/// Run a monitor command, collecting what it leaves for after its reply
+/// ([`after_reply`]); the caller runs those, in order, once the reply is
+/// out.
+pub fn collect_after_reply<T>(cmd: impl FnOnce() -> T) -> (T, Vec<AfterReply>) {
+    let outer = AFTER_REPLY.with(|q| q.replace(Some(Vec::new())));
+    // Restored also when `cmd` panics (the monitor catches that).
+    struct Restore(Option<Option<Vec<AfterReply>>>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            if let Some(outer) = self.0.take() {
+                let _ = AFTER_REPLY.with(|q| q.replace(outer));
+            }
+        }
+    }
+    let mut restore = Restore(Some(outer));
+    let r = cmd();
+    let outer = restore.0.take().expect("set above");
+    let mine = AFTER_REPLY.with(|q| q.replace(outer)).unwrap_or_default();
+    (r, mine)
+}
+
 impl EventBus {
     /// A new bus with no sinks.
     pub fn new() -> Arc<Self> {

@@ -180,9 +180,14 @@ impl Image {
                     Format::Raw => "raw",
                     Format::Qcow2 => "qcow2",
                 };
+                // A block device is a `host_device`, as QEMU's tools probe.
+                let proto = match blockjob::block::file::is_block_device(&p.to_string_lossy()) {
+                    true => "host_device",
+                    false => "file",
+                };
                 (
                     json!({"driver": driver, "node-name": node_name,
-                           "file": {"driver": "file", "filename": p}}),
+                           "file": {"driver": proto, "filename": p}}),
                     node_name.to_string(),
                 )
             }

@@ -115,6 +115,37 @@ fn mirror_creates_a_sparse_identical_target_and_reports_stats() {
     );
 }
 
+/// A block device given as a path opens as `host_device` (QEMU's tools
+/// probe it so; `file` would refuse it): a mirror onto a loop device.
+#[test]
+fn mirror_onto_a_block_device_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = image(dir.path(), "src.raw", 16 * MIB, true);
+    let backing = dir.path().join("lo.raw");
+    std::fs::File::create(&backing)
+        .unwrap()
+        .set_len(16 * MIB)
+        .unwrap();
+    let out = Command::new("losetup")
+        .args(["-f", "--show"])
+        .arg(&backing)
+        .output()
+        .expect("run losetup");
+    assert!(out.status.success(), "{out:?}");
+    let dev = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    struct Detach(String);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
+        }
+    }
+    let _detach = Detach(dev.clone());
+    let o = blockjob(&["mirror", s(&src), &dev, "--stats", "-q"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout_json(&o)[0]["pivoted"], true);
+    assert!(std::fs::read(&src).unwrap() == std::fs::read(&backing).unwrap());
+}
+
 #[test]
 fn mirror_onto_an_allocated_target_leaves_holes_where_the_source_has_them() {
     let dir = tempfile::tempdir().unwrap();

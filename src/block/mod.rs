@@ -35,14 +35,19 @@
 //! lock when it asks a node for its children; a driver never takes a graph
 //! or parents lock while holding its own.
 
+#[allow(unsafe_code)]
+pub mod aligned;
 pub mod backend;
 pub mod blkdebug;
+#[allow(unsafe_code)]
+mod blkdev;
 pub mod block_copy;
 pub mod chain;
 pub mod child;
 pub mod copy_before_write;
 pub mod copy_on_read;
 pub mod copy_range;
+mod direct;
 pub mod dirty_bitmap;
 pub mod drain;
 mod driver;
@@ -62,6 +67,8 @@ pub mod raw;
 pub mod replace;
 pub mod snapshot;
 pub mod snapshot_access;
+#[allow(unsafe_code)]
+mod uring;
 mod writeback;
 
 pub use blkdebug::BlkdebugEvent;

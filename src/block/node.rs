@@ -41,6 +41,8 @@ pub struct Node {
     pub(super) bitmaps: NodeBitmaps,
     /// `force-share=on`: every parent shares everything on this node.
     force_share: AtomicBool,
+    /// `cache.direct` (bit 0) and `cache.no-flush` (bit 1), for queries.
+    cache: AtomicU8,
     /// Read-only as far as permissions go (QEMU's `bdrv_is_writable`):
     /// `read-only`, or a backing file opened implicitly, which QEMU opens
     /// read-only and reopens read-write only for a commit into it.
@@ -101,6 +103,7 @@ impl Node {
             keeps_unmap: AtomicBool::new(true),
             bitmaps: NodeBitmaps::with_loaded(loaded),
             force_share: AtomicBool::new(false),
+            cache: AtomicU8::new(0),
             perm_read_only: AtomicBool::new(read_only),
             perms: Mutex::new(super::perm::Perms::NONE),
         })
@@ -126,6 +129,23 @@ impl Node {
         self.discard.store(discard_unmap, Ordering::Relaxed);
         // Relaxed: as above.
         self.keeps_unmap.store(discard_unmap, Ordering::Relaxed);
+    }
+
+    /// Set `cache.direct` and `cache.no-flush` as opened (right after
+    /// creation, before the node is shared): what queries show.
+    pub(super) fn set_cache(&self, direct: bool, no_flush: bool) {
+        // Relaxed: set before the node is shared.
+        self.cache.store(
+            u8::from(direct) | u8::from(no_flush) << 1,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// `cache.direct` and `cache.no-flush` of the node.
+    pub fn cache(&self) -> (bool, bool) {
+        // Relaxed: written once before the node was shared.
+        let c = self.cache.load(Ordering::Relaxed);
+        (c & 1 != 0, c & 2 != 0)
     }
 
     /// Set `force-share` (right after creation, before the node is shared).

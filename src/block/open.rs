@@ -55,25 +55,23 @@ impl Graph {
         &self,
         inner: &mut GraphInner,
         c: &ChildRef,
-        parent: (bool, bool, bool),
+        parent: Inherit,
         as_backing: bool,
         created: &mut Vec<Arc<Node>>,
     ) -> Result<Arc<Node>> {
-        let (parent_discard, parent_read_only, parent_force_share) = parent;
         match c {
             // An inline child inherits the parent's discard mode,
             // read-only flag and force-share, as QEMU's children inherit
-            // open flags.
-            ChildRef::New(spec)
-                if (parent_read_only && !spec.read_only)
-                    || (parent_force_share && !spec.force_share) =>
-            {
-                let mut ro = (**spec).clone();
-                ro.read_only |= parent_read_only;
-                ro.force_share |= parent_force_share;
-                self.open_spec(inner, &ro, parent_discard, as_backing, created)
+            // open flags, and the `cache.*` options it does not set
+            // itself (QEMU's `bdrv_inherited_options`).
+            ChildRef::New(spec) => {
+                let mut child = (**spec).clone();
+                child.read_only |= parent.read_only;
+                child.force_share |= parent.force_share;
+                child.cache_direct.get_or_insert(parent.cache_direct);
+                child.cache_no_flush.get_or_insert(parent.cache_no_flush);
+                self.open_spec(inner, &child, parent.discard, as_backing, created)
             }
-            ChildRef::New(spec) => self.open_spec(inner, spec, parent_discard, as_backing, created),
             ChildRef::Existing(name) => {
                 if let Some(b) = inner
                     .backends
@@ -111,8 +109,15 @@ impl Graph {
         // permissions, and so the locks, are those of a read-only node.
         let perm_ro = spec.read_only || as_backing;
         let discard = spec.discard_unmap.unwrap_or(inherited_discard);
-        // What an inline child inherits: discard mode, read-only, force-share.
-        let inherit = (discard, spec.read_only, spec.force_share);
+        let cache_direct = spec.cache_direct.unwrap_or(false);
+        let cache_no_flush = spec.cache_no_flush.unwrap_or(false);
+        let inherit = Inherit {
+            discard,
+            read_only: spec.read_only,
+            force_share: spec.force_share,
+            cache_direct,
+            cache_no_flush,
+        };
         if spec.force_share && !spec.read_only {
             return Err(Error::generic(
                 "force-share=on can only be used with read-only images",
@@ -125,13 +130,20 @@ impl Graph {
         // bitmaps on it).
         let mut after: Option<AfterOpen> = None;
         let drv: Box<dyn BlockDriver> = match &spec.driver {
-            DriverSpec::File { filename, locking } => Box::new(FileDriver::open(FileOptions {
+            DriverSpec::File {
+                filename,
+                locking,
+                host_device,
+                aio,
+            } => Box::new(FileDriver::open(FileOptions {
                 filename: filename.clone(),
                 locking: *locking,
+                host_device: *host_device,
+                aio: *aio,
                 read_only: spec.read_only,
                 discard_unmap: discard,
-                direct: spec.cache_direct,
-                no_flush: spec.cache_no_flush,
+                direct: cache_direct,
+                no_flush: cache_no_flush,
             })?),
             DriverSpec::Null {
                 name,
@@ -186,12 +198,9 @@ impl Graph {
                     BackingSpec::Child(c) => {
                         Some(self.resolve_child(inner, c, inherit, true, created)?)
                     }
-                    BackingSpec::FromHeader => self.open_header_backing(
-                        inner,
-                        &file,
-                        (spec.read_only, spec.force_share),
-                        created,
-                    )?,
+                    BackingSpec::FromHeader => {
+                        self.open_header_backing(inner, &file, inherit, created)?
+                    }
                 };
                 Box::new(Qcow2Driver::open(file, !spec.read_only, backing)?)
             }
@@ -225,8 +234,14 @@ impl Graph {
                 min_cluster_size,
             } => {
                 let file = self.resolve_child(inner, file, inherit, false, created)?;
-                let target =
-                    self.resolve_child(inner, target, (discard, false, false), false, created)?;
+                // The target is written: it inherits neither read-only
+                // nor force-share.
+                let to_target = Inherit {
+                    read_only: false,
+                    force_share: false,
+                    ..inherit
+                };
+                let target = self.resolve_child(inner, target, to_target, false, created)?;
                 let bitmap = match bitmap {
                     None => None,
                     Some((node, name)) => Some(Self::find_bitmap(inner, node, name)?),
@@ -267,6 +282,7 @@ impl Graph {
         let node = Node::new(name, auto, spec.read_only, drv);
         node.set_write_options(spec.detect_zeroes, discard);
         node.set_force_share(spec.force_share);
+        node.set_cache(cache_direct, cache_no_flush);
         node.set_perm_read_only(perm_ro);
         if let Some(f) = after {
             f(&node);
@@ -300,7 +316,7 @@ impl Graph {
         &self,
         inner: &mut GraphInner,
         file: &Arc<Node>,
-        (read_only, force_share): (bool, bool),
+        inherit: Inherit,
         created: &mut Vec<Arc<Node>>,
     ) -> Result<Option<Arc<Node>>> {
         let hdr = super::qcow2::header::read_node_header(file)?;
@@ -322,10 +338,12 @@ impl Graph {
         };
         let file = ChildRef::New(Box::new(implicit_spec(
             DriverSpec::File {
+                host_device: super::file::is_block_device(&path),
                 filename: path.clone(),
                 locking: Default::default(),
+                aio: Default::default(),
             },
-            (read_only, force_share),
+            inherit,
         )));
         let spec = implicit_spec(
             if driver == "raw" {
@@ -340,7 +358,7 @@ impl Graph {
                     backing: BackingSpec::FromHeader,
                 }
             },
-            (read_only, force_share),
+            inherit,
         );
         self.open_spec(inner, &spec, false, true, created)
             .map(Some)
@@ -400,16 +418,29 @@ fn probe_format(path: &str) -> String {
     if is_qcow2 { "qcow2" } else { "raw" }.to_string()
 }
 
-/// A node opened implicitly (no name, default options).
-fn implicit_spec(driver: DriverSpec, (read_only, force_share): (bool, bool)) -> NodeSpec {
+/// What a child opened with its parent takes from it: the discard mode,
+/// read-only, force-share and the cache options (QEMU's inherited open
+/// flags and options).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Inherit {
+    discard: bool,
+    read_only: bool,
+    force_share: bool,
+    cache_direct: bool,
+    cache_no_flush: bool,
+}
+
+/// A node opened implicitly (no name, default options but what a backing
+/// file takes from its overlay: read-only, force-share, cache).
+fn implicit_spec(driver: DriverSpec, from: Inherit) -> NodeSpec {
     NodeSpec {
         node_name: None,
-        read_only,
+        read_only: from.read_only,
         discard_unmap: None,
-        cache_direct: false,
-        cache_no_flush: false,
+        cache_direct: Some(from.cache_direct),
+        cache_no_flush: Some(from.cache_no_flush),
         detect_zeroes: Default::default(),
-        force_share,
+        force_share: from.force_share,
         driver,
     }
 }

@@ -51,6 +51,10 @@ pub enum DriverSpec {
         filename: String,
         /// `locking`
         locking: super::perm::Locking,
+        /// `driver` is `host_device`.
+        host_device: bool,
+        /// `aio`
+        aio: super::file::Aio,
     },
     /// `null-co` / `null-aio`.
     Null {
@@ -130,10 +134,10 @@ pub struct NodeSpec {
     /// `discard`: `Some(true)` for "unmap", `Some(false)` for "ignore",
     /// `None` to inherit the parent's (QEMU's default: "ignore").
     pub discard_unmap: Option<bool>,
-    /// `cache.direct`
-    pub cache_direct: bool,
-    /// `cache.no-flush`
-    pub cache_no_flush: bool,
+    /// `cache.direct` (`None`: inherited from the parent, else off).
+    pub cache_direct: Option<bool>,
+    /// `cache.no-flush` (`None`: inherited from the parent, else off).
+    pub cache_no_flush: Option<bool>,
     /// `detect-zeroes`
     pub detect_zeroes: DetectZeroes,
     /// `force-share`: every parent shares every permission (read-only
@@ -235,11 +239,11 @@ fn parse_at(v: &Value, name: &str) -> Result<NodeSpec> {
     }
     let node_name = o.opt_str("node-name")?;
     let discard = o.opt_enum("discard", &["ignore", "unmap"])?;
-    let mut cache_direct = false;
-    let mut cache_no_flush = false;
+    let mut cache_direct = None;
+    let mut cache_no_flush = None;
     if let Some(mut c) = o.opt_obj("cache")? {
-        cache_direct = c.opt_bool("direct")?.unwrap_or(false);
-        cache_no_flush = c.opt_bool("no-flush")?.unwrap_or(false);
+        cache_direct = c.opt_bool("direct")?;
+        cache_no_flush = c.opt_bool("no-flush")?;
         c.finish()?;
     }
     // QEMU 10: `active` (inactive nodes are for migration; accepted).
@@ -264,11 +268,23 @@ fn parse_at(v: &Value, name: &str) -> Result<NodeSpec> {
                 Some("off") => super::perm::Locking::Off,
                 _ => super::perm::Locking::Auto,
             };
-            let _ = o.opt_enum("aio", &["threads", "native", "io_uring"])?;
+            let aio = match o
+                .opt_enum("aio", &["threads", "native", "io_uring"])?
+                .as_deref()
+            {
+                Some("native") => super::file::Aio::Native,
+                Some("io_uring") => super::file::Aio::IoUring,
+                _ => super::file::Aio::Threads,
+            };
             let _ = o.opt_int("aio-max-batch")?;
             let _ = o.opt_bool("drop-cache")?;
             let _ = o.opt_bool("x-check-cache-dropped")?;
-            DriverSpec::File { filename, locking }
+            DriverSpec::File {
+                filename,
+                locking,
+                host_device: driver == "host_device",
+                aio,
+            }
         }
         "null-co" | "null-aio" => DriverSpec::Null {
             name: if driver == "null-co" {

@@ -276,7 +276,7 @@ impl Exports {
             .map(|e| e.id.clone())
             .collect();
         for id in ids {
-            let _ = self.delete_locked(&server, &id, BlockExportRemoveMode::Hard);
+            let _ = self.delete_locked(&server, &id, BlockExportRemoveMode::Hard, false);
         }
         server.stop();
         Ok(())
@@ -404,7 +404,7 @@ impl Exports {
             return Err(Error::generic(format!("Export '{id}' is not found")));
         }
         match &inner.server {
-            Some(s) => self.delete_locked(s, id, mode),
+            Some(s) => self.delete_locked(s, id, mode, true),
             // Exports exist only while the server runs.
             None => Err(Error::generic(format!("Export '{id}' is not found"))),
         }
@@ -423,11 +423,14 @@ impl Exports {
         self.block_export_del(&id, mode)
     }
 
+    /// Removes export `id`; `later`: a hard delete with clients connected
+    /// finishes after the command's reply (see below).
     fn delete_locked(
         &self,
         server: &nbd_server::NbdServer,
         id: &str,
         mode: BlockExportRemoveMode,
+        later: bool,
     ) -> Result<()> {
         let export = {
             let list = self.table.list.read();
@@ -440,6 +443,19 @@ impl Exports {
             return Err(Error::generic(format!("export '{id}' still in use")));
         }
         self.table.list.write().retain(|e| !Arc::ptr_eq(e, &export));
+        if later && server.clients_of(&export) > 0 {
+            // QEMU replies first, then its clients go and the event
+            // follows (recorded with qemu-storage-daemon; without clients
+            // the event comes before the reply, as below).
+            server.close_clients_of(&export);
+            let (shared, bus, id) = (server.shared(), self.bus.clone(), id.to_string());
+            crate::events::after_reply(move || {
+                shared.wait_clients_gone(&export);
+                drop(export);
+                bus.emit(EventData::BlockExportDeleted { id });
+            });
+            return Ok(());
+        }
         server.disconnect_clients_of(&export);
         // The connections are gone and dropped their references: the
         // backend and the bitmaps go now.

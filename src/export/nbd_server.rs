@@ -91,6 +91,12 @@ struct ConnEntry {
     handle: Option<JoinHandle<()>>,
 }
 
+impl ConnEntry {
+    fn serves(&self, export: &Arc<Export>) -> bool {
+        self.export.as_ref().is_some_and(|e| Arc::ptr_eq(e, export))
+    }
+}
+
 #[derive(Default)]
 struct Conns {
     next_id: u64,
@@ -124,6 +130,15 @@ impl ServerShared {
             entry.export = Some(e.clone());
         }
         Some(e)
+    }
+
+    /// Waits until no connection serves `export` (see
+    /// [`NbdServer::close_clients_of`]).
+    pub(crate) fn wait_clients_gone(&self, export: &Arc<Export>) {
+        let mut c = self.conns.lock();
+        while c.live.values().any(|e| e.serves(export)) {
+            c = self.changed.wait(c);
+        }
     }
 
     /// Connection `id` ended; its thread is about to return.
@@ -212,21 +227,29 @@ impl NbdServer {
             .lock()
             .live
             .values()
-            .filter(|c| c.export.as_ref().is_some_and(|e| Arc::ptr_eq(e, export)))
+            .filter(|c| c.serves(export))
             .count()
     }
 
     /// Disconnects every client of `export` and waits until their
     /// connections ended (requests in flight finish first).
     pub(crate) fn disconnect_clients_of(&self, export: &Arc<Export>) {
-        let on = |c: &ConnEntry| c.export.as_ref().is_some_and(|e| Arc::ptr_eq(e, export));
-        let mut c = self.shared.conns.lock();
-        for entry in c.live.values().filter(|e| on(e)) {
+        self.close_clients_of(export);
+        self.shared.wait_clients_gone(export);
+    }
+
+    /// Starts disconnecting every client of `export` without waiting.
+    pub(crate) fn close_clients_of(&self, export: &Arc<Export>) {
+        let c = self.shared.conns.lock();
+        for entry in c.live.values().filter(|e| e.serves(export)) {
             entry.closer.close();
         }
-        while c.live.values().any(on) {
-            c = self.shared.changed.wait(c);
-        }
+    }
+
+    /// What the connections share, to wait on after the server's
+    /// handle is out of reach.
+    pub(crate) fn shared(&self) -> Arc<ServerShared> {
+        self.shared.clone()
     }
 
     /// Stops accepting, disconnects every client, joins every thread and

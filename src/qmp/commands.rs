@@ -613,7 +613,7 @@ fn node_info(graph: &Graph, n: &Arc<Node>, flat: bool) -> Value {
         "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
         "write_threshold": 0,
         "backing_file_depth": 0,
-        "cache": {"writeback": true, "direct": false, "no-flush": false},
+        "cache": {"writeback": true, "direct": n.cache().0, "no-flush": n.cache().1},
         "active": true,
     });
     // An optional member in QEMU: absent when the node has no bitmaps.
