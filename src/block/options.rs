@@ -105,6 +105,15 @@ pub enum DriverSpec {
         /// `min-cluster-size`.
         min_cluster_size: u64,
     },
+    /// `blklogwrites`: records what reaches `file` in `log`.
+    Blklogwrites {
+        /// `file`: the node written through.
+        file: ChildRef,
+        /// `log`: where the entries go.
+        log: ChildRef,
+        /// The other options.
+        opts: super::blklogwrites::BlklogwritesOptions,
+    },
     /// `snapshot-access`.
     SnapshotAccess {
         /// `file`: the `copy-before-write` node.
@@ -394,6 +403,15 @@ fn parse_at(v: &Value, name: &str) -> Result<NodeSpec> {
         "snapshot-access" => DriverSpec::SnapshotAccess {
             file: req_child(&mut o, "file")?,
         },
+        "blklogwrites" => DriverSpec::Blklogwrites {
+            file: req_child(&mut o, "file")?,
+            log: req_child(&mut o, "log")?,
+            opts: super::blklogwrites::BlklogwritesOptions {
+                log_sector_size: o.opt_u32("log-sector-size")?,
+                log_append: o.opt_bool("log-append")?.unwrap_or(false),
+                log_super_update_interval: o.opt_u64("log-super-update-interval")?,
+            },
+        },
         "nbd" => DriverSpec::Nbd {
             opts: Box::new(NbdOptions::parse(&mut o)?),
             conn: Preconnected::default(),
@@ -492,6 +510,7 @@ const BOOL_MEMBERS: &[&str] = &[
     "ipv6",
     "keep-alive",
     "mptcp",
+    "log-append",
 ];
 
 /// Integer members of the drivers we support.
@@ -521,6 +540,8 @@ const INT_MEMBERS: &[&str] = &[
     "keep-alive-count",
     "keep-alive-idle",
     "keep-alive-interval",
+    "log-sector-size",
+    "log-super-update-interval",
 ];
 
 /// blockdev-add's typed JSON from a keyval `--blockdev`: the boolean and
