@@ -93,9 +93,44 @@ pub fn read_header(f: &File) -> Result<Qcow2Header> {
 pub fn set_backing(f: &File, backing: Option<(&str, Option<&str>)>) -> Result<()> {
     let parsed = parse(f)?;
     let backing = backing.filter(|(name, _)| !name.is_empty());
+    check_backing(&parsed, backing)?;
+
+    let buf = rebuild(
+        &parsed,
+        &parsed.others,
+        backing,
+        parsed.header.autoclear_features,
+    )?;
+    f.write_all_at(&buf, 0)?;
+    f.sync_data()?;
+    Ok(())
+}
+
+/// [`set_backing`] on the image in `node`, through the node (so that
+/// every layer under the image, a recording `blklogwrites` node say, sees
+/// the header write), then flushes the node.
+pub fn set_node_backing(
+    node: &crate::block::Node,
+    backing: Option<(&str, Option<&str>)>,
+) -> Result<()> {
+    let parsed = parse_node(node)?;
+    let backing = backing.filter(|(name, _)| !name.is_empty());
+    check_backing(&parsed, backing)?;
+    let buf = rebuild(
+        &parsed,
+        &parsed.others,
+        backing,
+        parsed.header.autoclear_features,
+    )?;
+    node.pwrite(0, &buf)?;
+    node.flush()
+}
+
+/// QEMU's checks of a new backing link (`qcow2_change_backing_file`).
+fn check_backing(parsed: &Parsed, backing: Option<(&str, Option<&str>)>) -> Result<()> {
     if let Some((name, fmt)) = backing {
-        // The checks of QEMU's qcow2_change_backing_file; a NUL would cut
-        // the name short when QEMU reads it back as a C string.
+        // A NUL would cut the name short when QEMU reads it back as a C
+        // string.
         if name.len() > MAX_BACKING_NAME
             || name.contains('\0')
             || parsed.header.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0
@@ -110,15 +145,6 @@ pub fn set_backing(f: &File, backing: Option<(&str, Option<&str>)>) -> Result<()
             return Err(Error::generic(format!("Invalid format name: '{fmt}'")));
         }
     }
-
-    let buf = rebuild(
-        &parsed,
-        &parsed.others,
-        backing,
-        parsed.header.autoclear_features,
-    )?;
-    f.write_all_at(&buf, 0)?;
-    f.sync_data()?;
     Ok(())
 }
 
