@@ -6,8 +6,8 @@
 //! The model of a power cut: a write that completed before a flush of its
 //! file began is on disk after that flush; a write not yet followed by a
 //! flush of its file may or may not be on disk, independently of every
-//! other such write, and a write is atomic only per sector (a multi-sector
-//! write may be torn). The logs of several files merge into one order by
+//! other such write, and a write is atomic only per sector of its log
+//! (`log-sector-size`; a multi-sector write may be torn). The logs of several files merge into one order by
 //! the CLOCK_MONOTONIC completion time our entries carry (QEMU's logs have
 //! none: one file at a time for those).
 //!
@@ -53,13 +53,14 @@ fn le64(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
 }
 
-/// Parse a dm-log-writes log.
-pub fn read_log(path: &Path) -> Vec<Entry> {
+/// Parse a dm-log-writes log: its sector size (the unit a write may be
+/// torn in) and entries.
+pub fn read_log_sectors(path: &Path) -> (usize, Vec<Entry>) {
     let log = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     if log.is_empty() {
         // Nothing was ever written (both drivers write the superblock
         // with the first flush).
-        return Vec::new();
+        return (512, Vec::new());
     }
     assert!(log.len() >= 32, "{}: no superblock", path.display());
     assert_eq!(le64(&log, 0), MAGIC, "{}: bad magic", path.display());
@@ -99,7 +100,12 @@ pub fn read_log(path: &Path) -> Vec<Entry> {
         };
         out.push(Entry { ts, op });
     }
-    out
+    (ss, out)
+}
+
+/// Parse a dm-log-writes log's entries.
+pub fn read_log(path: &Path) -> Vec<Entry> {
+    read_log_sectors(path).1
 }
 
 /// Write a log in the same format (for synthetic logs in tests).
@@ -138,6 +144,8 @@ pub struct Recorded {
     pub entries: Vec<Entry>,
     /// Is a qcow2 image (`qemu-img check` applies).
     pub qcow2: bool,
+    /// The log's sector size: what a write is atomic in.
+    pub sector: usize,
 }
 
 impl Recorded {
@@ -151,6 +159,7 @@ impl Recorded {
             qcow2: initial.starts_with(b"QFI\xfb"),
             initial,
             entries: Vec::new(),
+            sector: 512,
         }
     }
 
@@ -158,7 +167,7 @@ impl Recorded {
     /// replaying all of it gives the file as it is: nothing reached the
     /// file without passing the log.
     pub fn finish(&mut self, dir: &Path) {
-        self.entries = read_log(&dir.join(format!("{}.log", self.name)));
+        (self.sector, self.entries) = read_log_sectors(&dir.join(format!("{}.log", self.name)));
         let all: Vec<Pick> = (0..self.entries.len()).map(Pick::Whole).collect();
         let rebuilt = self.apply(&all);
         let now = std::fs::read(dir.join(&self.name)).unwrap();
@@ -189,9 +198,13 @@ impl Recorded {
                 Op::Write { offset, data } => match sectors {
                     None => put(&mut f, *offset as usize, data),
                     Some(s) => {
+                        let ss = self.sector;
                         for &k in s {
-                            let b = &data[k * 512..(k + 1) * 512];
-                            put(&mut f, *offset as usize + k * 512, b);
+                            put(
+                                &mut f,
+                                *offset as usize + k * ss,
+                                &data[k * ss..(k + 1) * ss],
+                            );
                         }
                     }
                 },
@@ -206,7 +219,7 @@ impl Recorded {
     }
 }
 
-/// An entry applied whole, or only some of its 512-byte sectors.
+/// An entry applied whole, or only some of its sectors.
 #[derive(Debug, Clone)]
 enum Pick {
     Whole(usize),
@@ -328,7 +341,7 @@ pub fn crash_states(files: &[Recorded], rng: &mut Rng, samples: usize, max: usiz
                     2 => dropped += 1,
                     _ => {
                         let sectors = match &files[f].entries[i].op {
-                            Op::Write { data, .. } => data.len() / 512,
+                            Op::Write { data, .. } => data.len() / files[f].sector,
                             _ => 1,
                         };
                         let keep: Vec<usize> = (0..sectors).filter(|_| rng.below(2) == 0).collect();
