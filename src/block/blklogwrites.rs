@@ -38,18 +38,18 @@ use super::{BlockDriver, BlockStatus, Node, NodeChild};
 use crate::error::{Error, Result};
 
 /// dm-log-writes' entry flags.
-pub const LOG_FLUSH_FLAG: u64 = 1 << 0;
+const LOG_FLUSH_FLAG: u64 = 1 << 0;
 /// Forced unit access (never written by us or QEMU; accepted in a log).
-pub const LOG_FUA_FLAG: u64 = 1 << 1;
+const LOG_FUA_FLAG: u64 = 1 << 1;
 /// A discard: no data follows the entry.
-pub const LOG_DISCARD_FLAG: u64 = 1 << 2;
+const LOG_DISCARD_FLAG: u64 = 1 << 2;
 /// A mark (a named point; never written by us or QEMU).
-pub const LOG_MARK_FLAG: u64 = 1 << 3;
+const LOG_MARK_FLAG: u64 = 1 << 3;
 const LOG_FLAG_MASK: u64 = LOG_FLUSH_FLAG | LOG_FUA_FLAG | LOG_DISCARD_FLAG | LOG_MARK_FLAG;
 /// The superblock's magic.
-pub const WRITE_LOG_MAGIC: u64 = 0x006a_7366_7773_6872;
+const WRITE_LOG_MAGIC: u64 = 0x006a_7366_7773_6872;
 /// The only version of the format.
-pub const WRITE_LOG_VERSION: u64 = 1;
+const WRITE_LOG_VERSION: u64 = 1;
 /// Size of the superblock's fields (the rest of sector 0 is zero).
 const SUPER_SIZE: usize = 28;
 /// Size of an entry's fields; our timestamp follows them.
