@@ -13,6 +13,8 @@
 //!
 //! The states checked ([`crash_states`]):
 //! - at every flush point, everything before it on disk (every file);
+//! - every way to tear each short write (2 to 4 sectors), on top of
+//!   everything before it;
 //! - sampled points between flushes (seeded, the seed printed): what was
 //!   flushed, plus a random subset of what was not, some of it torn.
 //!
@@ -316,6 +318,28 @@ pub fn crash_states(files: &[Recorded], rng: &mut Rng, samples: usize, max: usiz
         picks: prefix(events.len()),
         at_ts: u64::MAX,
     });
+    // Every way to tear a short write (2 to 4 sectors: headers and table
+    // entries, where a torn write hurts most), on top of everything
+    // before it.
+    for (n, &(ts, f, i)) in events.iter().enumerate() {
+        let Op::Write { data, .. } = &files[f].entries[i].op else {
+            continue;
+        };
+        let sectors = data.len() / files[f].sector;
+        if !(2..=4).contains(&sectors) {
+            continue;
+        }
+        for mask in 1..(1u32 << sectors) - 1 {
+            let mut picks = prefix(n);
+            let keep = (0..sectors).filter(|k| mask & (1 << k) != 0).collect();
+            picks[f].push(Pick::Torn(i, keep));
+            out.push(State {
+                label: format!("event {n} ({}) torn, sectors {mask:#b}", files[f].name),
+                picks,
+                at_ts: ts,
+            });
+        }
+    }
     for s in 0..samples {
         if events.is_empty() {
             break;
