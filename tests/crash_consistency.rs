@@ -763,3 +763,68 @@ fn blklogwrites_options_are_checked_as_qemu_checks_them() {
         "stamps in order"
     );
 }
+
+/// blklogwrites' refusals, side by side with qemu-storage-daemon's: the
+/// same blockdev-add on both, the same class and text.
+#[test]
+fn blklogwrites_refusals_are_qemus() {
+    let t = tempfile::tempdir().unwrap();
+    let img = t.path().join("a.img");
+    let log = t.path().join("a.log");
+    let junk = t.path().join("junk.log");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    std::fs::write(&log, b"").unwrap();
+    std::fs::write(&junk, vec![1u8; 4096]).unwrap();
+    let cases: Vec<(&str, Value)> = vec![
+        ("bad sector size", json!({"log-sector-size": 1000})),
+        ("sector size too small", json!({"log-sector-size": 16})),
+        ("sector size not a uint32", json!({"log-sector-size": -1})),
+        (
+            "append and sector size",
+            json!({"log-append": true, "log-sector-size": 512}),
+        ),
+        ("interval 0", json!({"log-super-update-interval": 0})),
+        (
+            "interval not a number",
+            json!({"log-super-update-interval": "x"}),
+        ),
+        ("append not a bool", json!({"log-append": 1})),
+        ("no log", json!({"log": null})),
+        ("unknown member", json!({"log-bogus": 1})),
+        (
+            "append to junk",
+            json!({"log-append": true,
+            "log": {"driver": "file", "filename": junk}}),
+        ),
+        ("fine", json!({})),
+        ("fine, appended", json!({"log-append": true})),
+    ];
+    let run = |side: &mut dyn Side| -> Vec<String> {
+        cases
+            .iter()
+            .map(|(label, extra)| {
+                let mut v = json!({"driver": "blklogwrites", "node-name": "l",
+                    "file": {"driver": "file", "filename": img},
+                    "log": {"driver": "file", "filename": log}});
+                for (k, x) in extra.as_object().unwrap() {
+                    if x.is_null() {
+                        v.as_object_mut().unwrap().remove(k);
+                    } else {
+                        v[k] = x.clone();
+                    }
+                }
+                let r = side.cmd("blockdev-add", v);
+                if r.is_ok() {
+                    side.cmd("blockdev-del", json!({"node-name": "l"})).unwrap();
+                }
+                format!(
+                    "{label}: {}",
+                    r.map(|_| "ok".to_string()).unwrap_or_else(|e| e)
+                )
+            })
+            .collect()
+    };
+    let qemu = run(&mut Daemon::start());
+    let ours = run(&mut Ours::new());
+    assert_eq!(ours, qemu);
+}

@@ -409,7 +409,7 @@ fn parse_at(v: &Value, name: &str) -> Result<NodeSpec> {
             opts: super::blklogwrites::BlklogwritesOptions {
                 log_sector_size: o.opt_u32("log-sector-size")?,
                 log_append: o.opt_bool("log-append")?.unwrap_or(false),
-                log_super_update_interval: o.opt_u64("log-super-update-interval")?,
+                log_super_update_interval: opt_uint64(&mut o, "log-super-update-interval")?,
             },
         },
         "nbd" => DriverSpec::Nbd {
@@ -433,6 +433,18 @@ fn parse_at(v: &Value, name: &str) -> Result<NodeSpec> {
         force_share,
         driver: spec,
     })
+}
+
+/// A `uint64` member with the text QEMU's visitor gives for anything but
+/// an unsigned number (recorded with qemu-storage-daemon 10 for
+/// blklogwrites).
+fn opt_uint64<'a>(o: &mut Obj<'a>, key: &'a str) -> Result<Option<u64>> {
+    let name = o.name(key);
+    match o.get(key) {
+        None => Ok(None),
+        Some(Value::Number(n)) if n.is_u64() => Ok(n.as_u64()),
+        Some(_) => Err(Error::generic(format!("Parameter '{name}' expects uint64"))),
+    }
 }
 
 fn parse_event(o: &mut Obj<'_>) -> Result<BlkdebugEvent> {
@@ -790,6 +802,18 @@ mod tests {
             v,
             json!({"driver":"nbd","node-name":"n","server":{"type":"inet","host":"h",
                 "port":"10809"},"reconnect-delay":5,"open-timeout":2})
+        );
+        assert!(parse(&v).is_ok());
+        // blklogwrites from a command line: its numbers and flag typed.
+        let v = blockdev_from_keyval(
+            "driver=blklogwrites,node-name=l,file=f,log=g,log-sector-size=4096,\
+             log-super-update-interval=16,log-append=off",
+        )
+        .unwrap();
+        assert_eq!(
+            v,
+            json!({"driver":"blklogwrites","node-name":"l","file":"f","log":"g",
+                "log-sector-size":4096,"log-super-update-interval":16,"log-append":false})
         );
         assert!(parse(&v).is_ok());
     }
