@@ -320,25 +320,27 @@ pub fn crash_states(files: &[Recorded], rng: &mut Rng, samples: usize, max: usiz
     });
     // Every way to tear a short write (2 to 4 sectors: headers and table
     // entries, where a torn write hurts most), on top of everything
-    // before it.
-    for (n, &(ts, f, i)) in events.iter().enumerate() {
-        let Op::Write { data, .. } = &files[f].entries[i].op else {
-            continue;
-        };
-        let sectors = data.len() / files[f].sector;
-        if !(2..=4).contains(&sectors) {
-            continue;
+    // before it; evenly thinned to `max` states when there are more.
+    let mut tears = Vec::new();
+    for (n, &(_, f, i)) in events.iter().enumerate() {
+        if let Op::Write { data, .. } = &files[f].entries[i].op {
+            let sectors = data.len() / files[f].sector;
+            if (2..=4).contains(&sectors) {
+                tears.extend((1..(1u32 << sectors) - 1).map(|mask| (n, sectors, mask)));
+            }
         }
-        for mask in 1..(1u32 << sectors) - 1 {
-            let mut picks = prefix(n);
-            let keep = (0..sectors).filter(|k| mask & (1 << k) != 0).collect();
-            picks[f].push(Pick::Torn(i, keep));
-            out.push(State {
-                label: format!("event {n} ({}) torn, sectors {mask:#b}", files[f].name),
-                picks,
-                at_ts: ts,
-            });
-        }
+    }
+    let step = tears.len().div_ceil(max.max(1)).max(1);
+    for &(n, sectors, mask) in tears.iter().step_by(step) {
+        let (ts, f, i) = events[n];
+        let mut picks = prefix(n);
+        let keep = (0..sectors).filter(|k| mask & (1 << k) != 0).collect();
+        picks[f].push(Pick::Torn(i, keep));
+        out.push(State {
+            label: format!("event {n} ({}) torn, sectors {mask:#b}", files[f].name),
+            picks,
+            at_ts: ts,
+        });
     }
     for s in 0..samples {
         if events.is_empty() {
@@ -397,6 +399,47 @@ pub struct Expect<'a> {
     pub view_of: &'a str,
     /// The guest view it must have (a raw file).
     pub view: &'a Path,
+}
+
+/// Each `block`-sized piece of `view` equals the same piece of `before`
+/// or of `after` (a write that did not reach the disk, or did, never
+/// anything else): `Err` names the first that is neither.
+pub fn each_block_old_or_new(
+    view: &[u8],
+    before: &[u8],
+    after: &[u8],
+    block: usize,
+) -> Result<(), String> {
+    for (i, v) in view.chunks(block).enumerate() {
+        let r = i * block..i * block + v.len();
+        if v != &before[r.clone()] && v != &after[r.clone()] {
+            return Err(format!(
+                "bytes {:#x}..{:#x} are neither what they were nor what was written",
+                r.start, r.end
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The guest view of `dir/image` as raw bytes (`qemu-img convert`).
+pub fn guest_view(dir: &Path, image: &str) -> Result<Vec<u8>, String> {
+    let raw = dir.join("view.raw");
+    let out = Command::new("qemu-img")
+        .args(["convert", "-O", "raw"])
+        .arg(dir.join(image))
+        .arg(&raw)
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        return Err(format!(
+            "qemu-img convert {image}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let v = std::fs::read(&raw).unwrap();
+    std::fs::remove_file(&raw).unwrap();
+    Ok(v)
 }
 
 /// Write a state's files into `dir`.
@@ -477,6 +520,17 @@ pub fn check_all(
     states: &[State],
     expect: impl Fn(&State) -> Vec<(String, PathBuf)>,
 ) -> usize {
+    check_all_with(files, states, expect, |_, _| Ok(()))
+}
+
+/// [`check_all`] with one more check per state, run on the state's
+/// directory after the others passed.
+pub fn check_all_with(
+    files: &[Recorded],
+    states: &[State],
+    expect: impl Fn(&State) -> Vec<(String, PathBuf)>,
+    extra: impl Fn(&State, &Path) -> Result<(), String>,
+) -> usize {
     let dir = tempfile::Builder::new()
         .prefix("crash-state")
         .tempdir_in(if Path::new("/dev/shm").is_dir() {
@@ -495,7 +549,8 @@ pub fn check_all(
                 view: p,
             })
             .collect();
-        if let Err(e) = check_state(files, st, dir.path(), &ex) {
+        if let Err(e) = check_state(files, st, dir.path(), &ex).and_then(|()| extra(st, dir.path()))
+        {
             failures.push(format!("{}: {e}", st.label));
         }
     }
