@@ -13,8 +13,8 @@
 //!
 //! The states checked ([`crash_states`]):
 //! - at every flush point, everything before it on disk (every file);
-//! - every way to tear each short write (2 to 4 sectors), on top of
-//!   everything before it;
+//! - every way to tear the first (up to) 4 sectors of each header write,
+//!   and of a sample of the other writes, on top of everything before it;
 //! - sampled points between flushes (seeded, the seed printed): what was
 //!   flushed, plus a random subset of what was not, some of it torn.
 //!
@@ -318,23 +318,33 @@ pub fn crash_states(files: &[Recorded], rng: &mut Rng, samples: usize, max: usiz
         picks: prefix(events.len()),
         at_ts: u64::MAX,
     });
-    // Every way to tear a short write (2 to 4 sectors: headers and table
-    // entries, where a torn write hurts most), on top of everything
-    // before it; evenly thinned to `max` states when there are more.
-    let mut tears = Vec::new();
+    // Every way to tear the first (up to) 4 sectors of a write, the rest
+    // of it applied, on top of everything before it: all of them for
+    // writes of the header (offset 0, where a tear hurts most), the others
+    // evenly thinned to `max / 2` states.
+    let (mut header_tears, mut tears) = (Vec::new(), Vec::new());
     for (n, &(_, f, i)) in events.iter().enumerate() {
-        if let Op::Write { data, .. } = &files[f].entries[i].op {
+        if let Op::Write { offset, data } = &files[f].entries[i].op {
             let sectors = data.len() / files[f].sector;
-            if (2..=4).contains(&sectors) {
-                tears.extend((1..(1u32 << sectors) - 1).map(|mask| (n, sectors, mask)));
+            let torn = sectors.min(4);
+            if torn >= 2 {
+                let list = if *offset == 0 {
+                    &mut header_tears
+                } else {
+                    &mut tears
+                };
+                list.extend((1..(1u32 << torn) - 1).map(|mask| (n, sectors, mask)));
             }
         }
     }
-    let step = tears.len().div_ceil(max.max(1)).max(1);
-    for &(n, sectors, mask) in tears.iter().step_by(step) {
+    let step = tears.len().div_ceil((max / 2).max(1)).max(1);
+    let chosen = header_tears.iter().chain(tears.iter().step_by(step));
+    for &(n, sectors, mask) in chosen {
         let (ts, f, i) = events[n];
         let mut picks = prefix(n);
-        let keep = (0..sectors).filter(|k| mask & (1 << k) != 0).collect();
+        let keep = (0..sectors)
+            .filter(|&k| k >= 4 || mask & (1 << k) != 0)
+            .collect();
         picks[f].push(Pick::Torn(i, keep));
         out.push(State {
             label: format!("event {n} ({}) torn, sectors {mask:#b}", files[f].name),
