@@ -27,7 +27,7 @@ fn samples() -> usize {
     std::env::var("CRASH_SAMPLES")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(40)
+        .unwrap_or(24)
 }
 
 /// The recording nodes' sector size: 4096, or `CRASH_SECTOR`.
@@ -39,7 +39,7 @@ fn sector_size() -> u64 {
 }
 
 /// At most this many states per job besides the samples.
-const MAX_FLUSH_POINTS: usize = 40;
+const MAX_FLUSH_POINTS: usize = 32;
 
 fn qemu_img(dir: &Path, args: &[&str]) {
     common::require_tool("qemu-img");
@@ -566,10 +566,10 @@ fn guest_writes_under_l2_eviction_keep_old_or_new_data() {
     let t = tempfile::tempdir().unwrap();
     let dir = t.path().join("img");
     std::fs::create_dir(&dir).unwrap();
-    qemu_img(&dir, &["create", "-q", "-f", "qcow2", "base.qcow2", "16M"]);
+    qemu_img(&dir, &["create", "-q", "-f", "qcow2", "base.qcow2", "8M"]);
     tool(
         "qemu-io",
-        &["-c", "write -P 17 0 16M", s(&dir.join("base.qcow2"))],
+        &["-c", "write -P 17 0 8M", s(&dir.join("base.qcow2"))],
     );
     qemu_img(
         &dir,
@@ -593,8 +593,8 @@ fn guest_writes_under_l2_eviction_keep_old_or_new_data() {
         cmd(o, "blockdev-add", logged(&dir, "base.qcow2", Value::Null));
         cmd(o, "blockdev-add", logged(&dir, "top.qcow2", json!("base")));
         let g = o.ctx.blk_new("top", BackendOptions::default()).unwrap();
-        // 4 KiB every 64 KiB: 256 writes, each in an L2 table of its own.
-        for (i, off) in (0..16u64 << 20).step_by(64 << 10).enumerate() {
+        // 4 KiB every 32 KiB: 256 writes, each in an L2 table of its own.
+        for (i, off) in (0..8u64 << 20).step_by(32 << 10).enumerate() {
             g.pwrite(off, &[i as u8 | 0x80; 4096]).unwrap();
             if i % 64 == 63 {
                 g.flush().unwrap();
