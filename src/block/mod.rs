@@ -2,7 +2,7 @@
 //! they form, and the guest backends on top of them.
 //!
 //! A [`BlockDriver`] implements one format, protocol or filter (`file`,
-//! `raw`, `null-co`, `blkdebug`, `qcow2`, `copy-on-read`, `host`, and the
+//! `raw`, `null-co`, `blkdebug`, `blklogwrites`, `qcow2`, `copy-on-read`, `host`, and the
 //! jobs' own filters); a [`Node`] wraps it with what QEMU's generic block
 //! layer adds. All I/O is positional and takes `&self`: any number of
 //! threads may issue requests on one node at once.
@@ -41,6 +41,7 @@ pub mod backend;
 pub mod blkdebug;
 #[allow(unsafe_code)]
 mod blkdev;
+pub mod blklogwrites;
 pub mod block_copy;
 pub mod chain;
 pub mod child;

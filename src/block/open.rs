@@ -6,6 +6,7 @@
 use std::sync::{Arc, Weak};
 
 use super::blkdebug::BlkdebugDriver;
+use super::blklogwrites::BlkLogWrites;
 use super::copy_before_write::{self, CbwOptions, CopyBeforeWrite, OnCbwError};
 use super::file::{FileDriver, FileOptions};
 use super::graph::{Graph, GraphInner};
@@ -37,6 +38,7 @@ impl Graph {
             DriverSpec::Blkdebug { image, .. } => vec![image],
             DriverSpec::CopyBeforeWrite { file, target, .. } => vec![file, target],
             DriverSpec::SnapshotAccess { file } => vec![file],
+            DriverSpec::Blklogwrites { file, log, .. } => vec![file, log],
             DriverSpec::Qcow2 { file, backing } => match backing {
                 BackingSpec::Child(b) => vec![file, b],
                 BackingSpec::None | BackingSpec::FromHeader => vec![file],
@@ -270,6 +272,11 @@ impl Graph {
                 let file = self.resolve_child(inner, file, inherit, false, created)?;
                 Box::new(SnapshotAccess::new(file))
             }
+            DriverSpec::Blklogwrites { file, log, opts } => {
+                let file = self.resolve_child(inner, file, inherit, false, created)?;
+                let log = self.resolve_child(inner, log, inherit, false, created)?;
+                Box::new(BlkLogWrites::open(file, log, opts)?)
+            }
             DriverSpec::Nbd { opts, conn } => match conn.take() {
                 Some(d) => Box::new(d),
                 None => Box::new(NbdDriver::open(opts, spec.read_only, self.objects())?),
@@ -384,6 +391,7 @@ pub(super) fn preconnect(spec: &NodeSpec, parent_read_only: bool, objects: &Obje
             BackingSpec::None | BackingSpec::FromHeader => vec![file],
         },
         DriverSpec::CopyBeforeWrite { file, .. } => vec![file],
+        DriverSpec::Blklogwrites { file, log, .. } => vec![file, log],
         DriverSpec::File { .. } | DriverSpec::Null { .. } => vec![],
     };
     for c in children {

@@ -109,6 +109,15 @@ pub enum DriverSpec {
         /// `min-cluster-size`.
         min_cluster_size: u64,
     },
+    /// `blklogwrites`: records what reaches `file` in `log`.
+    Blklogwrites {
+        /// `file`: the node written through.
+        file: ChildRef,
+        /// `log`: where the entries go.
+        log: ChildRef,
+        /// The other options.
+        opts: super::blklogwrites::BlklogwritesOptions,
+    },
     /// `snapshot-access`.
     SnapshotAccess {
         /// `file`: the `copy-before-write` node.
@@ -410,6 +419,15 @@ fn parse_at(v: &Value, name: &str) -> Result<NodeSpec> {
         "snapshot-access" => DriverSpec::SnapshotAccess {
             file: req_child(&mut o, "file")?,
         },
+        "blklogwrites" => DriverSpec::Blklogwrites {
+            file: req_child(&mut o, "file")?,
+            log: req_child(&mut o, "log")?,
+            opts: super::blklogwrites::BlklogwritesOptions {
+                log_sector_size: o.opt_u32("log-sector-size")?,
+                log_append: o.opt_bool("log-append")?.unwrap_or(false),
+                log_super_update_interval: opt_uint64(&mut o, "log-super-update-interval")?,
+            },
+        },
         "nbd" => DriverSpec::Nbd {
             opts: Box::new(NbdOptions::parse(&mut o)?),
             conn: Preconnected::default(),
@@ -431,6 +449,18 @@ fn parse_at(v: &Value, name: &str) -> Result<NodeSpec> {
         force_share,
         driver: spec,
     })
+}
+
+/// A `uint64` member with the text QEMU's visitor gives for anything but
+/// an unsigned number (recorded with qemu-storage-daemon 10 for
+/// blklogwrites).
+fn opt_uint64<'a>(o: &mut Obj<'a>, key: &'a str) -> Result<Option<u64>> {
+    let name = o.name(key);
+    match o.get(key) {
+        None => Ok(None),
+        Some(Value::Number(n)) if n.is_u64() => Ok(n.as_u64()),
+        Some(_) => Err(Error::generic(format!("Parameter '{name}' expects uint64"))),
+    }
 }
 
 fn parse_event(o: &mut Obj<'_>) -> Result<BlkdebugEvent> {
@@ -508,6 +538,7 @@ const BOOL_MEMBERS: &[&str] = &[
     "ipv6",
     "keep-alive",
     "mptcp",
+    "log-append",
 ];
 
 /// Integer members of the drivers we support.
@@ -537,6 +568,8 @@ const INT_MEMBERS: &[&str] = &[
     "keep-alive-count",
     "keep-alive-idle",
     "keep-alive-interval",
+    "log-sector-size",
+    "log-super-update-interval",
 ];
 
 /// blockdev-add's typed JSON from a keyval `--blockdev`: the boolean and
@@ -785,6 +818,18 @@ mod tests {
             v,
             json!({"driver":"nbd","node-name":"n","server":{"type":"inet","host":"h",
                 "port":"10809"},"reconnect-delay":5,"open-timeout":2})
+        );
+        assert!(parse(&v).is_ok());
+        // blklogwrites from a command line: its numbers and flag typed.
+        let v = blockdev_from_keyval(
+            "driver=blklogwrites,node-name=l,file=f,log=g,log-sector-size=4096,\
+             log-super-update-interval=16,log-append=off",
+        )
+        .unwrap();
+        assert_eq!(
+            v,
+            json!({"driver":"blklogwrites","node-name":"l","file":"f","log":"g",
+                "log-sector-size":4096,"log-super-update-interval":16,"log-append":false})
         );
         assert!(parse(&v).is_ok());
     }

@@ -4,6 +4,7 @@
 
 pub mod chain;
 pub mod cprog;
+pub mod crash;
 pub mod gated;
 pub mod guest;
 pub mod nbd;

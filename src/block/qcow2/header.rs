@@ -93,9 +93,86 @@ pub fn read_header(f: &File) -> Result<Qcow2Header> {
 pub fn set_backing(f: &File, backing: Option<(&str, Option<&str>)>) -> Result<()> {
     let parsed = parse(f)?;
     let backing = backing.filter(|(name, _)| !name.is_empty());
+    check_backing(&parsed, backing)?;
+
+    let buf = rebuild(
+        &parsed,
+        &parsed.others,
+        backing,
+        parsed.header.autoclear_features,
+    )?;
+    f.write_all_at(&buf, 0)?;
+    f.sync_data()?;
+    Ok(())
+}
+
+/// [`set_backing`] on the image in `node`, through the node (so that
+/// every layer under the image, a recording `blklogwrites` node say, sees
+/// the header write), then flushes the node.
+pub fn set_node_backing(
+    node: &crate::block::Node,
+    backing: Option<(&str, Option<&str>)>,
+) -> Result<()> {
+    let parsed = parse_node(node)?;
+    let backing = backing.filter(|(name, _)| !name.is_empty());
+    check_backing(&parsed, backing)?;
+    if let Some((name, fmt)) = backing
+        && relink_in_two_steps(node, &parsed, name, fmt)?
+    {
+        return Ok(());
+    }
+    let buf = rebuild(
+        &parsed,
+        &parsed.others,
+        backing,
+        parsed.header.autoclear_features,
+    )?;
+    node.pwrite(0, &buf)?;
+    node.flush()
+}
+
+/// Move the backing link from one file to another so that a power cut
+/// at any point, even one that tears a write between two sectors, leaves
+/// the old link or the new one: the new name goes where the old header
+/// does not look (after everything it uses), is made durable, and then
+/// one 12-byte write of the offset and length (within one sector) switches
+/// to it. Rewriting the header in one write, as QEMU does, can tear
+/// between the sector with the length and the one with the name when the
+/// extensions push the name past the first 512 bytes (a stream's checker
+/// found names cut to the old length). Only when nothing else in the
+/// header changes: same backing format, a link there before, room left in
+/// cluster 0; `Ok(false)` otherwise. The name then does not follow the
+/// extensions directly (QEMU reads it from its offset wherever it is; the
+/// next full rewrite packs it again).
+fn relink_in_two_steps(
+    node: &crate::block::Node,
+    parsed: &Parsed,
+    name: &str,
+    fmt: Option<&str>,
+) -> Result<bool> {
+    let same_format = parsed.header.backing_format.as_deref() == fmt;
+    let at = parsed.used_end as u64;
+    if parsed.header.backing_file.is_none()
+        || !same_format
+        || at + name.len() as u64 > parsed.header.cluster_size
+    {
+        return Ok(false);
+    }
+    node.pwrite(at, name.as_bytes())?;
+    node.flush()?;
+    let mut link = [0u8; 12];
+    link[..8].copy_from_slice(&at.to_be_bytes());
+    link[8..].copy_from_slice(&(name.len() as u32).to_be_bytes());
+    node.pwrite(8, &link)?;
+    node.flush()?;
+    Ok(true)
+}
+
+/// QEMU's checks of a new backing link (`qcow2_change_backing_file`).
+fn check_backing(parsed: &Parsed, backing: Option<(&str, Option<&str>)>) -> Result<()> {
     if let Some((name, fmt)) = backing {
-        // The checks of QEMU's qcow2_change_backing_file; a NUL would cut
-        // the name short when QEMU reads it back as a C string.
+        // A NUL would cut the name short when QEMU reads it back as a C
+        // string.
         if name.len() > MAX_BACKING_NAME
             || name.contains('\0')
             || parsed.header.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0
@@ -110,15 +187,6 @@ pub fn set_backing(f: &File, backing: Option<(&str, Option<&str>)>) -> Result<()
             return Err(Error::generic(format!("Invalid format name: '{fmt}'")));
         }
     }
-
-    let buf = rebuild(
-        &parsed,
-        &parsed.others,
-        backing,
-        parsed.header.autoclear_features,
-    )?;
-    f.write_all_at(&buf, 0)?;
-    f.sync_data()?;
     Ok(())
 }
 

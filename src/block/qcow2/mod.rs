@@ -250,23 +250,34 @@ pub fn change_backing(
         };
         (name, fmt)
     });
-    let path = drv.file().filename();
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&path)
-        .map_err(|e| Error::from(e).prepend(format!("Could not open '{path}': ")))?;
+    let file = drv.file();
     // Our header rewrites one at a time (the bitmaps rewrite it too).
     let _header = drv.persist.lock();
-    // imago keeps metadata in its caches: written out before the header
-    // changes under it, and the image reopened after.
-    drv.layer().access.flush().map_err(from_io)?;
-    header::set_backing(&f, link.as_ref().map(|(n, fmt)| (n.as_str(), Some(*fmt)))).map_err(
-        |e| {
-            let name = link.as_ref().map_or("", |(n, _)| n.as_str());
-            e.prepend(format!("Could not change the backing file to '{name}': "))
-        },
-    )?;
+    // Everything the image holds is durable before the header changes
+    // (imago's cached metadata written out and the file synced): a header
+    // that drops a backing layer must never reach the disk before the
+    // clusters that replace it (a stream's copies), or a power cut would
+    // show the guest zeroes there. The image is reopened after.
+    drv.flush()?;
+    let new = link.as_ref().map(|(n, fmt)| (n.as_str(), Some(*fmt)));
+    let r = if file.is_read_only() {
+        // A file node opened read-only refuses writes; the image was made
+        // writable for the job (QEMU reopens it), so write it by its path.
+        let path = file.filename();
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::from(e).prepend(format!("Could not open '{path}': ")))
+            .and_then(|f| header::set_backing(&f, new))
+    } else {
+        // Through the node, so that every layer under the image sees it.
+        header::set_node_backing(&file, new)
+    };
+    r.map_err(|e| {
+        let name = link.as_ref().map_or("", |(n, _)| n.as_str());
+        e.prepend(format!("Could not change the backing file to '{name}': "))
+    })?;
     *drv.header_backing.lock() = link.map(|(n, fmt)| (n, Some(fmt.to_string())));
     drv.relink(backing.cloned())
 }

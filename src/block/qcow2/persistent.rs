@@ -270,16 +270,26 @@ impl Persist {
             rc.commit()?;
             Some(bitmaps::extension_for(&dir, offset))
         };
+        // In three durable steps, so that a power cut that tears the
+        // header rewrite (the extension may straddle two sectors) leaves
+        // an image QEMU opens: the bitmaps bit is cleared on its own (an
+        // 8-byte write, within one sector), then the extensions change
+        // while readers ignore the bitmaps extension, then the bit is set
+        // again (QEMU's way to say "being rewritten" and "valid again").
+        let ac = header::read_node_header(&file)?.autoclear_features;
+        if ac & AUTOCLEAR_BITMAPS != 0 {
+            header::write_autoclear(&file, ac & !AUTOCLEAR_BITMAPS)?;
+        }
         header::update_node_header(&file, |exts, autoclear| {
             exts.retain(|(t, _)| *t != EXT_BITMAPS);
-            match new_ext {
-                Some(e) => {
-                    exts.push((EXT_BITMAPS, e.to_bytes()));
-                    *autoclear |= AUTOCLEAR_BITMAPS;
-                }
-                None => *autoclear &= !AUTOCLEAR_BITMAPS,
+            if let Some(e) = new_ext {
+                exts.push((EXT_BITMAPS, e.to_bytes()));
             }
+            *autoclear &= !AUTOCLEAR_BITMAPS;
         })?;
+        if new_ext.is_some() {
+            header::write_autoclear(&file, ac | AUTOCLEAR_BITMAPS)?;
+        }
         self.keep.store(
             if new_ext.is_some() {
                 AUTOCLEAR_BITMAPS

@@ -144,6 +144,10 @@ pub(super) struct MetadataCaches<S: Storage> {
     /// preventing the direction from changing mid-operation.  Direction
     /// switch methods take a write guard.
     direction: RwLock<CacheDependency>,
+
+    /// The image file, synced between the writeback of one cache and the
+    /// other (blockjob patch, see `barrier()`).
+    file: Arc<S>,
 }
 
 #[maybe_async]
@@ -160,7 +164,21 @@ impl<S: Storage> MetadataCaches<S> {
             l2: AsyncLruCache::new(l2_backend, l2_entries),
             rb: AsyncLruCache::new(rb_backend, rb_entries),
             direction: Default::default(),
+            file: Arc::clone(file),
         }
+    }
+
+    /// Make everything written so far durable (blockjob patch).
+    ///
+    /// Writing one cache before the other orders the writes, but only a
+    /// sync orders their durability: without it, a power cut may leave an
+    /// L2 entry on disk whose refcount (or whose data) never got there,
+    /// which `qemu-img check` reports as corruption.  QEMU's
+    /// `qcow2_cache_flush_dependency()` flushes the file for the same
+    /// reason.  Syncing here also makes the data the L2 entries point at
+    /// durable before the entries.
+    async fn barrier(&self) -> io::Result<()> {
+        self.file.sync().await
     }
 
     /// Make sure the refblock cache is flushed before the L2 cache.
@@ -173,6 +191,7 @@ impl<S: Storage> MetadataCaches<S> {
         }
         if *dir == CacheDependency::RbDependsOnL2 {
             self.l2.flush().await?;
+            self.barrier().await?;
         }
         *dir = CacheDependency::L2DependsOnRb;
         Ok(())
@@ -188,6 +207,7 @@ impl<S: Storage> MetadataCaches<S> {
         }
         if *dir == CacheDependency::L2DependsOnRb {
             self.rb.flush().await?;
+            self.barrier().await?;
         }
         *dir = CacheDependency::RbDependsOnL2;
         Ok(())
@@ -196,11 +216,15 @@ impl<S: Storage> MetadataCaches<S> {
     /// Flush both L2 and refblock cache to disk.
     pub async fn flush_all(&self) -> io::Result<()> {
         let dir = self.direction.read().await;
+        // Data before the L2 entries that point at it.
+        self.barrier().await?;
         if *dir == CacheDependency::L2DependsOnRb {
             self.rb.flush().await?;
+            self.barrier().await?;
             self.l2.flush().await?;
         } else {
             self.l2.flush().await?;
+            self.barrier().await?;
             self.rb.flush().await?;
         }
 
@@ -219,6 +243,8 @@ impl<S: Storage> MetadataCaches<S> {
         if *dir == CacheDependency::L2DependsOnRb {
             self.rb.flush().await?;
         }
+        // An evicted L2 table is written after its refcounts and data.
+        self.barrier().await?;
 
         // `unwrap()` is safe: Will never return `Ok(None)` with `may_flush` set to true.
         let l2 = self.l2.get_or_insert(cluster_index, true).await?.unwrap();
@@ -239,6 +265,8 @@ impl<S: Storage> MetadataCaches<S> {
             if *dir == CacheDependency::L2DependsOnRb {
                 self.rb.flush().await?;
             }
+            // As in l2_get_or_insert.
+            self.barrier().await?;
 
             let inserted = self.l2.insert(cluster, table, true).await?;
             // Will always insert with `may_flush` set to true.
@@ -267,6 +295,7 @@ impl<S: Storage> MetadataCaches<S> {
 
         if *dir == CacheDependency::RbDependsOnL2 {
             self.l2.flush().await?;
+            self.barrier().await?;
         }
 
         // `unwrap()` is safe: Will never return `Ok(None)` with `may_flush` set to true.
@@ -287,6 +316,7 @@ impl<S: Storage> MetadataCaches<S> {
         if !self.rb.insert(cluster, Arc::clone(&rb), false).await? {
             if *dir == CacheDependency::RbDependsOnL2 {
                 self.l2.flush().await?;
+                self.barrier().await?;
             }
 
             let inserted = self.rb.insert(cluster, rb, true).await?;
@@ -302,6 +332,7 @@ impl<S: Storage> MetadataCaches<S> {
         let dir = self.direction.read().await;
         if *dir == CacheDependency::RbDependsOnL2 {
             self.l2.flush().await?;
+            self.barrier().await?;
         }
         self.rb.flush().await
     }

@@ -331,9 +331,11 @@ impl<S: Storage, F: WrappedFormat<S>> Qcow2<S, F> {
         let l2_allocation = self.allocate_meta_cluster().await?;
         l2_table.set_cluster(l2_allocation.cluster());
         l2_table.write(self.metadata.as_ref()).await?;
-
-        // The L1 entry goes to disk at once: the new L2 table's refcount first.
+        // blockjob patch: the new table and its refcount durable before
+        // the L1 entry that points at it (QEMU's l2_allocate flushes too).
         self.caches.flush_rb().await?;
+        self.metadata.sync().await?;
+
         l1_locked.enter_l2_table(l1_index, &l2_table, Some(l2_allocation))?;
         l1_locked
             .write_entry(self.metadata.as_ref(), l1_index)
@@ -367,9 +369,11 @@ impl<S: Storage, F: WrappedFormat<S>> Qcow2<S, F> {
 
         new_l1.set_cluster(l1_allocation.cluster());
         new_l1.write(self.metadata.as_ref()).await?;
-
-        // The header's pointer goes to disk at once: the new table's refcounts first.
+        // blockjob patch: the new table and its refcounts durable before
+        // the header points at it.
         self.caches.flush_rb().await?;
+        self.metadata.sync().await?;
+
         self.header.set_l1_table(&new_l1, Some(l1_allocation))?;
         self.header
             .write_l1_table_pointer(self.metadata.as_ref())
