@@ -808,7 +808,19 @@ fn blklogwrites_options_are_checked_as_qemu_checks_them() {
         if !append {
             v["file"]["log-super-update-interval"] = json!(1);
         }
-        ctx.blockdev_add(&v).unwrap();
+        // The previous pass closed these files, but another test of this
+        // binary may be spawning `qemu-img` right now: until its child
+        // execs, it shares every open file description of this process,
+        // the previous pass's too, and with them their OFD locks (QEMU's
+        // own locks have the same window in a process that forks).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while let Err(e) = ctx.blockdev_add(&v) {
+            assert!(
+                e.message().starts_with("Failed to get") && std::time::Instant::now() < deadline,
+                "{e:?}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         let g = ctx.blk_new("r", BackendOptions::default()).unwrap();
         // Unaligned: widened to whole sectors in the log.
         g.pwrite(100, &[pass; 10]).unwrap();

@@ -549,6 +549,12 @@ impl<S: Storage> Allocator<S> {
             None
         };
         new_rb.write(self.file.as_ref()).await?;
+        // blockjob patch: the new refblock and its own refcount (in another
+        // refblock, still only cached when it came from
+        // `allocate_clusters`) are durable before the reftable entry points
+        // at it, as QEMU's `alloc_refcount_block` flushes there.
+        self.caches.flush_rb().await?;
+        self.file.sync().await?;
 
         self.reftable
             .enter_refblock(rt_index, &new_rb, new_rb_allocation)?;
@@ -642,6 +648,12 @@ impl<S: Storage> Allocator<S> {
 
             let mut rb = RefBlock::new_cleared(self.file.as_ref(), &self.header)?;
             rb.set_cluster(index);
+            // blockjob patch: on disk (cleared) before the new reftable
+            // names it. A refblock that gets no refcount of the new range
+            // is never dirty, so `flush_rb()` below would not write it, and
+            // the reftable would point past the end of the file
+            // (`qemu-img check`: "refcount block N is outside image").
+            rb.write(self.file.as_ref()).await?;
             new_rt.enter_refblock(rt_i, &rb, None)?;
             let rb = Arc::new(rb);
             self.caches.rb_insert(Arc::clone(&rb)).await?;
@@ -675,7 +687,11 @@ impl<S: Storage> Allocator<S> {
         // `refblocks` that are already part of the old reftable.
         // TODO: Try to clean that up, though it seems quite hard for little gain.
         self.caches.flush_rb().await?;
+        // blockjob patch: refblocks, then the reftable, then the header
+        // pointer, each durable before the next points at it.
+        self.file.sync().await?;
         new_rt.write(self.file.as_ref()).await?;
+        self.file.sync().await?;
 
         self.header.set_reftable(&new_rt)?;
         self.header
