@@ -64,11 +64,11 @@ use crate::events::{Notify, Subscription};
 
 /// Unwritten output a client may have before its reader stops reading
 /// (a megabyte of garbage costs QEMU's texts about 9 MB of replies).
-pub const OUT_CAP: usize = 16 << 20;
+pub(crate) const OUT_CAP: usize = 16 << 20;
 
 /// Events a client may have waiting before it is disconnected (a few
 /// MB; a job emits a handful of events unless an error policy repeats).
-pub const EVENT_CAP: usize = 16 << 10;
+pub(crate) const EVENT_CAP: usize = 16 << 10;
 
 /// After a value this large, the output buffer's memory is given back.
 const OUT_KEEP: usize = 1 << 20;

@@ -43,11 +43,11 @@ use std::collections::VecDeque;
 use serde_json::{Map, Number, Value};
 
 /// QEMU's `MAX_TOKEN_SIZE`: bytes of one value's tokens, and of one token.
-pub const MAX_TOKEN_SIZE: usize = 64 << 20;
+pub(crate) const MAX_TOKEN_SIZE: usize = 64 << 20;
 /// QEMU's `MAX_TOKEN_COUNT`: tokens of one value.
-pub const MAX_TOKEN_COUNT: usize = 2 << 20;
+pub(crate) const MAX_TOKEN_COUNT: usize = 2 << 20;
 /// QEMU's `MAX_NESTING`: open braces and brackets.
-pub const MAX_NESTING: i64 = 1 << 10;
+pub(crate) const MAX_NESTING: i64 = 1 << 10;
 
 /// Above this, the buffers are given back after a value (a 64 MiB request
 /// must not pin 64 MiB per client for the life of the connection).
