@@ -357,9 +357,11 @@ impl Context {
     pub fn subscribe_bounded(
         &self,
         limit: usize,
+        coalesce_from: usize,
         on_overflow: Arc<dyn crate::events::Notify>,
     ) -> Subscription {
-        self.bus.subscribe_bounded(limit, on_overflow)
+        self.bus
+            .subscribe_bounded(limit, coalesce_from, on_overflow)
     }
 
     fn lock_dispatcher(&self) -> crate::locks::MutexGuard<'_, Dispatcher> {

@@ -243,6 +243,9 @@ struct Queue {
     cv: Condvar,
     /// Events queued at most; one more overflows the queue.
     limit: usize,
+    /// From this many queued on, an event equal to the last one queued
+    /// (a repeating error) is not queued again.
+    coalesce_from: usize,
     /// Told once, when the queue overflows.
     on_overflow: Option<Arc<dyn Notify>>,
 }
@@ -253,6 +256,7 @@ impl Default for Queue {
             items: Mutex::default(),
             cv: Condvar::new(),
             limit: usize::MAX,
+            coalesce_from: usize::MAX,
             on_overflow: None,
         }
     }
@@ -273,6 +277,11 @@ impl Queue {
     fn push(&self, ev: Arc<Event>) {
         let mut q = self.lock();
         if q.closed {
+            return;
+        }
+        if q.events.len() >= self.coalesce_from
+            && q.events.back().is_some_and(|last| last.data == ev.data)
+        {
             return;
         }
         if q.events.len() >= self.limit {
@@ -371,16 +380,21 @@ impl EventBus {
     }
 
     /// Subscribe with at most `limit` events queued: the event that would
-    /// be one more closes the subscription instead (nothing is reordered
-    /// or skipped silently: [`Subscription::overflowed`] says so), and
-    /// `on_overflow` is told, once, with the bus lock held.
+    /// be one more closes the subscription instead (nothing is reordered:
+    /// [`Subscription::overflowed`] says it ended so), and `on_overflow`
+    /// is told, once, with the bus lock held. With `coalesce_from` or
+    /// more queued, an event equal to the last one queued (name and data:
+    /// a repeating `BLOCK_JOB_ERROR`) is not queued again: a receiver
+    /// that fell behind sees a storm of one event once.
     pub fn subscribe_bounded(
         self: &Arc<Self>,
         limit: usize,
+        coalesce_from: usize,
         on_overflow: Arc<dyn Notify>,
     ) -> Subscription {
         let queue = Queue {
             limit,
+            coalesce_from,
             on_overflow: Some(on_overflow),
             ..Queue::default()
         };
@@ -582,7 +596,7 @@ mod tests {
         }
         let bus = EventBus::new();
         let told = Arc::new(Count(Default::default()));
-        let sub = bus.subscribe_bounded(3, told.clone());
+        let sub = bus.subscribe_bounded(3, usize::MAX, told.clone());
         let all = bus.subscribe();
         for _ in 0..5 {
             bus.emit(jsc("j", JobStatus::Running));
@@ -598,6 +612,39 @@ mod tests {
         // Other subscribers lose nothing.
         assert_eq!(all.len(), 5);
         assert!(!all.overflowed());
+    }
+
+    #[test]
+    fn a_receiver_that_fell_behind_gets_a_repeating_event_once() {
+        struct Never;
+        impl Notify for Never {
+            fn notify(&self) {
+                panic!("overflowed");
+            }
+        }
+        let bus = EventBus::new();
+        let sub = bus.subscribe_bounded(100, 2, Arc::new(Never));
+        let running = || jsc("j", JobStatus::Running);
+        // Below the threshold repeats are kept.
+        bus.emit(running());
+        bus.emit(running());
+        // From it on, only a change is queued.
+        for _ in 0..1000 {
+            bus.emit(running());
+        }
+        bus.emit(jsc("j", JobStatus::Paused));
+        bus.emit(running());
+        for _ in 0..1000 {
+            bus.emit(running());
+        }
+        let got: Vec<_> = std::iter::from_fn(|| sub.try_next())
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(got, vec![1, 2, 1003, 1004]);
+        // Drained: repeats are queued again.
+        bus.emit(running());
+        bus.emit(running());
+        assert_eq!(sub.len(), 2);
     }
 
     #[test]

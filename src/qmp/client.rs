@@ -35,7 +35,12 @@
 //!   it takes, blocking. A client's event queue is bounded by
 //!   [`EVENT_CAP`]: a client that lets more pile up (it reads nothing
 //!   while jobs emit) is disconnected, rather than the daemon holding
-//!   its events without bound (QEMU's monitor does).
+//!   its events without bound (QEMU's monitor does). Before that, from
+//!   [`COALESCE_FROM`] events behind, a repeat of the last queued event
+//!   is not queued again, so a storm of one error (a mirror retrying a
+//!   failing read under `ignore`) reaches a slow client once, and a
+//!   client that does not read reaches the limit only through distinct
+//!   events.
 //! - A write to a vanished client fails with EPIPE and never raises
 //!   SIGPIPE, which would kill a C host that did not ignore it: std's
 //!   `UnixStream` sends with `MSG_NOSIGNAL` on Linux, and server threads
@@ -66,9 +71,19 @@ use crate::events::{Notify, Subscription};
 /// (a megabyte of garbage costs QEMU's texts about 9 MB of replies).
 pub(crate) const OUT_CAP: usize = 16 << 20;
 
-/// Events a client may have waiting before it is disconnected (a few
-/// MB; a job emits a handful of events unless an error policy repeats).
-pub(crate) const EVENT_CAP: usize = 16 << 10;
+/// Events a client may have waiting before it is disconnected: 2 MiB of
+/// queue per client (the events themselves are shared by all clients).
+/// Far more than a job's status changes; a mirror repeating a read error
+/// under `on-source-error=ignore` emits over 100 000 a second, which a
+/// client that reads keeps up with, and one that does not reaches in
+/// seconds.
+pub(crate) const EVENT_CAP: usize = 256 << 10;
+
+/// Events a client may have waiting before a repeat of the last one is
+/// not queued again (a storm of one `BLOCK_JOB_ERROR` reaches a client
+/// that fell behind once; QEMU's single thread paces its own storms by
+/// writing them out, ours would outrun any reader).
+pub(crate) const COALESCE_FROM: usize = 1024;
 
 /// After a value this large, the output buffer's memory is given back.
 const OUT_KEEP: usize = 1 << 20;
@@ -238,7 +253,7 @@ impl Client {
                 // The server is closing: no events for a newcomer.
                 None
             } else {
-                let sub = Arc::new(mon.ctx.subscribe_bounded(EVENT_CAP, hang_up));
+                let sub = Arc::new(mon.ctx.subscribe_bounded(EVENT_CAP, COALESCE_FROM, hang_up));
                 ev.sub = Some(sub.clone());
                 Some(sub)
             }
