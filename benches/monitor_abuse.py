@@ -125,6 +125,8 @@ class Prober(threading.Thread):
         if not self.lat:
             return "-", "-"
         worst = "-" if self.lost else f"{max(self.lat):.1f}"
+        if os.environ.get("PROBE_TRACE"):
+            log(" ".join(f"{x:.0f}" for x in self.lat))
         return f"{statistics.median(self.lat):.1f}", worst
 
 
