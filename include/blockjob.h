@@ -1351,10 +1351,10 @@ typedef struct {
    */
   uint32_t size;
   /**
-   * Path of the UNIX socket to listen on (required). It is created with
-   * mode 0600; a socket file already there is replaced (QEMU unlinks
-   * before binding), any other file makes the call fail with `Failed to
-   * bind socket to PATH: Address already in use`. `bj_qmp_server_free`
+   * Path of the UNIX socket to listen on (required). Its mode is what
+   * the process umask leaves, as QEMU's; whatever is at the path is
+   * unlinked first, as QEMU does (a directory makes the call fail with
+   * `Failed to unlink socket PATH: Is a directory`). `bj_qmp_server_free`
    * removes it again if the path still names it, as QEMU unlinks its own
    * socket when it closes. Copied: need not outlive the call.
    */

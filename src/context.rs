@@ -352,6 +352,18 @@ impl Context {
         self.bus.subscribe()
     }
 
+    /// Subscribe with at most `limit` events queued (see
+    /// [`crate::events::EventBus::subscribe_bounded`]).
+    pub fn subscribe_bounded(
+        &self,
+        limit: usize,
+        coalesce_from: usize,
+        on_overflow: Arc<dyn crate::events::Notify>,
+    ) -> Subscription {
+        self.bus
+            .subscribe_bounded(limit, coalesce_from, on_overflow)
+    }
+
     fn lock_dispatcher(&self) -> crate::locks::MutexGuard<'_, Dispatcher> {
         self.dispatcher.lock()
     }

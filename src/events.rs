@@ -238,16 +238,35 @@ pub trait Notify: Send + Sync {
 }
 
 /// One subscriber's queue.
-#[derive(Default)]
 struct Queue {
     items: Mutex<QueueState>,
     cv: Condvar,
+    /// Events queued at most; one more overflows the queue.
+    limit: usize,
+    /// From this many queued on, an event equal to the last one queued
+    /// (a repeating error) is not queued again.
+    coalesce_from: usize,
+    /// Told once, when the queue overflows.
+    on_overflow: Option<Arc<dyn Notify>>,
+}
+
+impl Default for Queue {
+    fn default() -> Self {
+        Queue {
+            items: Mutex::default(),
+            cv: Condvar::new(),
+            limit: usize::MAX,
+            coalesce_from: usize::MAX,
+            on_overflow: None,
+        }
+    }
 }
 
 #[derive(Default)]
 struct QueueState {
     events: VecDeque<Arc<Event>>,
     closed: bool,
+    overflowed: bool,
 }
 
 impl Queue {
@@ -256,7 +275,28 @@ impl Queue {
     }
 
     fn push(&self, ev: Arc<Event>) {
-        self.lock().events.push_back(ev);
+        let mut q = self.lock();
+        if q.closed {
+            return;
+        }
+        if q.events.len() >= self.coalesce_from
+            && q.events.back().is_some_and(|last| last.data == ev.data)
+        {
+            return;
+        }
+        if q.events.len() >= self.limit {
+            // The receiver fell too far behind: no more events for it.
+            q.overflowed = true;
+            q.closed = true;
+            drop(q);
+            self.cv.notify_all();
+            if let Some(n) = &self.on_overflow {
+                n.notify();
+            }
+            return;
+        }
+        q.events.push_back(ev);
+        drop(q);
         self.cv.notify_one();
     }
 
@@ -388,7 +428,37 @@ impl EventBus {
 
     /// Subscribe with a notifier called after each event is queued.
     pub fn subscribe_with(self: &Arc<Self>, notify: Option<Arc<dyn Notify>>) -> Subscription {
-        let queue = Arc::new(Queue::default());
+        self.subscribe_queue(Queue::default(), notify)
+    }
+
+    /// Subscribe with at most `limit` events queued: the event that would
+    /// be one more closes the subscription instead (nothing is reordered:
+    /// [`Subscription::overflowed`] says it ended so), and `on_overflow`
+    /// is told, once, with the bus lock held. With `coalesce_from` or
+    /// more queued, an event equal to the last one queued (name and data:
+    /// a repeating `BLOCK_JOB_ERROR`) is not queued again: a receiver
+    /// that fell behind sees a storm of one event once.
+    pub fn subscribe_bounded(
+        self: &Arc<Self>,
+        limit: usize,
+        coalesce_from: usize,
+        on_overflow: Arc<dyn Notify>,
+    ) -> Subscription {
+        let queue = Queue {
+            limit,
+            coalesce_from,
+            on_overflow: Some(on_overflow),
+            ..Queue::default()
+        };
+        self.subscribe_queue(queue, None)
+    }
+
+    fn subscribe_queue(
+        self: &Arc<Self>,
+        queue: Queue,
+        notify: Option<Arc<dyn Notify>>,
+    ) -> Subscription {
+        let queue = Arc::new(queue);
         let mut inner = self.lock();
         let id = inner.next_sink;
         inner.next_sink += 1;
@@ -471,6 +541,11 @@ impl Subscription {
             }
             q = self.queue.cv.wait_timeout(q, deadline - now);
         }
+    }
+
+    /// Whether the subscription overflowed its limit (and was closed).
+    pub fn overflowed(&self) -> bool {
+        self.queue.lock().overflowed
     }
 
     /// Number of queued events.
@@ -559,6 +634,69 @@ mod tests {
         assert_eq!(sa, (1..=4000).collect::<Vec<_>>());
         assert_eq!(sa, sb);
         assert_eq!(bus.last_seq(), 4000);
+    }
+
+    #[test]
+    fn a_bounded_subscription_closes_at_its_limit_and_says_so() {
+        struct Count(std::sync::atomic::AtomicUsize);
+        impl Notify for Count {
+            fn notify(&self) {
+                // Relaxed: a counter read after the emitting thread's
+                // bus lock was released (the lock orders it).
+                self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        let bus = EventBus::new();
+        let told = Arc::new(Count(Default::default()));
+        let sub = bus.subscribe_bounded(3, usize::MAX, told.clone());
+        let all = bus.subscribe();
+        for _ in 0..5 {
+            bus.emit(jsc("j", JobStatus::Running));
+        }
+        // Three queued, the fourth overflowed; told once.
+        assert!(sub.overflowed());
+        assert_eq!(sub.len(), 3);
+        assert_eq!(told.0.load(std::sync::atomic::Ordering::Relaxed), 1);
+        let seqs: Vec<u64> = std::iter::from_fn(|| sub.next_blocking())
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(seqs, vec![1, 2, 3]);
+        // Other subscribers lose nothing.
+        assert_eq!(all.len(), 5);
+        assert!(!all.overflowed());
+    }
+
+    #[test]
+    fn a_receiver_that_fell_behind_gets_a_repeating_event_once() {
+        struct Never;
+        impl Notify for Never {
+            fn notify(&self) {
+                panic!("overflowed");
+            }
+        }
+        let bus = EventBus::new();
+        let sub = bus.subscribe_bounded(100, 2, Arc::new(Never));
+        let running = || jsc("j", JobStatus::Running);
+        // Below the threshold repeats are kept.
+        bus.emit(running());
+        bus.emit(running());
+        // From it on, only a change is queued.
+        for _ in 0..1000 {
+            bus.emit(running());
+        }
+        bus.emit(jsc("j", JobStatus::Paused));
+        bus.emit(running());
+        for _ in 0..1000 {
+            bus.emit(running());
+        }
+        let got: Vec<_> = std::iter::from_fn(|| sub.try_next())
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(got, vec![1, 2, 1003, 1004]);
+        // Drained: repeats are queued again.
+        bus.emit(running());
+        bus.emit(running());
+        assert_eq!(sub.len(), 2);
     }
 
     #[test]

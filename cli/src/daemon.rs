@@ -16,12 +16,16 @@
 //! stops the monitors (their clients get the events queued until then),
 //! removes the pid file and exits 0.
 //!
-//! `--daemonize` re-executes the binary in a new process group with a
-//! pipe on its stdout instead of `fork()` (the crate has no unsafe code
-//! outside the C ABI): the child writes one byte when it is ready, then
-//! moves stdin/stdout/stderr to /dev/null and its working directory to
-//! `/` as QSD does; the parent exits 0 on that byte, 1 if the child
-//! failed (its error went to the shared stderr).
+//! `--daemonize` re-executes the binary with a pipe on its stdout instead
+//! of `fork()` (the crate has no unsafe code outside the C ABI); the
+//! child starts a session of its own (`setsid`: a closing terminal's
+//! SIGHUP does not reach it) and sets umask 027, as QSD's daemon does,
+//! writes one byte when it is ready, then moves stdin/stdout/stderr to
+//! /dev/null and its working directory to `/` as QSD does; the parent
+//! exits 0 on that byte, 1 if the child failed (its error went to the
+//! shared stderr). QSD forks twice, so that its daemon does not lead its
+//! session; ours does (it never opens a terminal, so it cannot acquire
+//! one).
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -30,7 +34,6 @@ use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixListener;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, mpsc};
@@ -41,7 +44,6 @@ use blockjob::qapi::keyval::{keyval_parse, parse_bool, parse_int};
 use blockjob::qmp::socket::{self, SocketFile};
 use blockjob::qmp::{self, QmpServer, QmpServerOptions};
 use nix::fcntl::{Flock, FlockArg};
-use nix::sys::stat::{Mode, umask};
 use serde_json::{Map, Value, json};
 
 use crate::chardev;
@@ -95,6 +97,14 @@ pub fn run(args: Vec<OsString>) -> ! {
     let daemon_child = a.daemonize && std::env::var_os(CHILD_ENV).is_some();
     if a.daemonize && !daemon_child {
         daemonize_parent(&args);
+    }
+    if daemon_child {
+        // As QSD's daemon: a session of its own, so that no terminal's
+        // hangup reaches it, and umask 027 for what it creates (its
+        // sockets are 0750 whatever the caller's umask was). Cannot fail:
+        // the re-executed child leads no process group.
+        let _ = nix::unistd::setsid();
+        nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o027));
     }
     // Before any thread exists, so that every thread inherits the mask.
     let signals = signals::block().unwrap_or_else(|e| fail(format!("cannot block signals: {e}")));
@@ -354,13 +364,9 @@ fn stop(ctx: &Context, servers: Vec<QmpServer>) {
     }
 }
 
-/// Bind a monitor socket with mode 0600 from the start: no other thread
-/// runs yet, so the umask change is seen by this bind only.
+/// Bind a monitor socket (its mode follows the umask, as QEMU's).
 fn listen(path: &Path) -> Result<(UnixListener, SocketFile), String> {
-    let old = umask(Mode::from_bits_truncate(0o177));
-    let r = socket::bind(path);
-    umask(old);
-    r.map_err(|e| e.message().to_string())
+    socket::bind(path).map_err(|e| e.message().to_string())
 }
 
 /// Create, lock and fill the pid file; its absolute path (for removal
@@ -398,7 +404,6 @@ fn daemonize_parent(args: &[String]) -> ! {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
-        .process_group(0)
         .spawn()
         .unwrap_or_else(|e| fail(format!("--daemonize: cannot start the daemon: {e}")));
     let mut ready = [1u8];

@@ -226,10 +226,71 @@ fn greeting_negotiation_two_monitors_and_socket_mode() {
     }
     assert!(got.starts_with(b"{\r\n    \"QMP\": {\r\n"));
 
+    // The mode the umask leaves, as QSD's.
+    let qmode = std::fs::symlink_metadata(&qsock)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(qmode, 0o777 & !umask());
     for p in [&a, &b] {
         let m = std::fs::symlink_metadata(p).unwrap();
         assert!(m.file_type().is_socket());
-        assert_eq!(m.permissions().mode() & 0o777, 0o600, "{}", p.display());
+        assert_eq!(m.permissions().mode() & 0o777, qmode, "{}", p.display());
+    }
+}
+
+/// This process's umask (read, not changed: tests run in threads).
+fn umask() -> u32 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("Umask:")).unwrap();
+    u32::from_str_radix(line["Umask:".len()..].trim(), 8).unwrap()
+}
+
+/// `/proc/PID/stat`'s session id.
+fn session_of(pid: u32) -> u32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // After "pid (comm) ": state ppid pgrp session.
+    let rest = stat.rsplit_once(')').unwrap().1;
+    rest.split_whitespace().nth(3).unwrap().parse().unwrap()
+}
+
+#[test]
+fn socket_mode_follows_the_umask_and_a_stale_file_is_replaced_as_by_qsd() {
+    for qsd in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("m.sock");
+        // What a crashed daemon (or anything else) left at the path.
+        std::fs::write(&sock, b"stale").unwrap();
+        let args = monitor_args(&sock, "m");
+        // umask 002: a management group may connect.
+        let inner = command(qsd, &args);
+        let mut c = Command::new("sh");
+        c.arg("-c")
+            .arg("umask 002; exec \"$@\"")
+            .arg("sh")
+            .arg(inner.get_program())
+            .args(inner.get_args())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !std::fs::symlink_metadata(&sock).is_ok_and(|m| m.file_type().is_socket()) {
+            assert!(Instant::now() < deadline, "qsd={qsd}: no socket");
+            assert!(child.try_wait().unwrap().is_none(), "qsd={qsd}: exited");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mode = std::fs::symlink_metadata(&sock)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o775, "qsd={qsd}");
+        let mut q = Qmp::connect(&sock);
+        assert_eq!(q.ok("query-jobs", json!({})), json!([]));
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 
@@ -444,6 +505,17 @@ fn daemonize_with_pidfile() {
         .parse()
         .unwrap();
     assert!(alive(pid));
+    // Detached from the caller's session (a closing terminal's hangup
+    // cannot reach it), with QSD's umask 027 for its socket.
+    let me = session_of(std::process::id());
+    assert_ne!(session_of(pid), me);
+    assert_eq!(session_of(pid), pid);
+    let mode = std::fs::symlink_metadata(&sock)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o750);
     let mut q = Qmp::connect(&sock);
     let nodes = q.ok("query-named-block-nodes", json!({}));
     assert_eq!(nodes[0]["node-name"], "n0");

@@ -25,6 +25,22 @@
 //!   socket down, closes the subscription and joins the forwarder.
 //! - Once the server stops taking commands, what a client sends is read
 //!   and dropped; its events keep flowing until the server closes it.
+//! - Output is buffered per client and written without blocking the
+//!   reader, so a client may send a large batch before reading its
+//!   replies (QEMU's monitor buffers its output too). The reader waits
+//!   (poll) for input or, while output is held, for room to write it.
+//!   Held output is bounded: past [`OUT_CAP`] unwritten bytes the reader
+//!   blocks writing and stops reading, so a client that sends without
+//!   reading is slowed to its own pace. The forwarder always writes what
+//!   it takes, blocking. A client's event queue is bounded by
+//!   [`EVENT_CAP`]: a client that lets more pile up (it reads nothing
+//!   while jobs emit) is disconnected, rather than the daemon holding
+//!   its events without bound (QEMU's monitor does). Before that, from
+//!   [`COALESCE_FROM`] events behind, a repeat of the last queued event
+//!   is not queued again, so a storm of one error (a mirror retrying a
+//!   failing read under `ignore`) reaches a slow client once, and a
+//!   client that does not read reaches the limit only through distinct
+//!   events.
 //! - A write to a vanished client fails with EPIPE and never raises
 //!   SIGPIPE, which would kill a C host that did not ignore it: std's
 //!   `UnixStream` sends with `MSG_NOSIGNAL` on Linux, and server threads
@@ -32,19 +48,45 @@
 
 use crate::locks::Mutex;
 use std::cell::Cell;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 
+use std::os::fd::{AsFd, AsRawFd};
+
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{SigSet, Signal};
+use nix::sys::socket::{MsgFlags, send};
 use serde_json::Value;
 
 use super::server::Monitor;
 use super::{Session, greeting};
-use crate::events::Subscription;
+use crate::events::{Notify, Subscription};
+
+/// Unwritten output a client may have before its reader stops reading
+/// (a megabyte of garbage costs QEMU's texts about 9 MB of replies).
+pub(crate) const OUT_CAP: usize = 16 << 20;
+
+/// Events a client may have waiting before it is disconnected: 2 MiB of
+/// queue per client (the events themselves are shared by all clients).
+/// Far more than a job's status changes; a mirror repeating a read error
+/// under `on-source-error=ignore` emits over 100 000 a second, which a
+/// client that reads keeps up with, and one that does not reaches in
+/// seconds.
+pub(crate) const EVENT_CAP: usize = 256 << 10;
+
+/// Events a client may have waiting before a repeat of the last one is
+/// not queued again (a storm of one `BLOCK_JOB_ERROR` reaches a client
+/// that fell behind once; QEMU's single thread paces its own storms by
+/// writing them out, ours would outrun any reader).
+pub(crate) const COALESCE_FROM: usize = 1024;
+
+/// After a value this large, the output buffer's memory is given back.
+const OUT_KEEP: usize = 1 << 20;
 
 /// Block SIGPIPE in the calling thread (see the module doc; a blocked
 /// SIGPIPE stays pending on this thread and goes with it).
@@ -62,6 +104,25 @@ struct Out {
     queue: Option<Arc<Subscription>>,
     /// A write failed: the client is gone, nothing more is written.
     broken: bool,
+    /// Output taken for the client; written up to `sent`.
+    pending: Vec<u8>,
+    sent: usize,
+}
+
+impl Out {
+    fn unsent(&self) -> usize {
+        self.pending.len() - self.sent
+    }
+}
+
+/// Hangs up on a client whose event queue overflowed (its forwarder may
+/// be blocked writing to it: the shutdown fails that write).
+struct HangUp(UnixStream);
+
+impl Notify for HangUp {
+    fn notify(&self) {
+        let _ = self.0.shutdown(Shutdown::Both);
+    }
 }
 
 /// The subscription as the closing side sees it (a separate lock, so
@@ -91,43 +152,91 @@ impl Client {
                 pretty,
                 queue: None,
                 broken: false,
+                pending: Vec::new(),
+                sent: 0,
             }),
             events: Mutex::new(Events::default()),
             forwarder: Mutex::new(None),
         }
     }
 
-    /// Every event queued for the client, then `reply`, in one write.
-    fn send(&self, reply: Option<&Value>) -> io::Result<()> {
+    /// Every event queued for the client, then `reply`, taken for
+    /// output in that order and written as far as the socket takes it
+    /// now (`wait`: all of it, blocking; so too past [`OUT_CAP`]).
+    fn send(&self, reply: Option<&Value>, wait: bool) -> io::Result<()> {
         let mut out = self.out.lock();
-        self.send_locked(&mut out, reply)
+        self.send_locked(&mut out, reply, wait)
     }
 
-    fn send_locked(&self, out: &mut Out, reply: Option<&Value>) -> io::Result<()> {
+    fn send_locked(&self, out: &mut Out, reply: Option<&Value>, wait: bool) -> io::Result<()> {
         if out.broken {
             return Err(io::ErrorKind::BrokenPipe.into());
         }
-        let mut text = String::new();
-        let mut push = |v: &Value| {
-            text.push_str(&crate::qapi::json::write(v, out.pretty));
-            text.push_str("\r\n");
+        let pretty = out.pretty;
+        let push = |pending: &mut Vec<u8>, v: &Value| {
+            pending.extend_from_slice(crate::qapi::json::write(v, pretty).as_bytes());
+            pending.extend_from_slice(b"\r\n");
         };
         if let Some(q) = &out.queue {
             while let Some(ev) = q.try_next() {
-                push(&ev.to_qmp_value());
+                push(&mut out.pending, &ev.to_qmp_value());
             }
         }
         if let Some(r) = reply {
-            push(r);
+            push(&mut out.pending, r);
         }
-        if text.is_empty() {
-            return Ok(());
+        let wait = wait || out.unsent() > OUT_CAP;
+        self.flush_locked(out, wait)
+    }
+
+    /// Write held output: what the socket takes without blocking, or
+    /// (`wait`) all of it.
+    fn flush(&self, wait: bool) -> io::Result<()> {
+        let mut out = self.out.lock();
+        if out.broken {
+            return Err(io::ErrorKind::BrokenPipe.into());
         }
-        (&self.stream).write_all(text.as_bytes()).inspect_err(|_| {
-            out.broken = true;
-            // Wakes the reader if the forwarder found the client gone.
-            let _ = self.stream.shutdown(Shutdown::Both);
-        })
+        self.flush_locked(&mut out, wait)
+    }
+
+    fn flush_locked(&self, out: &mut Out, wait: bool) -> io::Result<()> {
+        // MSG_NOSIGNAL: EPIPE, never SIGPIPE (see the module doc).
+        let flags = if wait {
+            MsgFlags::MSG_NOSIGNAL
+        } else {
+            MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT
+        };
+        while out.unsent() > 0 {
+            match send(self.stream.as_raw_fd(), &out.pending[out.sent..], flags) {
+                Ok(n) => out.sent += n,
+                Err(Errno::EINTR) => {}
+                Err(Errno::EAGAIN) if !wait => break,
+                Err(e) => {
+                    out.broken = true;
+                    // Wakes the reader if the forwarder found the client gone.
+                    let _ = self.stream.shutdown(Shutdown::Both);
+                    return Err(e.into());
+                }
+            }
+        }
+        if out.unsent() == 0 {
+            out.pending.clear();
+            out.sent = 0;
+            if out.pending.capacity() > OUT_KEEP {
+                out.pending.shrink_to(OUT_KEEP);
+            }
+        } else if out.sent > out.pending.len() / 2 {
+            // Amortised: each byte is moved at most once more.
+            out.pending.drain(..out.sent);
+            out.sent = 0;
+        }
+        Ok(())
+    }
+
+    /// Output is held, waiting for room in the socket.
+    fn output_held(&self) -> bool {
+        let out = self.out.lock();
+        !out.broken && out.unsent() > 0
     }
 
     /// Start the client's event subscription, write the reply to
@@ -136,6 +245,7 @@ impl Client {
     /// QEMU switches modes inside the command); under the output lock,
     /// so that nothing queued meanwhile goes out before the reply.
     fn reply_and_subscribe(self: &Arc<Self>, mon: &Arc<Monitor>, reply: &Value) -> io::Result<()> {
+        let hang_up = Arc::new(HangUp(self.stream.try_clone()?));
         let mut out = self.out.lock();
         let sub = {
             let mut ev = self.events.lock();
@@ -143,12 +253,12 @@ impl Client {
                 // The server is closing: no events for a newcomer.
                 None
             } else {
-                let sub = Arc::new(mon.ctx.subscribe());
+                let sub = Arc::new(mon.ctx.subscribe_bounded(EVENT_CAP, COALESCE_FROM, hang_up));
                 ev.sub = Some(sub.clone());
                 Some(sub)
             }
         };
-        self.send_locked(&mut out, Some(reply))?;
+        self.send_locked(&mut out, Some(reply), false)?;
         let Some(sub) = sub else {
             return Ok(());
         };
@@ -214,8 +324,11 @@ pub(super) fn serve(mon: Arc<Monitor>, client: Arc<Client>) {
     READER_OF.with(|r| r.set(Arc::as_ptr(&mon) as usize));
     // A panicking command must not skip the cleanup below.
     let _ = catch_unwind(AssertUnwindSafe(|| {
-        if client.send(Some(&greeting())).is_ok() {
+        if client.send(Some(&greeting()), false).is_ok() {
             read_requests(&mon, &client);
+            // A client that stopped sending may still read: what is held
+            // for it goes out (until it reads or the server closes it).
+            let _ = client.flush(true);
         }
     }));
     client.disconnect();
@@ -228,6 +341,24 @@ fn read_requests(mon: &Arc<Monitor>, client: &Arc<Client>) {
     let mut session = Session::new(&mon.ctx);
     let mut buf = vec![0u8; 64 * 1024];
     loop {
+        // Input, or room for held output.
+        let events = if client.output_held() {
+            PollFlags::POLLIN | PollFlags::POLLOUT
+        } else {
+            PollFlags::POLLIN
+        };
+        let mut fds = [PollFd::new(client.stream.as_fd(), events)];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) | Err(Errno::EINTR) => {}
+            Err(_) => return,
+        }
+        let ready = fds[0].revents().unwrap_or(PollFlags::empty());
+        if ready.contains(PollFlags::POLLOUT) && client.flush(false).is_err() {
+            return;
+        }
+        if !ready.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR) {
+            continue;
+        }
         let n = match (&client.stream).read(&mut buf) {
             Ok(0) => return,
             Ok(n) => n,
@@ -252,7 +383,7 @@ fn read_requests(mon: &Arc<Monitor>, client: &Arc<Client>) {
             let sent = if !negotiated && session.in_command_mode() {
                 client.reply_and_subscribe(mon, &reply)
             } else {
-                client.send(Some(&reply))
+                client.send(Some(&reply), false)
             };
             if sent.is_err() {
                 return;
@@ -279,8 +410,10 @@ fn forward(mon: Arc<Monitor>, client: Arc<Client>, sub: Arc<Subscription>) {
     block_sigpipe();
     let _running = Running(mon);
     while sub.wait_queued() {
-        if client.send(None).is_err() {
-            break;
+        if client.send(None, true).is_err() {
+            return;
         }
     }
+    // Closed: what the reader left held goes out too.
+    let _ = client.flush(true);
 }

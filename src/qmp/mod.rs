@@ -2,8 +2,9 @@
 //!
 //! [`Session`] is one monitor connection's protocol state: the greeting,
 //! capabilities negotiation, requests split out of a byte stream (several
-//! per read, or one across reads), replies with the request's `id`, and
-//! QEMU's error classes and texts for malformed input. [`execute`] runs one
+//! per read, or one across reads) by [`json_stream`] as QEMU's JSON
+//! streamer splits them, replies with the request's `id`, and QEMU's error
+//! classes and texts for malformed input. [`execute`] runs one
 //! command object without a session (the C ABI's `bj_qmp_execute`).
 //! Commands and their arguments are in [`commands`]. [`server`] serves
 //! sessions to the clients of a listening UNIX socket (the daemon's
@@ -11,6 +12,7 @@
 
 mod client;
 pub mod commands;
+pub mod json_stream;
 pub mod object;
 pub mod server;
 pub mod socket;
@@ -64,8 +66,8 @@ enum Mode {
 pub struct Session<'a> {
     ctx: &'a Context,
     mode: Mode,
-    /// Bytes of a request not complete yet.
-    pending: Vec<u8>,
+    /// The input so far, lexed once, cut into values.
+    input: json_stream::JsonStream,
     quit: bool,
 }
 
@@ -75,7 +77,7 @@ impl<'a> Session<'a> {
         Session {
             ctx,
             mode: Mode::Negotiation,
-            pending: Vec::new(),
+            input: json_stream::JsonStream::new(),
             quit: false,
         }
     }
@@ -100,7 +102,7 @@ impl<'a> Session<'a> {
     /// Take bytes from the client without executing anything yet (see
     /// [`Session::next_reply`]).
     pub fn push(&mut self, bytes: &[u8]) {
-        self.pending.extend_from_slice(bytes);
+        self.input.feed(bytes);
     }
 
     /// Execute the next complete request taken so far (or answer the
@@ -109,51 +111,9 @@ impl<'a> Session<'a> {
     /// server can send the events a command caused before that command's
     /// reply and before the next command runs.
     pub fn next_reply(&mut self) -> Option<Value> {
-        // Whitespace between requests is not a request.
-        let start = self
-            .pending
-            .iter()
-            .position(|b| !b.is_ascii_whitespace())
-            .unwrap_or(self.pending.len());
-        self.pending.drain(..start);
-        if self.pending.is_empty() {
-            return None;
-        }
-        let mut it = serde_json::Deserializer::from_slice(&self.pending).into_iter::<Value>();
-        match it.next() {
-            Some(Ok(v)) => {
-                let used = it.byte_offset();
-                self.pending.drain(..used);
-                Some(self.request(v))
-            }
-            // Not complete yet: wait for more bytes.
-            Some(Err(e)) if e.is_eof() => None,
-            Some(Err(e)) => {
-                // QEMU's parser drops what it has and starts over right
-                // after the bad token: drop through the byte the error
-                // is at, so that a request after it is still answered.
-                let mut cut = error_offset(&self.pending, &e).clamp(1, self.pending.len());
-                if e.to_string().starts_with("recursion limit") {
-                    // Too deep: the rest of the line is that value.
-                    cut = self.pending[cut..]
-                        .iter()
-                        .position(|&b| b == b'\n')
-                        .map_or(self.pending.len(), |p| cut + p + 1);
-                }
-                // Closing brackets and separators that follow belong
-                // to the same bad input: one error for the run.
-                while cut < self.pending.len()
-                    && matches!(self.pending[cut], b']' | b'}' | b',' | b':' | b' ' | b'\t')
-                {
-                    cut += 1;
-                }
-                self.pending.drain(..cut);
-                Some(error_reply(
-                    &Error::generic(format!("JSON parse error, {}", json_error_text(&e))),
-                    None,
-                ))
-            }
-            None => None,
+        match self.input.pop()? {
+            Ok(v) => Some(self.request(v)),
+            Err(text) => Some(error_reply(&Error::generic(text), None)),
         }
     }
 
@@ -201,8 +161,30 @@ impl<'a> Session<'a> {
     }
 }
 
-/// QEMU's checks of the request object itself, in its order.
+/// QEMU's checks of the request object itself, in its order: each
+/// member in turn (QEMU's order is its hash table's, ours the input's;
+/// they agree when one member is wrong), then the command's name.
 fn parse_request(req: &Map<String, Value>) -> Result<(String, Value), Error> {
+    for (k, v) in req {
+        match k.as_str() {
+            "execute" | "exec-oob" if !v.is_string() => {
+                return Err(Error::generic(format!(
+                    "QMP input member '{k}' must be a string"
+                )));
+            }
+            "arguments" if !v.is_object() => {
+                return Err(Error::generic(
+                    "QMP input member 'arguments' must be an object",
+                ));
+            }
+            "execute" | "exec-oob" | "arguments" | "id" => {}
+            _ => {
+                return Err(Error::generic(format!(
+                    "QMP input member '{k}' is unexpected"
+                )));
+            }
+        }
+    }
     let (name, oob) = match (req.get("execute"), req.get("exec-oob")) {
         (Some(_), Some(_)) => {
             return Err(Error::generic(
@@ -219,13 +201,6 @@ fn parse_request(req: &Map<String, Value>) -> Result<(String, Value), Error> {
             "QMP input member '{key}' must be a string"
         )));
     };
-    for k in req.keys() {
-        if !matches!(k.as_str(), "execute" | "exec-oob" | "arguments" | "id") {
-            return Err(Error::generic(format!(
-                "QMP input member '{k}' is unexpected"
-            )));
-        }
-    }
     let args = match req.get("arguments") {
         None => Value::Object(Map::new()),
         Some(a @ Value::Object(_)) => a.clone(),
@@ -241,32 +216,6 @@ fn parse_request(req: &Map<String, Value>) -> Result<(String, Value), Error> {
         )));
     }
     Ok((name.clone(), args))
-}
-
-/// The byte offset just past where serde_json stopped (its 1-based line
-/// and column, the column counting bytes).
-fn error_offset(buf: &[u8], e: &serde_json::Error) -> usize {
-    let mut line = 1;
-    let mut start = 0;
-    for (i, &b) in buf.iter().enumerate() {
-        if line == e.line() {
-            break;
-        }
-        if b == b'\n' {
-            line += 1;
-            start = i + 1;
-        }
-    }
-    start + e.column()
-}
-
-/// serde_json's message without its "at line N column M" tail.
-fn json_error_text(e: &serde_json::Error) -> String {
-    let s = e.to_string();
-    match s.find(" at line ") {
-        Some(i) => s[..i].to_string(),
-        None => s,
-    }
 }
 
 /// Run one QMP command object (`{"execute": …, "arguments": …}`) on

@@ -392,7 +392,7 @@ fn backoff(listener: &UnixListener, epoll: &Epoll) {
 mod tests {
     use super::*;
     use serde_json::{Value, json};
-    use std::io::{BufRead, BufReader, Write};
+    use std::io::{BufRead, BufReader, Read, Write};
     use std::path::{Path, PathBuf};
     use std::sync::mpsc;
 
@@ -686,5 +686,96 @@ mod tests {
             1,
             "a server thread outlived shutdown"
         );
+    }
+
+    #[test]
+    fn a_client_may_send_a_batch_before_reading_its_replies() {
+        let ctx = context();
+        let (_d, path, _server) = serve(&ctx, QmpServerOptions::default());
+        let mut p = Peer::negotiated(&path);
+        // Megabytes of replies, far more than the socket buffers: the
+        // monitor must keep reading while they wait for the client.
+        const N: usize = 100_000;
+        let mut batch = b"1 ".repeat(N);
+        batch.extend_from_slice(b"{\"execute\":\"query-jobs\",\"id\":\"end\"}\n");
+        // Fails (instead of hanging) if the monitor stops reading.
+        p.w.set_write_timeout(Some(TIMEOUT)).unwrap();
+        p.w.write_all(&batch).unwrap();
+        for i in 0..N {
+            let r = p.msg().expect("EOF");
+            assert_eq!(
+                r["error"]["desc"], "QMP input must be a JSON object",
+                "reply {i}: {r}"
+            );
+        }
+        assert_eq!(p.msg().unwrap(), json!({"return": [], "id": "end"}));
+    }
+
+    #[test]
+    fn a_client_that_lets_events_pile_up_is_disconnected_others_are_not() {
+        use crate::events::EventData;
+        use crate::qapi::JobStatus;
+        let ctx = context();
+        let (_d, path, server) = serve(&ctx, QmpServerOptions::default());
+        // Never reads after negotiating.
+        let mut slow = Peer::negotiated(&path);
+        let mut fast = Peer::negotiated(&path);
+        assert!(server.wait_clients(2, TIMEOUT));
+        let n = client::EVENT_CAP * 2;
+        // The reading client reads as fast as it can; the emitter waits
+        // for it every batch (a burst faster than any reader is not what
+        // this is about), never for the other one.
+        const BATCH: usize = 1000;
+        let (tx, rx) = mpsc::channel();
+        let reader = thread::spawn(move || {
+            let mut got = 0;
+            loop {
+                let v = fast.msg().expect("EOF on the reading client");
+                got += 1;
+                if got % BATCH == 0 {
+                    let _ = tx.send(got);
+                }
+                if v["data"]["id"] == "last" {
+                    return (fast, got);
+                }
+            }
+        });
+        for i in 0..n {
+            let id = if i + 1 == n {
+                "last".to_string()
+            } else {
+                format!("j{i}")
+            };
+            ctx.bus().emit(EventData::JobStatusChange {
+                id,
+                status: JobStatus::Running,
+            });
+            if (i + 1) % BATCH == 0 {
+                assert_eq!(rx.recv_timeout(TIMEOUT), Ok(i + 1));
+            }
+        }
+        let (mut fast, got) = reader.join().unwrap();
+        assert_eq!(got, n, "the reading client lost events");
+        assert!(
+            server.wait_clients(1, TIMEOUT),
+            "{} clients",
+            server.clients()
+        );
+        // The reading client is still served.
+        let (evs, reply) = fast.cmd("query-jobs", json!({}));
+        assert_eq!((evs, reply), (vec![], json!({"return": []})));
+        // The other got a prefix of the events, in order, then EOF (the
+        // hang-up may cut the last one short).
+        let mut rest = String::new();
+        slow.r.read_to_string(&mut rest).unwrap();
+        let lines: Vec<&str> = rest.split_inclusive("\r\n").collect();
+        let whole = lines.iter().take_while(|l| l.ends_with("\r\n"));
+        let mut seen = 0;
+        for l in whole {
+            let v: Value = serde_json::from_str(l).unwrap();
+            assert_eq!(v["data"]["id"], format!("j{seen}"), "{v}");
+            seen += 1;
+        }
+        assert!(seen < n, "{seen} events");
     }
 }

@@ -1,25 +1,24 @@
-//! A monitor's listening UNIX socket: bound at a path with mode 0600, and
-//! removed again by whoever bound it.
+//! A monitor's listening UNIX socket: bound at a path as QEMU binds it,
+//! and removed again by whoever bound it.
 //!
 //! Invariants:
-//! - [`bind`] replaces a stale *socket* file at the path (QEMU unlinks
-//!   before binding; a socket file nobody listens on is what a crashed
-//!   server leaves behind), but never any other kind of file: a regular
-//!   file there makes the bind fail with QEMU's text, `Failed to bind
-//!   socket to PATH: Address already in use`.
+//! - [`bind`] first unlinks whatever is at the path, as QEMU does (a
+//!   socket file nobody listens on is what a crashed server leaves behind;
+//!   QEMU replaces any other file just the same); only what cannot be
+//!   unlinked (a directory) fails, with QEMU's text `Failed to unlink
+//!   socket PATH: Is a directory`.
+//! - The socket's mode is what the process umask leaves of 0777, as for
+//!   every QEMU socket (umask 002 lets a management group connect; the
+//!   owner narrows it with the umask, or the directory's permissions).
 //! - [`SocketFile::remove`] unlinks the path only while it still names the
 //!   socket that was bound (same device and inode), so a server never
 //!   removes a socket that another one put at the same path since. Call it
 //!   while the listener is still open: a bound socket holds its inode, so
 //!   the number cannot have been reused for a newer socket yet
 //!   ([`super::QmpServer`] does so when given the file).
-//! - The mode is narrowed to 0600 right after the bind; until then the
-//!   process umask applies, as for every QEMU socket. A process with no
-//!   other threads can close that window by binding under
-//!   `umask(0o177)` (the daemon does).
 
 use std::io;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 
@@ -63,20 +62,13 @@ pub(crate) fn os_text(e: &io::Error) -> String {
     }
 }
 
-/// Bind a listening UNIX socket at `path` with mode 0600 (see the module
-/// doc for what may be at `path` already). Errors carry QEMU's texts and
-/// the errno.
+/// Bind a listening UNIX socket at `path` (see the module doc for what
+/// may be at `path` already, and the mode). Errors carry QEMU's texts
+/// and the errno.
 pub fn bind(path: &Path) -> Result<(UnixListener, SocketFile)> {
-    let bind_err = |e: &io::Error| {
-        let err = Error::generic(format!(
-            "Failed to bind socket to {}: {}",
-            path.display(),
-            os_text(e)
-        ));
-        match e.raw_os_error() {
-            Some(n) => err.with_errno(n),
-            None => err,
-        }
+    let with_errno = |err: Error, e: &io::Error| match e.raw_os_error() {
+        Some(n) => err.with_errno(n),
+        None => err,
     };
     if path.as_os_str().len() >= SUN_PATH_MAX {
         return Err(
@@ -84,21 +76,35 @@ pub fn bind(path: &Path) -> Result<(UnixListener, SocketFile)> {
                 .with_errno(libc::ENAMETOOLONG),
         );
     }
-    if let Ok(m) = std::fs::symlink_metadata(path)
-        && m.file_type().is_socket()
-    {
-        let _ = std::fs::remove_file(path);
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            let msg = format!(
+                "Failed to unlink socket {}: {}",
+                path.display(),
+                os_text(&e)
+            );
+            return Err(with_errno(Error::generic(msg), &e));
+        }
+        _ => {}
     }
+    let bind_err = |e: &io::Error| {
+        let msg = format!(
+            "Failed to bind socket to {}: {}",
+            path.display(),
+            os_text(e)
+        );
+        with_errno(Error::generic(msg), e)
+    };
     let listener = UnixListener::bind(path).map_err(|e| bind_err(&e))?;
-    let file = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .and_then(|()| std::fs::symlink_metadata(path))
-        .map(|m| SocketFile {
-            path: path.to_path_buf(),
-            dev: m.dev(),
-            ino: m.ino(),
-        });
-    match file {
-        Ok(f) => Ok((listener, f)),
+    match std::fs::symlink_metadata(path) {
+        Ok(m) => Ok((
+            listener,
+            SocketFile {
+                path: path.to_path_buf(),
+                dev: m.dev(),
+                ino: m.ino(),
+            },
+        )),
         Err(e) => {
             let _ = std::fs::remove_file(path);
             Err(bind_err(&e))
@@ -111,13 +117,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn binds_0600_replaces_a_socket_and_removes_only_its_own() {
+    fn replaces_a_socket_and_removes_only_its_own() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("m.sock");
         let (l1, f1) = bind(&p).unwrap();
         let m = std::fs::symlink_metadata(&p).unwrap();
         assert!(m.file_type().is_socket());
-        assert_eq!(m.permissions().mode() & 0o777, 0o600);
         // Another server takes the path (as QEMU's would); the first
         // one, still listening, then removes nothing.
         let (l2, f2) = bind(&p).unwrap();
@@ -137,19 +142,26 @@ mod tests {
     }
 
     #[test]
-    fn other_files_and_bad_paths_get_qemus_errors() {
+    fn other_files_are_replaced_directories_and_bad_paths_get_qemus_errors() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("file");
-        std::fs::write(&p, b"keep").unwrap();
-        let e = bind(&p).unwrap_err();
+        std::fs::write(&p, b"stale").unwrap();
+        let (_l, f) = bind(&p).unwrap();
+        assert!(
+            std::fs::symlink_metadata(&p)
+                .unwrap()
+                .file_type()
+                .is_socket()
+        );
+        f.remove();
+        let d = dir.path().join("dir");
+        std::fs::create_dir(&d).unwrap();
+        let e = bind(&d).unwrap_err();
         assert_eq!(
             e.message(),
-            format!(
-                "Failed to bind socket to {}: Address already in use",
-                p.display()
-            )
+            format!("Failed to unlink socket {}: Is a directory", d.display())
         );
-        assert_eq!(std::fs::read(&p).unwrap(), b"keep");
+        assert!(d.is_dir());
         let e = bind(&dir.path().join("no/such/dir")).unwrap_err();
         assert!(
             e.message().ends_with(": No such file or directory"),
