@@ -604,6 +604,36 @@ impl Drop for Subscription {
 mod tests {
     use super::*;
 
+    #[test]
+    fn after_reply_work_waits_for_the_reply_only_inside_a_command() {
+        use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
+        static RAN: AtomicU32 = AtomicU32::new(0);
+        // Outside a command: at once.
+        after_reply(|| {
+            RAN.fetch_add(1, SeqCst);
+        });
+        assert_eq!(RAN.load(SeqCst), 1);
+        // Inside: collected, in order, and the scope ends with the command.
+        let ((), later) = collect_after_reply(|| {
+            after_reply(|| {
+                RAN.fetch_add(10, SeqCst);
+            });
+            after_reply(|| {
+                RAN.fetch_add(100, SeqCst);
+            });
+        });
+        assert_eq!(RAN.load(SeqCst), 1);
+        assert_eq!(later.len(), 2);
+        for f in later {
+            f();
+        }
+        assert_eq!(RAN.load(SeqCst), 111);
+        after_reply(|| {
+            RAN.fetch_add(1000, SeqCst);
+        });
+        assert_eq!(RAN.load(SeqCst), 1111);
+    }
+
     fn jsc(id: &str, status: JobStatus) -> EventData {
         EventData::JobStatusChange {
             id: id.into(),

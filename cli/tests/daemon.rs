@@ -1098,3 +1098,103 @@ fn nbd_server_export_and_object_command_lines_match_qsd() {
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
+
+/// Where `BLOCK_EXPORT_DELETED` comes relative to `block-export-del`'s
+/// reply, byte-level on one monitor, both daemons: without clients before
+/// the reply; `hard` with a client connected after it (QEMU replies, then
+/// disconnects the client and emits the event).
+#[test]
+fn export_deleted_comes_where_qemu_sends_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("d.raw");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let mut seen = Vec::new();
+    for qsd in [true, false] {
+        let tag = if qsd { "qsd" } else { "ours" };
+        let mon = dir.path().join(format!("{tag}.qmp"));
+        let nbd = dir.path().join(format!("{tag}.nbd"));
+        let mut d = Daemon::start(qsd, &monitor_args(&mon, "m"), dir.path());
+        let mut q = Qmp::connect(&mon);
+        q.ok(
+            "blockdev-add",
+            json!({"driver": "raw", "node-name": "d",
+                "file": {"driver": "file", "filename": img}}),
+        );
+        q.ok(
+            "nbd-server-start",
+            json!({"addr": {"type": "unix", "data": {"path": nbd}}}),
+        );
+        // The order of what the monitor sends after a command, up to its
+        // reply and (at most 2 s) the event after it.
+        let order = |q: &mut Qmp, cmd: Value| -> Vec<String> {
+            q.send_raw(format!("{cmd}\n").as_bytes());
+            let mut out = Vec::new();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                assert!(Instant::now() < deadline, "{out:?}");
+                let m = q.recv().expect("message");
+                if let Some(e) = m.get("event") {
+                    out.push(e.as_str().unwrap().to_string());
+                    if out.last().unwrap() == "BLOCK_EXPORT_DELETED"
+                        && out.contains(&"reply".into())
+                    {
+                        return out;
+                    }
+                } else {
+                    assert!(m.get("return").is_some(), "{m}");
+                    out.push("reply".into());
+                    if out.contains(&"BLOCK_EXPORT_DELETED".into()) {
+                        return out;
+                    }
+                }
+            }
+        };
+        q.ok(
+            "block-export-add",
+            json!({"type": "nbd", "id": "e1", "node-name": "d"}),
+        );
+        let safe = order(
+            &mut q,
+            json!({"execute": "block-export-del", "arguments": {"id": "e1"}}),
+        );
+        q.ok(
+            "block-export-add",
+            json!({"type": "nbd", "id": "e2", "node-name": "d"}),
+        );
+        // A client that stays: qemu-io reading commands from a pipe,
+        // connected once it answered a read.
+        let mut client = Command::new("qemu-io")
+            .args(["-r", "-f", "raw"])
+            .arg(format!("nbd+unix:///d?socket={}", nbd.display()))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut stdin = client.stdin.take().unwrap();
+        stdin.write_all(b"read 0 512\n").unwrap();
+        let mut out = std::io::BufReader::new(client.stdout.take().unwrap());
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+        assert!(line.contains("read 512/512"), "qemu-io: {line:?}");
+        let hard = order(
+            &mut q,
+            json!({"execute": "block-export-del", "arguments": {"id": "e2", "mode": "hard"}}),
+        );
+        drop(stdin);
+        let _ = client.wait();
+        seen.push((tag, safe, hard));
+        q.ok("nbd-server-stop", json!({}));
+        drop(q);
+        d.signal("-TERM");
+        d.wait(Duration::from_secs(10));
+    }
+    assert_eq!(seen[1].1, seen[0].1, "safe, no client: ours vs QEMU");
+    assert_eq!(seen[1].2, seen[0].2, "hard, a client: ours vs QEMU");
+    // As recorded from qemu-storage-daemon 10.0.2.
+    assert_eq!(seen[0].1, ["BLOCK_EXPORT_DELETED", "reply"]);
+    assert_eq!(seen[0].2, ["reply", "BLOCK_EXPORT_DELETED"]);
+}

@@ -375,8 +375,12 @@ fn read_requests(mon: &Arc<Monitor>, client: &Arc<Client>) {
             let negotiated = session.in_command_mode();
             // Under the monitor's command gate: once `stop_commands`
             // returned, no command runs any more.
-            let reply = match mon.execute(|| session.next_reply()) {
-                Some(Some(reply)) => reply,
+            // What the command leaves for after its reply (QEMU's bottom
+            // halves, e.g. a hard `block-export-del`'s disconnects and
+            // event) runs once the reply is written.
+            let run = mon.execute(|| crate::events::collect_after_reply(|| session.next_reply()));
+            let (reply, later) = match run {
+                Some((Some(reply), later)) => (reply, later),
                 // Stopped, or no whole request left.
                 _ => break,
             };
@@ -385,6 +389,9 @@ fn read_requests(mon: &Arc<Monitor>, client: &Arc<Client>) {
             } else {
                 client.send(Some(&reply), false)
             };
+            for f in later {
+                f();
+            }
             if sent.is_err() {
                 return;
             }
