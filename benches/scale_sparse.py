@@ -8,7 +8,8 @@ root filesystem), by `blockjob daemon` and by qemu-storage-daemon, over
 the same QMP:
 
   blockdev-add src  {"driver": "raw", "file": {"driver": "file", ...}}
-  blockdev-add tgt  the same with "discard": "unmap"
+  blockdev-add tgt  the same, with --discard (default: QEMU's default,
+                    "ignore"; "unmap" lets zero writes punch holes)
   blockdev-mirror   job-id m, device src, target tgt, sync full
   READY -> block-job-complete -> COMPLETED (timed), then blockdev-del
 
@@ -93,7 +94,8 @@ def check_target(src: Path, tgt: Path, size: int, extents: list[tuple[int, int]]
                 raise BenchError(f"target differs at {off}")
 
 
-def run_one(prog, sockdir: Path, name: str, src: Path, tgt: Path, timeout: float) -> dict:
+def run_one(prog, sockdir: Path, name: str, src: Path, tgt: Path, timeout: float,
+            discard: str) -> dict:
     tgt.unlink(missing_ok=True)
     with open(tgt, "wb") as f:
         f.truncate(src.stat().st_size)
@@ -101,7 +103,7 @@ def run_one(prog, sockdir: Path, name: str, src: Path, tgt: Path, timeout: float
     try:
         d.cmd("blockdev-add", {"driver": "raw", "node-name": "src",
                                "file": {"driver": "file", "filename": str(src)}})
-        d.cmd("blockdev-add", {"driver": "raw", "node-name": "tgt", "discard": "unmap",
+        d.cmd("blockdev-add", {"driver": "raw", "node-name": "tgt", "discard": discard,
                                "file": {"driver": "file", "filename": str(tgt)}})
         r = d.run_job("blockdev-mirror", {"device": "src", "target": "tgt", "sync": "full"},
                       "m", name)
@@ -122,6 +124,8 @@ def main() -> int:
     ap.add_argument("--blockjob", default="target/release/blockjob")
     ap.add_argument("--no-build", action="store_true")
     ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--discard", default="ignore", choices=["ignore", "unmap"],
+                    help="the target node's discard option (QEMU's default: ignore)")
     a = ap.parse_args()
     parse = size_parser(GIB)
     sizes = [parse(s) for s in a.sizes.split(",")]
@@ -148,7 +152,7 @@ def main() -> int:
                 if tool == "qemu" and not qemu_ok:
                     continue
                 prog = ours if tool == "ours" else "qemu-storage-daemon"
-                r = run_one(prog, sockdir, f"{tool}{rnd}", src, tgt, a.timeout)
+                r = run_one(prog, sockdir, f"{tool}{rnd}", src, tgt, a.timeout, a.discard)
                 if rnd == 0:
                     check_target(src, tgt, size, extents)
                 log(f"  {tool}: {r['seconds']:.2f} s, cpu {r['cpu']:.2f} s, "
@@ -159,7 +163,7 @@ def main() -> int:
         rows.append((size, res, qemu_ok))
     print()
     print(f"mirror of a sparse raw image holding {human(a.data)} of data to a fresh "
-          f"sparse target on {a.dir} (medians of {a.rounds})")
+          f"sparse target on {a.dir}, target discard={a.discard} (medians of {a.rounds})")
     print()
     print("| size | ours s | ours CPU s | ours target allocated | QEMU s | QEMU CPU s "
           "| QEMU target allocated |")
