@@ -647,6 +647,51 @@ fn socket_mode_follows_the_umask_as_qemu() {
     assert_eq!(osock.exists(), qsock.exists());
 }
 
+/// Whatever is at the socket path is replaced as QEMU replaces it (a
+/// regular file too); a directory there is QEMU's error.
+#[test]
+fn a_file_at_the_socket_path_is_replaced_as_qemu() {
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let mut q = Daemon::start();
+    let mut o = Ours::new();
+    let mut seen = Vec::new();
+    for (tag, side) in [("qsd", &mut q as &mut dyn Side), ("ours", &mut o)] {
+        let file = dir.path().join(format!("{tag}.file"));
+        std::fs::write(&file, b"not a socket").unwrap();
+        let r1 = side.cmd(
+            "nbd-server-start",
+            json!({"addr": {"type": "unix", "data": {"path": file}}}),
+        );
+        let is_socket = {
+            use std::os::unix::fs::FileTypeExt;
+            std::fs::symlink_metadata(&file)
+                .map(|m| m.file_type().is_socket())
+                .unwrap_or(false)
+        };
+        side.cmd("nbd-server-stop", json!({})).unwrap();
+        let d = dir.path().join(format!("{tag}.dir"));
+        std::fs::create_dir(&d).unwrap();
+        let r2 = side
+            .cmd(
+                "nbd-server-start",
+                json!({"addr": {"type": "unix", "data": {"path": d}}}),
+            )
+            .map_err(|e| e.replace(tag, "X"));
+        seen.push((r1, is_socket, r2));
+    }
+    assert_eq!(seen[1], seen[0], "ours, then qemu-storage-daemon's");
+    assert_eq!(seen[0].0, Ok(json!({})));
+    assert!(seen[0].1, "the file became the socket");
+    assert_eq!(
+        seen[0].2,
+        Err(format!(
+            "GenericError: Failed to unlink socket {}: Is a directory",
+            dir.path().join("X.dir").display()
+        ))
+    );
+}
+
 #[test]
 fn a_mirror_on_an_exported_node_sees_the_clients_writes() {
     let _g = serial();

@@ -286,6 +286,19 @@ impl Drop for NbdServer {
 
 /// QEMU's texts for a listener that cannot be set up.
 fn bind_error(addr: &SocketAddress, e: &io::Error) -> Error {
+    if let (SocketAddress::Unix { path }, Some(u)) = (
+        addr,
+        e.get_ref()
+            .and_then(|i| i.downcast_ref::<crate::nbd::transport::UnlinkFailed>()),
+    ) {
+        let n = u.0.raw_os_error().unwrap_or(libc::EIO);
+        let msg = format!(
+            "Failed to unlink socket {}: {}",
+            path.display(),
+            nix::errno::Errno::from_raw(n).desc()
+        );
+        return Error::generic(msg).with_errno(n);
+    }
     let text = match e.raw_os_error() {
         Some(n) => nix::errno::Errno::from_raw(n).desc().to_string(),
         None => e.to_string(),

@@ -252,6 +252,20 @@ impl Stream for Socket {
     }
 }
 
+/// The error of [`Listener::bind`] when what is at a UNIX path cannot be
+/// unlinked (QEMU: `Failed to unlink socket PATH: …`), wrapping the
+/// system's error.
+#[derive(Debug)]
+pub struct UnlinkFailed(pub io::Error);
+
+impl std::fmt::Display for UnlinkFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for UnlinkFailed {}
+
 /// A listening socket of either kind (the server's side of
 /// [`SocketAddress`]). A UNIX socket is created with the process umask
 /// deciding its mode, as QEMU's NBD server does (unlike QEMU's monitor
@@ -267,18 +281,19 @@ pub enum Listener {
 }
 
 impl Listener {
-    /// Binds and listens at `addr`. A stale socket file at a UNIX path is
-    /// replaced (QEMU unlinks before binding); any other file is an error.
+    /// Binds and listens at `addr`. Whatever is at a UNIX path is unlinked
+    /// first, as QEMU does (a directory cannot be: [`UnlinkFailed`]).
     /// TCP: every resolved address is tried in turn, the first that binds
     /// wins. Both are non-blocking (the server waits for them with epoll).
     pub fn bind(addr: &SocketAddress) -> io::Result<Listener> {
-        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        use std::os::unix::fs::MetadataExt;
         let l = match addr {
             SocketAddress::Unix { path } => {
-                if let Ok(m) = std::fs::symlink_metadata(path)
-                    && m.file_type().is_socket()
-                {
-                    let _ = std::fs::remove_file(path);
+                match std::fs::remove_file(path) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                        return Err(io::Error::new(e.kind(), UnlinkFailed(e)));
+                    }
+                    _ => {}
                 }
                 let l = UnixListener::bind(path)?;
                 let m = std::fs::symlink_metadata(path)?;
