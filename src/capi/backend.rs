@@ -182,13 +182,8 @@ pub unsafe extern "C" fn bj_blk_pwrite(
     action: *mut i32,
     errp: *mut *mut BjError,
 ) -> i32 {
-    guest_io(action, errp, || {
-        // SAFETY: NULL or live backend.
-        let b = unsafe { blk_arg(blk) }?;
-        let (off, len) = io_range(offset, bytes)?;
-        // SAFETY: the caller provides `bytes` readable bytes at `buf`.
-        Ok(b.pwrite(off, unsafe { buf_ref(buf, len) }?))
-    })
+    // SAFETY: the caller's guarantees are this function's, passed on.
+    unsafe { bj_blk_pwrite_flags(blk, offset, buf, bytes, 0, action, errp) }
 }
 
 /// Guest write-zeroes; see `bj_blk_pread` for the return convention.
@@ -201,12 +196,9 @@ pub unsafe extern "C" fn bj_blk_pwrite_zeroes(
     action: *mut i32,
     errp: *mut *mut BjError,
 ) -> i32 {
-    guest_io(action, errp, || {
-        // SAFETY: NULL or live backend.
-        let b = unsafe { blk_arg(blk) }?;
-        let (off, len) = io_range(offset, bytes)?;
-        Ok(b.pwrite_zeroes(off, len as u64, may_unmap))
-    })
+    let flags = if may_unmap { BJ_REQ_MAY_UNMAP } else { 0 };
+    // SAFETY: the caller's guarantees are this function's, passed on.
+    unsafe { bj_blk_pwrite_zeroes_flags(blk, offset, bytes, flags, action, errp) }
 }
 
 /// `flags` of `bj_blk_pwrite_flags` and `bj_blk_pwrite_zeroes_flags`:
