@@ -329,20 +329,38 @@ struct Seen {
     completed: bool,
     /// COMPLETED or CANCELLED: the job had ended.
     ended: bool,
+    /// Event timestamps (s): the first `running`, and the end.
+    running_at: Option<f64>,
+    ended_at: Option<f64>,
 }
 
 impl Seen {
     fn note(&mut self, ev: &Value) {
+        let ts = ev["timestamp"]["seconds"].as_f64().unwrap_or(0.0)
+            + ev["timestamp"]["microseconds"].as_f64().unwrap_or(0.0) / 1e6;
         match ev["event"].as_str().unwrap_or("") {
-            "JOB_STATUS_CHANGE" if ev["data"]["status"] == "running" => self.running = true,
+            "JOB_STATUS_CHANGE" if ev["data"]["status"] == "running" => {
+                self.running = true;
+                self.running_at.get_or_insert(ts);
+            }
             "BLOCK_JOB_READY" => self.ready = true,
             "BLOCK_JOB_COMPLETED" => {
                 self.ended = true;
+                self.ended_at = Some(ts);
                 self.completed = ev["data"]["error"].is_null();
             }
-            "BLOCK_JOB_CANCELLED" => self.ended = true,
+            "BLOCK_JOB_CANCELLED" => {
+                self.ended = true;
+                self.ended_at = Some(ts);
+            }
             _ => {}
         }
+    }
+
+    /// How long the job ran, from its events.
+    fn ran_for(&self) -> Option<Duration> {
+        let (a, b) = (self.running_at?, self.ended_at?);
+        (b >= a).then(|| Duration::from_secs_f64(b - a))
     }
     /// The kill landed while the job was running.
     fn mid_job(&self) -> bool {
@@ -350,11 +368,18 @@ impl Seen {
     }
 }
 
-/// The seeded kill moment after the job started: up to 1.3 times its
-/// nominal length, so that most kills land mid-job and some at its end.
+/// The seeded kill moment after the job started: up to 1.15 times its
+/// length, so that most kills land mid-job and some at its end. Ours: the
+/// length measured by an uninterrupted run just before (`measured`; how
+/// much the rate limit's first slice lets through varies with the load).
 /// QEMU's rate limit lets a job run ahead of `speed` (its stream copies
-/// 13 MiB at 32 MiB/s in about 0.3 s): its window is 0.8 times.
-fn delay(kind: Kind, who: Who, seed: u64) -> Duration {
+/// 13 MiB at 32 MiB/s in about 0.3 s): its window is 0.8 times the
+/// nominal length.
+fn delay(kind: Kind, who: Who, seed: u64, measured: Option<Duration>) -> Duration {
+    let fraction = Rng(seed).below(1000) as f64 / 1000.0;
+    if let Some(m) = measured {
+        return m.mul_f64(1.15 * fraction);
+    }
     let bytes = match kind {
         Kind::Stream => 14 * MIB,
         Kind::CommitActive => 10 * MIB,
@@ -363,7 +388,7 @@ fn delay(kind: Kind, who: Who, seed: u64) -> Duration {
     } as f64;
     let nominal = bytes / kind.speed() as f64;
     let window = if who == Who::Qsd { 0.8 } else { 1.3 };
-    Duration::from_secs_f64(nominal * window * (Rng(seed).below(1000) as f64 / 1000.0))
+    Duration::from_secs_f64(nominal * window * fraction)
 }
 
 fn stderr_of(dir: &Path) -> String {
@@ -472,9 +497,12 @@ fn run_cli(kind: Kind, d: &Path, delay: Duration) -> Seen {
             }
         }
     }
-    // The seeded moment: a sleep is the point here, not a wait for a
-    // condition.
-    std::thread::sleep(delay);
+    // The seeded moment: the time is the point here, not a condition
+    // (a command that already ended is not waited for).
+    let t0 = Instant::now();
+    while t0.elapsed() < delay && matches!(child.0.try_wait(), Ok(None)) {
+        std::thread::sleep((delay - t0.elapsed()).min(Duration::from_millis(2)));
+    }
     child.kill();
     reader.join().unwrap();
     // Every event the command printed before it died.
@@ -755,13 +783,27 @@ fn kills(kind: Kind) {
     ] {
         let seeds = seeds(n, &format!("{kind:?}{who:?}"));
         let mut mid = 0;
+        // Ours: one uninterrupted run first, for the job's length now.
+        let measured = (who != Who::Qsd).then(|| {
+            let d = tempfile::tempdir().unwrap();
+            copy_dir(t.path(), d.path());
+            let seen = match who {
+                Who::Cli => run_cli(kind, d.path(), DEADLINE),
+                _ => run_daemon(kind, who, d.path(), None),
+            };
+            let len = seen
+                .ran_for()
+                .unwrap_or_else(|| panic!("{kind:?} {who:?}: no length from {seen:?}"));
+            eprintln!("kill {kind:?} {who:?}: the job runs {len:?} uninterrupted");
+            len
+        });
         // A daemon keeps the images open after the job: one more run
         // kills it right after the job said it ended (no seed).
         let end_run = (who != Who::Cli).then_some(None);
         for seed in seeds.iter().copied().map(Some).chain(end_run) {
             let d = tempfile::tempdir().unwrap();
             copy_dir(t.path(), d.path());
-            let delay = seed.map(|seed| delay(kind, who, seed));
+            let delay = seed.map(|seed| delay(kind, who, seed, measured));
             let seen = match (who, delay) {
                 (Who::Cli, Some(delay)) => run_cli(kind, d.path(), delay),
                 _ => run_daemon(kind, who, d.path(), delay),
