@@ -517,6 +517,13 @@ fn conflicting_opens_refused_both_ways() {
         let mut other = Daemon::start(!ours, &dir, "second");
         let e = other
             .cmd("blockdev-add", json!({"driver": "qcow2", "node-name": "b", "file": {"driver": "file", "filename": p}}))
+            .map(|v| {
+                panic!(
+                    "holder ours={ours}: the second daemon opened the held image ({v}); \
+                     holder's locks: {:?}",
+                    lock_bytes(&img)
+                )
+            })
             .unwrap_err();
         texts.push(("blockdev-add", ours, e));
         drop(other);
