@@ -12,7 +12,7 @@ use std::path::Path;
 
 use blockjob::block::WriteFlags;
 use common::nbd::{Listen, Server, nbd_node, run};
-use common::oracle::{Ours, Side};
+use common::oracle::{Ours, Side, del_export_when_idle};
 use common::qmp::Daemon;
 use serde_json::json;
 
@@ -202,7 +202,7 @@ fn proxy(side: &mut dyn Side, dir: &Path, tag: &str, writethrough: bool) -> Vec<
             &url,
         ],
     );
-    side.cmd("block-export-del", json!({"id": "e"})).unwrap();
+    del_export_when_idle(side, "e");
     // The export goes away once its last client is gone.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while side.cmd("query-block-exports", json!({})).unwrap() != json!([]) {

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::guest::img;
-use common::oracle::{Ours, Side};
+use common::oracle::{Ours, Side, del_export_when_idle};
 use common::qmp::Daemon;
 use serde_json::{Value, json};
 
@@ -125,7 +125,7 @@ fn play(side: &mut dyn Side, dir: &Path, sock: &Path) -> Vec<String> {
             "ok"
         );
     }
-    del_when_idle(side, "guest");
+    del_export_when_idle(side, "guest");
     while let Some(e) = side.event_within(std::time::Duration::from_secs(10)) {
         if e["event"] == "BLOCK_EXPORT_DELETED" {
             break;
@@ -209,8 +209,8 @@ fn play(side: &mut dyn Side, dir: &Path, sock: &Path) -> Vec<String> {
         out.push(format!("guest {cmd}: {r}"));
         assert_eq!(r, want);
     }
-    del_when_idle(side, "backup");
-    del_when_idle(side, "guest");
+    del_export_when_idle(side, "backup");
+    del_export_when_idle(side, "guest");
     ok(side, "nbd-server-stop", json!({}));
     out
 }
@@ -228,21 +228,4 @@ fn pull_mode_incremental_backup_matches_qemu() {
     let mut o = Ours::new();
     let ours = play(&mut o, od.path(), &sock_in(od.path()));
     assert_eq!(ours, theirs);
-}
-
-/// Safe `block-export-del` right after a client process exited: either
-/// server may not have seen the EOF yet (`export 'X' still in use`, QEMU
-/// as ours), so it is retried for up to 5 s.
-fn del_when_idle(side: &mut dyn Side, id: &str) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    loop {
-        match side.cmd("block-export-del", json!({ "id": id })) {
-            Ok(_) => return,
-            Err(e) if e == format!("GenericError: export '{id}' still in use") => {
-                assert!(std::time::Instant::now() < deadline, "{e} for 5 s");
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
-            Err(e) => panic!("block-export-del {id}: {e}"),
-        }
-    }
 }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use blockjob::Context;
 use serde_json::{Value, json};
 
-use common::oracle::{Ours, Side};
+use common::oracle::{Ours, Side, del_export_when_idle};
 use common::qmp::Daemon;
 
 /// The tests run one at a time: the machine is small, and the thread
@@ -752,7 +752,7 @@ fn a_mirror_on_an_exported_node_sees_the_clients_writes() {
         "dst"
     );
     ok("qemu-io", &["-f", "raw", "-c", "read -P 0x78 100k 8k", &u]);
-    del_when_idle(&mut o, "e");
+    del_export_when_idle(&mut o, "e");
     o.cmd("blockdev-del", json!({"node-name": "src"})).unwrap();
     ok(
         "qemu-img",
@@ -1149,7 +1149,7 @@ fn safe_export_del_waits_for_clients_as_qemu() {
         v.push(json!(side.event_quick()));
         drop(c);
         // The server sees the EOF on its own time.
-        del_when_idle(&mut *side, "e0");
+        del_export_when_idle(&mut *side, "e0");
         v.push(json!({"ok": {}}));
         let ev = side.event().expect("BLOCK_EXPORT_DELETED");
         v.push(json!([ev["event"], ev["data"]]));
@@ -1179,23 +1179,5 @@ fn show(r: Result<Value, String>) -> Value {
     match r {
         Ok(v) => json!({ "ok": v }),
         Err(e) => json!({ "err": e }),
-    }
-}
-
-/// Safe `block-export-del` of an export whose clients have exited: the
-/// server sees their EOF on its own threads, so for a moment it may still
-/// count them (`export 'X' still in use`, as QEMU can until its main loop
-/// has run); never for long.
-fn del_when_idle(side: &mut dyn Side, id: &str) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        match side.cmd("block-export-del", json!({ "id": id })) {
-            Ok(_) => return,
-            Err(e) if e == format!("GenericError: export '{id}' still in use") => {
-                assert!(Instant::now() < deadline, "{e} for 5 s");
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            Err(e) => panic!("block-export-del {id}: {e}"),
-        }
     }
 }

@@ -69,7 +69,7 @@ pub mod replace;
 pub mod snapshot;
 pub mod snapshot_access;
 #[allow(unsafe_code)]
-mod uring;
+pub(crate) mod uring;
 mod writeback;
 
 pub use blkdebug::BlkdebugEvent;

@@ -5,36 +5,180 @@
 //! for its own completion, so the behaviour and the errors are those of
 //! `pread`/`pwrite` (a negative result is the errno they would give).
 //!
+//! A thread that does its I/O from a fixed set of buffers (a mirror's
+//! workers) offers them with [`offer_fixed`]: its ring registers them
+//! once, and requests inside them become `READ_FIXED`/`WRITE_FIXED`, so
+//! the kernel does not look up and pin the buffer's pages on every
+//! request (with `O_DIRECT` that was the largest part of a worker's CPU).
+//!
 //! Submitting a request hands the kernel a raw pointer into the caller's
-//! buffer: the one `unsafe` of this module, sound because every request is
-//! waited for before the function that borrowed the buffer returns.
+//! buffer: sound because every request is waited for before the function
+//! that borrowed the buffer returns. Registering buffers hands it their
+//! pages for as long as the registration lasts: sound because the ring
+//! holds a [`Region`] of each, which keeps the memory allocated, and a
+//! fixed request is only made for a buffer the caller borrows.
 
 use std::cell::RefCell;
 use std::io;
+use std::marker::PhantomData;
 use std::os::fd::RawFd;
 
 use io_uring::{IoUring, opcode, types};
 
+use super::aligned::Region;
 use crate::error::{Error, Result};
 
 /// Requests in flight per ring: one (each thread waits for its own).
 const ENTRIES: u32 = 4;
 
-thread_local! {
-    static RING: RefCell<Option<IoUring>> = const { RefCell::new(None) };
+/// This thread's ring and the buffers offered for it.
+#[derive(Default)]
+struct ThreadRing {
+    ring: Option<IoUring>,
+    /// Buffers offered by [`offer_fixed`]; the table index of each is its
+    /// index here.
+    offered: Vec<Region>,
+    /// `offered` is registered with `ring`.
+    registered: bool,
+    /// Registering failed (e.g. `RLIMIT_MEMLOCK` for an unprivileged
+    /// user): requests go unregistered, which only costs CPU.
+    register_failed: bool,
+    /// Counts offers, so that an earlier offer's guard does not end a
+    /// later one.
+    offers: u64,
 }
 
-fn with_ring<T>(f: impl FnOnce(&mut IoUring) -> io::Result<T>) -> io::Result<T> {
+thread_local! {
+    static RING: RefCell<ThreadRing> = RefCell::new(ThreadRing::default());
+}
+
+/// A ring for one thread that waits for its own requests: the kernel runs
+/// completion work only when this thread waits (`DEFER_TASKRUN`, which
+/// needs `SINGLE_ISSUER`), so it is not interrupted for it; kernels older
+/// than 6.1 get a plain ring.
+fn new_ring() -> io::Result<IoUring> {
+    IoUring::builder()
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .build(ENTRIES)
+        .or_else(|_| IoUring::new(ENTRIES))
+}
+
+impl ThreadRing {
+    /// The ring, made if needed, with the offered buffers registered if
+    /// that can be done.
+    fn ring(&mut self) -> io::Result<&mut IoUring> {
+        if self.ring.is_none() {
+            self.ring = Some(new_ring()?);
+            self.registered = false;
+        }
+        let ring = self.ring.as_mut().expect("made just above");
+        if !self.registered && !self.register_failed && !self.offered.is_empty() {
+            let iovecs: Vec<libc::iovec> = self
+                .offered
+                .iter()
+                .map(|r| libc::iovec {
+                    iov_base: r.addr() as *mut libc::c_void,
+                    iov_len: r.len(),
+                })
+                .collect();
+            // SAFETY: every iovec is a `Region` held in `self.offered`,
+            // which keeps its memory allocated until the registration
+            // ends (`unregister`, or the ring is dropped, both before
+            // `offered` is cleared). The kernel only touches that memory
+            // for fixed requests, made only for buffers the caller
+            // borrows (see `fixed_index`).
+            match unsafe { ring.submitter().register_buffers(&iovecs) } {
+                Ok(()) => self.registered = true,
+                Err(_) => self.register_failed = true,
+            }
+        }
+        Ok(ring)
+    }
+
+    /// The registered buffer holding all of `buf`, if any.
+    fn fixed_index(&self, buf: &[u8]) -> Option<u16> {
+        if !self.registered {
+            return None;
+        }
+        let i = self.offered.iter().position(|r| r.contains(buf))?;
+        u16::try_from(i).ok()
+    }
+}
+
+/// Offer `bufs` to this thread's ring as registered buffers until the
+/// returned guard drops (on this thread: it is not `Send`). A thread's
+/// later offer replaces an earlier one. Nothing is made or pinned until
+/// this thread's first io_uring request, so a thread that only reaches
+/// `aio=threads` nodes pays nothing.
+pub(crate) fn offer_fixed(regions: Vec<Region>) -> FixedBuffers {
+    let offer = RING.with(|r| {
+        let mut r = r.borrow_mut();
+        r.unregister();
+        r.offered = regions;
+        r.register_failed = false;
+        r.offers += 1;
+        r.offers
+    });
+    FixedBuffers {
+        offer,
+        _this_thread: PhantomData,
+    }
+}
+
+impl ThreadRing {
+    fn unregister(&mut self) {
+        if self.registered
+            && let Some(ring) = &self.ring
+            && ring.submitter().unregister_buffers().is_err()
+        {
+            // The kernel still holds them: drop the ring, which ends the
+            // registration, rather than free memory it may use.
+            self.ring = None;
+        }
+        self.registered = false;
+        self.offered.clear();
+    }
+}
+
+/// Registered buffers of this thread; dropping it ends the registration.
+pub(crate) struct FixedBuffers {
+    offer: u64,
+    _this_thread: PhantomData<*const ()>,
+}
+
+impl Drop for FixedBuffers {
+    fn drop(&mut self) {
+        // `try_with`: at thread exit the ring may already be gone, and
+        // with it the registration.
+        let _ = RING.try_with(|r| {
+            let mut r = r.borrow_mut();
+            if r.offers == self.offer {
+                r.unregister();
+            }
+        });
+    }
+}
+
+/// Whether this thread's requests into `buf` go as fixed-buffer requests
+/// (tests).
+#[cfg(test)]
+fn is_fixed(buf: &[u8]) -> bool {
     RING.with(|r| {
         let mut r = r.borrow_mut();
-        let ring = match &mut *r {
-            Some(ring) => ring,
-            slot => slot.insert(IoUring::new(ENTRIES)?),
-        };
-        let res = f(ring);
+        r.ring().is_ok() && r.fixed_index(buf).is_some()
+    })
+}
+
+fn with_ring<T>(f: impl FnOnce(&mut ThreadRing) -> io::Result<T>) -> io::Result<T> {
+    RING.with(|r| {
+        let mut r = r.borrow_mut();
+        let res = r.ring().map(|_| ()).and_then(|()| f(&mut r));
         if res.is_err() {
-            // A ring that failed to submit is made anew next time.
-            *r = None;
+            // A ring that failed to submit is made anew next time (and
+            // registers the offered buffers again).
+            r.ring = None;
+            r.registered = false;
         }
         res
     })
@@ -48,15 +192,20 @@ pub(crate) fn check() -> Result<()> {
     })
 }
 
-/// Submit one entry and wait for its completion: the result (bytes, or a
-/// negative errno). `io::Error` only for the ring itself.
-fn run(entry: io_uring::squeue::Entry) -> io::Result<i32> {
-    with_ring(|ring| {
-        // SAFETY: the entry points to a buffer the caller borrows for the
-        // whole call of `read_at`/`write_at`, and this function does not
-        // return before the kernel has completed the request: the loop
-        // below waits for its completion. The ring holds nothing else
-        // (one request at a time per thread), so the queue has room.
+/// Submit the entry `make` builds (given the registered buffer index for
+/// the request's buffer, if any) and wait for its completion: the result
+/// (bytes, or a negative errno). `io::Error` only for the ring itself.
+fn run(buf: &[u8], make: impl FnOnce(Option<u16>) -> io_uring::squeue::Entry) -> io::Result<i32> {
+    with_ring(|t| {
+        let entry = make(t.fixed_index(buf));
+        let ring = t.ring()?;
+        // SAFETY: the entry points to `buf`, which the caller borrows for
+        // the whole call of `read_at`/`write_at`, and this function does
+        // not return before the kernel has completed the request: the
+        // loop below waits for its completion. A fixed entry names the
+        // registered buffer that contains `buf` (`fixed_index`). The
+        // ring holds nothing else (one request at a time per thread), so
+        // the queue has room.
         unsafe { ring.submission().push(&entry) }
             .map_err(|_| io::Error::other("io_uring submission queue full"))?;
         loop {
@@ -91,19 +240,28 @@ fn result(r: io::Result<i32>) -> Result<usize> {
 /// One read of at most `buf.len()` bytes at `offset` (`pread`).
 pub(crate) fn read_at(fd: RawFd, buf: &mut [u8], offset: u64) -> Result<usize> {
     let len = buf.len().min(i32::MAX as usize) as u32;
-    let e = opcode::Read::new(types::Fd(fd), buf.as_mut_ptr(), len)
-        .offset(offset)
-        .build();
-    result(run(e))
+    let ptr = buf.as_mut_ptr();
+    result(run(buf, |fixed| match fixed {
+        Some(i) => opcode::ReadFixed::new(types::Fd(fd), ptr, len, i)
+            .offset(offset)
+            .build(),
+        None => opcode::Read::new(types::Fd(fd), ptr, len)
+            .offset(offset)
+            .build(),
+    }))
 }
 
 /// One write of at most `buf.len()` bytes at `offset` (`pwrite`).
 pub(crate) fn write_at(fd: RawFd, buf: &[u8], offset: u64) -> Result<usize> {
     let len = buf.len().min(i32::MAX as usize) as u32;
-    let e = opcode::Write::new(types::Fd(fd), buf.as_ptr(), len)
-        .offset(offset)
-        .build();
-    result(run(e))
+    result(run(buf, |fixed| match fixed {
+        Some(i) => opcode::WriteFixed::new(types::Fd(fd), buf.as_ptr(), len, i)
+            .offset(offset)
+            .build(),
+        None => opcode::Write::new(types::Fd(fd), buf.as_ptr(), len)
+            .offset(offset)
+            .build(),
+    }))
 }
 
 /// Read all of `buf` at `offset`; a short read (end of file) is EIO, as
@@ -133,4 +291,87 @@ pub(crate) fn write_all_at(fd: RawFd, buf: &[u8], offset: u64) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs::OpenOptions;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+
+    use super::*;
+    use crate::block::aligned::AlignedBuf;
+
+    /// Registered and unregistered requests read and write the same bytes,
+    /// with O_DIRECT (where the kernel uses the registered pages) and
+    /// without; a guard's end, or a later offer, ends the registration.
+    #[test]
+    fn fixed_buffers_round_trip_and_end_with_their_guard() {
+        let dir = tempfile::tempdir().unwrap();
+        for direct in [false, true] {
+            let path = dir.path().join(format!("f{direct}"));
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .custom_flags(if direct { libc::O_DIRECT } else { 0 })
+                .open(&path)
+                .unwrap();
+            let fd = f.as_raw_fd();
+            let mut pool: Vec<AlignedBuf> =
+                (0..3).map(|_| AlignedBuf::zeroed(65536, 4096)).collect();
+            let guard = offer_fixed(pool.iter().map(AlignedBuf::region).collect());
+            for (i, b) in pool.iter_mut().enumerate() {
+                b.iter_mut()
+                    .enumerate()
+                    .for_each(|(j, x)| *x = (i * 7 + j % 251) as u8);
+                assert!(is_fixed(&b[4096..8192]), "buffer {i} registered");
+                write_all_at(fd, b, i as u64 * 65536).unwrap();
+            }
+            let mut other = AlignedBuf::zeroed(65536, 4096);
+            assert!(!is_fixed(&other), "a buffer not offered goes unregistered");
+            for i in 0..3 {
+                read_exact_at(fd, &mut other, i * 65536).unwrap();
+                assert_eq!(&other[..], &pool[i as usize][..]);
+                pool[0].fill(0);
+                read_exact_at(fd, &mut pool[0][..32768], i * 65536 + 32768).unwrap();
+                assert_eq!(&pool[0][..32768], &other[32768..]);
+            }
+            // A later offer replaces the first; the first guard's end
+            // leaves it alone.
+            let second = offer_fixed(vec![other.region()]);
+            assert!(is_fixed(&other) && !is_fixed(&pool[1]));
+            drop(guard);
+            assert!(is_fixed(&other));
+            drop(second);
+            assert!(!is_fixed(&other));
+            // Still correct unregistered.
+            read_exact_at(fd, &mut other, 65536).unwrap();
+            assert_eq!(&other[..], &pool[1][..]);
+            // A read past the end is EIO from read_exact_at either way.
+            let _g = offer_fixed(vec![other.region()]);
+            assert_eq!(
+                read_exact_at(fd, &mut other, 3 * 65536)
+                    .unwrap_err()
+                    .errno(),
+                Some(libc::EIO)
+            );
+        }
+    }
+
+    /// A region keeps its memory while registered even when the buffer is
+    /// dropped first; a bad file descriptor is an error, not a panic.
+    #[test]
+    fn dropped_buffer_and_bad_fd() {
+        let b = AlignedBuf::zeroed(8192, 4096);
+        let g = offer_fixed(vec![b.region()]);
+        drop(b);
+        let mut c = AlignedBuf::zeroed(8192, 4096);
+        assert!(!is_fixed(&c));
+        assert_eq!(
+            read_exact_at(-1, &mut c, 0).unwrap_err().errno(),
+            Some(libc::EBADF)
+        );
+        drop(g);
+    }
 }

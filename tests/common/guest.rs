@@ -128,7 +128,7 @@ impl Guest for Qemu {
         self.qemu_io(&self.guest, false, cmd)
     }
     fn detach(&mut self) {
-        self.cmd("block-export-del", json!({"id": "e"})).unwrap();
+        super::oracle::del_export_when_idle(self, "e");
         // Gone once BLOCK_EXPORT_DELETED is out.
         while let Some(ev) = self.event_within(Duration::from_secs(10)) {
             if ev["event"] == "BLOCK_EXPORT_DELETED" {

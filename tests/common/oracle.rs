@@ -26,6 +26,24 @@ pub trait Side {
     }
 }
 
+/// Safe `block-export-del` of an export whose clients have exited: the
+/// server sees their EOF on its own threads, so for a moment it may still
+/// count them (`export 'X' still in use`, as QEMU can until its main loop
+/// has run); retried for up to 5 s, never longer.
+pub fn del_export_when_idle(side: &mut dyn Side, id: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match side.cmd("block-export-del", json!({ "id": id })) {
+            Ok(_) => return,
+            Err(e) if e == format!("GenericError: export '{id}' still in use") => {
+                assert!(std::time::Instant::now() < deadline, "{e} for 5 s");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("block-export-del {id}: {e}"),
+        }
+    }
+}
+
 impl Side for Daemon {
     fn cmd(&mut self, name: &str, args: Value) -> Result<Value, String> {
         self.qmp

@@ -13,7 +13,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use super::Mirror;
+use crate::block::aligned::{AlignedBuf, Region};
 use crate::block::dirty_bitmap::BdrvDirtyBitmap;
+use crate::block::uring;
 use crate::engine::Job;
 use crate::error::Error;
 use crate::qapi::BlockErrorAction;
@@ -37,24 +39,19 @@ pub(crate) struct Op {
     pub method: Method,
 }
 
-/// A buffer aligned to 4 KiB (usable for O_DIRECT), from an over-sized
-/// vector: no unsafe allocation needed.
-struct Buffer {
-    raw: Vec<u8>,
-    start: usize,
-}
+/// A buffer aligned to 4 KiB (usable for O_DIRECT). The pool's buffers
+/// are registered with each worker's io_uring ring (see `Copier::fixed`).
+struct Buffer(AlignedBuf);
 
 impl Buffer {
     const ALIGN: usize = 4096;
 
     fn new(len: usize) -> Buffer {
-        let raw = vec![0u8; len + Self::ALIGN];
-        let start = raw.as_ptr().align_offset(Self::ALIGN);
-        Buffer { raw, start }
+        Buffer(AlignedBuf::zeroed(len, Self::ALIGN))
     }
 
     fn slice(&mut self, len: usize) -> &mut [u8] {
-        &mut self.raw[self.start..self.start + len]
+        &mut self.0[..len]
     }
 }
 
@@ -95,6 +92,10 @@ pub(crate) struct Copier {
     /// In-kernel copies running now, at most [`super::offload_slots`].
     offloading: Mutex<usize>,
     offload_free: Condvar,
+    /// The pool's buffers, which every worker offers to its io_uring
+    /// ring as registered buffers: with `aio=io_uring` the kernel then
+    /// does not pin each request's pages again.
+    fixed: Vec<Region>,
     pub len: u64,
 }
 
@@ -108,10 +109,12 @@ impl Copier {
         let p = &mirror.params;
         let nbuf = (p.buf_size / p.max_io).clamp(1, super::MAX_IN_FLIGHT as u64) as usize;
         let granules = len.div_ceil(p.granularity).div_ceil(64) as usize;
+        let free_buffers: Vec<Buffer> = (0..nbuf).map(|_| Buffer::new(p.max_io as usize)).collect();
+        let fixed = free_buffers.iter().map(|b| b.0.region()).collect();
         let c = Arc::new(Copier {
             state: Mutex::new(State {
                 granules: vec![0; granules.max(1)],
-                free_buffers: (0..nbuf).map(|_| Buffer::new(p.max_io as usize)).collect(),
+                free_buffers,
                 ..State::default()
             }),
             mirror,
@@ -122,6 +125,7 @@ impl Copier {
             workers: Mutex::new(Vec::new()),
             offloading: Mutex::new(0),
             offload_free: Condvar::new(),
+            fixed,
             len,
         });
         let mut workers = Vec::new();
@@ -358,6 +362,7 @@ impl Copier {
     // ---- workers ------------------------------------------------------------
 
     fn worker(self: Arc<Self>) {
+        let _fixed = uring::offer_fixed(self.fixed.clone());
         loop {
             let (op, buf) = {
                 let mut s = self.lock();
