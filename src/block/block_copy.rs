@@ -20,6 +20,7 @@
 use std::sync::Arc;
 
 use super::Node;
+use super::aligned::AlignedBuf;
 use super::child::ChildEdge;
 use super::dirty_bitmap::BdrvDirtyBitmap;
 use crate::error::{Error, Result};
@@ -28,6 +29,9 @@ use crate::sync::{AtomicBool, Ordering};
 
 /// QEMU's largest copy request without copy offload (`BLOCK_COPY_MAX_BUFFER`).
 pub const MAX_BUFFER: u64 = 1 << 20;
+
+/// Copy buffers' alignment: a page, what any O_DIRECT device takes.
+const BUF_ALIGN: usize = 4096;
 
 /// A failed copy: the error, and whether reading the source failed (else
 /// writing the target did).
@@ -314,7 +318,8 @@ impl BlockCopy {
                 Err(_) => self.offload.store(false, Ordering::Relaxed),
             }
         }
-        let mut buf = vec![0u8; len as usize];
+        // Aligned, so that an O_DIRECT node takes it without a bounce copy.
+        let mut buf = AlignedBuf::zeroed(len as usize, BUF_ALIGN);
         source.pread(offset, &mut buf).map_err(|error| CopyError {
             error,
             is_read: true,

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use serde_json::{Value, json};
 
+use super::aligned::AlignedBuf;
 use super::child::ChildEdge;
 use super::perm::{PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED, Perms};
 use super::range_lock::RangeLock;
@@ -43,7 +44,14 @@ impl CorShared {
     /// `offset` into the image, holding the range, unless the image
     /// already has it there. Returns how many bytes this step covered (one
     /// allocation status, at most `len`) and whether it copied them.
-    pub fn populate(&self, buf: &mut Vec<u8>, offset: u64, len: u64) -> Result<(u64, bool)> {
+    /// `buf` is made (page-aligned, for O_DIRECT nodes) or grown only
+    /// when a copy needs it.
+    pub fn populate(
+        &self,
+        buf: &mut Option<AlignedBuf>,
+        offset: u64,
+        len: u64,
+    ) -> Result<(u64, bool)> {
         let top = self.file.get();
         let _g = self.ranges.lock(offset, offset + len);
         let st = top.block_status(offset, len)?;
@@ -56,7 +64,10 @@ impl CorShared {
         };
         let (copy, n) = chain::is_allocated_above(&below, self.base.as_ref(), offset, n)?;
         if copy {
-            buf.resize(n as usize, 0);
+            if buf.as_ref().is_none_or(|b| (b.len() as u64) < n) {
+                *buf = Some(AlignedBuf::zeroed(n as usize, 4096));
+            }
+            let buf = &mut buf.as_mut().expect("made just above")[..n as usize];
             top.pread(offset, buf)?;
             top.pwrite(offset, buf)?;
             // Written back now rather than all at the flush that ends the
@@ -112,7 +123,7 @@ impl BlockDriver for CopyOnRead {
             .saturating_mul(cs)
             .min(file.len()?);
         let mut pos = offset / cs * cs;
-        let mut scratch = Vec::new();
+        let mut scratch = None;
         while pos < end {
             pos += self.shared.populate(&mut scratch, pos, end - pos)?.0;
         }

@@ -14,12 +14,13 @@
 use std::sync::Arc;
 
 use super::block_job::{add_node, block_job_create, job_flags, reserve_perms};
+use crate::block::aligned::AlignedBuf;
 use crate::block::child::ChildEdge;
 use crate::block::graph::Graph;
 use crate::block::perm::{
     PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED, Perms,
 };
-use crate::block::{BlockDriver, BlockOp, BlockStatus, Node, NodeChild, UserKind, chain};
+use crate::block::{BlockDriver, BlockOp, BlockStatus, Node, NodeChild, UserKind, chain, uring};
 use crate::engine::{Engine, Job, JobDriver};
 use crate::error::{Error, ErrorClass, Result};
 use crate::qapi::{BlockErrorAction, BlockdevOnError, JobType};
@@ -169,8 +170,8 @@ impl Commit {
 impl Commit {
     /// Copy `[offset, offset + n)` from top's view into base; the error
     /// says whether reading or writing failed.
-    fn populate(&self, buf: &mut Vec<u8>, offset: u64, n: u64) -> Result<(), (Error, bool)> {
-        buf.resize(n as usize, 0);
+    fn populate(&self, buf: &mut AlignedBuf, offset: u64, n: u64) -> Result<(), (Error, bool)> {
+        let buf = &mut buf[..n as usize];
         self.top.pread(offset, buf).map_err(|e| (e, true))?;
         self.base.pwrite(offset, buf).map_err(|e| (e, false))?;
         // Base is flushed before the job ends: let the device write this
@@ -193,7 +194,10 @@ impl JobDriver for Arc<Commit> {
             ));
         }
         job.progress_set_remaining(len);
-        let mut buf = Vec::with_capacity(COMMIT_CHUNK as usize);
+        let mut buf = AlignedBuf::zeroed(COMMIT_CHUNK as usize, 4096);
+        // This thread's io_uring requests from `buf` go as fixed-buffer
+        // requests (see block::uring).
+        let _fixed = uring::offer_fixed(vec![buf.region()]);
         let mut offset = 0;
         while offset < len {
             job.ratelimit_sleep();

@@ -13,10 +13,11 @@
 use std::sync::Arc;
 
 use super::block_job::{add_node, block_job_create, job_flags, reserve_perms};
+use crate::block::aligned::AlignedBuf;
 use crate::block::copy_on_read::{CopyOnRead, CorShared};
 use crate::block::graph::Graph;
 use crate::block::perm::{PERM_CONSISTENT_READ, PERM_WRITE_UNCHANGED, Perms};
-use crate::block::{BlockOp, Node, UserKind, chain};
+use crate::block::{BlockOp, Node, UserKind, chain, uring};
 use crate::engine::{Engine, Job, JobDriver};
 use crate::error::{Error, Result};
 use crate::qapi::{BlockErrorAction, BlockdevOnError, JobType};
@@ -98,7 +99,11 @@ impl Stream {
         let len = self.top.len()?;
         job.progress_set_remaining(len);
         let mut first_error: Option<Error> = None;
-        let mut buf = Vec::with_capacity(STREAM_CHUNK as usize);
+        let buf = AlignedBuf::zeroed(STREAM_CHUNK as usize, 4096);
+        // This thread's io_uring requests from `buf` go as fixed-buffer
+        // requests (see block::uring).
+        let _fixed = uring::offer_fixed(vec![buf.region()]);
+        let mut buf = Some(buf);
         let mut offset = 0;
         while offset < len {
             job.ratelimit_sleep();
