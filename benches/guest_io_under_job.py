@@ -98,7 +98,7 @@ class Bench:
         try:
             d.cmd("blockdev-add", node("src", self.src, self.a.aio))
             d.cmd("blockdev-add", node("dst", self.dst, self.a.aio))
-            d.cmd("nbd-server-start", {"addr": {"type": "unix", "path": str(sock)}})
+            d.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(sock)}}})
             d.cmd("block-export-add", {"type": "nbd", "id": "guest", "node-name": "src",
                                        "name": "guest", "writable": True})
             job = scene != "idle"
