@@ -169,7 +169,7 @@ def main() -> int:
             ap.error(f"unknown tool {t!r} (known: ours, qemu)")
     for prog in ("fio", "qemu-storage-daemon", "dd"):
         if shutil.which(prog) is None:
-            raise BenchError(f"{prog} not found (apt-get install -y fio qemu-system-common)")
+            raise BenchError(f"{prog} not found (apt-get install -y fio qemu-utils)")
     if not a.no_build:
         subprocess.run(["cargo", "build", "--release", "-q", "-p", "blockjob-cli"], cwd=REPO,
                        check=True)
