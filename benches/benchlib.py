@@ -290,3 +290,26 @@ def kill_daemons() -> None:
             except subprocess.TimeoutExpired:
                 pass
         LIVE_DAEMONS.remove(p)
+
+
+def remove_work(work: Path, files) -> None:
+    """Delete a run's files and then its directory, whatever is left."""
+    for p in files:
+        try:
+            p.unlink()
+        except OSError:
+            pass
+    try:
+        work.rmdir()
+    except OSError:
+        pass
+
+
+def run_main(main, name: str) -> None:
+    """Exit with main()'s status; a BenchError is one line on stderr and
+    status 1."""
+    try:
+        sys.exit(main())
+    except BenchError as e:
+        print(f"{name}: {e}", file=sys.stderr)
+        sys.exit(1)

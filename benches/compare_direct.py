@@ -49,7 +49,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import BenchError, GiB, MiB, QemuDaemon, fs_type, kill_daemons, log, size_parser
+from benchlib import (BenchError, GiB, MiB, QemuDaemon, fs_type, kill_daemons, log, remove_work,
+                      run_main, size_parser)
 
 REPO = Path(__file__).resolve().parent.parent
 MODES = ("threads", "native", "io_uring")
@@ -175,21 +176,9 @@ def main() -> int:
     finally:
         for dev in loops:
             subprocess.run(["losetup", "-d", dev], check=False)
-        for p in (work / "src.raw", work / "dst.raw"):
-            try:
-                p.unlink()
-            except OSError:
-                pass
-        try:
-            work.rmdir()
-        except OSError:
-            pass
+        remove_work(work, (work / "src.raw", work / "dst.raw"))
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as e:
-        print(f"compare_direct: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_main(main, "compare_direct")

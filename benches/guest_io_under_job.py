@@ -53,7 +53,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import BenchError, GiB, MiB, QemuDaemon, fs_type, kill_daemons, log, size_parser
+from benchlib import (BenchError, GiB, MiB, QemuDaemon, fs_type, kill_daemons, log, remove_work,
+                      run_main, size_parser)
 
 REPO = Path(__file__).resolve().parent.parent
 SCENES = ("idle", "full", "half")
@@ -224,21 +225,9 @@ def main() -> int:
                                           "medians": {f"{t}-{s}": m for (t, s), m in med.items()}},
                                          indent=1))
     finally:
-        for p in (src, dst):
-            try:
-                p.unlink()
-            except OSError:
-                pass
-        try:
-            work.rmdir()
-        except OSError:
-            pass
+        remove_work(work, (src, dst))
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as e:
-        print(f"guest_io_under_job: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_main(main, "guest_io_under_job")
