@@ -411,7 +411,10 @@ fn completion_modes_match_qemu() {
             let mut out = Vec::new();
             setup(side, dir);
             // j1 is slow (or a small bitmap backup that finishes first),
-            // j2 fails at 20 MiB.
+            // j2 fails at 20 MiB. With the bitmap, j2 is held to 8 MiB/s
+            // (about 2.5 s to its error), so that j1 surely ends first on
+            // both sides: unthrottled, a loaded CI machine once had QEMU's
+            // j2 fail while j1 was still running.
             let j1 = if bitmap {
                 backup(
                     "j1",
@@ -424,7 +427,18 @@ fn completion_modes_match_qemu() {
             };
             let r = tx(
                 side,
-                json!([j1, backup("j2", "bad", json!({}))]),
+                json!([
+                    j1,
+                    backup(
+                        "j2",
+                        "bad",
+                        if bitmap {
+                            json!({"speed": 8 << 20})
+                        } else {
+                            json!({})
+                        }
+                    )
+                ]),
                 Some(json!({"completion-mode": mode})),
             );
             out.push(format!("transaction: {r}"));
