@@ -263,6 +263,7 @@ static void request_flags(void)
     BjContext *ctx = new_ctx();
     BjHostNodeOps ops;
     BjBlockBackend *blk;
+    BjNode *node;
     BjError *err = NULL;
     char buf[4096];
     int action = 7;
@@ -274,7 +275,8 @@ static void request_flags(void)
     ops.pwrite = fd_write;
     ops.pwrite_zeroes = fd_zeroes;
     ops.flush = fd_flush;
-    CHECK(bj_node_add_host(ctx, "fd", false, &ops, &d, &err) != NULL);
+    node = bj_node_add_host(ctx, "fd", false, &ops, &d, &err);
+    CHECK(node != NULL);
     CHECK_NO_ERR(err);
     blk = backend(ctx, "fd", "dev", BJ_BLOCKDEV_ON_ERROR_AUTO, BJ_BLOCKDEV_ON_ERROR_AUTO);
     memset(buf, 0x5a, sizeof(buf));
@@ -299,6 +301,7 @@ static void request_flags(void)
     CHECK_ERR(err, BJ_ERROR_CLASS_GENERIC_ERROR, "invalid request flags 0x8");
     CHECK_INT(d.writes, 2);
     bj_blk_free(&blk);
+    bj_node_unref(&node);
     bj_context_free(&ctx);
 }
 
