@@ -783,3 +783,57 @@ mod prop {
         }
     }
 }
+
+/// Sleeps (as a rate-limited job does) until cancelled.
+struct Sleeper;
+
+impl JobDriver for Sleeper {
+    fn job_type(&self) -> JobType {
+        JobType::Mirror
+    }
+    fn run(&self, job: &Arc<Job>) -> Result<()> {
+        while !job.is_cancelled() {
+            job.sleep_ns(10_000_000_000);
+        }
+        Ok(())
+    }
+}
+
+/// `job-pause` of a job that sleeps returns with the job `paused` and its
+/// event out, as QEMU's (which enters the job's coroutine from the
+/// monitor): the next command already sees `paused` (a loaded CI run once
+/// had `block-job-complete` right after the pause see `running`).
+#[test]
+fn pausing_a_sleeping_job_returns_paused() {
+    let fx = Fixture::new();
+    for round in 0..20 {
+        let job = fx
+            .engine
+            .create(
+                JobOptions {
+                    id: Some(format!("s{round}")),
+                    flags: 0,
+                    block: true,
+                    speed: 0,
+                    txn: None,
+                },
+                Box::new(Sleeper),
+            )
+            .unwrap();
+        job.start().unwrap();
+        wait(&job, JobStatus::Running);
+        while job.query_block_job().unwrap().busy {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        job.user_pause().unwrap();
+        assert_eq!(job.status(), JobStatus::Paused, "round {round}");
+        let e = job.complete().unwrap_err();
+        assert_eq!(
+            e.message(),
+            format!("Job 's{round}' in state 'paused' cannot accept command verb 'complete'")
+        );
+        job.user_resume().unwrap();
+        job.user_cancel(true).unwrap();
+        job.wait_completed().unwrap_err();
+    }
+}

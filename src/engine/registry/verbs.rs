@@ -3,6 +3,11 @@
 
 use super::*;
 
+/// How long `job-pause` waits for a sleeping or yielded job to reach its
+/// pause point (see [`Engine::user_pause`]); it is woken at once, so this
+/// only bounds a job that starts I/O before its pause point.
+const IDLE_PAUSE_WAIT: Duration = Duration::from_millis(500);
+
 impl Engine {
     pub(super) fn pause_locked(&self, g: &mut Registry, key: u64) {
         let Some(st) = g.states.get_mut(&key) else {
@@ -38,7 +43,29 @@ impl Engine {
             return Err(Error::generic("Job is already paused"));
         }
         st.user_paused = true;
+        let idle = st.started && !st.busy && !st.deferred;
         self.pause_locked(&mut g, job.key);
+        if idle {
+            // QEMU enters a sleeping or yielded job from the monitor at once
+            // (`aio_co_enter` runs the coroutine up to its next yield, its
+            // pause point), so such a job is `paused`, its event sent,
+            // before the command returns; one in the middle of I/O pauses
+            // later, in QEMU as here. Our job runs on its own thread: wait
+            // for it to get there, briefly (a pause with I/O to finish
+            // first returns while the job is still busy, as QEMU's does).
+            let deadline = Instant::now() + IDLE_PAUSE_WAIT;
+            while g
+                .states
+                .get(&job.key)
+                .is_some_and(|st| st.busy && !st.paused && !st.deferred)
+            {
+                let now = Instant::now();
+                if now >= deadline {
+                    break;
+                }
+                g = self.wait_timeout(&self.changed, g, deadline - now);
+            }
+        }
         self.unlock(g);
         Ok(())
     }
