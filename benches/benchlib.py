@@ -313,3 +313,24 @@ def run_main(main, name: str) -> None:
     except BenchError as e:
         print(f"{name}: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+def prepare_run(repo: Path, no_build: bool, parent: Path, prefix: str) -> Path:
+    """Build our release binary (unless `no_build`), make sure no daemon
+    outlives the script, and make this run's directory under `parent`."""
+    import atexit
+    import tempfile
+    if not no_build:
+        subprocess.run(["cargo", "build", "--release", "-q", "-p", "blockjob-cli"], cwd=repo,
+                       check=True)
+    atexit.register(kill_daemons)
+    parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+
+
+def write_random(paths, size: int) -> None:
+    """Fill each file with `size` random bytes (a multiple of 4 MiB),
+    written through to the device."""
+    for p in paths:
+        subprocess.run(["dd", "if=/dev/urandom", f"of={p}", "bs=4M", f"count={size // (4 * MiB)}",
+                        "conv=fdatasync", "status=none"], check=True)

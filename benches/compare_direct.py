@@ -39,7 +39,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import atexit
 import json
 import os
 import statistics
@@ -49,8 +48,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import (BenchError, GiB, MiB, QemuDaemon, fs_type, kill_daemons, log, remove_work,
-                      run_main, size_parser)
+from benchlib import (BenchError, GiB, MiB, QemuDaemon, fs_type, log, prepare_run,
+                      remove_work, run_main, size_parser, write_random)
 
 REPO = Path(__file__).resolve().parent.parent
 MODES = ("threads", "native", "io_uring")
@@ -119,20 +118,12 @@ def main() -> int:
     for t in tools:
         if t not in TOOLS:
             ap.error(f"unknown tool {t!r} (known: {', '.join(TOOLS)})")
-    if not a.no_build:
-        subprocess.run(["cargo", "build", "--release", "-q", "-p", "blockjob-cli"], cwd=REPO,
-                       check=True)
-    atexit.register(kill_daemons)
-    a.dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="direct-", dir=a.dir))
+    work = prepare_run(REPO, a.no_build, a.dir, "direct-")
     src, dst = work / "src.raw", work / "dst.raw"
     loops: list[str] = []
     try:
         log(f"{a.size // MiB} MiB in {work} ({fs_type(work)}); writing source and target")
-        for p in (src, dst):
-            subprocess.run(["dd", "if=/dev/urandom", f"of={p}", "bs=4M",
-                            f"count={a.size // (4 * MiB)}", "conv=fdatasync", "status=none"],
-                           check=True)
+        write_random((src, dst), a.size)
         if a.loop:
             for p in (src, dst):
                 loops.append(subprocess.run(

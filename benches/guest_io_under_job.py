@@ -42,7 +42,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import atexit
 import json
 import os
 import shutil
@@ -53,8 +52,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import (BenchError, GiB, MiB, QemuDaemon, fs_type, kill_daemons, log, remove_work,
-                      run_main, size_parser)
+from benchlib import (BenchError, GiB, MiB, QemuDaemon, fs_type, log, prepare_run,
+                      remove_work, run_main, size_parser, write_random)
 
 REPO = Path(__file__).resolve().parent.parent
 SCENES = ("idle", "full", "half")
@@ -171,19 +170,11 @@ def main() -> int:
     for prog in ("fio", "qemu-storage-daemon", "dd"):
         if shutil.which(prog) is None:
             raise BenchError(f"{prog} not found (apt-get install -y fio qemu-utils)")
-    if not a.no_build:
-        subprocess.run(["cargo", "build", "--release", "-q", "-p", "blockjob-cli"], cwd=REPO,
-                       check=True)
-    atexit.register(kill_daemons)
-    a.dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="guestio-", dir=a.dir))
+    work = prepare_run(REPO, a.no_build, a.dir, "guestio-")
     src, dst = work / "src.raw", work / "dst.raw"
     try:
         log(f"{a.size // MiB} MiB in {work} ({fs_type(work)}); writing source and target")
-        for p in (src, dst):
-            subprocess.run(["dd", "if=/dev/urandom", f"of={p}", "bs=4M",
-                            f"count={a.size // (4 * MiB)}", "conv=fdatasync", "status=none"],
-                           check=True)
+        write_random((src, dst), a.size)
         rate = statistics.median(dd_rate(src, dst, a.size) for _ in range(3))
         speed = int(rate / 2)
         log(f"device copy rate (dd, median of 3): {rate / MiB:.0f} MiB/s; "
