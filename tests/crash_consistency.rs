@@ -195,14 +195,32 @@ fn report(job: &str, files: &[Recorded], checked: usize) {
     }
 }
 
-#[test]
-fn stream_keeps_the_guest_view_in_every_crash_state() {
+/// A temporary directory with the chain base <- mid <- top in `img/`, and
+/// top's guest view before any job in `orig.raw` next to it.
+fn chain_fixture() -> (tempfile::TempDir, PathBuf, PathBuf) {
     let t = tempfile::tempdir().unwrap();
     let dir = t.path().join("img");
     std::fs::create_dir(&dir).unwrap();
     chain(&dir);
     let orig = t.path().join("orig.raw");
     view(&dir.join("top.qcow2"), &orig);
+    (t, dir, orig)
+}
+
+/// Every flush point and `sampled` states between flushes keep top's guest
+/// view at `orig`; the count is reported as `job`'s.
+fn check_top_view(job: &str, files: &[Recorded], orig: &Path, sampled: usize) {
+    let mut rng = Rng::new(crash::seed());
+    let states = crash::crash_states(files, &mut rng, sampled, sampled + MAX_FLUSH_POINTS);
+    let n = crash::check_all(files, &states, |_| {
+        vec![("top.qcow2".into(), orig.to_path_buf())]
+    });
+    report(job, files, n);
+}
+
+#[test]
+fn stream_keeps_the_guest_view_in_every_crash_state() {
+    let (_t, dir, orig) = chain_fixture();
     let files = record(&dir, &["base.qcow2", "mid.qcow2", "top.qcow2"], |o| {
         add_logged_chain(o, &dir);
         cmd(
@@ -220,12 +238,7 @@ fn stream_keeps_the_guest_view_in_every_crash_state() {
         2,
         "top -> base after the stream"
     );
-    let mut rng = Rng::new(crash::seed());
-    let states = crash::crash_states(&files, &mut rng, samples(), samples() + MAX_FLUSH_POINTS);
-    let n = crash::check_all(&files, &states, |_| {
-        vec![("top.qcow2".into(), orig.clone())]
-    });
-    report("stream", &files, n);
+    check_top_view("stream", &files, &orig, samples());
 }
 
 /// With 512-byte sectors the header's backing name lies past the first
@@ -235,12 +248,7 @@ fn stream_keeps_the_guest_view_in_every_crash_state() {
 /// not there.
 #[test]
 fn stream_relinks_safely_with_512_byte_sectors() {
-    let t = tempfile::tempdir().unwrap();
-    let dir = t.path().join("img");
-    std::fs::create_dir(&dir).unwrap();
-    chain(&dir);
-    let orig = t.path().join("orig.raw");
-    view(&dir.join("top.qcow2"), &orig);
+    let (_t, dir, orig) = chain_fixture();
     let files = record(&dir, &["base.qcow2", "mid.qcow2", "top.qcow2"], |o| {
         for (name, backing) in [
             ("base.qcow2", Value::Null),
@@ -261,12 +269,7 @@ fn stream_relinks_safely_with_512_byte_sectors() {
     });
     assert_eq!(files[2].sector, 512);
     // Not sampled: the flush points and every tear are the point here.
-    let mut rng = Rng::new(crash::seed());
-    let states = crash::crash_states(&files, &mut rng, 0, MAX_FLUSH_POINTS);
-    let n = crash::check_all(&files, &states, |_| {
-        vec![("top.qcow2".into(), orig.clone())]
-    });
-    report("stream, 512-byte sectors", &files, n);
+    check_top_view("stream, 512-byte sectors", &files, &orig, 0);
 }
 
 /// The same stream on qemu-storage-daemon, its log written by QEMU's own
@@ -279,12 +282,7 @@ fn stream_relinks_safely_with_512_byte_sectors() {
 /// header changes (`stream_keeps_the_guest_view_in_every_crash_state`).
 #[test]
 fn qemu_stream_replayed_by_the_same_checker_writes_its_header_too_early() {
-    let t = tempfile::tempdir().unwrap();
-    let dir = t.path().join("img");
-    std::fs::create_dir(&dir).unwrap();
-    chain(&dir);
-    let orig = t.path().join("orig.raw");
-    view(&dir.join("top.qcow2"), &orig);
+    let (_t, dir, orig) = chain_fixture();
     let files = record_qemu(&dir, &["base.qcow2", "mid.qcow2", "top.qcow2"], |d| {
         add_logged_chain(d, &dir);
         cmd(
@@ -346,12 +344,7 @@ fn qemu_stream_replayed_by_the_same_checker_writes_its_header_too_early() {
 
 #[test]
 fn intermediate_commit_keeps_the_guest_view_in_every_crash_state() {
-    let t = tempfile::tempdir().unwrap();
-    let dir = t.path().join("img");
-    std::fs::create_dir(&dir).unwrap();
-    chain(&dir);
-    let orig = t.path().join("orig.raw");
-    view(&dir.join("top.qcow2"), &orig);
+    let (_t, dir, orig) = chain_fixture();
     let files = record(&dir, &["base.qcow2", "mid.qcow2", "top.qcow2"], |o| {
         add_logged_chain(o, &dir);
         cmd(
@@ -368,12 +361,7 @@ fn intermediate_commit_keeps_the_guest_view_in_every_crash_state() {
         2,
         "top -> base after the commit"
     );
-    let mut rng = Rng::new(crash::seed());
-    let states = crash::crash_states(&files, &mut rng, samples(), samples() + MAX_FLUSH_POINTS);
-    let n = crash::check_all(&files, &states, |_| {
-        vec![("top.qcow2".into(), orig.clone())]
-    });
-    report("intermediate commit", &files, n);
+    check_top_view("intermediate commit", &files, &orig, samples());
 }
 
 /// Active commit and mirror end with the guest on their target: once the
@@ -395,12 +383,7 @@ fn check_pivot(job: &str, files: &[Recorded], source: &str, target: &str, orig: 
 
 #[test]
 fn active_commit_keeps_the_guest_view_in_every_crash_state() {
-    let t = tempfile::tempdir().unwrap();
-    let dir = t.path().join("img");
-    std::fs::create_dir(&dir).unwrap();
-    chain(&dir);
-    let orig = t.path().join("orig.raw");
-    view(&dir.join("top.qcow2"), &orig);
+    let (_t, dir, orig) = chain_fixture();
     let mut done = 0;
     let files = record(&dir, &["base.qcow2", "mid.qcow2", "top.qcow2"], |o| {
         add_logged_chain(o, &dir);
