@@ -113,16 +113,31 @@ fn persistent_fault_is_spaced(job: &Arc<Job>, sub: &Subscription, max_events: us
     );
 }
 
-#[test]
-fn mirror_persistent_fault_under_ignore() {
+/// An 8 MiB patterned raw source `src` and a target `name` whose every
+/// write fails with `errno`, in a new context, subscribed to.
+fn source_and_failing_target(
+    name: &str,
+    errno: i32,
+) -> (tempfile::TempDir, Context, blockjob::events::Subscription) {
     let dir = tempfile::tempdir().unwrap();
     let (src, dst) = (dir.path().join("src.raw"), dir.path().join("dst.raw"));
     patterned(&src, 8);
     std::fs::write(&dst, vec![0u8; (8 * MIB) as usize]).unwrap();
     let ctx = Context::new();
     raw(&ctx, "src", &src);
-    faulty_raw(&ctx, "dst", &dst, json!([{"event":"write_aio","errno":5}]));
+    faulty_raw(
+        &ctx,
+        name,
+        &dst,
+        json!([{"event":"write_aio","errno":errno}]),
+    );
     let sub = ctx.subscribe();
+    (dir, ctx, sub)
+}
+
+#[test]
+fn mirror_persistent_fault_under_ignore() {
+    let (_dir, ctx, sub) = source_and_failing_target("dst", libc::EIO);
     let mut o = MirrorOptions::new("src", "dst", MirrorSyncMode::Full);
     o.job_id = Some("m".into());
     o.on_target_error = BlockdevOnError::Ignore;
@@ -134,14 +149,7 @@ fn mirror_persistent_fault_under_ignore() {
 
 #[test]
 fn backup_persistent_fault_under_ignore() {
-    let dir = tempfile::tempdir().unwrap();
-    let (src, dst) = (dir.path().join("src.raw"), dir.path().join("dst.raw"));
-    patterned(&src, 8);
-    std::fs::write(&dst, vec![0u8; (8 * MIB) as usize]).unwrap();
-    let ctx = Context::new();
-    raw(&ctx, "src", &src);
-    faulty_raw(&ctx, "tgt", &dst, json!([{"event":"write_aio","errno":28}]));
-    let sub = ctx.subscribe();
+    let (_dir, ctx, sub) = source_and_failing_target("tgt", libc::ENOSPC);
     let mut o = BackupOptions::new("src", "tgt", MirrorSyncMode::Full);
     o.job_id = Some("b".into());
     o.on_target_error = BlockdevOnError::Ignore;
