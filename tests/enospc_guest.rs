@@ -8,8 +8,9 @@
 //! target is the source. With `werror=report` the guest gets the error
 //! (ENOSPC) and the backend keeps running. Needs root (mount).
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
+
+use std::path::Path;
 use std::time::Duration;
 
 use blockjob::Context;
@@ -20,49 +21,10 @@ use blockjob::qapi::{
     BlockDeviceIoStatus, BlockErrorAction, BlockdevOnError, IoOperationType, JobStatus,
     MirrorSyncMode,
 };
+use common::tmpfs::Tmpfs;
 use serde_json::json;
 
 const MIB: u64 = 1 << 20;
-
-/// A tmpfs of `mib` MiB on a fresh directory, unmounted on drop.
-struct Tmpfs {
-    dir: PathBuf,
-    _parent: tempfile::TempDir,
-}
-
-impl Tmpfs {
-    fn new(mib: u64) -> Tmpfs {
-        let parent = tempfile::tempdir().unwrap();
-        let dir = parent.path().join("fs");
-        std::fs::create_dir(&dir).unwrap();
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={mib}M"), "tmpfs"])
-            .arg(&dir)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "mount tmpfs (this test needs root): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Tmpfs {
-            dir,
-            _parent: parent,
-        }
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let ok = Command::new("umount")
-            .arg(&self.dir)
-            .status()
-            .is_ok_and(|st| st.success());
-        if !ok {
-            let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
-        }
-    }
-}
 
 fn write_file(p: &Path, mib: u64, byte: u8) {
     std::fs::write(p, vec![byte; (mib * MIB) as usize]).unwrap();

@@ -697,16 +697,31 @@ fn a_file_at_the_socket_path_is_replaced_as_qemu() {
     );
 }
 
+/// With `aio=threads` the workers serve the client; with `io_uring` its
+/// plain writes go on the connection's ring through the mirror's filter
+/// (`export::nbd_aio`), which marks the job's bitmap when they complete.
 #[test]
 fn a_mirror_on_an_exported_node_sees_the_clients_writes() {
+    for aio in ["threads", "io_uring"] {
+        mirror_sees_the_clients_writes(aio);
+    }
+}
+
+fn mirror_sees_the_clients_writes(aio: &str) {
     let _g = serial();
     let dir = tempfile::tempdir().unwrap();
     let img = raw_image(dir.path());
     let dst = dir.path().join("dst.raw");
     ok("qemu-img", &["create", "-f", "raw", s(&dst), "8M"]);
     let (mut o, sock) = ours_server(dir.path());
-    add_file(&mut o, "src", "raw", &img);
+    o.cmd(
+        "blockdev-add",
+        json!({"driver": "raw", "node-name": "src",
+               "file": {"driver": "file", "filename": img, "aio": aio}}),
+    )
+    .unwrap();
     add_file(&mut o, "dst", "raw", &dst);
+    let ring_before = blockjob::export::completed_requests();
     o.cmd(
         "block-export-add",
         json!({"type": "nbd", "id": "e", "node-name": "src", "writable": true}),
@@ -757,6 +772,12 @@ fn a_mirror_on_an_exported_node_sees_the_clients_writes() {
         "dst"
     );
     ok("qemu-io", &["-f", "raw", "-c", "read -P 0x78 100k 8k", &u]);
+    let on_ring = blockjob::export::completed_requests() - ring_before;
+    assert_eq!(
+        on_ring > 0,
+        aio == "io_uring",
+        "aio={aio}: {on_ring} requests on the ring"
+    );
     del_export_when_idle(&mut o, "e");
     o.cmd("blockdev-del", json!({"node-name": "src"})).unwrap();
     ok(

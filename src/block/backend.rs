@@ -17,6 +17,7 @@ use super::drain::DrainSection;
 use super::graph::Graph;
 use super::parents::DrainParent;
 use super::perm::Perms;
+use super::resolve::{Request, Resolved};
 use super::{BlockStatus, Node, WriteFlags};
 use crate::error::{Error, Result};
 use crate::error_policy;
@@ -201,6 +202,20 @@ impl BackendShared {
     }
 }
 
+/// A request counted at the gate beyond the call that began it (a
+/// resolved request, completed on another thread).
+struct GateTicket(Arc<BackendShared>);
+
+impl Drop for GateTicket {
+    fn drop(&mut self) {
+        let mut g = self.0.gate();
+        g.in_flight -= 1;
+        if g.in_flight == 0 {
+            self.0.changed.notify_all();
+        }
+    }
+}
+
 /// A drain holds the device's new requests at its gate and waits for those
 /// in flight.
 impl DrainParent for BackendShared {
@@ -278,6 +293,29 @@ impl BlockBackend {
             in_bounds(n, offset, buf.len() as u64)?;
             n.pwrite(offset, buf)
         })
+    }
+
+    /// A plain guest read or write resolved for asynchronous submission
+    /// (see [`super::resolve`]), counted at the device's gate like a
+    /// request in flight until it is dropped. `None` while a drain holds
+    /// the gate (the request would wait there) or when a layer must see
+    /// it: make it with [`Self::pread`]/[`Self::pwrite`] then, which also
+    /// applies the error policy to a resolved request that failed.
+    pub(crate) fn resolve(&self, req: Request) -> Option<Resolved> {
+        {
+            let mut g = self.shared.gate();
+            if g.quiesced > 0 {
+                return None;
+            }
+            g.in_flight += 1;
+        }
+        let ticket = GateTicket(self.shared.clone());
+        let node = self.node();
+        in_bounds(&node, req.offset, req.len).ok()?;
+        let mut r = node.resolve(req)?;
+        // Released after the nodes, as a request leaves the gate last.
+        r.hold(ticket);
+        Some(r)
     }
 
     /// Guest write with [`WriteFlags`] (FUA).

@@ -18,7 +18,8 @@ use std::os::unix::fs::FileExt;
 
 use super::aligned::AlignedBuf;
 use crate::error::{Error, Result};
-use crate::locks::RwLock;
+use crate::locks::{Condvar, Mutex};
+use std::sync::Arc;
 
 /// QEMU's `MAX_BLOCKSIZE`: the largest request alignment probed.
 const MAX_BLOCKSIZE: usize = 4096;
@@ -35,7 +36,72 @@ pub(crate) struct DirectIo {
     /// Aligned writes take it shared, read-modify-writes exclusively: a
     /// read-modify-write rewrites whole blocks, so a write into the same
     /// blocks between its read and its write would be lost.
-    rmw: RwLock<()>,
+    rmw: Arc<RmwLock>,
+}
+
+/// The lock of [`DirectIo::rmw`]. Not std's `RwLock`: an aligned write
+/// submitted asynchronously (a resolved request, see `super::resolve`)
+/// holds its share until the kernel completes it, on another thread.
+/// Writers first: a waiting read-modify-write stops new shares.
+#[derive(Debug, Default)]
+struct RmwLock {
+    /// (shares held, exclusive held, exclusive waiting)
+    state: Mutex<(u64, bool, u64)>,
+    cv: Condvar,
+}
+
+/// A share of the [`RmwLock`], released when dropped.
+pub(crate) struct RmwShare(Arc<RmwLock>);
+
+impl Drop for RmwShare {
+    fn drop(&mut self) {
+        let mut g = self.0.state.lock();
+        g.0 -= 1;
+        if g.0 == 0 {
+            self.0.cv.notify_all();
+        }
+    }
+}
+
+/// The exclusive hold of the [`RmwLock`].
+struct RmwExclusive<'a>(&'a RmwLock);
+
+impl Drop for RmwExclusive<'_> {
+    fn drop(&mut self) {
+        self.0.state.lock().1 = false;
+        self.0.cv.notify_all();
+    }
+}
+
+impl RmwLock {
+    fn share(self: &Arc<Self>) -> RmwShare {
+        let mut g = self.state.lock();
+        while g.1 || g.2 > 0 {
+            g = self.cv.wait(g);
+        }
+        g.0 += 1;
+        RmwShare(self.clone())
+    }
+
+    fn try_share(self: &Arc<Self>) -> Option<RmwShare> {
+        let mut g = self.state.lock();
+        if g.1 || g.2 > 0 {
+            return None;
+        }
+        g.0 += 1;
+        Some(RmwShare(self.clone()))
+    }
+
+    fn exclusive(&self) -> RmwExclusive<'_> {
+        let mut g = self.state.lock();
+        g.2 += 1;
+        while g.1 || g.0 > 0 {
+            g = self.cv.wait(g);
+        }
+        g.2 -= 1;
+        g.1 = true;
+        RmwExclusive(self)
+    }
 }
 
 /// Whether a read of `len` bytes at offset 0 into `buf` is accepted
@@ -83,7 +149,7 @@ impl DirectIo {
             (Some(align), Some(mem_align)) => Ok(DirectIo {
                 align,
                 mem_align,
-                rmw: RwLock::new(()),
+                rmw: Arc::default(),
             }),
             _ => Err(Error::generic("Could not find working O_DIRECT alignment")
                 .append_hint("Try cache.direct=off")),
@@ -93,6 +159,21 @@ impl DirectIo {
     /// The request alignment.
     pub(crate) fn align(&self) -> u64 {
         self.align
+    }
+
+    /// An aligned write from an aligned buffer that can go straight to the
+    /// kernel now, holding its share of the write lock until it ends;
+    /// `None` when it would need the bounce or read-modify-write path, or
+    /// a read-modify-write is under way.
+    pub(crate) fn plain_write(&self, offset: u64, len: u64, buf: usize) -> Option<RmwShare> {
+        (self.plain_read(offset, len, buf)).then(|| self.rmw.try_share())?
+    }
+
+    /// Whether a read can go straight to the kernel.
+    pub(crate) fn plain_read(&self, offset: u64, len: u64, buf: usize) -> bool {
+        offset.is_multiple_of(self.align)
+            && len.is_multiple_of(self.align)
+            && buf.is_multiple_of(self.mem_align)
     }
 
     fn aligned(&self, offset: u64, len: usize) -> bool {
@@ -167,7 +248,7 @@ impl DirectIo {
         plain: impl FnOnce(u64, &[u8]) -> Result<()>,
     ) -> Result<()> {
         if self.aligned(offset, buf.len()) {
-            let _shared = self.rmw.read();
+            let _shared = self.rmw.share();
             if self.mem_aligned(buf.as_ptr()) {
                 return plain(offset, buf);
             }
@@ -175,7 +256,7 @@ impl DirectIo {
             tmp.copy_from_slice(buf);
             return plain(offset, &tmp);
         }
-        let _exclusive = self.rmw.write();
+        let _exclusive = self.rmw.exclusive();
         // Under the exclusive lock no other write can grow the file.
         let size = if is_file {
             file.metadata().map_err(Error::from)?.len()

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use super::copy_range;
 use super::dirty_bitmap::PersistentBitmaps;
 use super::perm::{self, Perms};
+use super::resolve;
 use super::{BlkdebugEvent, Node};
 use crate::error::Result;
 
@@ -270,6 +271,15 @@ pub trait BlockDriver: std::any::Any + Send + Sync + 'static {
 
     /// True when write-zeroes with unmap is cheap (holes).
     fn supports_zero_unmap(&self) -> bool {
+        false
+    }
+
+    /// This layer's part of resolving a plain read or write to a file
+    /// for asynchronous submission (see [`super::resolve`]): add what the
+    /// request must hold and do afterwards to `r`, and pass it on (or
+    /// land it on the file). The default declines: the request is made
+    /// synchronously.
+    fn resolve(&self, _req: resolve::Request, _r: &mut resolve::Resolved) -> bool {
         false
     }
 

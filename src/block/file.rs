@@ -528,6 +528,31 @@ impl BlockDriver for FileDriver {
         Some(serde_json::json!({"driver": self.driver_name(), "filename": self.opts.filename}))
     }
 
+    fn resolve(&self, req: super::resolve::Request, r: &mut super::resolve::Resolved) -> bool {
+        // aio=threads keeps its pool; an O_DIRECT request that needs a
+        // bounce buffer or read-modify-write goes the synchronous way.
+        if self.opts.aio == Aio::Threads {
+            return false;
+        }
+        if let Some(d) = &self.direct {
+            if req.write {
+                match d.plain_write(req.offset, req.len, req.buf) {
+                    Some(share) => r.hold(share),
+                    None => return false,
+                }
+            } else if !d.plain_read(req.offset, req.len, req.buf) {
+                return false;
+            }
+        }
+        // FUA: the driver's default, a flush after the write.
+        r.land(
+            self.fd(),
+            req.offset,
+            req.write && req.fua && !self.opts.no_flush,
+        );
+        true
+    }
+
     fn copy_range_from(
         &self,
         offset: u64,

@@ -66,6 +66,7 @@ pub mod qcow2;
 pub mod range_lock;
 pub mod raw;
 pub mod replace;
+pub mod resolve;
 pub mod snapshot;
 pub mod snapshot_access;
 #[allow(unsafe_code)]

@@ -74,6 +74,16 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// A request counted in flight beyond the call that began it (a
+/// [`super::resolve::Resolved`] request, completed on another thread).
+pub(super) struct InFlightOwned(Arc<Node>);
+
+impl Drop for InFlightOwned {
+    fn drop(&mut self) {
+        drop(InFlight(&self.0));
+    }
+}
+
 impl Node {
     /// Wrap a driver as a node.
     pub fn new(
@@ -245,6 +255,12 @@ impl Node {
     pub(super) fn begin(&self) -> InFlight<'_> {
         *self.lock_in_flight() += 1;
         InFlight(self)
+    }
+
+    /// [`Self::begin`] for a request that outlives the call.
+    pub(super) fn begin_owned(self: &Arc<Self>) -> InFlightOwned {
+        std::mem::forget(self.begin());
+        InFlightOwned(self.clone())
     }
 
     /// Requests currently being processed on this node.

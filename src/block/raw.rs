@@ -150,6 +150,17 @@ impl BlockDriver for RawDriver {
         self.file().driver().supports_zero_unmap()
     }
 
+    fn resolve(&self, req: super::resolve::Request, r: &mut super::resolve::Resolved) -> bool {
+        // The generic layer checked the range against this node's size.
+        self.file().resolve_into(
+            super::resolve::Request {
+                offset: self.offset + req.offset,
+                ..req
+            },
+            r,
+        )
+    }
+
     fn copy_range_from(
         &self,
         offset: u64,

@@ -25,7 +25,7 @@ use std::os::fd::RawFd;
 
 use io_uring::{IoUring, opcode, types};
 
-use super::aligned::Region;
+use super::aligned::{AlignedBuf, Region};
 use crate::error::{Error, Result};
 
 /// Requests in flight per ring: one (each thread waits for its own).
@@ -293,6 +293,253 @@ pub(crate) fn write_all_at(fd: RawFd, buf: &[u8], offset: u64) -> Result<()> {
     Ok(())
 }
 
+/// What a [`BatchRing`] request does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BatchOp {
+    /// Read into the buffer.
+    Read,
+    /// Write the buffer.
+    Write,
+}
+
+/// A finished [`BatchRing`] request: the caller's tag, the result (bytes,
+/// or a negative errno) and the buffer back. A wake-up
+/// ([`BatchRing::wake`]) has no tag and no buffer.
+pub(crate) struct BatchDone {
+    pub tag: Option<u64>,
+    pub result: i32,
+    pub buf: Option<AlignedBuf>,
+}
+
+/// A request in the kernel: its buffer, the caller's tag, and for a
+/// write followed by a data sync the write's result while the sync runs.
+struct InKernel {
+    buf: AlignedBuf,
+    tag: u64,
+    first: Option<i32>,
+}
+
+/// Requests in the kernel, by slot.
+#[derive(Default)]
+struct Slots {
+    used: Vec<Option<InKernel>>,
+    free: Vec<usize>,
+}
+
+/// An I/O thread's ring (QEMU's shape): one thread queues many requests
+/// and submits them in one system call; another waits for their
+/// completions and reaps them in batches. The ring owns each request's
+/// buffer from `queue` until its completion is reaped, so memory the
+/// kernel reads or writes is never touched, moved or freed under it.
+pub(crate) struct BatchRing {
+    ring: IoUring,
+    /// The submission queue and the slot table.
+    sq: crate::locks::Mutex<Slots>,
+    /// The completion queue (one reaper at a time).
+    cq: crate::locks::Mutex<()>,
+}
+
+/// The tag of a wake-up.
+const WAKE: u64 = u64::MAX;
+
+/// Marks the completion of a write whose data sync is linked after it.
+const FIRST_OF_TWO: u64 = 1 << 62;
+
+/// `io_uring_enter`'s "wait for completions" flag (the kernel ABI's
+/// value; the crate keeps its copy private).
+const IORING_ENTER_GETEVENTS: u32 = 1;
+
+impl BatchRing {
+    /// A ring for up to `entries` requests at once.
+    pub(crate) fn new(entries: u32) -> io::Result<BatchRing> {
+        Ok(BatchRing {
+            // Plain setup: two threads enter this ring (no SINGLE_ISSUER).
+            ring: IoUring::new(entries)?,
+            sq: crate::locks::Mutex::new(Slots::default()),
+            cq: crate::locks::Mutex::new(()),
+        })
+    }
+
+    fn push(&self, _held: &mut Slots, entries: &[io_uring::squeue::Entry]) -> bool {
+        // SAFETY: the submission queue is only reached under `self.sq`,
+        // which the caller holds (`_held` is its guard's value). Each
+        // entry points at a buffer owned by the slot table (or none: a
+        // NOP, a sync) until its completion is reaped in `wait`.
+        unsafe { self.ring.submission_shared().push_multiple(entries) }.is_ok()
+    }
+
+    /// Queue a read or write of `len` bytes of `buf` at `offset` of `fd`
+    /// for the next [`Self::submit`]; the buffer comes back with the
+    /// completion. `sync`: a write is followed by a data sync of the file
+    /// (FUA as a flush after it), and completes when both did (with the
+    /// write's result, or the sync's error). `Err` (with the buffer) when
+    /// the queue is full.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn queue(
+        &self,
+        op: BatchOp,
+        fd: RawFd,
+        offset: u64,
+        mut buf: AlignedBuf,
+        len: usize,
+        sync: bool,
+        tag: u64,
+    ) -> std::result::Result<(), AlignedBuf> {
+        let len = len.min(buf.len()).min(i32::MAX as usize) as u32;
+        let mut slots = self.sq.lock();
+        let slot = slots.free.pop().unwrap_or(slots.used.len());
+        let ptr = buf.as_mut_ptr();
+        let entry = match op {
+            BatchOp::Read => opcode::Read::new(types::Fd(fd), ptr, len)
+                .offset(offset)
+                .build(),
+            BatchOp::Write => opcode::Write::new(types::Fd(fd), ptr, len)
+                .offset(offset)
+                .build(),
+        };
+        let sync = sync && op == BatchOp::Write;
+        let entries = if sync {
+            // The sync starts only after the write succeeded in full; a
+            // short or failed write cancels it (-ECANCELED).
+            vec![
+                entry
+                    .flags(io_uring::squeue::Flags::IO_LINK)
+                    .user_data(slot as u64 | FIRST_OF_TWO),
+                opcode::Fsync::new(types::Fd(fd))
+                    .flags(types::FsyncFlags::DATASYNC)
+                    .build()
+                    .user_data(slot as u64),
+            ]
+        } else {
+            vec![entry.user_data(slot as u64)]
+        };
+        if slot == slots.used.len() {
+            slots.used.push(None);
+        }
+        // The buffer moves into the table before the kernel can see the
+        // entry; moving an `AlignedBuf` does not move its bytes.
+        slots.used[slot] = Some(InKernel {
+            buf,
+            tag,
+            first: None,
+        });
+        if self.push(&mut slots, &entries) {
+            return Ok(());
+        }
+        let k = slots.used[slot].take().expect("just put there");
+        slots.free.push(slot);
+        Err(k.buf)
+    }
+
+    /// Hand everything queued to the kernel in one system call.
+    pub(crate) fn submit(&self) -> io::Result<()> {
+        let _sq = self.sq.lock();
+        // SAFETY: the submission queue is only reached under `self.sq`.
+        while !unsafe { self.ring.submission_shared() }.is_empty() {
+            match self.ring.submit() {
+                Ok(_) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Make a waiting [`Self::wait`] return (with a completion without a
+    /// tag).
+    pub(crate) fn wake(&self) -> io::Result<()> {
+        {
+            let mut slots = self.sq.lock();
+            let nop = opcode::Nop::new().build().user_data(WAKE);
+            if !self.push(&mut slots, &[nop]) {
+                return Err(io::Error::other("io_uring submission queue full"));
+            }
+        }
+        self.submit()
+    }
+
+    /// Requests queued or in the kernel.
+    pub(crate) fn in_flight(&self) -> usize {
+        let s = self.sq.lock();
+        s.used.len() - s.free.len()
+    }
+
+    /// Wait for at least one completion and append every one there is.
+    pub(crate) fn wait(&self, out: &mut Vec<BatchDone>) -> io::Result<()> {
+        let _cq = self.cq.lock();
+        loop {
+            // SAFETY: the completion queue is only reached under `self.cq`.
+            let mut cq = unsafe { self.ring.completion_shared() };
+            if !cq.is_empty() {
+                let mut slots = self.sq.lock();
+                for cqe in &mut cq {
+                    let done = match cqe.user_data() {
+                        WAKE => BatchDone {
+                            tag: None,
+                            result: cqe.result(),
+                            buf: None,
+                        },
+                        d if d & FIRST_OF_TWO != 0 => {
+                            // The write of a write + sync: kept until the
+                            // sync (or its cancellation) completes.
+                            let k = slots.used[(d & !FIRST_OF_TWO) as usize]
+                                .as_mut()
+                                .expect("a completion for a request in the table");
+                            k.first = Some(cqe.result());
+                            continue;
+                        }
+                        slot => {
+                            let slot = slot as usize;
+                            let k = slots.used[slot]
+                                .take()
+                                .expect("a completion for a request in the table");
+                            slots.free.push(slot);
+                            let result = match k.first {
+                                // The write's bytes, unless the sync failed.
+                                Some(w) if cqe.result() >= 0 => w,
+                                // A short write cancelled the sync: its
+                                // count says so to the caller.
+                                Some(w) if w >= 0 && cqe.result() == -libc::ECANCELED => w,
+                                Some(w) if w < 0 => w,
+                                _ => cqe.result(),
+                            };
+                            BatchDone {
+                                tag: Some(k.tag),
+                                result,
+                                buf: Some(k.buf),
+                            }
+                        }
+                    };
+                    out.push(done);
+                }
+                return Ok(());
+            }
+            drop(cq);
+            // SAFETY: no arguments are passed (a null `arg`).
+            match unsafe {
+                self.ring
+                    .submitter()
+                    .enter::<libc::sigset_t>(0, 1, IORING_ENTER_GETEVENTS, None)
+            } {
+                Ok(_) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+impl Drop for BatchRing {
+    fn drop(&mut self) {
+        // A request may still be in the kernel (its owner stopped waiting
+        // for it): its buffer is leaked rather than freed under it.
+        let slots = std::mem::take(&mut *self.sq.lock());
+        for k in slots.used.into_iter().flatten() {
+            std::mem::forget(k.buf);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::fs::OpenOptions;
@@ -373,5 +620,90 @@ mod tests {
             Some(libc::EBADF)
         );
         drop(g);
+    }
+
+    /// Many requests queued and submitted at once complete with their
+    /// tags and buffers; a write with a linked sync reports the write's
+    /// count; a read past the end is short; a bad descriptor and a wake-up
+    /// come back as such.
+    #[test]
+    fn batch_ring_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("b"))
+            .unwrap();
+        let fd = f.as_raw_fd();
+        let ring = BatchRing::new(64).unwrap();
+        let mut done = Vec::new();
+        let reap = |done: &mut Vec<BatchDone>, n: usize| {
+            while done.len() < n {
+                ring.wait(done).unwrap();
+            }
+        };
+        for i in 0..16u64 {
+            let mut b = AlignedBuf::zeroed(4096, 4096);
+            b.fill(i as u8 + 1);
+            assert!(
+                ring.queue(BatchOp::Write, fd, i * 4096, b, 4096, i % 2 == 0, i)
+                    .is_ok()
+            );
+        }
+        assert_eq!(ring.in_flight(), 16);
+        ring.submit().unwrap();
+        reap(&mut done, 16);
+        let mut tags: Vec<u64> = done.iter().map(|d| d.tag.unwrap()).collect();
+        tags.sort();
+        assert_eq!(tags, (0..16).collect::<Vec<_>>());
+        assert!(done.iter().all(|d| d.result == 4096), "every write whole");
+        assert_eq!(ring.in_flight(), 0);
+        done.clear();
+        for i in 0..16u64 {
+            let b = AlignedBuf::zeroed(4096, 4096);
+            ring.queue(BatchOp::Read, fd, i * 4096, b, 4096, false, 100 + i)
+                .unwrap_or_else(|_| panic!("room"));
+        }
+        // Past the end: short (4 KiB of 8 KiB), then nothing.
+        ring.queue(
+            BatchOp::Read,
+            fd,
+            15 * 4096,
+            AlignedBuf::zeroed(8192, 4096),
+            8192,
+            false,
+            200,
+        )
+        .unwrap_or_else(|_| panic!("room"));
+        ring.queue(
+            BatchOp::Read,
+            -1,
+            0,
+            AlignedBuf::zeroed(512, 512),
+            512,
+            false,
+            300,
+        )
+        .unwrap_or_else(|_| panic!("room"));
+        ring.submit().unwrap();
+        reap(&mut done, 18);
+        for d in &done {
+            match d.tag.unwrap() {
+                t @ 100..116 => {
+                    assert_eq!(d.result, 4096);
+                    let b = d.buf.as_ref().unwrap();
+                    assert!(b.iter().all(|x| *x == (t - 100) as u8 + 1), "tag {t}");
+                }
+                200 => assert_eq!(d.result, 4096, "short read at the end"),
+                300 => assert_eq!(d.result, -libc::EBADF),
+                t => panic!("unexpected tag {t}"),
+            }
+        }
+        done.clear();
+        ring.wake().unwrap();
+        reap(&mut done, 1);
+        assert!(done[0].tag.is_none() && done[0].buf.is_none());
     }
 }

@@ -22,6 +22,9 @@
 //! - The NBD server's threads (acceptor, connections, their workers) are
 //!   all joined by `nbd-server-stop` and by [`Exports::shutdown`].
 
+mod nbd_aio;
+#[doc(hidden)]
+pub use nbd_aio::completed_requests;
 mod nbd_conn;
 pub mod nbd_server;
 

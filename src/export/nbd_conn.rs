@@ -23,7 +23,9 @@ use crate::nbd::proto::{
     self, Buf, CONTEXT_ALLOCATION_DEPTH, CONTEXT_BASE_ALLOCATION, CONTEXT_DIRTY_BITMAP_PREFIX,
     Extent, Payload, ReadBe, Request, cflag, chunk, cmd, err, info, opt, rep, tflag,
 };
-use crate::nbd::transport::{Stream, Transport, write_parts};
+use crate::nbd::transport::{BufferedRead, Stream, Transport, write_parts};
+
+use super::nbd_aio::{self, Aio, Started};
 
 /// Requests in flight per connection (QEMU's `NBD_MAX_REQUESTS`).
 const MAX_REQUESTS: usize = 16;
@@ -508,11 +510,22 @@ fn handle_meta(
 // ---- transmission ----------------------------------------------------------
 
 /// One request handed to a worker.
-struct Job {
+pub(super) struct Job {
     req: Request,
     payload: Vec<u8>,
     /// An error decided while reading it (QEMU's checks), with its text.
     refused: Option<(u32, String)>,
+}
+
+impl Job {
+    /// A request (with a write's payload) for a worker to serve.
+    pub(super) fn new(req: Request, payload: Vec<u8>) -> Job {
+        Job {
+            req,
+            payload,
+            refused: None,
+        }
+    }
 }
 
 /// Bounds what is in flight: count and payload bytes.
@@ -533,6 +546,16 @@ impl Flight {
         g.1 += bytes;
         g.0
     }
+    /// [`Self::enter`] if there is room now.
+    fn try_enter(&self, bytes: u64) -> Option<usize> {
+        let mut g = self.state.lock();
+        if g.0 >= MAX_REQUESTS || (g.0 > 0 && g.1 + bytes > MAX_INFLIGHT_BYTES) {
+            return None;
+        }
+        g.0 += 1;
+        g.1 += bytes;
+        Some(g.0)
+    }
     fn leave(&self, bytes: u64) {
         let mut g = self.state.lock();
         g.0 -= 1;
@@ -542,7 +565,7 @@ impl Flight {
 }
 
 /// What the workers share.
-struct Conn {
+pub(super) struct Conn {
     export: Arc<Export>,
     mode: Mode,
     contexts: Contexts,
@@ -580,8 +603,12 @@ fn transmit(t: Transport, n: Negotiated) {
         }
         !workers.is_empty()
     };
+    let mut aio = None;
     if grow(0) {
-        read_requests(&conn, &mut *reader, &tx, &mut grow);
+        read_requests(&conn, &mut *reader, &tx, &mut grow, &mut aio);
+    }
+    if let Some(a) = aio.flatten() {
+        a.finish();
     }
     drop(tx);
     for h in workers {
@@ -613,18 +640,63 @@ fn spawn_worker(
 /// sends something that ends the connection.
 /// `grow` is told how many requests are in flight once each is counted,
 /// so that there are workers for them.
+///
+/// Plain reads and writes that resolve to a file go on the connection's
+/// ring (`aio`, made on the first of them; `Some(None)` once that failed),
+/// submitted when the next request is not here yet, or before anything
+/// else that waits.
 fn read_requests(
     conn: &Arc<Conn>,
-    r: &mut dyn Read,
+    r: &mut dyn BufferedRead,
     tx: &crossbeam_channel::Sender<Job>,
     grow: &mut dyn FnMut(usize) -> bool,
+    aio: &mut Option<Option<Arc<Aio>>>,
 ) {
     let extended = conn.mode == Mode::Extended;
+    // Submits what is queued before the reader waits.
+    let submit = |aio: &Option<Option<Arc<Aio>>>| match aio {
+        Some(Some(a)) => a.submit().is_ok(),
+        _ => true,
+    };
     loop {
-        let Ok(req) = Request::read(r, extended) else {
+        if !nbd_aio::holds_header(r.buffered(), extended) && !submit(aio) {
+            return;
+        }
+        let Ok(req) = Request::read(&mut *r, extended) else {
             return;
         };
         if req.kind == cmd::DISC {
+            return;
+        }
+        if Aio::candidate(&req) && conn.check(&req).is_ok() {
+            let a = aio.get_or_insert_with(|| Aio::new(conn, tx)).clone();
+            if let Some(a) = a {
+                let bytes = if req.kind == cmd::WRITE {
+                    req.length
+                } else {
+                    0
+                };
+                if bytes > r.buffered() as u64 && !submit(aio) {
+                    return;
+                }
+                if conn.flight.try_enter(bytes).is_none() {
+                    if !submit(aio) {
+                        return;
+                    }
+                    conn.flight.enter(bytes);
+                }
+                match a.start(conn, &req, &mut *r) {
+                    Started::Queued => continue,
+                    Started::Broken => {
+                        conn.flight.leave(bytes);
+                        return;
+                    }
+                    // Counted again below, with the worker's payload.
+                    Started::Declined => conn.flight.leave(bytes),
+                }
+            }
+        }
+        if !submit(aio) {
             return;
         }
         let mut payload = Vec::new();
@@ -643,7 +715,7 @@ fn read_requests(
                 ));
                 fatal = true;
             } else {
-                match r.read_vec(req.length, proto::MAX_BUFFER.into()) {
+                match (*r).read_vec(req.length, proto::MAX_BUFFER.into()) {
                     Ok(v) => payload = v,
                     Err(_) => return,
                 }
@@ -653,7 +725,7 @@ fn read_requests(
             // advertise NBD_FLAG_BLOCK_STAT_PAYLOAD: a client sending one
             // anyway is refused; its payload is skipped when it is small.
             refused = Some((err::EINVAL, "unexpected payload".into()));
-            if req.length > u64::from(proto::MAX_OPTION_LEN) || r.skip(req.length).is_err() {
+            if req.length > u64::from(proto::MAX_OPTION_LEN) || (*r).skip(req.length).is_err() {
                 fatal = true;
             }
         }
@@ -680,6 +752,39 @@ fn io_err(e: GuestIoError) -> (u32, String) {
 }
 
 impl Conn {
+    /// The device the export's requests go through.
+    pub(super) fn blk(&self) -> &crate::block::backend::BlockBackend {
+        &self.export.blk
+    }
+
+    /// Whether a write carries FUA down (see [`Self::write_flags`]).
+    pub(super) fn write_flags_fua(&self, req: &Request) -> bool {
+        self.write_flags(req).fua
+    }
+
+    /// Whether a read is answered with one data chunk: always in simple
+    /// mode or with `DF`; otherwise when the whole range holds data (a
+    /// hole gets a hole chunk, see [`Self::read`]).
+    pub(super) fn reads_as_data(&self, req: &Request) -> bool {
+        if self.mode < Mode::Structured || req.flags & cflag::DF != 0 {
+            return true;
+        }
+        self.export
+            .blk
+            .block_status(req.offset, req.length)
+            .is_ok_and(|st| !st.zero && st.len >= req.length)
+    }
+
+    /// Ends the connection (the reader sees it closed).
+    pub(super) fn close(&self) {
+        self.closer.close();
+    }
+
+    /// A request answered outside the workers leaves the in-flight count.
+    pub(super) fn leave(&self, bytes: u64) {
+        self.flight.leave(bytes);
+    }
+
     /// Serves one request; false when the connection must end (a write
     /// failed).
     fn handle(&self, job: Job) -> bool {
@@ -907,20 +1012,52 @@ impl Conn {
         w.flush()
     }
 
-    fn send_done(&self, req: &Request) -> io::Result<()> {
+    /// Several whole replies in one write.
+    pub(super) fn write_batch(&self, parts: &[&[u8]]) -> io::Result<()> {
+        self.write(parts)
+    }
+
+    /// The reply to a request that succeeded without data.
+    pub(super) fn done_reply(&self, req: &Request) -> Vec<u8> {
         if self.mode == Mode::Extended {
-            let h = proto::chunk_header(
+            proto::chunk_header(
                 true,
                 proto::REPLY_FLAG_DONE,
                 chunk::NONE,
                 req.cookie,
                 req.offset,
                 0,
-            );
-            self.write(&[&h])
+            )
         } else {
-            self.write(&[&proto::simple_reply(0, req.cookie)])
+            proto::simple_reply(0, req.cookie)
         }
+    }
+
+    /// What goes before a read's data when it is answered with one data
+    /// chunk (in simple mode: the simple reply).
+    pub(super) fn data_reply_header(&self, req: &Request) -> Vec<u8> {
+        if self.mode == Mode::Simple {
+            return proto::simple_reply(0, req.cookie);
+        }
+        self.data_chunk_header(req, proto::REPLY_FLAG_DONE, 0, req.length)
+    }
+
+    /// A data chunk's header for `len` bytes at `at` within the request.
+    fn data_chunk_header(&self, req: &Request, flags: u16, at: u64, len: u64) -> Vec<u8> {
+        let mut h = Buf(proto::chunk_header(
+            self.mode == Mode::Extended,
+            flags,
+            chunk::OFFSET_DATA,
+            req.cookie,
+            req.offset,
+            8 + len,
+        ));
+        h.u64(req.offset + at);
+        h.0
+    }
+
+    fn send_done(&self, req: &Request) -> io::Result<()> {
+        self.write(&[&self.done_reply(req)])
     }
 
     fn send_error(&self, req: &Request, e: u32, msg: &str) -> io::Result<()> {
@@ -947,7 +1084,7 @@ impl Conn {
         data: &[u8],
     ) -> io::Result<()> {
         if self.mode == Mode::Simple {
-            return self.write(&[&proto::simple_reply(0, req.cookie), data]);
+            return self.write(&[&self.data_reply_header(req), data]);
         }
         let ext = self.mode == Mode::Extended;
         let mut w = self.writer.lock();
@@ -967,16 +1104,8 @@ impl Conn {
                 h.u64(at).u32((b - a) as u32);
                 write_parts(&mut *w, &[&h.0])?;
             } else {
-                let mut h = Buf(proto::chunk_header(
-                    ext,
-                    flags,
-                    kind,
-                    req.cookie,
-                    req.offset,
-                    8 + (b - a) as u64,
-                ));
-                h.u64(at);
-                write_parts(&mut *w, &[&h.0, &data[a..b]])?;
+                let h = self.data_chunk_header(req, flags, a as u64, (b - a) as u64);
+                write_parts(&mut *w, &[&h, &data[a..b]])?;
             }
         }
         w.flush()

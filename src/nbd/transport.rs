@@ -217,10 +217,24 @@ impl Closer {
     }
 }
 
+/// The reading half of a [`Transport`]: a reader that says how many bytes
+/// it holds already (a server reading requests knows whether the next one
+/// is there without waiting).
+pub trait BufferedRead: Read + Send {
+    /// Bytes that can be read without waiting.
+    fn buffered(&self) -> usize;
+}
+
+impl<R: Read + Send> BufferedRead for io::BufReader<R> {
+    fn buffered(&self) -> usize {
+        self.buffer().len()
+    }
+}
+
 /// A connection in the transmission phase, split for concurrent use.
 pub struct Transport {
     /// The reading half (one reader thread).
-    pub reader: Box<dyn Read + Send>,
+    pub reader: Box<dyn BufferedRead>,
     /// The writing half (callers serialise whole messages on it).
     pub writer: Box<dyn Write + Send>,
     /// Ends the connection.

@@ -12,6 +12,7 @@ pub mod nodes;
 pub mod oracle;
 pub mod qmp;
 pub mod tls;
+pub mod tmpfs;
 
 use std::path::PathBuf;
 use std::process::Command;

@@ -96,6 +96,28 @@ impl BlockDriver for MirrorTop {
         }
     }
 
+    /// Reads pass through; a background-mode write too, marking the
+    /// job's bitmap when it ends (as `passthrough`). A write-blocking
+    /// mirror must see the write: declined. The filter's in-flight hold
+    /// keeps `block-job-change` (which switches in a drained section)
+    /// from changing the mode under it.
+    fn resolve(
+        &self,
+        req: crate::block::resolve::Request,
+        r: &mut crate::block::resolve::Resolved,
+    ) -> bool {
+        if req.write {
+            if self.0.active.load().is_some() {
+                return false;
+            }
+            if let Some(b) = self.0.bitmap.get() {
+                let (b, offset, len) = (b.clone(), req.offset, req.len);
+                r.after_write(move || b.bits().set_range(offset, len));
+            }
+        }
+        self.0.child().resolve_into(req, r)
+    }
+
     fn can_discard(&self) -> bool {
         self.0.child().accepts_discard()
     }

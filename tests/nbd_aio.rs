@@ -1,0 +1,277 @@
+//! The export's asynchronous data path (`export::nbd_aio`): plain reads
+//! and writes of raw-over-file nodes with `aio=io_uring|native` go on the
+//! connection's ring, many at once. What real clients (nbdcopy with many
+//! requests in flight, qemu-io, qemu-img) read and write through it
+//! matches the same operations on the file itself, with and without
+//! `O_DIRECT` (where unaligned requests take the workers' read-modify-
+//! write path); a request that fails on the ring (ENOSPC on a full tmpfs)
+//! is made again by a worker and gets the error reply of the synchronous
+//! path; `aio=threads` and qcow2 keep the workers.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Mutex;
+
+use serde_json::json;
+
+use common::oracle::{Ours, Side, del_export_when_idle};
+use common::tmpfs::Tmpfs;
+
+/// One at a time: the ring's counter is process-wide.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn completed() -> u64 {
+    blockjob::export::completed_requests()
+}
+
+fn run(cmd: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new(cmd).args(args).output().expect(cmd);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn ok(cmd: &str, args: &[&str]) -> String {
+    let (good, text) = run(cmd, args);
+    assert!(good, "{cmd} {args:?}: {text}");
+    text
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn url(sock: &Path, name: &str) -> String {
+    format!("nbd+unix:///{name}?socket={}", sock.display())
+}
+
+/// A file of `mib` MiB of bytes that differ per 512-byte sector.
+fn patterned(p: &Path, mib: usize, seed: u8) {
+    let data: Vec<u8> = (0..mib << 20)
+        .map(|i| {
+            ((i / 512) as u8)
+                .wrapping_mul(31)
+                .wrapping_add(seed ^ (i as u8))
+        })
+        .collect();
+    std::fs::write(p, data).unwrap();
+}
+
+fn server(dir: &Path) -> (Ours, std::path::PathBuf) {
+    let mut o = Ours::new();
+    let sock = dir.join("ours.sock");
+    o.cmd(
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "data": {"path": sock}}}),
+    )
+    .unwrap();
+    (o, sock)
+}
+
+fn export(o: &mut Ours, img: &Path, aio: &str, direct: bool) {
+    o.cmd(
+        "blockdev-add",
+        json!({"driver": "raw", "node-name": "n",
+               "file": {"driver": "file", "filename": img, "aio": aio,
+                        "cache": {"direct": direct}}}),
+    )
+    .unwrap();
+    o.cmd(
+        "block-export-add",
+        json!({"type": "nbd", "id": "e", "node-name": "n", "writable": true}),
+    )
+    .unwrap();
+}
+
+/// qemu-io commands mixing request sizes, aligned and unaligned.
+const SCRIPT: &[&str] = &[
+    "write -P 0x11 0 64k",
+    "write -P 0x22 1M 4k",
+    "write -P 0x33 3M 1M",
+    "write -P 0x44 5000 3000",
+    "write -P 0x55 7M 512",
+    "write -z 6M 128k",
+    "read -P 0x33 3M 1M",
+    "read -P 0x22 1M 4k",
+    "read -P 0x44 5000 3000",
+];
+
+fn qemu_io(target: &str, fmt: &str) -> String {
+    let mut args = vec!["-f", fmt];
+    for c in SCRIPT {
+        args.extend(["-c", c]);
+    }
+    args.push(target);
+    ok("qemu-io", &args)
+}
+
+#[test]
+fn ring_requests_match_the_file_with_and_without_o_direct() {
+    let _g = serial();
+    common::nbd::require_nbdkit();
+    common::require_tool("nbdcopy");
+    common::require_tool("qemu-io");
+    for (aio, direct) in [("io_uring", false), ("native", true), ("io_uring", true)] {
+        let what = format!("aio={aio} cache.direct={direct}");
+        // /var/tmp: a disk filesystem (O_DIRECT needs one; tmpfs refuses).
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let img = dir.path().join("img.raw");
+        let model = dir.path().join("model.raw");
+        let src = dir.path().join("src.raw");
+        patterned(&img, 8, 1);
+        patterned(&src, 8, 2);
+        let (mut o, sock) = server(dir.path());
+        export(&mut o, &img, aio, direct);
+        let u = url(&sock, "n");
+        let before = completed();
+        // Many writes in flight at once (nbdcopy: 4 connections, 64
+        // requests each), then read back the same way.
+        ok("nbdcopy", &["--request-size=65536", "--flush", s(&src), &u]);
+        ok(
+            "qemu-img",
+            &["compare", "-f", "raw", "-F", "raw", s(&src), &u],
+        );
+        let copied = completed() - before;
+        // 128 writes of 64 KiB, and qemu-img's reads (2 MiB each).
+        assert!(
+            copied >= 128 + 4,
+            "{what}: nbdcopy's writes and qemu-img's reads on the ring, {copied} completed there"
+        );
+        // Mixed sizes: the same script on the file and through the
+        // export ends in the same bytes, and reads as it should.
+        std::fs::copy(&src, &model).unwrap();
+        qemu_io(s(&model), "raw");
+        let before = completed();
+        let through = qemu_io(&u, "raw");
+        assert!(
+            !through.contains("Pattern verification failed"),
+            "{through}"
+        );
+        assert!(
+            completed() > before,
+            "{what}: the script's aligned requests went on the ring"
+        );
+        ok(
+            "qemu-img",
+            &["compare", "-f", "raw", "-F", "raw", s(&model), &u],
+        );
+        del_export_when_idle(&mut o, "e");
+        o.cmd("blockdev-del", json!({"node-name": "n"})).unwrap();
+        ok(
+            "qemu-img",
+            &["compare", "-f", "raw", "-F", "raw", s(&model), s(&img)],
+        );
+    }
+}
+
+/// `aio=threads` keeps its pool and qcow2 must see every request: none
+/// of their requests go on a ring.
+#[test]
+fn threads_and_qcow2_stay_with_the_workers() {
+    let _g = serial();
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let raw = dir.path().join("t.raw");
+    patterned(&raw, 4, 3);
+    let q = dir.path().join("q.qcow2");
+    ok("qemu-img", &["create", "-f", "qcow2", s(&q), "4M"]);
+    let (mut o, sock) = server(dir.path());
+    export(&mut o, &raw, "threads", false);
+    let before = completed();
+    ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 9 0 64k",
+            "-c",
+            "read -P 9 0 64k",
+            &url(&sock, "n"),
+        ],
+    );
+    del_export_when_idle(&mut o, "e");
+    o.cmd("blockdev-del", json!({"node-name": "n"})).unwrap();
+    o.cmd(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "q",
+               "file": {"driver": "file", "filename": q, "aio": "io_uring"}}),
+    )
+    .unwrap();
+    o.cmd(
+        "block-export-add",
+        json!({"type": "nbd", "id": "e", "node-name": "q", "writable": true}),
+    )
+    .unwrap();
+    ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 9 0 64k",
+            "-c",
+            "read -P 9 0 64k",
+            &url(&sock, "q"),
+        ],
+    );
+    assert_eq!(completed(), before, "nothing of threads or qcow2 on a ring");
+    del_export_when_idle(&mut o, "e");
+}
+
+/// A write that fails on the ring (the filesystem is full) is made again
+/// by a worker: the client gets the synchronous path's ENOSPC, nothing is
+/// counted as completed on the ring, and once there is room again the
+/// same write goes through the ring and reads back.
+#[test]
+fn a_failed_ring_write_gets_the_policy_path_error() {
+    let _g = serial();
+    let fs = Tmpfs::new(8);
+    let img = fs.dir.join("sparse.raw");
+    let f = std::fs::File::create(&img).unwrap();
+    f.set_len(32 << 20).unwrap();
+    drop(f);
+    let filler = fs.dir.join("filler");
+    // Leaves well under the 4 MiB the client writes.
+    std::fs::write(&filler, vec![1u8; 7 << 20]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut o, sock) = server(dir.path());
+    export(&mut o, &img, "io_uring", false);
+    let u = url(&sock, "n");
+    let before = completed();
+    let (good, text) = run("qemu-io", &["-f", "raw", "-c", "write -P 0x5a 0 4M", &u]);
+    assert!(
+        !good || text.contains("No space left on device"),
+        "the write must fail with ENOSPC: {text}"
+    );
+    assert!(text.contains("No space left on device"), "{text}");
+    assert_eq!(
+        completed(),
+        before,
+        "a failed request is not answered by the ring"
+    );
+    std::fs::remove_file(&filler).unwrap();
+    ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x5a 0 4M",
+            "-c",
+            "read -P 0x5a 0 4M",
+            &u,
+        ],
+    );
+    assert!(completed() > before, "with room the write goes on the ring");
+    del_export_when_idle(&mut o, "e");
+    o.cmd("blockdev-del", json!({"node-name": "n"})).unwrap();
+}
