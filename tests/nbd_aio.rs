@@ -11,11 +11,11 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 use std::sync::Mutex;
 
 use serde_json::json;
 
+use common::cmd::{nbd_url as url, ok, run, s};
 use common::oracle::{Ours, Side, del_export_when_idle};
 use common::tmpfs::Tmpfs;
 
@@ -28,30 +28,6 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 
 fn completed() -> u64 {
     blockjob::export::completed_requests()
-}
-
-fn run(cmd: &str, args: &[&str]) -> (bool, String) {
-    let out = Command::new(cmd).args(args).output().expect(cmd);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
-
-fn ok(cmd: &str, args: &[&str]) -> String {
-    let (good, text) = run(cmd, args);
-    assert!(good, "{cmd} {args:?}: {text}");
-    text
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn url(sock: &Path, name: &str) -> String {
-    format!("nbd+unix:///{name}?socket={}", sock.display())
 }
 
 /// A file of `mib` MiB of bytes that differ per 512-byte sector.
@@ -78,18 +54,39 @@ fn server(dir: &Path) -> (Ours, std::path::PathBuf) {
 }
 
 fn export(o: &mut Ours, img: &Path, aio: &str, direct: bool) {
-    o.cmd(
-        "blockdev-add",
+    export_node(
+        o,
         json!({"driver": "raw", "node-name": "n",
                "file": {"driver": "file", "filename": img, "aio": aio,
                         "cache": {"direct": direct}}}),
-    )
-    .unwrap();
+    );
+}
+
+/// Add the node `node` describes and export it writable as export `e`.
+fn export_node(o: &mut Ours, node: serde_json::Value) {
+    let name = node["node-name"].clone();
+    o.cmd("blockdev-add", node).unwrap();
     o.cmd(
         "block-export-add",
-        json!({"type": "nbd", "id": "e", "node-name": "n", "writable": true}),
+        json!({"type": "nbd", "id": "e", "node-name": name, "writable": true}),
     )
     .unwrap();
+}
+
+/// qemu-io writes a pattern through `url` and reads it back.
+fn write_and_read_back(url: &str) {
+    ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 9 0 64k",
+            "-c",
+            "read -P 9 0 64k",
+            url,
+        ],
+    );
 }
 
 /// qemu-io commands mixing request sizes, aligned and unaligned.
@@ -173,6 +170,44 @@ fn ring_requests_match_the_file_with_and_without_o_direct() {
     }
 }
 
+/// Requests on the ring and requests for the workers (zero writes,
+/// flushes) in flight together, more than the connection lets in at once:
+/// the reader answers ring completions while it waits for room, so
+/// everything completes and reads back.
+#[test]
+fn ring_and_worker_requests_share_the_connection() {
+    let _g = serial();
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let img = dir.path().join("m.raw");
+    patterned(&img, 8, 4);
+    let (mut o, sock) = server(dir.path());
+    export(&mut o, &img, "io_uring", true);
+    let mut args: Vec<String> = vec!["-f".into(), "raw".into()];
+    for i in 0..48u64 {
+        let c = match i % 3 {
+            0 => format!("aio_write -P {} {}k 4k", i + 1, i * 64),
+            1 => format!("aio_write -z {}k 8k", i * 64),
+            _ => format!("aio_read {}k 64k", i * 64 + 4096),
+        };
+        args.extend(["-c".into(), c]);
+    }
+    args.extend(["-c".into(), "aio_flush".into()]);
+    for i in (0..48u64).step_by(3) {
+        args.extend(["-c".into(), format!("read -P {} {}k 4k", i + 1, i * 64)]);
+        args.extend(["-c".into(), format!("read -P 0 {}k 8k", (i + 1) * 64)]);
+    }
+    args.push(url(&sock, "n"));
+    let before = completed();
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = ok("qemu-io", &argv);
+    assert!(!out.contains("failed"), "{out}");
+    assert!(
+        completed() >= before + 16 + 16,
+        "writes and reads on the ring"
+    );
+    del_export_when_idle(&mut o, "e");
+}
+
 /// `aio=threads` keeps its pool and qcow2 must see every request: none
 /// of their requests go on a ring.
 #[test]
@@ -186,43 +221,15 @@ fn threads_and_qcow2_stay_with_the_workers() {
     let (mut o, sock) = server(dir.path());
     export(&mut o, &raw, "threads", false);
     let before = completed();
-    ok(
-        "qemu-io",
-        &[
-            "-f",
-            "raw",
-            "-c",
-            "write -P 9 0 64k",
-            "-c",
-            "read -P 9 0 64k",
-            &url(&sock, "n"),
-        ],
-    );
+    write_and_read_back(&url(&sock, "n"));
     del_export_when_idle(&mut o, "e");
     o.cmd("blockdev-del", json!({"node-name": "n"})).unwrap();
-    o.cmd(
-        "blockdev-add",
+    export_node(
+        &mut o,
         json!({"driver": "qcow2", "node-name": "q",
                "file": {"driver": "file", "filename": q, "aio": "io_uring"}}),
-    )
-    .unwrap();
-    o.cmd(
-        "block-export-add",
-        json!({"type": "nbd", "id": "e", "node-name": "q", "writable": true}),
-    )
-    .unwrap();
-    ok(
-        "qemu-io",
-        &[
-            "-f",
-            "raw",
-            "-c",
-            "write -P 9 0 64k",
-            "-c",
-            "read -P 9 0 64k",
-            &url(&sock, "q"),
-        ],
     );
+    write_and_read_back(&url(&sock, "q"));
     assert_eq!(completed(), before, "nothing of threads or qcow2 on a ring");
     del_export_when_idle(&mut o, "e");
 }

@@ -10,13 +10,13 @@ mod common;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use blockjob::Context;
 use serde_json::{Value, json};
 
+use common::cmd::{nbd_url, ok, run, s};
 use common::oracle::{Ours, Side, del_export_when_idle};
 use common::qmp::Daemon;
 
@@ -31,61 +31,13 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 /// nbdinfo/nbdcopy (libnbd-bin) and nbdkit: installed when missing, as
 /// `.ci/run` does; a test never skips for want of them.
 fn need_nbd_tools() {
-    let have = |t: &str| {
-        Command::new("sh")
-            .args(["-c", &format!("command -v {t}")])
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false)
-    };
-    if !(have("nbdinfo") && have("nbdcopy") && have("nbdkit")) {
-        let sudo = if unsafe_free_is_root() { "" } else { "sudo " };
-        let st = Command::new("sh")
-            .args([
-                "-c",
-                &format!("{sudo}apt-get install -y -qq nbdkit libnbd-bin"),
-            ])
-            .status()
-            .expect("run apt-get");
-        assert!(st.success(), "apt-get install nbdkit libnbd-bin failed");
-    }
+    common::nbd::require_nbdkit();
     common::require_tool("nbdinfo");
     common::require_tool("nbdcopy");
 }
 
-fn unsafe_free_is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .map(|s| {
-            s.lines()
-                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false)
-}
-
-fn run(cmd: &str, args: &[&str]) -> (bool, String) {
-    let out = Command::new(cmd).args(args).output().expect(cmd);
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
-fn ok(cmd: &str, args: &[&str]) -> String {
-    let (success, out) = run(cmd, args);
-    assert!(success, "{cmd} {args:?}: {out}");
-    out
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 fn url(sock: &Path, name: &str) -> String {
-    format!("nbd+unix:///{name}?socket={}", sock.display())
+    nbd_url(sock, name)
 }
 
 /// A raw image of 8 MiB: data, explicit zeroes and holes at

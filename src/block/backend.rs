@@ -76,6 +76,9 @@ pub struct GuestIoError {
 struct Gate {
     quiesced: u32,
     in_flight: u64,
+    /// Drains waiting for `in_flight` to reach 0 (only they need the
+    /// wake-up then).
+    draining: u32,
     iostatus: BlockDeviceIoStatus,
 }
 
@@ -97,6 +100,7 @@ impl BackendShared {
             gate: Mutex::new(Gate {
                 quiesced: 0,
                 in_flight: 0,
+                draining: 0,
                 iostatus: BlockDeviceIoStatus::Ok,
             }),
             changed: Condvar::new(),
@@ -168,7 +172,7 @@ impl BackendShared {
         });
         let mut g = self.gate();
         g.in_flight -= 1;
-        if g.in_flight == 0 {
+        if g.in_flight == 0 && g.draining > 0 {
             self.changed.notify_all();
         }
         res
@@ -210,7 +214,7 @@ impl Drop for GateTicket {
     fn drop(&mut self) {
         let mut g = self.0.gate();
         g.in_flight -= 1;
-        if g.in_flight == 0 {
+        if g.in_flight == 0 && g.draining > 0 {
             self.0.changed.notify_all();
         }
     }
@@ -230,7 +234,9 @@ impl DrainParent for BackendShared {
     fn drained_wait(&self) {
         let mut g = self.gate();
         while g.in_flight > 0 {
+            g.draining += 1;
             g = self.changed.wait(g);
+            g.draining -= 1;
         }
     }
 

@@ -26,7 +26,7 @@ pub struct Node {
     /// written since the last one is skipped, as QEMU does.
     pub(super) write_gen: AtomicU64,
     flushed_gen: AtomicU64,
-    in_flight: Mutex<u64>,
+    in_flight: Mutex<InFlightCount>,
     idle: Condvar,
     pub(super) parents: Mutex<Parents>,
     /// `detect-zeroes`: 0 off, 1 on, 2 unmap.
@@ -61,14 +61,23 @@ impl std::fmt::Debug for Node {
     }
 }
 
+/// Requests in flight on a node, and threads waiting for none to be.
+#[derive(Debug, Default)]
+struct InFlightCount {
+    requests: u64,
+    waiters: u32,
+}
+
 /// Decrements the in-flight count when a request ends, however it ends.
 pub(super) struct InFlight<'a>(&'a Node);
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         let mut n = self.0.lock_in_flight();
-        *n -= 1;
-        if *n == 0 {
+        n.requests -= 1;
+        // Only a waiter needs the wake-up (a system call otherwise, on
+        // every request that leaves the node idle).
+        if n.requests == 0 && n.waiters > 0 {
             self.0.idle.notify_all();
         }
     }
@@ -105,7 +114,7 @@ impl Node {
             drv,
             write_gen: AtomicU64::new(0),
             flushed_gen: AtomicU64::new(0),
-            in_flight: Mutex::new(0),
+            in_flight: Mutex::new(InFlightCount::default()),
             idle: Condvar::new(),
             parents: Mutex::new(Parents::default()),
             detect_zeroes: AtomicU8::new(0),
@@ -248,12 +257,12 @@ impl Node {
         self.drv.filename()
     }
 
-    fn lock_in_flight(&self) -> crate::locks::MutexGuard<'_, u64> {
+    fn lock_in_flight(&self) -> crate::locks::MutexGuard<'_, InFlightCount> {
         self.in_flight.lock()
     }
 
     pub(super) fn begin(&self) -> InFlight<'_> {
-        *self.lock_in_flight() += 1;
+        self.lock_in_flight().requests += 1;
         InFlight(self)
     }
 
@@ -265,14 +274,16 @@ impl Node {
 
     /// Requests currently being processed on this node.
     pub fn in_flight(&self) -> u64 {
-        *self.lock_in_flight()
+        self.lock_in_flight().requests
     }
 
     /// Wait until no request is in flight.
     pub fn wait_idle(&self) {
         let mut n = self.lock_in_flight();
-        while *n > 0 {
+        while n.requests > 0 {
+            n.waiters += 1;
             n = self.idle.wait(n);
+            n.waiters -= 1;
         }
     }
 

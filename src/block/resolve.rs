@@ -7,7 +7,7 @@
 //! bookkeeping on the stack while the driver waits: the node counted in
 //! flight (a drain waits for it), the `O_DIRECT` write lock shared, and
 //! after a write what each node does with it (dirty bitmaps, the mirror's
-//! bitmap). [`Node::resolve`] makes the same descent up front and keeps
+//! bitmap). `Node::resolve` makes the same descent up front and keeps
 //! all of that in a [`Resolved`]; dropping it, once the kernel has
 //! completed the request, runs the after-write steps and releases the
 //! nodes, in the order the synchronous request would.
@@ -152,7 +152,12 @@ impl Node {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::context::Context;
+    use crate::block::graph::Graph;
+    use crate::events::EventBus;
+
+    fn graph() -> Arc<Graph> {
+        Graph::new(EventBus::new())
+    }
 
     fn file_node(dir: &std::path::Path, aio: &str, extra: serde_json::Value) -> Arc<Node> {
         let path = dir.join(format!("img-{aio}"));
@@ -164,7 +169,7 @@ mod tests {
         if let (Some(o), Some(e)) = (o.as_object_mut(), extra.as_object()) {
             o.extend(e.clone());
         }
-        Context::new().blockdev_add(&o).unwrap()
+        graph().blockdev_add(&o).unwrap()
     }
 
     #[test]
@@ -229,7 +234,7 @@ mod tests {
     #[test]
     fn a_drain_waits_for_resolved_requests() {
         let dir = tempfile::tempdir().unwrap();
-        let ctx = Context::new();
+        let ctx = graph();
         let path = dir.path().join("d");
         std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
         let node = ctx
@@ -249,9 +254,9 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::scope(|s| {
             s.spawn(|| {
-                let section = ctx.graph().drained_begin(std::slice::from_ref(&node));
+                let section = ctx.drained_begin(std::slice::from_ref(&node));
                 tx.send(blk.resolve(req).is_none()).unwrap();
-                ctx.graph().drained_end(section);
+                ctx.drained_end(section);
             });
             assert!(
                 rx.recv_timeout(std::time::Duration::from_millis(300))

@@ -302,13 +302,20 @@ pub(crate) enum BatchOp {
     Write,
 }
 
-/// A finished [`BatchRing`] request: the caller's tag, the result (bytes,
-/// or a negative errno) and the buffer back. A wake-up
-/// ([`BatchRing::wake`]) has no tag and no buffer.
-pub(crate) struct BatchDone {
-    pub tag: Option<u64>,
-    pub result: i32,
-    pub buf: Option<AlignedBuf>,
+/// What [`BatchRing::wait`] found.
+pub(crate) enum BatchDone {
+    /// A request ended: the caller's tag, the result (bytes, or a negative
+    /// errno) and the buffer back.
+    Io {
+        tag: u64,
+        result: i32,
+        buf: AlignedBuf,
+    },
+    /// The descriptor of [`BatchRing::poll_readable`] is readable (or
+    /// closed, or in error: reading it says which).
+    Readable,
+    /// A [`BatchRing::wake`].
+    Wake,
 }
 
 /// A request in the kernel: its buffer, the caller's tag, and for a
@@ -326,11 +333,12 @@ struct Slots {
     free: Vec<usize>,
 }
 
-/// An I/O thread's ring (QEMU's shape): one thread queues many requests
-/// and submits them in one system call; another waits for their
-/// completions and reaps them in batches. The ring owns each request's
-/// buffer from `queue` until its completion is reaped, so memory the
-/// kernel reads or writes is never touched, moved or freed under it.
+/// An I/O thread's ring (QEMU's shape): the thread queues many requests,
+/// submits them in one system call, and waits for their completions
+/// (and, on the same ring, for a socket to become readable), reaping them
+/// in batches. The ring owns each request's buffer from `queue` until its
+/// completion is reaped, so memory the kernel reads or writes is never
+/// touched, moved or freed under it.
 pub(crate) struct BatchRing {
     ring: IoUring,
     /// The submission queue and the slot table.
@@ -342,6 +350,9 @@ pub(crate) struct BatchRing {
 /// The tag of a wake-up.
 const WAKE: u64 = u64::MAX;
 
+/// The tag of a readiness poll.
+const READABLE: u64 = u64::MAX - 1;
+
 /// Marks the completion of a write whose data sync is linked after it.
 const FIRST_OF_TWO: u64 = 1 << 62;
 
@@ -350,11 +361,16 @@ const FIRST_OF_TWO: u64 = 1 << 62;
 const IORING_ENTER_GETEVENTS: u32 = 1;
 
 impl BatchRing {
-    /// A ring for up to `entries` requests at once.
+    /// A ring for up to `entries` requests at once, used by one thread
+    /// (the kernel runs completion work when that thread waits; see
+    /// [`new_ring`]).
     pub(crate) fn new(entries: u32) -> io::Result<BatchRing> {
         Ok(BatchRing {
-            // Plain setup: two threads enter this ring (no SINGLE_ISSUER).
-            ring: IoUring::new(entries)?,
+            ring: IoUring::builder()
+                .setup_single_issuer()
+                .setup_defer_taskrun()
+                .build(entries)
+                .or_else(|_| IoUring::new(entries))?,
             sq: crate::locks::Mutex::new(Slots::default()),
             cq: crate::locks::Mutex::new(()),
         })
@@ -445,17 +461,32 @@ impl BatchRing {
         Ok(())
     }
 
-    /// Make a waiting [`Self::wait`] return (with a completion without a
-    /// tag).
+    /// Make [`Self::wait`] return [`BatchDone::Wake`].
+    #[cfg(test)]
     pub(crate) fn wake(&self) -> io::Result<()> {
-        {
-            let mut slots = self.sq.lock();
-            let nop = opcode::Nop::new().build().user_data(WAKE);
-            if !self.push(&mut slots, &[nop]) {
-                return Err(io::Error::other("io_uring submission queue full"));
-            }
-        }
+        self.push_plain(opcode::Nop::new().build().user_data(WAKE))?;
         self.submit()
+    }
+
+    /// Queue a one-shot wait for `fd` to be readable: [`Self::wait`]
+    /// returns [`BatchDone::Readable`] once it is (at once if it already
+    /// is).
+    pub(crate) fn poll_readable(&self, fd: RawFd) -> io::Result<()> {
+        let mask = (libc::POLLIN | libc::POLLRDHUP) as u32;
+        self.push_plain(
+            opcode::PollAdd::new(types::Fd(fd), mask)
+                .build()
+                .user_data(READABLE),
+        )
+    }
+
+    /// Queue an entry that points at no memory.
+    fn push_plain(&self, e: io_uring::squeue::Entry) -> io::Result<()> {
+        let mut slots = self.sq.lock();
+        if !self.push(&mut slots, &[e]) {
+            return Err(io::Error::other("io_uring submission queue full"));
+        }
+        Ok(())
     }
 
     /// Requests queued or in the kernel.
@@ -474,11 +505,8 @@ impl BatchRing {
                 let mut slots = self.sq.lock();
                 for cqe in &mut cq {
                     let done = match cqe.user_data() {
-                        WAKE => BatchDone {
-                            tag: None,
-                            result: cqe.result(),
-                            buf: None,
-                        },
+                        WAKE => BatchDone::Wake,
+                        READABLE => BatchDone::Readable,
                         d if d & FIRST_OF_TWO != 0 => {
                             // The write of a write + sync: kept until the
                             // sync (or its cancellation) completes.
@@ -503,10 +531,10 @@ impl BatchRing {
                                 Some(w) if w < 0 => w,
                                 _ => cqe.result(),
                             };
-                            BatchDone {
-                                tag: Some(k.tag),
+                            BatchDone::Io {
+                                tag: k.tag,
                                 result,
-                                buf: Some(k.buf),
+                                buf: k.buf,
                             }
                         }
                     };
@@ -655,10 +683,14 @@ mod tests {
         assert_eq!(ring.in_flight(), 16);
         ring.submit().unwrap();
         reap(&mut done, 16);
-        let mut tags: Vec<u64> = done.iter().map(|d| d.tag.unwrap()).collect();
+        let io = |d: &BatchDone| match d {
+            BatchDone::Io { tag, result, buf } => (*tag, *result, buf.to_vec()),
+            _ => panic!("a request's completion"),
+        };
+        let mut tags: Vec<u64> = done.iter().map(|d| io(d).0).collect();
         tags.sort();
         assert_eq!(tags, (0..16).collect::<Vec<_>>());
-        assert!(done.iter().all(|d| d.result == 4096), "every write whole");
+        assert!(done.iter().all(|d| io(d).1 == 4096), "every write whole");
         assert_eq!(ring.in_flight(), 0);
         done.clear();
         for i in 0..16u64 {
@@ -690,20 +722,32 @@ mod tests {
         ring.submit().unwrap();
         reap(&mut done, 18);
         for d in &done {
-            match d.tag.unwrap() {
+            let (tag, result, buf) = io(d);
+            match tag {
                 t @ 100..116 => {
-                    assert_eq!(d.result, 4096);
-                    let b = d.buf.as_ref().unwrap();
-                    assert!(b.iter().all(|x| *x == (t - 100) as u8 + 1), "tag {t}");
+                    assert_eq!(result, 4096);
+                    assert!(buf.iter().all(|x| *x == (t - 100) as u8 + 1), "tag {t}");
                 }
-                200 => assert_eq!(d.result, 4096, "short read at the end"),
-                300 => assert_eq!(d.result, -libc::EBADF),
+                200 => assert_eq!(result, 4096, "short read at the end"),
+                300 => assert_eq!(result, -libc::EBADF),
                 t => panic!("unexpected tag {t}"),
             }
         }
         done.clear();
         ring.wake().unwrap();
         reap(&mut done, 1);
-        assert!(done[0].tag.is_none() && done[0].buf.is_none());
+        assert!(matches!(done[0], BatchDone::Wake));
+        // A socket with nothing to read is not readable until written.
+        done.clear();
+        let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+        ring.poll_readable(a.as_raw_fd()).unwrap();
+        ring.submit().unwrap();
+        ring.wake().unwrap();
+        reap(&mut done, 1);
+        assert!(matches!(done[..], [BatchDone::Wake]), "not readable yet");
+        done.clear();
+        std::io::Write::write_all(&mut b, b"x").unwrap();
+        reap(&mut done, 1);
+        assert!(matches!(done[..], [BatchDone::Readable]));
     }
 }

@@ -1,9 +1,12 @@
 //! The asynchronous data path of an export connection, in QEMU's shape:
-//! one ring per connection keeps its reads and writes in flight, queued
-//! by the thread that reads requests and handed to the kernel in one
-//! system call once it has read every request the client sent together;
-//! a completion thread reaps them in batches and writes their replies
-//! together (one `writev`).
+//! one thread and one ring per connection. The thread reads requests,
+//! queues their reads and writes on the ring, and hands them to the
+//! kernel in one system call once it has read every request the client
+//! sent together; then it waits on the ring for completions and for the
+//! socket to become readable at once, reaps completions in batches and
+//! writes their replies together (one `writev`). Each request costs two
+//! wake-ups of one thread, as in QEMU's event loop: its arrival and its
+//! completion.
 //!
 //! Only a plain read or write that resolves down to a file takes this
 //! path (`block::resolve`: raw over `file`/`host_device` with
@@ -15,16 +18,14 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::sync::Arc;
-use std::thread;
+use std::os::fd::RawFd;
 
 use super::nbd_conn::{Conn, Job};
 use crate::block::aligned::AlignedBuf;
 use crate::block::resolve::{self, Resolved};
 use crate::block::uring::{BatchDone, BatchOp, BatchRing};
-use crate::locks::Mutex;
 use crate::nbd::proto::{Request, cmd};
-use crate::sync::{AtomicBool, AtomicU64, Ordering};
+use crate::sync::{AtomicU64, Ordering};
 
 /// Room on the ring: the connection's requests in flight (at most
 /// `MAX_REQUESTS`) and a wake-up, with margin.
@@ -50,20 +51,19 @@ struct Pending {
     resolved: Resolved,
 }
 
-/// A connection's ring and what its requests need when they complete.
+/// A connection's ring and what its requests need when they complete
+/// (used by the connection's reading thread only).
 pub(super) struct Aio {
     ring: BatchRing,
-    pending: Mutex<HashMap<u64, Pending>>,
-    next_tag: AtomicU64,
-    /// The reader stopped: the completion thread ends once nothing is in
-    /// flight.
-    reading_done: AtomicBool,
-    completer: Mutex<Option<thread::JoinHandle<()>>>,
+    pending: HashMap<u64, Pending>,
+    next_tag: u64,
+    /// A readiness poll of the socket is on the ring.
+    polling: bool,
 }
 
 /// What became of a request offered to [`Aio::start`].
 pub(super) enum Started {
-    /// On the ring; its reply is written by the completion thread.
+    /// On the ring; it is answered when it completes.
     Queued,
     /// Not for this path: serve it as before (for a write, its payload
     /// has not been read).
@@ -73,27 +73,15 @@ pub(super) enum Started {
 }
 
 impl Aio {
-    /// A ring for `conn` and its completion thread, which hands failed
-    /// requests to the workers on `tx`. `None` when io_uring cannot be
-    /// used (the connection serves everything with its workers).
-    pub(super) fn new(conn: &Arc<Conn>, tx: &crossbeam_channel::Sender<Job>) -> Option<Arc<Aio>> {
-        let aio = Arc::new(Aio {
+    /// A ring for the calling thread. `None` when io_uring cannot be used
+    /// (the connection serves everything with its workers).
+    pub(super) fn new() -> Option<Aio> {
+        Some(Aio {
             ring: BatchRing::new(RING_ENTRIES).ok()?,
-            pending: Mutex::new(HashMap::new()),
-            next_tag: AtomicU64::new(0),
-            reading_done: AtomicBool::new(false),
-            completer: Mutex::new(None),
-        });
-        let (a, c, tx) = (aio.clone(), conn.clone(), tx.clone());
-        let h = thread::Builder::new()
-            .name("bj-nbd-aio".into())
-            .spawn(move || {
-                crate::nbd::transport::block_sigpipe();
-                a.complete(&c, &tx);
-            })
-            .ok()?;
-        *aio.completer.lock() = Some(h);
-        Some(aio)
+            pending: HashMap::new(),
+            next_tag: 0,
+            polling: false,
+        })
     }
 
     /// Whether `req` may take this path before anything else is known: a
@@ -116,7 +104,7 @@ impl Aio {
     /// Queue `req` (a [`Self::candidate`] that passed the connection's
     /// checks); a write's payload is read from `r` into the request's
     /// buffer. The caller submits (see [`Self::submit`]).
-    pub(super) fn start(&self, conn: &Conn, req: &Request, r: &mut dyn io::Read) -> Started {
+    pub(super) fn start(&mut self, conn: &Conn, req: &Request, r: &mut dyn io::Read) -> Started {
         let write = req.kind == cmd::WRITE;
         let len = req.length;
         if len == 0 || (!write && !conn.reads_as_data(req)) {
@@ -137,11 +125,11 @@ impl Aio {
             // the range dirty as a failed write would, which is harmless).
             return Started::Broken;
         }
-        // Relaxed: a unique number is all that is needed.
-        let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
+        let tag = self.next_tag;
+        self.next_tag += 1;
         let (fd, offset, sync) = (resolved.fd(), resolved.offset(), resolved.sync_after());
         // In the table before the kernel can complete it.
-        self.pending.lock().insert(
+        self.pending.insert(
             tag,
             Pending {
                 req: *req,
@@ -159,7 +147,7 @@ impl Aio {
                 // connection lets in flight, so this is not expected).
                 // A write's payload is gone with the buffer: end the
                 // connection rather than serve it wrongly.
-                self.pending.lock().remove(&tag);
+                self.pending.remove(&tag);
                 if write {
                     Started::Broken
                 } else {
@@ -175,78 +163,101 @@ impl Aio {
         self.ring.submit()
     }
 
-    /// The reader stopped: let the completion thread end once the
-    /// requests in flight are answered, and wait for it.
-    pub(super) fn finish(&self) {
-        // Release: pairs with the Acquire load in `complete`.
-        self.reading_done.store(true, Ordering::Release);
-        let _ = self.ring.submit();
-        let _ = self.ring.wake();
-        if let Some(h) = self.completer.lock().take() {
-            let _ = h.join();
-        }
+    /// Requests on the ring.
+    pub(super) fn in_flight(&self) -> usize {
+        self.ring.in_flight()
     }
 
-    /// The completion thread: reap, finish each request's bookkeeping,
-    /// answer the batch in one write, and hand failed requests to the
-    /// workers.
-    fn complete(&self, conn: &Conn, tx: &crossbeam_channel::Sender<Job>) {
+    /// Submit what is queued and answer completions until `fd` (the
+    /// connection's socket) is readable. False: the ring failed (the
+    /// connection ends).
+    pub(super) fn wait_readable(
+        &mut self,
+        conn: &Conn,
+        tx: &crossbeam_channel::Sender<Job>,
+        fd: RawFd,
+    ) -> bool {
+        if !self.polling {
+            if self.ring.poll_readable(fd).is_err() {
+                return false;
+            }
+            self.polling = true;
+        }
+        while self.polling {
+            if !self.pump(conn, tx) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Submit what is queued, wait for at least one completion, and
+    /// answer what completed. False: the ring failed.
+    pub(super) fn pump(&mut self, conn: &Conn, tx: &crossbeam_channel::Sender<Job>) -> bool {
         let mut done: Vec<BatchDone> = Vec::new();
+        if self.ring.submit().is_err() || self.ring.wait(&mut done).is_err() {
+            return false;
+        }
         let mut replies: Vec<(Vec<u8>, Option<AlignedBuf>)> = Vec::new();
         let mut answered: Vec<u64> = Vec::new();
-        loop {
-            if self.ring.wait(&mut done).is_err() {
-                // The ring broke: nothing more completes here. End the
-                // connection; buffers still in the kernel stay leaked by
-                // the ring rather than freed.
-                conn.close();
-                return;
-            }
-            for d in done.drain(..) {
-                let Some(tag) = d.tag else { continue };
-                let Some(p) = self.pending.lock().remove(&tag) else {
-                    continue;
-                };
-                let buf = d.buf.expect("a tagged request has its buffer");
-                let ok = u64::try_from(d.result).is_ok_and(|n| n == p.req.length);
-                // The nodes' after-write steps and releases, before the
-                // client hears of it (as the synchronous path).
-                drop(p.resolved);
-                let write = p.req.kind == cmd::WRITE;
-                if !ok {
-                    // Made again by a worker: the policy sees it there.
-                    let payload = if write { buf.to_vec() } else { Vec::new() };
-                    let job = Job::new(p.req, payload);
-                    if tx.send(job).is_err() {
-                        conn.close();
-                    }
+        for d in done {
+            let (tag, result, buf) = match d {
+                BatchDone::Io { tag, result, buf } => (tag, result, buf),
+                BatchDone::Readable => {
+                    self.polling = false;
                     continue;
                 }
-                // Relaxed: a statistic.
-                COMPLETED.fetch_add(1, Ordering::Relaxed);
-                if write {
-                    replies.push((conn.done_reply(&p.req), None));
-                    answered.push(p.req.length);
-                } else {
-                    replies.push((conn.data_reply_header(&p.req), Some(buf)));
-                    answered.push(0);
-                }
-            }
-            if !replies.is_empty() {
-                let parts: Vec<&[u8]> = replies
-                    .iter()
-                    .flat_map(|(h, d)| [h.as_slice(), d.as_deref().unwrap_or(&[])])
-                    .collect();
-                if conn.write_batch(&parts).is_err() {
+                BatchDone::Wake => continue,
+            };
+            let Some(p) = self.pending.remove(&tag) else {
+                continue;
+            };
+            let ok = u64::try_from(result).is_ok_and(|n| n == p.req.length);
+            // The nodes' after-write steps and releases, before the
+            // client hears of it (as the synchronous path).
+            drop(p.resolved);
+            let write = p.req.kind == cmd::WRITE;
+            if !ok {
+                // Made again by a worker: the policy sees it there.
+                let payload = if write { buf.to_vec() } else { Vec::new() };
+                if tx.send(Job::new(p.req, payload)).is_err() {
                     conn.close();
                 }
-                replies.clear();
-                for bytes in answered.drain(..) {
-                    conn.leave(bytes);
-                }
+                continue;
             }
-            // Acquire: pairs with the Release store in `finish`.
-            if self.reading_done.load(Ordering::Acquire) && self.ring.in_flight() == 0 {
+            // Relaxed: a statistic.
+            COMPLETED.fetch_add(1, Ordering::Relaxed);
+            if write {
+                replies.push((conn.done_reply(&p.req), None));
+                answered.push(p.req.length);
+            } else {
+                replies.push((conn.data_reply_header(&p.req), Some(buf)));
+                answered.push(0);
+            }
+        }
+        if !replies.is_empty() {
+            let parts: Vec<&[u8]> = replies
+                .iter()
+                .flat_map(|(h, d)| [h.as_slice(), d.as_deref().unwrap_or(&[])])
+                .collect();
+            if conn.write_batch(&parts).is_err() {
+                conn.close();
+            }
+            for bytes in answered {
+                conn.leave(bytes);
+            }
+        }
+        true
+    }
+
+    /// The reader stopped: answer the requests still on the ring. (A
+    /// readiness poll may stay armed: it holds no memory.)
+    pub(super) fn finish(&mut self, conn: &Conn, tx: &crossbeam_channel::Sender<Job>) {
+        while self.ring.in_flight() > 0 {
+            if !self.pump(conn, tx) {
+                // The ring broke: what it still holds stays leaked by
+                // it rather than freed under the kernel.
+                conn.close();
                 return;
             }
         }

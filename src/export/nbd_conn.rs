@@ -530,8 +530,24 @@ impl Job {
 
 /// Bounds what is in flight: count and payload bytes.
 struct Flight {
-    state: Mutex<(usize, u64)>,
+    state: Mutex<FlightState>,
     cv: Condvar,
+}
+
+#[derive(Default)]
+struct FlightState {
+    count: usize,
+    bytes: u64,
+    /// Threads waiting for room: a request that leaves wakes them only
+    /// when there are any (a wake-up is a system call, once per request
+    /// otherwise).
+    waiting: usize,
+}
+
+impl FlightState {
+    fn full(&self, bytes: u64) -> bool {
+        self.count >= MAX_REQUESTS || (self.count > 0 && self.bytes + bytes > MAX_INFLIGHT_BYTES)
+    }
 }
 
 impl Flight {
@@ -539,28 +555,32 @@ impl Flight {
     /// flight now.
     fn enter(&self, bytes: u64) -> usize {
         let mut g = self.state.lock();
-        while g.0 >= MAX_REQUESTS || (g.0 > 0 && g.1 + bytes > MAX_INFLIGHT_BYTES) {
+        while g.full(bytes) {
+            g.waiting += 1;
             g = self.cv.wait(g);
+            g.waiting -= 1;
         }
-        g.0 += 1;
-        g.1 += bytes;
-        g.0
+        g.count += 1;
+        g.bytes += bytes;
+        g.count
     }
     /// [`Self::enter`] if there is room now.
     fn try_enter(&self, bytes: u64) -> Option<usize> {
         let mut g = self.state.lock();
-        if g.0 >= MAX_REQUESTS || (g.0 > 0 && g.1 + bytes > MAX_INFLIGHT_BYTES) {
+        if g.full(bytes) {
             return None;
         }
-        g.0 += 1;
-        g.1 += bytes;
-        Some(g.0)
+        g.count += 1;
+        g.bytes += bytes;
+        Some(g.count)
     }
     fn leave(&self, bytes: u64) {
         let mut g = self.state.lock();
-        g.0 -= 1;
-        g.1 -= bytes;
-        self.cv.notify_all();
+        g.count -= 1;
+        g.bytes -= bytes;
+        if g.waiting > 0 {
+            self.cv.notify_all();
+        }
     }
 }
 
@@ -579,7 +599,11 @@ fn transmit(t: Transport, n: Negotiated) {
         mut reader,
         writer,
         closer,
+        plain,
     } = t;
+    // Waiting for the socket on the ring needs the socket's readiness to
+    // mean "more to read" (not so under TLS).
+    let n_plain = plain.then(|| closer.raw_fd());
     let conn = Arc::new(Conn {
         export: n.export,
         mode: n.mode,
@@ -587,7 +611,7 @@ fn transmit(t: Transport, n: Negotiated) {
         writer: Mutex::new(writer),
         closer,
         flight: Flight {
-            state: Mutex::new((0, 0)),
+            state: Mutex::new(FlightState::default()),
             cv: Condvar::new(),
         },
     });
@@ -605,10 +629,10 @@ fn transmit(t: Transport, n: Negotiated) {
     };
     let mut aio = None;
     if grow(0) {
-        read_requests(&conn, &mut *reader, &tx, &mut grow, &mut aio);
+        read_requests(&conn, &mut *reader, &tx, &mut grow, &mut aio, n_plain);
     }
-    if let Some(a) = aio.flatten() {
-        a.finish();
+    if let Some(Some(a)) = &mut aio {
+        a.finish(&conn, &tx);
     }
     drop(tx);
     for h in workers {
@@ -642,24 +666,24 @@ fn spawn_worker(
 /// so that there are workers for them.
 ///
 /// Plain reads and writes that resolve to a file go on the connection's
-/// ring (`aio`, made on the first of them; `Some(None)` once that failed),
-/// submitted when the next request is not here yet, or before anything
-/// else that waits.
+/// ring (`aio`, made on the first of them; `Some(None)` once that failed,
+/// or under TLS, where `socket` is `None`): queued, submitted when the
+/// next request is not here yet, and answered by this thread while it
+/// waits for the socket (`nbd_aio`).
 fn read_requests(
     conn: &Arc<Conn>,
     r: &mut dyn BufferedRead,
     tx: &crossbeam_channel::Sender<Job>,
     grow: &mut dyn FnMut(usize) -> bool,
-    aio: &mut Option<Option<Arc<Aio>>>,
+    aio: &mut Option<Option<Aio>>,
+    socket: Option<std::os::fd::RawFd>,
 ) {
     let extended = conn.mode == Mode::Extended;
-    // Submits what is queued before the reader waits.
-    let submit = |aio: &Option<Option<Arc<Aio>>>| match aio {
-        Some(Some(a)) => a.submit().is_ok(),
-        _ => true,
-    };
     loop {
-        if !nbd_aio::holds_header(r.buffered(), extended) && !submit(aio) {
+        if let (Some(Some(a)), Some(fd)) = (aio.as_mut(), socket)
+            && !nbd_aio::holds_header(r.buffered(), extended)
+            && !a.wait_readable(conn, tx, fd)
+        {
             return;
         }
         let Ok(req) = Request::read(&mut *r, extended) else {
@@ -668,35 +692,37 @@ fn read_requests(
         if req.kind == cmd::DISC {
             return;
         }
-        if Aio::candidate(&req) && conn.check(&req).is_ok() {
-            let a = aio.get_or_insert_with(|| Aio::new(conn, tx)).clone();
-            if let Some(a) = a {
-                let bytes = if req.kind == cmd::WRITE {
-                    req.length
-                } else {
-                    0
-                };
-                if bytes > r.buffered() as u64 && !submit(aio) {
+        if socket.is_some()
+            && Aio::candidate(&req)
+            && conn.check(&req).is_ok()
+            && let Some(a) = aio.get_or_insert_with(Aio::new)
+        {
+            let bytes = if req.kind == cmd::WRITE {
+                req.length
+            } else {
+                0
+            };
+            if enter_flight(conn, Some(a), tx, bytes).is_none() {
+                return;
+            }
+            // The payload may take a wait: what is queued goes first.
+            if bytes > r.buffered() as u64 && a.submit().is_err() {
+                return;
+            }
+            match a.start(conn, &req, &mut *r) {
+                Started::Queued => continue,
+                Started::Broken => {
+                    conn.flight.leave(bytes);
                     return;
                 }
-                if conn.flight.try_enter(bytes).is_none() {
-                    if !submit(aio) {
-                        return;
-                    }
-                    conn.flight.enter(bytes);
-                }
-                match a.start(conn, &req, &mut *r) {
-                    Started::Queued => continue,
-                    Started::Broken => {
-                        conn.flight.leave(bytes);
-                        return;
-                    }
-                    // Counted again below, with the worker's payload.
-                    Started::Declined => conn.flight.leave(bytes),
-                }
+                // Counted again below, with the worker's payload.
+                Started::Declined => conn.flight.leave(bytes),
             }
         }
-        if !submit(aio) {
+        // Served by a worker; nothing queued waits while this one does.
+        if let Some(Some(a)) = aio.as_ref()
+            && a.submit().is_err()
+        {
             return;
         }
         let mut payload = Vec::new();
@@ -729,7 +755,15 @@ fn read_requests(
                 fatal = true;
             }
         }
-        grow(conn.flight.enter(payload.len() as u64));
+        let Some(n) = enter_flight(
+            conn,
+            aio.as_mut().and_then(Option::as_mut),
+            tx,
+            payload.len() as u64,
+        ) else {
+            return;
+        };
+        grow(n);
         if tx
             .send(Job {
                 req,
@@ -740,6 +774,31 @@ fn read_requests(
             || fatal
         {
             return;
+        }
+    }
+}
+
+/// Count a request in flight, waiting for room: requests on the ring make
+/// room only when this thread answers them, so it does while it waits.
+/// `None`: the ring failed (the connection ends).
+fn enter_flight(
+    conn: &Conn,
+    mut aio: Option<&mut Aio>,
+    tx: &crossbeam_channel::Sender<Job>,
+    bytes: u64,
+) -> Option<usize> {
+    loop {
+        if let Some(n) = conn.flight.try_enter(bytes) {
+            return Some(n);
+        }
+        match aio.as_deref_mut() {
+            Some(a) if a.in_flight() > 0 => {
+                if !a.pump(conn, tx) {
+                    return None;
+                }
+            }
+            // Only workers' requests: they leave on their own.
+            _ => return Some(conn.flight.enter(bytes)),
         }
     }
 }

@@ -162,6 +162,8 @@ impl Stream for TlsStream {
                 timeout: write_timeout,
             }),
             closer,
+            // rustls may hold decrypted bytes the socket no longer shows.
+            plain: false,
         })
     }
 }

@@ -215,6 +215,15 @@ impl Closer {
     pub fn close(&self) {
         self.0.shutdown();
     }
+
+    /// The socket's descriptor (to wait for it to be readable).
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        match &self.0 {
+            Socket::Unix(s) => s.as_raw_fd(),
+            Socket::Tcp(s) => s.as_raw_fd(),
+        }
+    }
 }
 
 /// The reading half of a [`Transport`]: a reader that says how many bytes
@@ -239,6 +248,10 @@ pub struct Transport {
     pub writer: Box<dyn Write + Send>,
     /// Ends the connection.
     pub closer: Closer,
+    /// The reader reads the socket itself (no TLS): the socket being
+    /// readable is what "more to read" means, so a thread can wait for it
+    /// together with other things.
+    pub plain: bool,
 }
 
 /// A connection during negotiation: read and written by one thread, and
@@ -262,6 +275,7 @@ impl Stream for Socket {
             reader,
             writer: self,
             closer,
+            plain: true,
         })
     }
 }
@@ -411,7 +425,9 @@ mod tests {
             mut reader,
             mut writer,
             closer,
+            plain,
         } = t;
+        assert!(plain, "a plain socket's reader reads the socket");
         let h = std::thread::spawn(move || {
             let mut got = [0u8; 4];
             reader.read_exact(&mut got).unwrap();

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod chain;
+pub mod cmd;
 pub mod cprog;
 pub mod crash;
 pub mod gated;
