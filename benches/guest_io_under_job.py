@@ -27,8 +27,14 @@ against qemu-storage-daemon, in one run.
            each run. A mirror that reached READY inside the window is
            flagged: its throughput then says less.
 
+  cpu      the daemon's CPU time (user + system, /proc/PID/stat) over
+           fio's run, per guest I/O (IOPS x the run's length): what one
+           request costs the server, job included
+
 Rounds (--rounds, default 3) alternate the tools, the order rotating;
-medians printed with the ratios ours / QEMU.
+medians printed with the ratios ours / QEMU. --scenes picks scenes;
+--base PATH adds a third tool, "base": another build of ours (e.g. the
+previous commit), to measure a change side by side.
 
 Targets (issue #18): guest IOPS at least QEMU's, p99 no worse, at the same
 job throughput (the half scene holds it equal by construction).
@@ -36,6 +42,7 @@ job throughput (the half scene holds it equal by construction).
 Usage:
   python3 benches/guest_io_under_job.py [--size 4G] [--seconds 5]
       [--rounds 3] [--aio native] [--dir DIR] [--only ours,qemu]
+      [--scenes idle,full,half] [--base PATH]
       [--blockjob PATH] [--no-build] [--json out.json]
 """
 
@@ -92,7 +99,8 @@ class Bench:
         self.sockdir = Path(tempfile.mkdtemp(prefix="bj-guestio-"))
 
     def run(self, tool: str, scene: str, speed: int) -> dict:
-        argv = "qemu-storage-daemon" if tool == "qemu" else [self.a.blockjob, "daemon"]
+        argv = {"qemu": "qemu-storage-daemon", "ours": [self.a.blockjob, "daemon"],
+                "base": [self.a.base, "daemon"]}[tool]
         d = QemuDaemon(argv, self.sockdir, f"{tool}-{scene}", timeout=120)
         sock = self.sockdir / f"{tool}-{scene}.nbd"
         try:
@@ -108,9 +116,11 @@ class Bench:
                     args["speed"] = speed
                 d.cmd("blockdev-mirror", args)
             t0 = time.perf_counter()
+            cpu0 = cpu_seconds(d.pid)
             off0 = self.offset(d) if job else 0
             r = fio(sock, self.a)
             t1 = time.perf_counter()
+            r["cpu_us_per_io"] = (cpu_seconds(d.pid) - cpu0) * 1e6 / (r["iops"] * (t1 - t0))
             if job:
                 off1 = self.offset(d)
                 r["job_mib_s"] = (off1 - off0) / MiB / (t1 - t0)
@@ -139,6 +149,12 @@ class Bench:
         return jobs[0]["offset"] if jobs else 0
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def dd_rate(src: Path, dst: Path, size: int) -> float:
     """Bytes per second of one direct copy of up to 1 GiB (the device's
     copy rate)."""
@@ -159,14 +175,22 @@ def main() -> int:
     ap.add_argument("--aio", default="native", choices=("threads", "native", "io_uring"))
     ap.add_argument("--dir", type=Path, default=REPO / "target" / "bench-guestio")
     ap.add_argument("--only", default="ours,qemu")
+    ap.add_argument("--scenes", default=",".join(SCENES))
+    ap.add_argument("--base", help="another build of blockjob, run as the tool 'base'")
     ap.add_argument("--blockjob", default=str(REPO / "target" / "release" / "blockjob"))
     ap.add_argument("--no-build", action="store_true")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     tools = [t for t in a.only.split(",") if t]
+    if a.base:
+        tools.append("base")
     for t in tools:
-        if t not in ("ours", "qemu"):
+        if t not in ("ours", "qemu", "base"):
             ap.error(f"unknown tool {t!r} (known: ours, qemu)")
+    scenes = [s for s in a.scenes.split(",") if s]
+    for s in scenes:
+        if s not in SCENES:
+            ap.error(f"unknown scene {s!r} (known: {', '.join(SCENES)})")
     for prog in ("fio", "qemu-storage-daemon", "dd"):
         if shutil.which(prog) is None:
             raise BenchError(f"{prog} not found (apt-get install -y fio qemu-utils)")
@@ -180,7 +204,7 @@ def main() -> int:
         log(f"device copy rate (dd, median of 3): {rate / MiB:.0f} MiB/s; "
             f"half: speed={speed}")
         b = Bench(a, src, dst)
-        runs = [(t, s) for s in SCENES for t in tools]
+        runs = [(t, s) for s in scenes for t in tools]
         res: dict[tuple[str, str], list[dict]] = {k: [] for k in runs}
         for rnd in range(a.rounds):
             k = rnd % len(runs)
@@ -190,20 +214,23 @@ def main() -> int:
                 flag = " (READY inside the window)" if r["ready"] else ""
                 log(f"round {rnd + 1}: {t} {s}: {r['iops']:.0f} IOPS, p99 read "
                     f"{r['p99_read_us']:.0f} us, write {r['p99_write_us']:.0f} us, job "
-                    f"{r['job_mib_s']:.0f} MiB/s{flag}")
+                    f"{r['job_mib_s']:.0f} MiB/s, CPU {r['cpu_us_per_io']:.1f} us/IO{flag}")
         med = {k: {m: statistics.median(r[m] for r in rs)
-                   for m in ("iops", "p99_read_us", "p99_write_us", "job_mib_s")}
+                   for m in ("iops", "p99_read_us", "p99_write_us", "job_mib_s",
+                             "cpu_us_per_io")}
                for k, rs in res.items()}
         print(f"\nGuest 4 KiB random I/O (50 % reads, iodepth {a.iodepth}, {a.seconds} s) on "
               f"{fs_type(work)} under a mirror of {a.size // MiB} MiB, cache.direct=on, "
               f"aio={a.aio}; medians of {a.rounds}; half = speed {speed / MiB:.0f} MiB/s")
         print(f"{'scene':6} {'tool':5} {'IOPS':>8} {'p99 read us':>12} {'p99 write us':>13} "
-              f"{'job MiB/s':>10} {'IOPS ours/QEMU':>15} {'p99 r,w ours/QEMU':>18}")
-        for s in SCENES:
+              f"{'job MiB/s':>10} {'CPU us/IO':>10} {'IOPS ours/QEMU':>15} "
+              f"{'p99 r,w ours/QEMU':>18}")
+        for s in scenes:
             for t in tools:
                 m = med[(t, s)]
                 line = (f"{s:6} {t:5} {m['iops']:8.0f} {m['p99_read_us']:12.0f} "
-                        f"{m['p99_write_us']:13.0f} {m['job_mib_s']:10.0f}")
+                        f"{m['p99_write_us']:13.0f} {m['job_mib_s']:10.0f} "
+                        f"{m['cpu_us_per_io']:10.1f}")
                 if t == "ours" and ("qemu", s) in med:
                     q = med[("qemu", s)]
                     line += (f" {m['iops'] / q['iops']:15.2f} "
