@@ -282,3 +282,77 @@ fn a_failed_ring_write_gets_the_policy_path_error() {
     del_export_when_idle(&mut o, "e");
     o.cmd("blockdev-del", json!({"node-name": "n"})).unwrap();
 }
+
+/// Drains while a client keeps the ring busy: starting and cancelling a
+/// mirror of the exported node drains it each time, while nbdcopy reads
+/// the export (64 requests in flight, each read first asking the block
+/// status, as a structured read does). The reading thread must never
+/// wait at the drained device's gate with requests on its ring (the
+/// drain waits for them, and only that thread answers them).
+#[test]
+fn drains_do_not_wait_on_a_busy_ring() {
+    let _g = serial();
+    common::nbd::require_nbdkit();
+    common::require_tool("nbdcopy");
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let img = dir.path().join("d.raw");
+    let dst = dir.path().join("t.raw");
+    patterned(&img, 16, 5);
+    std::fs::write(&dst, vec![0u8; 16 << 20]).unwrap();
+    let (mut o, sock) = server(dir.path());
+    export(&mut o, &img, "io_uring", false);
+    o.cmd(
+        "blockdev-add",
+        json!({"driver": "raw", "node-name": "t",
+               "file": {"driver": "file", "filename": dst}}),
+    )
+    .unwrap();
+    let u = url(&sock, "n");
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let before = completed();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|sc| {
+        // A deadlock would hang the test: fail it instead.
+        sc.spawn(|| {
+            let t = std::time::Instant::now();
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                if t.elapsed() > std::time::Duration::from_secs(120) {
+                    eprintln!("drains_do_not_wait_on_a_busy_ring: stuck for 120 s (a drain waits for the ring)");
+                    std::process::exit(101);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        });
+        let reader = sc.spawn(|| {
+            let mut rounds = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                ok("nbdcopy", &["--request-size=65536", &u, "null:"]);
+                rounds += 1;
+            }
+            rounds
+        });
+        for i in 0..20 {
+            let id = format!("m{i}");
+            o.cmd(
+                "blockdev-mirror",
+                json!({"job-id": id, "device": "n", "target": "t", "sync": "full",
+                       "speed": 1 << 20}),
+            )
+            .unwrap();
+            o.cmd("block-job-cancel", json!({"device": id, "force": true}))
+                .unwrap();
+            loop {
+                let ev = o.event().expect("the job's end");
+                if ev["event"] == "BLOCK_JOB_CANCELLED" {
+                    break;
+                }
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let rounds = reader.join().unwrap();
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(rounds > 0);
+    });
+    assert!(completed() > before, "the reads went on the ring");
+    del_export_when_idle(&mut o, "e");
+}

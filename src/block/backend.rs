@@ -159,6 +159,33 @@ impl BackendShared {
             }
             g.in_flight += 1;
         }
+        self.counted(is_read, f)
+    }
+
+    /// [`Self::request`], or `None` at once while a drain holds the gate
+    /// (for a thread that must not wait there: see `BlockBackend::try_block_status`).
+    fn try_request<T>(
+        &self,
+        is_read: bool,
+        f: impl FnOnce(&Node) -> Result<T>,
+    ) -> Option<Result<T, GuestIoError>> {
+        {
+            let mut g = self.gate();
+            if g.quiesced > 0 {
+                return None;
+            }
+            g.in_flight += 1;
+        }
+        Some(self.counted(is_read, f))
+    }
+
+    /// A request already counted at the gate: run it, apply the policy to
+    /// a failure, and leave the count.
+    fn counted<T>(
+        &self,
+        is_read: bool,
+        f: impl FnOnce(&Node) -> Result<T>,
+    ) -> Result<T, GuestIoError> {
         let node = self.node();
         let res = f(&node).map_err(|error| {
             if self.opts.device_errors {
@@ -382,6 +409,18 @@ impl BlockBackend {
     pub fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus, GuestIoError> {
         self.shared
             .request(true, |n| super::chain::status_above(n, offset, len))
+    }
+
+    /// [`Self::block_status`], or `None` at once while a drain holds the
+    /// gate: for a thread that answers requests a drain waits for (an
+    /// export's ring), which must not wait for the drain in turn.
+    pub(crate) fn try_block_status(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> Option<Result<BlockStatus, GuestIoError>> {
+        self.shared
+            .try_request(true, |n| super::chain::status_above(n, offset, len))
     }
 
     /// The allocation depth at `offset` (QEMU's `qemu:allocation-depth`:

@@ -828,10 +828,12 @@ impl Conn {
         if self.mode < Mode::Structured || req.flags & cflag::DF != 0 {
             return true;
         }
+        // Never waiting at a drained gate: this thread answers the ring's
+        // requests, which the drain waits for.
         self.export
             .blk
-            .block_status(req.offset, req.length)
-            .is_ok_and(|st| !st.zero && st.len >= req.length)
+            .try_block_status(req.offset, req.length)
+            .is_some_and(|r| r.is_ok_and(|st| !st.zero && st.len >= req.length))
     }
 
     /// Ends the connection (the reader sees it closed).
