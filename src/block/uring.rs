@@ -311,9 +311,6 @@ pub(crate) enum BatchDone {
         result: i32,
         buf: AlignedBuf,
     },
-    /// The descriptor of [`BatchRing::poll_readable`] is readable (or
-    /// closed, or in error: reading it says which).
-    Readable,
     /// A [`BatchRing::wake`].
     Wake,
 }
@@ -335,8 +332,8 @@ struct Slots {
 
 /// An I/O thread's ring (QEMU's shape): the thread queues many requests,
 /// submits them in one system call, and waits for their completions
-/// (and, on the same ring, for a socket to become readable), reaping them
-/// in batches. The ring owns each request's buffer from `queue` until its
+/// (and, with [`BatchRing::wait_ready`], for a socket to become readable
+/// at the same time), reaping them in batches. The ring owns each request's buffer from `queue` until its
 /// completion is reaped, so memory the kernel reads or writes is never
 /// touched, moved or freed under it.
 pub(crate) struct BatchRing {
@@ -350,9 +347,6 @@ pub(crate) struct BatchRing {
 /// The tag of a wake-up.
 const WAKE: u64 = u64::MAX;
 
-/// The tag of a readiness poll.
-const READABLE: u64 = u64::MAX - 1;
-
 /// Marks the completion of a write whose data sync is linked after it.
 const FIRST_OF_TWO: u64 = 1 << 62;
 
@@ -361,19 +355,49 @@ const FIRST_OF_TWO: u64 = 1 << 62;
 const IORING_ENTER_GETEVENTS: u32 = 1;
 
 impl BatchRing {
-    /// A ring for up to `entries` requests at once, used by one thread
-    /// (the kernel runs completion work when that thread waits; see
-    /// [`new_ring`]).
+    /// A ring for up to `entries` requests at once. A plain ring: the
+    /// kernel posts completions as they come (interrupting the thread if
+    /// it must), so the ring's descriptor polls readable for them, which
+    /// [`Self::wait_ready`] relies on.
     pub(crate) fn new(entries: u32) -> io::Result<BatchRing> {
         Ok(BatchRing {
-            ring: IoUring::builder()
-                .setup_single_issuer()
-                .setup_defer_taskrun()
-                .build(entries)
-                .or_else(|_| IoUring::new(entries))?,
+            ring: IoUring::new(entries)?,
             sq: crate::locks::Mutex::new(Slots::default()),
             cq: crate::locks::Mutex::new(()),
         })
+    }
+
+    /// Wait until a completion is there to reap or `fd` is readable (or
+    /// closed, or in error): whether `fd` is. With `poll(2)` rather than
+    /// a readiness request on the ring: a thread waiting in
+    /// `io_uring_enter` is not known to be blocked by every tool (valgrind
+    /// keeps its big lock, and every other thread stops).
+    pub(crate) fn wait_ready(&self, fd: RawFd) -> io::Result<bool> {
+        use std::os::fd::AsRawFd;
+        let mut fds = [
+            libc::pollfd {
+                fd,
+                events: libc::POLLIN | libc::POLLRDHUP,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.ring.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        loop {
+            // SAFETY: `fds` is a valid array of two pollfd for the whole
+            // call; poll only writes their `revents`.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            if n >= 0 {
+                return Ok(fds[0].revents != 0);
+            }
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EINTR) {
+                return Err(e);
+            }
+        }
     }
 
     fn push(&self, _held: &mut Slots, entries: &[io_uring::squeue::Entry]) -> bool {
@@ -468,19 +492,8 @@ impl BatchRing {
         self.submit()
     }
 
-    /// Queue a one-shot wait for `fd` to be readable: [`Self::wait`]
-    /// returns [`BatchDone::Readable`] once it is (at once if it already
-    /// is).
-    pub(crate) fn poll_readable(&self, fd: RawFd) -> io::Result<()> {
-        let mask = (libc::POLLIN | libc::POLLRDHUP) as u32;
-        self.push_plain(
-            opcode::PollAdd::new(types::Fd(fd), mask)
-                .build()
-                .user_data(READABLE),
-        )
-    }
-
     /// Queue an entry that points at no memory.
+    #[cfg(test)]
     fn push_plain(&self, e: io_uring::squeue::Entry) -> io::Result<()> {
         let mut slots = self.sq.lock();
         if !self.push(&mut slots, &[e]) {
@@ -495,8 +508,9 @@ impl BatchRing {
         s.used.len() - s.free.len()
     }
 
-    /// Wait for at least one completion and append every one there is.
-    pub(crate) fn wait(&self, out: &mut Vec<BatchDone>) -> io::Result<()> {
+    /// Wait for at least one completion (with `block`; else not at all)
+    /// and append every one there is.
+    pub(crate) fn wait(&self, out: &mut Vec<BatchDone>, block: bool) -> io::Result<()> {
         let _cq = self.cq.lock();
         loop {
             // SAFETY: the completion queue is only reached under `self.cq`.
@@ -506,7 +520,6 @@ impl BatchRing {
                 for cqe in &mut cq {
                     let done = match cqe.user_data() {
                         WAKE => BatchDone::Wake,
-                        READABLE => BatchDone::Readable,
                         d if d & FIRST_OF_TWO != 0 => {
                             // The write of a write + sync: kept until the
                             // sync (or its cancellation) completes.
@@ -543,6 +556,9 @@ impl BatchRing {
                 return Ok(());
             }
             drop(cq);
+            if !block {
+                return Ok(());
+            }
             // SAFETY: no arguments are passed (a null `arg`).
             match unsafe {
                 self.ring
@@ -669,7 +685,7 @@ mod tests {
         let mut done = Vec::new();
         let reap = |done: &mut Vec<BatchDone>, n: usize| {
             while done.len() < n {
-                ring.wait(done).unwrap();
+                ring.wait(done, true).unwrap();
             }
         };
         for i in 0..16u64 {
@@ -737,17 +753,32 @@ mod tests {
         ring.wake().unwrap();
         reap(&mut done, 1);
         assert!(matches!(done[0], BatchDone::Wake));
-        // A socket with nothing to read is not readable until written.
+        // Waiting for a socket and the ring: the ring's completion ends
+        // the wait while the socket has nothing; then the socket's data.
         done.clear();
         let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
-        ring.poll_readable(a.as_raw_fd()).unwrap();
+        ring.queue(
+            BatchOp::Read,
+            fd,
+            0,
+            AlignedBuf::zeroed(4096, 4096),
+            4096,
+            false,
+            400,
+        )
+        .unwrap_or_else(|_| panic!("room"));
         ring.submit().unwrap();
-        ring.wake().unwrap();
-        reap(&mut done, 1);
-        assert!(matches!(done[..], [BatchDone::Wake]), "not readable yet");
-        done.clear();
+        while done.is_empty() {
+            assert!(
+                !ring.wait_ready(a.as_raw_fd()).unwrap(),
+                "nothing to read yet"
+            );
+            ring.wait(&mut done, false).unwrap();
+        }
+        assert_eq!(io(&done[0]).0, 400);
         std::io::Write::write_all(&mut b, b"x").unwrap();
-        reap(&mut done, 1);
-        assert!(matches!(done[..], [BatchDone::Readable]));
+        assert!(ring.wait_ready(a.as_raw_fd()).unwrap());
+        ring.wait(&mut done, false).unwrap();
+        assert_eq!(done.len(), 1, "no completion without a request");
     }
 }

@@ -2,9 +2,10 @@
 //! one thread and one ring per connection. The thread reads requests,
 //! queues their reads and writes on the ring, and hands them to the
 //! kernel in one system call once it has read every request the client
-//! sent together; then it waits on the ring for completions and for the
-//! socket to become readable at once, reaps completions in batches and
-//! writes their replies together (one `writev`). Each request costs two
+//! sent together; then it waits for completions and for the socket to
+//! become readable at once (`poll(2)` on both), reaps completions in
+//! batches and writes their replies together (one `writev`). With
+//! nothing on the ring it waits in its read, as the workers' path does. Each request costs two
 //! wake-ups of one thread, as in QEMU's event loop: its arrival and its
 //! completion.
 //!
@@ -57,8 +58,6 @@ pub(super) struct Aio {
     ring: BatchRing,
     pending: HashMap<u64, Pending>,
     next_tag: u64,
-    /// A readiness poll of the socket is on the ring.
-    polling: bool,
 }
 
 /// What became of a request offered to [`Aio::start`].
@@ -80,7 +79,6 @@ impl Aio {
             ring: BatchRing::new(RING_ENTRIES).ok()?,
             pending: HashMap::new(),
             next_tag: 0,
-            polling: false,
         })
     }
 
@@ -169,45 +167,48 @@ impl Aio {
     }
 
     /// Submit what is queued and answer completions until `fd` (the
-    /// connection's socket) is readable. False: the ring failed (the
-    /// connection ends).
+    /// connection's socket) is readable, or until nothing is left on the
+    /// ring (then the caller may wait in its read: nothing needs this
+    /// thread meanwhile). False: the ring failed (the connection ends).
     pub(super) fn wait_readable(
         &mut self,
         conn: &Conn,
         tx: &crossbeam_channel::Sender<Job>,
         fd: RawFd,
     ) -> bool {
-        if !self.polling {
-            if self.ring.poll_readable(fd).is_err() {
+        loop {
+            if !self.answer(conn, tx, false) {
                 return false;
             }
-            self.polling = true;
-        }
-        while self.polling {
-            if !self.pump(conn, tx) {
-                return false;
+            if self.ring.in_flight() == 0 {
+                return true;
+            }
+            match self.ring.wait_ready(fd) {
+                Ok(false) => {}
+                Ok(true) => return self.answer(conn, tx, false),
+                Err(_) => return false,
             }
         }
-        true
     }
 
     /// Submit what is queued, wait for at least one completion, and
     /// answer what completed. False: the ring failed.
     pub(super) fn pump(&mut self, conn: &Conn, tx: &crossbeam_channel::Sender<Job>) -> bool {
+        self.answer(conn, tx, true)
+    }
+
+    /// Submit what is queued, reap what completed (waiting for at least
+    /// one with `block`) and answer it.
+    fn answer(&mut self, conn: &Conn, tx: &crossbeam_channel::Sender<Job>, block: bool) -> bool {
         let mut done: Vec<BatchDone> = Vec::new();
-        if self.ring.submit().is_err() || self.ring.wait(&mut done).is_err() {
+        if self.ring.submit().is_err() || self.ring.wait(&mut done, block).is_err() {
             return false;
         }
         let mut replies: Vec<(Vec<u8>, Option<AlignedBuf>)> = Vec::new();
         let mut answered: Vec<u64> = Vec::new();
         for d in done {
-            let (tag, result, buf) = match d {
-                BatchDone::Io { tag, result, buf } => (tag, result, buf),
-                BatchDone::Readable => {
-                    self.polling = false;
-                    continue;
-                }
-                BatchDone::Wake => continue,
+            let BatchDone::Io { tag, result, buf } = d else {
+                continue;
             };
             let Some(p) = self.pending.remove(&tag) else {
                 continue;
@@ -250,8 +251,7 @@ impl Aio {
         true
     }
 
-    /// The reader stopped: answer the requests still on the ring. (A
-    /// readiness poll may stay armed: it holds no memory.)
+    /// The reader stopped: answer the requests still on the ring.
     pub(super) fn finish(&mut self, conn: &Conn, tx: &crossbeam_channel::Sender<Job>) {
         while self.ring.in_flight() > 0 {
             if !self.pump(conn, tx) {
