@@ -16,7 +16,7 @@ use std::sync::Mutex;
 use serde_json::json;
 
 use common::cmd::{nbd_url as url, ok, run, s};
-use common::oracle::{Ours, Side, del_export_when_idle};
+use common::oracle::{Ours, Side, del_export_when_idle, ours_nbd_server as server};
 use common::tmpfs::Tmpfs;
 
 /// One at a time: the ring's counter is process-wide.
@@ -40,17 +40,6 @@ fn patterned(p: &Path, mib: usize, seed: u8) {
         })
         .collect();
     std::fs::write(p, data).unwrap();
-}
-
-fn server(dir: &Path) -> (Ours, std::path::PathBuf) {
-    let mut o = Ours::new();
-    let sock = dir.join("ours.sock");
-    o.cmd(
-        "nbd-server-start",
-        json!({"addr": {"type": "unix", "data": {"path": sock}}}),
-    )
-    .unwrap();
-    (o, sock)
 }
 
 fn export(o: &mut Ours, img: &Path, aio: &str, direct: bool) {

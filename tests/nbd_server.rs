@@ -17,7 +17,7 @@ use blockjob::Context;
 use serde_json::{Value, json};
 
 use common::cmd::{nbd_url, ok, run, s};
-use common::oracle::{Ours, Side, del_export_when_idle};
+use common::oracle::{Ours, Side, del_export_when_idle, ours_nbd_server as ours_server};
 use common::qmp::Daemon;
 
 /// The tests run one at a time: the machine is small, and the thread
@@ -110,18 +110,6 @@ fn qcow2_chain(dir: &Path) -> (PathBuf, PathBuf) {
         ],
     );
     (base, top)
-}
-
-/// Our context with an NBD server on `dir/ours.sock`.
-fn ours_server(dir: &Path) -> (Ours, PathBuf) {
-    let mut o = Ours::new();
-    let sock = dir.join("ours.sock");
-    o.cmd(
-        "nbd-server-start",
-        json!({"addr": {"type": "unix", "data": {"path": sock}}}),
-    )
-    .unwrap();
-    (o, sock)
 }
 
 fn qsd_server(dir: &Path) -> (Daemon, PathBuf) {

@@ -123,3 +123,15 @@ pub fn canonical(v: &Value) -> String {
         other => other.to_string(),
     }
 }
+
+/// Our context with an NBD server on `dir/ours.sock` (and that path).
+pub fn ours_nbd_server(dir: &std::path::Path) -> (Ours, std::path::PathBuf) {
+    let mut o = Ours::new();
+    let sock = dir.join("ours.sock");
+    o.cmd(
+        "nbd-server-start",
+        serde_json::json!({"addr": {"type": "unix", "data": {"path": sock}}}),
+    )
+    .unwrap();
+    (o, sock)
+}
