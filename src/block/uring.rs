@@ -293,6 +293,42 @@ pub(crate) fn write_all_at(fd: RawFd, buf: &[u8], offset: u64) -> Result<()> {
     Ok(())
 }
 
+/// A read entry, fixed when the buffer is registered (`fixed`).
+fn read_entry(
+    fd: RawFd,
+    offset: u64,
+    ptr: *mut u8,
+    len: u32,
+    fixed: Option<u16>,
+) -> io_uring::squeue::Entry {
+    match fixed {
+        Some(i) => opcode::ReadFixed::new(types::Fd(fd), ptr, len, i)
+            .offset(offset)
+            .build(),
+        None => opcode::Read::new(types::Fd(fd), ptr, len)
+            .offset(offset)
+            .build(),
+    }
+}
+
+/// A write entry, fixed when the buffer is registered (`fixed`).
+fn write_entry(
+    fd: RawFd,
+    offset: u64,
+    ptr: *mut u8,
+    len: u32,
+    fixed: Option<u16>,
+) -> io_uring::squeue::Entry {
+    match fixed {
+        Some(i) => opcode::WriteFixed::new(types::Fd(fd), ptr, len, i)
+            .offset(offset)
+            .build(),
+        None => opcode::Write::new(types::Fd(fd), ptr, len)
+            .offset(offset)
+            .build(),
+    }
+}
+
 /// What a [`BatchRing`] request does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum BatchOp {
@@ -315,11 +351,22 @@ pub(crate) enum BatchDone {
     Wake,
 }
 
+/// What the second entry of a linked pair is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Second {
+    /// A data sync after a write: the request's result is the write's.
+    Sync,
+    /// The write of a copy's bytes just read: the result is the write's.
+    CopyWrite,
+}
+
 /// A request in the kernel: its buffer, the caller's tag, and for a
-/// write followed by a data sync the write's result while the sync runs.
+/// linked pair (write + sync, read + write) the first entry's result
+/// while the second runs.
 struct InKernel {
     buf: AlignedBuf,
     tag: u64,
+    second: Option<Second>,
     first: Option<i32>,
 }
 
@@ -328,6 +375,8 @@ struct InKernel {
 struct Slots {
     used: Vec<Option<InKernel>>,
     free: Vec<usize>,
+    /// Requests queued and not yet submitted.
+    queued: usize,
 }
 
 /// An I/O thread's ring (QEMU's shape): the thread queues many requests,
@@ -337,11 +386,16 @@ struct Slots {
 /// completion is reaped, so memory the kernel reads or writes is never
 /// touched, moved or freed under it.
 pub(crate) struct BatchRing {
+    /// Declared (so dropped) before `fixed`: the registration ends with
+    /// the ring.
     ring: IoUring,
     /// The submission queue and the slot table.
     sq: crate::locks::Mutex<Slots>,
     /// The completion queue (one reaper at a time).
     cq: crate::locks::Mutex<()>,
+    /// Registered buffers ([`Self::register`]), by table index: held so
+    /// that the memory the kernel has pinned stays allocated.
+    fixed: std::sync::OnceLock<Vec<Region>>,
 }
 
 /// The tag of a wake-up.
@@ -364,7 +418,42 @@ impl BatchRing {
             ring: IoUring::new(entries)?,
             sq: crate::locks::Mutex::new(Slots::default()),
             cq: crate::locks::Mutex::new(()),
+            fixed: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Register `regions` as the ring's fixed buffers (once): requests
+    /// whose bytes lie inside one go as `READ_FIXED`/`WRITE_FIXED`, so the
+    /// kernel does not pin their pages on every request. False when the
+    /// kernel refused (e.g. `RLIMIT_MEMLOCK`) or buffers are registered
+    /// already: requests then go unregistered, which only costs CPU.
+    pub(crate) fn register(&self, regions: Vec<Region>) -> bool {
+        if self.fixed.get().is_some() || regions.is_empty() {
+            return false;
+        }
+        let iovecs: Vec<libc::iovec> = regions
+            .iter()
+            .map(|r| libc::iovec {
+                iov_base: r.addr() as *mut libc::c_void,
+                iov_len: r.len(),
+            })
+            .collect();
+        // SAFETY: every iovec is a `Region` that `self.fixed` holds from
+        // here until the ring is dropped (the field is dropped after the
+        // ring, which ends the registration; with requests still in the
+        // kernel the regions are leaked instead, see `Drop`). The kernel
+        // reaches that memory only through fixed requests, made only for
+        // a buffer the ring owns while the request is in the kernel.
+        if unsafe { self.ring.submitter().register_buffers(&iovecs) }.is_err() {
+            return false;
+        }
+        self.fixed.set(regions).is_ok()
+    }
+
+    /// The registered buffer holding all of `buf`, if any.
+    fn fixed_index(&self, buf: &[u8]) -> Option<u16> {
+        let i = self.fixed.get()?.iter().position(|r| r.contains(buf))?;
+        u16::try_from(i).ok()
     }
 
     /// Wait until a completion is there to reap or `fd` is readable (or
@@ -420,39 +509,89 @@ impl BatchRing {
         op: BatchOp,
         fd: RawFd,
         offset: u64,
-        mut buf: AlignedBuf,
+        buf: AlignedBuf,
         len: usize,
         sync: bool,
         tag: u64,
     ) -> std::result::Result<(), AlignedBuf> {
-        let len = len.min(buf.len()).min(i32::MAX as usize) as u32;
+        let sync = sync && op == BatchOp::Write;
+        self.queue_entries(
+            buf,
+            len,
+            tag,
+            sync.then_some(Second::Sync),
+            |ptr, len, fixed| {
+                let first = match op {
+                    BatchOp::Read => read_entry(fd, offset, ptr, len, fixed),
+                    BatchOp::Write => write_entry(fd, offset, ptr, len, fixed),
+                };
+                if !sync {
+                    return vec![first];
+                }
+                // The sync starts only after the write succeeded in full; a
+                // short or failed write cancels it (-ECANCELED).
+                vec![
+                    first,
+                    opcode::Fsync::new(types::Fd(fd))
+                        .flags(types::FsyncFlags::DATASYNC)
+                        .build(),
+                ]
+            },
+        )
+    }
+
+    /// Queue a copy of `len` bytes: a read at `src_offset` of `src` into
+    /// `buf`, linked to a write of them at `dst_offset` of `dst`, which
+    /// the kernel starts only after the read returned all of them (a
+    /// failed or short read cancels it). The completion's result is the
+    /// write's, or the read's when it failed or came short. `Err` (with
+    /// the buffer) when the queue is full.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn queue_copy(
+        &self,
+        src: RawFd,
+        src_offset: u64,
+        dst: RawFd,
+        dst_offset: u64,
+        buf: AlignedBuf,
+        len: usize,
+        tag: u64,
+    ) -> std::result::Result<(), AlignedBuf> {
+        self.queue_entries(buf, len, tag, Some(Second::CopyWrite), |ptr, len, fixed| {
+            vec![
+                read_entry(src, src_offset, ptr, len, fixed),
+                write_entry(dst, dst_offset, ptr, len, fixed),
+            ]
+        })
+    }
+
+    /// Queue the entries `make` builds for `len` bytes of `buf` (given its
+    /// address, the length and its registered index): one, or a linked
+    /// pair whose second is `second`.
+    fn queue_entries(
+        &self,
+        mut buf: AlignedBuf,
+        len: usize,
+        tag: u64,
+        second: Option<Second>,
+        make: impl FnOnce(*mut u8, u32, Option<u16>) -> Vec<io_uring::squeue::Entry>,
+    ) -> std::result::Result<(), AlignedBuf> {
+        let len = len.min(buf.len()).min(i32::MAX as usize);
+        let fixed = self.fixed_index(&buf[..len]);
+        let mut entries = make(buf.as_mut_ptr(), len as u32, fixed);
         let mut slots = self.sq.lock();
         let slot = slots.free.pop().unwrap_or(slots.used.len());
-        let ptr = buf.as_mut_ptr();
-        let entry = match op {
-            BatchOp::Read => opcode::Read::new(types::Fd(fd), ptr, len)
-                .offset(offset)
-                .build(),
-            BatchOp::Write => opcode::Write::new(types::Fd(fd), ptr, len)
-                .offset(offset)
-                .build(),
-        };
-        let sync = sync && op == BatchOp::Write;
-        let entries = if sync {
-            // The sync starts only after the write succeeded in full; a
-            // short or failed write cancels it (-ECANCELED).
-            vec![
-                entry
+        let last = entries.len() - 1;
+        for (i, e) in entries.iter_mut().enumerate() {
+            let taken = std::mem::replace(e, opcode::Nop::new().build());
+            *e = if i < last {
+                taken
                     .flags(io_uring::squeue::Flags::IO_LINK)
-                    .user_data(slot as u64 | FIRST_OF_TWO),
-                opcode::Fsync::new(types::Fd(fd))
-                    .flags(types::FsyncFlags::DATASYNC)
-                    .build()
-                    .user_data(slot as u64),
-            ]
-        } else {
-            vec![entry.user_data(slot as u64)]
-        };
+                    .user_data(slot as u64 | FIRST_OF_TWO)
+            } else {
+                taken.user_data(slot as u64)
+            };
+        }
         if slot == slots.used.len() {
             slots.used.push(None);
         }
@@ -461,9 +600,11 @@ impl BatchRing {
         slots.used[slot] = Some(InKernel {
             buf,
             tag,
+            second: second.filter(|_| last > 0),
             first: None,
         });
         if self.push(&mut slots, &entries) {
+            slots.queued += 1;
             return Ok(());
         }
         let k = slots.used[slot].take().expect("just put there");
@@ -473,7 +614,7 @@ impl BatchRing {
 
     /// Hand everything queued to the kernel in one system call.
     pub(crate) fn submit(&self) -> io::Result<()> {
-        let _sq = self.sq.lock();
+        let mut sq = self.sq.lock();
         // SAFETY: the submission queue is only reached under `self.sq`.
         while !unsafe { self.ring.submission_shared() }.is_empty() {
             match self.ring.submit() {
@@ -482,7 +623,15 @@ impl BatchRing {
                 Err(e) => return Err(e),
             }
         }
+        sq.queued = 0;
         Ok(())
+    }
+
+    /// Requests submitted and not yet reaped: a [`Self::wait`] that blocks
+    /// returns without anyone else's help only while this is not zero.
+    pub(crate) fn in_kernel(&self) -> usize {
+        let s = self.sq.lock();
+        s.used.len() - s.free.len() - s.queued
     }
 
     /// Make [`Self::wait`] return [`BatchDone::Wake`].
@@ -535,13 +684,14 @@ impl BatchRing {
                                 .take()
                                 .expect("a completion for a request in the table");
                             slots.free.push(slot);
-                            let result = match k.first {
+                            let result = match (k.second, k.first) {
                                 // The write's bytes, unless the sync failed.
-                                Some(w) if cqe.result() >= 0 => w,
-                                // A short write cancelled the sync: its
-                                // count says so to the caller.
-                                Some(w) if w >= 0 && cqe.result() == -libc::ECANCELED => w,
-                                Some(w) if w < 0 => w,
+                                (Some(Second::Sync), Some(w)) if cqe.result() >= 0 => w,
+                                // A short write cancelled the sync, a short
+                                // read the copy's write: the first count
+                                // says so to the caller.
+                                (_, Some(w)) if w >= 0 && cqe.result() == -libc::ECANCELED => w,
+                                (_, Some(w)) if w < 0 => w,
                                 _ => cqe.result(),
                             };
                             BatchDone::Io {
@@ -578,8 +728,15 @@ impl Drop for BatchRing {
         // A request may still be in the kernel (its owner stopped waiting
         // for it): its buffer is leaked rather than freed under it.
         let slots = std::mem::take(&mut *self.sq.lock());
+        let mut in_kernel = false;
         for k in slots.used.into_iter().flatten() {
             std::mem::forget(k.buf);
+            in_kernel = true;
+        }
+        if in_kernel && let Some(fixed) = self.fixed.take() {
+            // Such a request may be a fixed one: its buffer's pages stay
+            // allocated too.
+            std::mem::forget(fixed);
         }
     }
 }
@@ -780,5 +937,110 @@ mod tests {
         assert!(ring.wait_ready(a.as_raw_fd()).unwrap());
         ring.wait(&mut done, false).unwrap();
         assert_eq!(done.len(), 1, "no completion without a request");
+    }
+
+    /// Linked copies (read into a buffer, then write it elsewhere) with
+    /// registered and unregistered buffers, with O_DIRECT; a read that
+    /// fails or comes short cancels the write and says so.
+    #[test]
+    fn batch_ring_copies() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = |name: &str| {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .custom_flags(libc::O_DIRECT)
+                .open(dir.path().join(name))
+                .unwrap()
+        };
+        let src_data: Vec<u8> = (0..1u32 << 20).map(|i| (i * 7 / 512) as u8).collect();
+        std::fs::write(dir.path().join("src"), &src_data).unwrap();
+        std::fs::write(dir.path().join("dst"), vec![0u8; 1 << 20]).unwrap();
+        let (src, dst) = (open("src"), open("dst"));
+        let ring = BatchRing::new(64).unwrap();
+        let pool: Vec<AlignedBuf> = (0..4).map(|_| AlignedBuf::zeroed(64 << 10, 4096)).collect();
+        assert!(ring.register(pool.iter().map(|b| b.region()).collect()));
+        assert!(!ring.register(vec![pool[0].region()]), "registered once");
+        assert_eq!(ring.fixed_index(&pool[2][..4096]), Some(2));
+        let mut done = Vec::new();
+        let mut pool = pool;
+        // 16 chunks of 64 KiB: the four registered buffers, and as many
+        // unregistered ones, in flight together.
+        let mut chunk = 0u64;
+        let mut copied = 0;
+        while copied < 16 {
+            let before = ring.in_kernel();
+            while chunk < 16 && ring.in_flight() < 8 {
+                let b = pool
+                    .pop()
+                    .unwrap_or_else(|| AlignedBuf::zeroed(64 << 10, 4096));
+                let off = chunk * (64 << 10);
+                assert!(
+                    ring.queue_copy(
+                        src.as_raw_fd(),
+                        off,
+                        dst.as_raw_fd(),
+                        off,
+                        b,
+                        64 << 10,
+                        chunk
+                    )
+                    .is_ok()
+                );
+                chunk += 1;
+            }
+            assert_eq!(ring.in_kernel(), before, "queued is not in the kernel");
+            ring.submit().unwrap();
+            assert_eq!(ring.in_kernel(), ring.in_flight());
+            done.clear();
+            ring.wait(&mut done, true).unwrap();
+            for d in done.drain(..) {
+                let BatchDone::Io { result, buf, .. } = d else {
+                    panic!("a copy's completion")
+                };
+                assert_eq!(result, 64 << 10);
+                copied += 1;
+                pool.push(buf);
+            }
+        }
+        assert_eq!(std::fs::read(dir.path().join("dst")).unwrap(), src_data);
+        // A read past the end comes short (the write is cancelled), a read
+        // of a bad descriptor fails: nothing is written either way.
+        let b = AlignedBuf::zeroed(64 << 10, 4096);
+        ring.queue_copy(
+            src.as_raw_fd(),
+            (1 << 20) - 4096,
+            dst.as_raw_fd(),
+            0,
+            b,
+            64 << 10,
+            1,
+        )
+        .unwrap_or_else(|_| panic!("room"));
+        let b = AlignedBuf::zeroed(4096, 4096);
+        ring.queue_copy(-1, 0, dst.as_raw_fd(), 4096, b, 4096, 2)
+            .unwrap_or_else(|_| panic!("room"));
+        let b = AlignedBuf::zeroed(4096, 4096);
+        ring.queue_copy(src.as_raw_fd(), 0, -1, 0, b, 4096, 3)
+            .unwrap_or_else(|_| panic!("room"));
+        ring.submit().unwrap();
+        while done.len() < 3 {
+            ring.wait(&mut done, true).unwrap();
+        }
+        for d in &done {
+            let BatchDone::Io { tag, result, .. } = d else {
+                panic!("a copy's completion")
+            };
+            match tag {
+                1 => assert_eq!(*result, 4096, "short read"),
+                2 => assert_eq!(*result, -libc::EBADF, "the read's error"),
+                3 => assert_eq!(*result, -libc::EBADF, "the write's error"),
+                t => panic!("unexpected tag {t}"),
+            }
+        }
+        assert_eq!(std::fs::read(dir.path().join("dst")).unwrap(), src_data);
+        assert_eq!(ring.in_kernel(), 0);
     }
 }
