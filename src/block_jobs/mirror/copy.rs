@@ -9,10 +9,11 @@
 
 use crate::locks::{Condvar, Mutex, MutexGuard};
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, Weak};
 use std::thread::JoinHandle;
 
 use super::Mirror;
+use super::ring::{self, CopyRing};
 use crate::block::aligned::{AlignedBuf, Region};
 use crate::block::dirty_bitmap::BdrvDirtyBitmap;
 use crate::block::uring;
@@ -96,6 +97,11 @@ pub(crate) struct Copier {
     /// ring as registered buffers: with `aio=io_uring` the kernel then
     /// does not pin each request's pages again.
     fixed: Vec<Region>,
+    /// The run's ring for copies that resolve down to files (made at the
+    /// first one; `None`: the ring could not be made, workers copy).
+    ring: OnceLock<Option<Arc<CopyRing>>>,
+    /// This copier, for the ring's reaper.
+    me: Weak<Copier>,
     pub len: u64,
 }
 
@@ -111,7 +117,7 @@ impl Copier {
         let granules = len.div_ceil(p.granularity).div_ceil(64) as usize;
         let free_buffers: Vec<Buffer> = (0..nbuf).map(|_| Buffer::new(p.max_io as usize)).collect();
         let fixed = free_buffers.iter().map(|b| b.0.region()).collect();
-        let c = Arc::new(Copier {
+        let c = Arc::new_cyclic(|me| Copier {
             state: Mutex::new(State {
                 granules: vec![0; granules.max(1)],
                 free_buffers,
@@ -126,6 +132,8 @@ impl Copier {
             offloading: Mutex::new(0),
             offload_free: Condvar::new(),
             fixed,
+            ring: OnceLock::new(),
+            me: me.clone(),
             len,
         });
         let mut workers = Vec::new();
@@ -220,6 +228,7 @@ impl Copier {
     /// Block until an operation (or active write) ended after
     /// `generation` was read.
     pub fn wait_for_change(&self, generation: u64) {
+        self.submit();
         let mut g = self.lock();
         while g.generation == generation {
             g = self.wait(g);
@@ -228,6 +237,7 @@ impl Copier {
 
     /// Wait until no operation is in flight.
     pub fn wait_all(&self) {
+        self.submit();
         let mut g = self.lock();
         while g.ops > 0 {
             g = self.wait(g);
@@ -261,6 +271,7 @@ impl Copier {
 
     /// Wait until the granule at `offset` is no longer held.
     pub fn wait_released(&self, offset: u64) {
+        self.submit();
         let b = offset / self.mirror.params.granularity;
         let mut s = self.lock();
         while Self::any_held(&s, b, b + 1) {
@@ -277,13 +288,22 @@ impl Copier {
         // discards only count against the number of operations.
         let buf_size = self.mirror.params.buf_size;
         let copy = op.method == Method::Copy;
-        while s.ops >= super::MAX_IN_FLIGHT
-            || (copy && s.free_buffers.is_empty())
-            || (copy && s.copy_bytes > 0 && s.copy_bytes + op.len > buf_size)
-        {
-            s = self.wait(s);
+        let must_wait = |s: &State| {
+            s.ops >= super::MAX_IN_FLIGHT
+                || (copy && s.free_buffers.is_empty())
+                || (copy && s.copy_bytes > 0 && s.copy_bytes + op.len > buf_size)
+        };
+        if must_wait(&s) {
+            // What this pass queued on the ring must be under way before
+            // waiting for it to end.
+            drop(s);
+            self.submit();
+            s = self.lock();
+            while must_wait(&s) {
+                s = self.wait(s);
+            }
         }
-        let buf = match op.method {
+        let mut buf = match op.method {
             Method::Copy => s.free_buffers.pop(),
             Method::Zero | Method::Discard => None,
         };
@@ -292,9 +312,58 @@ impl Copier {
         if copy {
             s.copy_bytes += op.len;
         }
-        s.queue.push_back((op, buf));
         drop(s);
+        if let Some(b) = buf.take() {
+            match self.try_ring(op, b) {
+                Ok(()) => return,
+                Err(b) => buf = Some(b),
+            }
+        }
+        self.lock().queue.push_back((op, buf));
         self.work.notify_one();
+    }
+
+    /// Queue a copy on the run's ring if its read and write resolve down
+    /// to files (see `ring`); `Err` gives the buffer back for a worker.
+    fn try_ring(&self, op: Op, buf: Buffer) -> Result<(), Buffer> {
+        let m = &self.mirror;
+        // Relaxed: a hint (see Mirror::offloading): while the kernel may
+        // copy with copy_file_range, that is better than any ring.
+        if m.copy_offload.load(Ordering::Relaxed) || op.len > buf.0.len() as u64 {
+            return Err(buf);
+        }
+        let Some(resolved) = ring::resolve(&m.source, &m.target, op, &buf.0[..op.len as usize])
+        else {
+            return Err(buf);
+        };
+        let ring = self.ring.get_or_init(|| {
+            let me = self.me.upgrade()?;
+            CopyRing::start(me, self.fixed.clone()).ok()
+        });
+        match ring {
+            Some(r) => r.queue(op, resolved, buf.0).map_err(Buffer),
+            None => Err(buf),
+        }
+    }
+
+    /// Hand what was queued on the ring to the kernel (nothing without
+    /// a ring).
+    pub fn submit(&self) {
+        if let Some(Some(r)) = self.ring.get() {
+            r.submit();
+        }
+    }
+
+    /// The ring ended a copy: `whole`, it is done; else a worker makes it
+    /// again through the block layer, which reports its error.
+    pub(super) fn ring_done(&self, op: Op, buf: AlignedBuf, whole: bool) {
+        if whole {
+            self.mirror.target.start_writeback(op.offset, op.len);
+            self.finish(op, Some(Buffer(buf)), true);
+        } else {
+            self.lock().queue.push_back((op, Some(Buffer(buf))));
+            self.work.notify_one();
+        }
     }
 
     // ---- active writes (write-blocking mode) --------------------------------
@@ -390,31 +459,37 @@ impl Copier {
                     (b, false)
                 }
             };
-            let (first, end) = self.granule_range(op.offset, op.len);
-            let mut s = self.lock();
-            if done {
-                self.job.progress_update(op.len);
-                if op.method != Method::Copy {
-                    self.job.progress_skipped(op.len);
-                }
-                self.job.range_done(op.offset, op.len);
-            } else {
-                // Dirty again, as it leaves the in-flight count.
-                self.bitmap.bits().set_range(op.offset, op.len);
-            }
-            if let Some(b) = buf {
-                s.free_buffers.push(b);
-            }
-            Self::set_held(&mut s, first, end, false);
-            s.ops -= 1;
-            s.bytes -= op.len;
-            if op.method == Method::Copy {
-                s.copy_bytes -= op.len;
-            }
-            s.generation += 1;
-            drop(s);
-            self.changed.notify_all();
+            self.finish(op, buf, done);
         }
+    }
+
+    /// An operation ended: count it done, or dirty its range again; give
+    /// its buffer and granules back.
+    fn finish(&self, op: Op, buf: Option<Buffer>, done: bool) {
+        let (first, end) = self.granule_range(op.offset, op.len);
+        let mut s = self.lock();
+        if done {
+            self.job.progress_update(op.len);
+            if op.method != Method::Copy {
+                self.job.progress_skipped(op.len);
+            }
+            self.job.range_done(op.offset, op.len);
+        } else {
+            // Dirty again, as it leaves the in-flight count.
+            self.bitmap.bits().set_range(op.offset, op.len);
+        }
+        if let Some(b) = buf {
+            s.free_buffers.push(b);
+        }
+        Self::set_held(&mut s, first, end, false);
+        s.ops -= 1;
+        s.bytes -= op.len;
+        if op.method == Method::Copy {
+            s.copy_bytes -= op.len;
+        }
+        s.generation += 1;
+        drop(s);
+        self.changed.notify_all();
     }
 
     /// Run an in-kernel copy in one of the offload slots.
@@ -549,6 +624,9 @@ impl Copier {
         let workers = std::mem::take(&mut *self.workers.lock());
         for w in workers {
             let _ = w.join();
+        }
+        if let Some(Some(r)) = self.ring.get() {
+            r.stop();
         }
     }
 }

@@ -26,7 +26,11 @@
 mod active;
 mod copy;
 mod filter;
+mod ring;
 mod run;
+
+#[doc(hidden)]
+pub use ring::ring_copies;
 
 use crate::locks::Mutex;
 use std::sync::Arc;

@@ -133,6 +133,8 @@ fn iteration(m: &Mirror, job: &Job, c: &Copier, cursor: &mut u64) {
         job.ratelimit_processed(charged);
         off += io;
     }
+    // The copies this pass queued on the ring go to the kernel together.
+    c.submit();
 }
 
 pub(super) fn run(m: &Arc<Mirror>, job: &Arc<Job>) -> Result<()> {
