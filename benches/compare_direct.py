@@ -17,6 +17,8 @@ qemu-storage-daemon with each, and dd as the device's ceiling, in one run.
                        conv=notrunc,fdatasync (the device ceiling: one
                        stream of large aligned direct requests)
   modes    threads, native, io_uring
+  --base   another build of blockjob, run as the tools base-MODE (e.g.
+           the commit before a change, to compare both in one run)
   --loop   the same on two loop devices over those files (`losetup
            --direct-io=on`, root), nodes `host_device`, dd on the devices
 
@@ -33,7 +35,8 @@ Targets (issue #18): ours >= QEMU's best mode, >= 0.90 x dd, CPU per GiB
 
 Usage:
   python3 benches/compare_direct.py [--size 1G] [--rounds 3] [--dir DIR]
-      [--loop] [--only TOOLS] [--blockjob PATH] [--no-build] [--json out.json]
+      [--loop] [--only TOOLS] [--blockjob PATH] [--base PATH] [--no-build]
+      [--json out.json]
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ from benchlib import (BenchError, GiB, MiB, QemuDaemon, fs_type, log, prepare_ru
 REPO = Path(__file__).resolve().parent.parent
 MODES = ("threads", "native", "io_uring")
 TOOLS = tuple(f"{side}-{m}" for side in ("ours", "qemu") for m in MODES) + ("dd",)
+BASE_TOOLS = tuple(f"base-{m}" for m in MODES)
 
 
 def node(name: str, path: Path, aio: str) -> dict:
@@ -70,7 +74,8 @@ class Bench:
 
     def mirror(self, tool: str, src: Path, dst: Path) -> dict:
         side, mode = tool.split("-", 1)
-        argv = "qemu-storage-daemon" if side == "qemu" else [self.a.blockjob, "daemon"]
+        argv = {"qemu": "qemu-storage-daemon", "ours": [self.a.blockjob, "daemon"],
+                "base": [str(self.a.base), "daemon"]}[side]
         d = QemuDaemon(argv, self.sockdir, tool, timeout=600)
         try:
             d.cmd("blockdev-add", node("src", src, mode))
@@ -109,15 +114,22 @@ def main() -> int:
     ap.add_argument("--dir", type=Path, default=REPO / "target" / "bench-direct")
     ap.add_argument("--only", default=",".join(TOOLS))
     ap.add_argument("--blockjob", default=str(REPO / "target" / "release" / "blockjob"))
+    ap.add_argument("--base", type=Path,
+                    help="another build of blockjob, run as the tools base-MODE")
     ap.add_argument("--no-build", action="store_true")
     ap.add_argument("--loop", action="store_true",
                     help="mirror between loop devices over the files (host_device nodes)")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     tools = [t for t in a.only.split(",") if t]
+    if a.base:
+        if not os.access(a.base, os.X_OK):
+            ap.error(f"--base {a.base}: not an executable")
+        tools += [t for t in BASE_TOOLS if t not in tools]
+    known = TOOLS + (BASE_TOOLS if a.base else ())
     for t in tools:
-        if t not in TOOLS:
-            ap.error(f"unknown tool {t!r} (known: {', '.join(TOOLS)})")
+        if t not in known:
+            ap.error(f"unknown tool {t!r} (known: {', '.join(known)})")
     work = prepare_run(REPO, a.no_build, a.dir, "direct-")
     src, dst = work / "src.raw", work / "dst.raw"
     loops: list[str] = []
