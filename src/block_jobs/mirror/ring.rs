@@ -145,6 +145,12 @@ impl CopyRing {
         }
     }
 
+    /// Copies queued or in the kernel.
+    pub(super) fn in_flight(&self) -> usize {
+        let s = self.state.lock();
+        s.pending.len() - s.free.len()
+    }
+
     /// Hand every queued copy to the kernel in one system call. An error
     /// of `io_uring_enter` itself leaves them queued for the next call
     /// (the reaper tries again while it waits).
