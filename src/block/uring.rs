@@ -293,39 +293,25 @@ pub(crate) fn write_all_at(fd: RawFd, buf: &[u8], offset: u64) -> Result<()> {
     Ok(())
 }
 
-/// A read entry, fixed when the buffer is registered (`fixed`).
-fn read_entry(
+/// A read or write entry, fixed when the buffer is registered (`fixed`).
+fn rw_entry(
+    op: BatchOp,
     fd: RawFd,
     offset: u64,
     ptr: *mut u8,
     len: u32,
     fixed: Option<u16>,
 ) -> io_uring::squeue::Entry {
-    match fixed {
-        Some(i) => opcode::ReadFixed::new(types::Fd(fd), ptr, len, i)
+    let fd = types::Fd(fd);
+    match (op, fixed) {
+        (BatchOp::Read, Some(i)) => opcode::ReadFixed::new(fd, ptr, len, i)
             .offset(offset)
             .build(),
-        None => opcode::Read::new(types::Fd(fd), ptr, len)
+        (BatchOp::Read, None) => opcode::Read::new(fd, ptr, len).offset(offset).build(),
+        (BatchOp::Write, Some(i)) => opcode::WriteFixed::new(fd, ptr, len, i)
             .offset(offset)
             .build(),
-    }
-}
-
-/// A write entry, fixed when the buffer is registered (`fixed`).
-fn write_entry(
-    fd: RawFd,
-    offset: u64,
-    ptr: *mut u8,
-    len: u32,
-    fixed: Option<u16>,
-) -> io_uring::squeue::Entry {
-    match fixed {
-        Some(i) => opcode::WriteFixed::new(types::Fd(fd), ptr, len, i)
-            .offset(offset)
-            .build(),
-        None => opcode::Write::new(types::Fd(fd), ptr, len)
-            .offset(offset)
-            .build(),
+        (BatchOp::Write, None) => opcode::Write::new(fd, ptr, len).offset(offset).build(),
     }
 }
 
@@ -521,10 +507,7 @@ impl BatchRing {
             tag,
             sync.then_some(Second::Sync),
             |ptr, len, fixed| {
-                let first = match op {
-                    BatchOp::Read => read_entry(fd, offset, ptr, len, fixed),
-                    BatchOp::Write => write_entry(fd, offset, ptr, len, fixed),
-                };
+                let first = rw_entry(op, fd, offset, ptr, len, fixed);
                 if !sync {
                     return vec![first];
                 }
@@ -559,8 +542,8 @@ impl BatchRing {
     ) -> std::result::Result<(), AlignedBuf> {
         self.queue_entries(buf, len, tag, Some(Second::CopyWrite), |ptr, len, fixed| {
             vec![
-                read_entry(src, src_offset, ptr, len, fixed),
-                write_entry(dst, dst_offset, ptr, len, fixed),
+                rw_entry(BatchOp::Read, src, src_offset, ptr, len, fixed),
+                rw_entry(BatchOp::Write, dst, dst_offset, ptr, len, fixed),
             ]
         })
     }
