@@ -236,11 +236,20 @@ fn maps_match_qemu_storage_daemon() {
         (qcow2_chain(&d).1, raw_image(&d))
     };
     let (qimages, oimages) = (images("qsd"), images("ours"));
+    let ring_before = blockjob::export::completed_requests();
     let (mut q, qsock) = qsd_server(dir.path());
     let (mut o, osock) = ours_server(dir.path());
     for (side, (top, img)) in [(&mut q as &mut dyn Side, &qimages), (&mut o, &oimages)] {
         add_file(side, "top", "qcow2", top);
-        add_file(side, "raw", "raw", img);
+        // io_uring on both: our connection's ring serves the plain reads
+        // and writes below, and the bitmap their after-write marks fill
+        // is compared with QEMU's.
+        side.cmd(
+            "blockdev-add",
+            json!({"driver": "raw", "node-name": "raw",
+                   "file": {"driver": "file", "filename": img, "aio": "io_uring"}}),
+        )
+        .unwrap();
         side.cmd(
             "block-dirty-bitmap-add",
             json!({"node": "top", "name": "b0", "granularity": 65536}),
@@ -309,6 +318,10 @@ fn maps_match_qemu_storage_daemon() {
         ],
     );
     assert!(r.contains("read 131072/131072"), "{r}");
+    assert!(
+        blockjob::export::completed_requests() > ring_before,
+        "the writes and the read went through the ring"
+    );
 }
 
 #[test]
@@ -467,6 +480,19 @@ fn request(kind: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
 
 #[test]
 fn hostile_clients_cost_only_their_connection() {
+    hostile_clients_on("threads");
+}
+
+/// The same on an `io_uring` node: plain reads and writes take the
+/// connection's ring (a read past the end is declined there and refused
+/// by a worker; a payload cut short ends the connection before anything
+/// reaches the ring).
+#[test]
+fn hostile_clients_cost_only_their_connection_on_the_ring() {
+    hostile_clients_on("io_uring");
+}
+
+fn hostile_clients_on(aio: &str) {
     let _g = serial();
     need_nbd_tools();
     let dir = tempfile::tempdir().unwrap();
@@ -482,7 +508,12 @@ fn hostile_clients_cost_only_their_connection() {
     );
     assert_eq!(r, json!({"return": {}}));
     let mut o = o;
-    add_file(&mut o, "disk", "raw", &img);
+    o.cmd(
+        "blockdev-add",
+        json!({"driver": "raw", "node-name": "disk",
+               "file": {"driver": "file", "filename": img, "aio": aio}}),
+    )
+    .unwrap();
     o.cmd(
         "block-export-add",
         json!({"type": "nbd", "id": "e", "node-name": "disk", "writable": true}),
@@ -534,6 +565,7 @@ fn hostile_clients_cost_only_their_connection() {
     alive(&sock);
 
     // A read past the end: EINVAL, the connection goes on; then garbage.
+    let ring_before = blockjob::export::completed_requests();
     let mut c = handshake(&sock);
     go(&mut c, "disk");
     c.write_all(&request(0, 8, 8 << 20, 4096)).unwrap();
@@ -545,6 +577,11 @@ fn hostile_clients_cost_only_their_connection() {
     let mut data = [0u8; 512];
     c.read_exact(&mut data).unwrap();
     assert!(data.iter().all(|&b| b == 0x11));
+    assert_eq!(
+        blockjob::export::completed_requests() - ring_before,
+        u64::from(aio == "io_uring"),
+        "{aio}: the good read on the ring, the bad one not"
+    );
     c.write_all(b"not a request header at all......").unwrap();
     assert!(closed_by_server(&mut c));
     alive(&sock);
