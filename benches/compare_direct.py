@@ -26,7 +26,8 @@ time: blockdev-mirror sent to BLOCK_JOB_COMPLETED (daemons), process start
 to exit (dd); CPU: the daemon's utime+stime over the same span
 (/proc/PID/stat, 10 ms ticks), dd's from wait4. One warm-up round, then
 --rounds (default 3) counted rounds, tool order rotating; medians printed
-with MiB/s, CPU s/GiB, and ratios to QEMU's best mode and to dd. After
+with MiB/s, CPU s/GiB, and ratios to QEMU's best mode and to dd, then
+each of ours paired by round with QEMU's fastest mode of that round. After
 the first counted run of each tool the target is compared with the
 source.
 
@@ -174,6 +175,19 @@ def main() -> int:
             print(f"{t:16} {mibs:8.0f} {m['cpu'] / gib:10.2f} {vs_q:12.2f} {vs_dd:8.2f}")
         if best_q:
             print(f"best QEMU mode: {best_q}")
+        # Paired by round (the device's rate moves between minutes, less
+        # within a round): QEMU's fastest mode of each round against each
+        # of ours in the same round.
+        if qemu and a.rounds > 1:
+            print(f"\npaired by round: QEMU's fastest mode of the round / ours "
+                  f"(> 1: ours faster)")
+            for t in (t for t in med if not t.startswith("qemu-") and t != "dd"):
+                ratios = [min(res[q][i]["seconds"] for q in qemu) / res[t][i]["seconds"]
+                          for i in range(a.rounds)]
+                wins = sum(r >= 1 for r in ratios)
+                print(f"{t:16} median {statistics.median(ratios):5.2f}, ours first or "
+                      f"even in {wins} of {a.rounds} rounds "
+                      f"({' '.join(f'{r:.2f}' for r in ratios)})")
         if a.json:
             a.json.write_text(json.dumps({"size": a.size, "runs": res, "medians": med}, indent=1))
     finally:
