@@ -610,6 +610,11 @@ impl BatchRing {
         Ok(())
     }
 
+    /// Requests queued and not yet submitted.
+    pub(crate) fn queued(&self) -> usize {
+        self.sq.lock().queued
+    }
+
     /// Requests submitted and not yet reaped: a [`Self::wait`] that blocks
     /// returns without anyone else's help only while this is not zero.
     pub(crate) fn in_kernel(&self) -> usize {

@@ -54,8 +54,6 @@ struct Pending {
 struct State {
     pending: Vec<Option<Pending>>,
     free: Vec<usize>,
-    /// Copies queued since the last submission.
-    unsubmitted: bool,
     stop: bool,
 }
 
@@ -133,10 +131,7 @@ impl CopyRing {
             .ring
             .queue_copy(src, src_off, dst, dst_off, buf, op.len as usize, tag as u64)
         {
-            Ok(()) => {
-                s.unsubmitted = true;
-                Ok(())
-            }
+            Ok(()) => Ok(()),
             Err(buf) => {
                 s.pending[tag] = None;
                 s.free.push(tag);
@@ -147,8 +142,7 @@ impl CopyRing {
 
     /// Copies queued or in the kernel.
     pub(super) fn in_flight(&self) -> usize {
-        let s = self.state.lock();
-        s.pending.len() - s.free.len()
+        self.ring.in_flight()
     }
 
     /// Hand every queued copy to the kernel in one system call. An error
@@ -160,16 +154,13 @@ impl CopyRing {
 
     /// [`Self::submit`]: false when `io_uring_enter` failed.
     fn try_submit(&self) -> bool {
-        if !std::mem::take(&mut self.state.lock().unsubmitted) {
+        if self.ring.queued() == 0 {
             return true;
         }
         let ok = self.ring.submit().is_ok();
         // Under the lock the reaper checks for work under: it is either
         // past its check or waiting already.
-        let mut s = self.state.lock();
-        if !ok {
-            s.unsubmitted = true;
-        }
+        let _s = self.state.lock();
         self.submitted.notify_all();
         ok
     }
@@ -184,7 +175,7 @@ impl CopyRing {
             {
                 let mut s = self.state.lock();
                 while self.ring.in_kernel() == 0 {
-                    if s.unsubmitted {
+                    if self.ring.queued() > 0 {
                         // Queued and not yet handed over (or the hand-over
                         // failed): hand it over from here.
                         drop(s);
