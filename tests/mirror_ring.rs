@@ -10,6 +10,7 @@
 
 mod common;
 
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,12 +32,12 @@ fn turn() -> std::sync::MutexGuard<'static, ()> {
     TURN.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Data in every other MiB, with a pattern that differs per 512 bytes.
-fn patterned(p: &Path, size: u64) {
+/// Data in every `step`th MiB, with a pattern that differs per 512 bytes.
+fn patterned(p: &Path, size: u64, step: usize) {
     use std::os::unix::fs::FileExt;
     let f = std::fs::File::create(p).unwrap();
     f.set_len(size).unwrap();
-    for mib in (0..size / MIB).step_by(2) {
+    for mib in (0..size / MIB).step_by(step) {
         let data: Vec<u8> = (0..MIB)
             .map(|i| ((mib * MIB + i) / 512 * 13 + i % 7) as u8)
             .collect();
@@ -59,7 +60,7 @@ fn copies_go_on_the_ring_while_a_guest_writes() {
     let _t = turn();
     let dir = tempfile::tempdir().unwrap();
     let (src, dst) = (dir.path().join("src.raw"), dir.path().join("dst.raw"));
-    patterned(&src, 64 * MIB);
+    patterned(&src, 64 * MIB, 2);
     std::fs::File::create(&dst)
         .unwrap()
         .set_len(64 * MIB)
@@ -142,19 +143,32 @@ fn fill(p: &Path, fs: &Path, keep: u64) {
     std::fs::write(p, vec![0x11u8; (free - keep) as usize]).unwrap();
 }
 
-/// One run onto a tmpfs with room for 4 of the 16 MiB: (its story until
-/// it stopped, ring copies made again by a worker).
+/// One run onto a full tmpfs: (its story until it stopped, ring copies
+/// made again by a worker).
+///
+/// Which copies the ring makes is fixed, not raced: the copies
+/// dispatched before the first `copy_file_range` attempt (EXDEV) turned
+/// offload off go to workers, and those are at most `buf_size` (4 MiB)
+/// from the start, while offload is off before any copy ends. The first
+/// 12 MiB of the target are allocated before the tmpfs is filled, so
+/// every copy that meets the full disk lies beyond them: on the ring.
 fn run_out_of_space(aio: &str, work: &Path) -> (Vec<String>, u64) {
-    let fs = Tmpfs::new(32);
+    let fs = Tmpfs::new(40);
     let src = work.join(format!("src-{aio}.raw"));
-    patterned(&src, 16 * MIB);
+    patterned(&src, 32 * MIB, 1);
     let dst = fs.dir.join("dst.raw");
-    std::fs::File::create(&dst)
-        .unwrap()
-        .set_len(16 * MIB)
-        .unwrap();
+    let f = std::fs::File::create(&dst).unwrap();
+    f.set_len(32 * MIB).unwrap();
+    nix::fcntl::fallocate(
+        f.as_raw_fd(),
+        nix::fcntl::FallocateFlags::empty(),
+        0,
+        12 * MIB as i64,
+    )
+    .unwrap();
+    drop(f);
     let filler = fs.dir.join("filler");
-    fill(&filler, &fs.dir, 4 * MIB);
+    fill(&filler, &fs.dir, 256 << 10);
     let ctx = Context::new();
     // The source on ext4, the target on tmpfs: no copy_file_range
     // between them (EXDEV), so the copies are the ring's with io_uring.
@@ -165,6 +179,8 @@ fn run_out_of_space(aio: &str, work: &Path) -> (Vec<String>, u64) {
     let mut o = MirrorOptions::new("src", "dst", MirrorSyncMode::Full);
     o.job_id = Some("m".into());
     o.on_target_error = BlockdevOnError::Enospc;
+    o.granularity = 65536;
+    o.buf_size = 4 * MIB as i64;
     let job = ctx.blockdev_mirror(o).unwrap();
     wait(&job, JobStatus::Paused);
     // Let the requests in flight when it stopped end.

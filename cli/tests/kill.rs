@@ -501,7 +501,12 @@ fn run_cli(kind: Kind, d: &Path, delay: Duration) -> Seen {
     // (a command that already ended is not waited for).
     let t0 = Instant::now();
     while t0.elapsed() < delay && matches!(child.0.try_wait(), Ok(None)) {
-        std::thread::sleep((delay - t0.elapsed()).min(Duration::from_millis(2)));
+        // (saturating: the delay may pass between the check and here)
+        std::thread::sleep(
+            delay
+                .saturating_sub(t0.elapsed())
+                .min(Duration::from_millis(2)),
+        );
     }
     child.kill();
     reader.join().unwrap();
