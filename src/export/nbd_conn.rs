@@ -667,9 +667,9 @@ fn spawn_worker(
 ///
 /// Plain reads and writes that resolve to a file go on the connection's
 /// ring (`aio`, made on the first of them; `Some(None)` once that failed,
-/// or under TLS, where `socket` is `None`): queued, submitted when the
-/// next request is not here yet, and answered by this thread while it
-/// waits for the socket (`nbd_aio`).
+/// or under TLS, where `socket` is `None`): submitted as soon as each is
+/// read, and answered by this thread while it waits for the socket
+/// (`nbd_aio`).
 fn read_requests(
     conn: &Arc<Conn>,
     r: &mut dyn BufferedRead,
@@ -705,12 +705,15 @@ fn read_requests(
             if enter_flight(conn, Some(a), tx, bytes).is_none() {
                 return;
             }
-            // The payload may take a wait: what is queued goes first.
-            if bytes > r.buffered() as u64 && a.submit().is_err() {
-                return;
-            }
             match a.start(conn, &req, &mut *r) {
-                Started::Queued => continue,
+                // Into the kernel at once rather than with the requests
+                // read after it (see `nbd_aio`).
+                Started::Queued => {
+                    if a.submit().is_err() {
+                        return;
+                    }
+                    continue;
+                }
                 Started::Broken => {
                     conn.flight.leave(bytes);
                     return;
@@ -718,12 +721,6 @@ fn read_requests(
                 // Counted again below, with the worker's payload.
                 Started::Declined => conn.flight.leave(bytes),
             }
-        }
-        // Served by a worker; nothing queued waits while this one does.
-        if let Some(Some(a)) = aio.as_ref()
-            && a.submit().is_err()
-        {
-            return;
         }
         let mut payload = Vec::new();
         let mut refused = None;
