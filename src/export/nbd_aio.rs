@@ -209,7 +209,10 @@ impl Aio {
     }
 
     /// Submit what is queued, reap what completed (waiting for at least
-    /// one with `block`) and answer it.
+    /// one with `block`) and answer it. Each request is submitted when it
+    /// is read, so the submit here finds nothing, unless that submission
+    /// failed: then it fails again and ends the connection, where a wait
+    /// for a request the kernel never got would hang.
     fn answer(&mut self, conn: &Conn, tx: &crossbeam_channel::Sender<Job>, block: bool) -> bool {
         let mut done: Vec<BatchDone> = Vec::new();
         if self.ring.submit().is_err() || self.ring.wait(&mut done, block).is_err() {
@@ -276,7 +279,7 @@ impl Aio {
 }
 
 /// Whether `r` holds a whole request header already (then reading the
-/// next request does not wait, and submitting can wait for it).
+/// next request does not wait, and answering completions can wait).
 pub(super) fn holds_header(buffered: usize, extended: bool) -> bool {
     buffered >= if extended { 32 } else { 28 }
 }
